@@ -1,0 +1,47 @@
+"""dask_ftps: a fault-tolerant parameter server for training classifiers on Dask."""
+
+from __future__ import annotations
+
+from dask_ftps import config  # noqa: F401  (loads the ftps.* defaults)
+from dask_ftps._client import get_model, status
+from dask_ftps._core import ModelVersion, RunSpec, UpdateKey
+from dask_ftps._exceptions import (
+    DuplicateUpdate,
+    FTPSError,
+    InvalidRequest,
+    InvalidUpdate,
+    NotRegistered,
+    SpecMismatch,
+    StaleIncarnation,
+    StoreLocked,
+    WaitTimeout,
+)
+from dask_ftps._scheduler_plugin import ParameterServer
+from dask_ftps._state import ParameterServerState
+from dask_ftps._worker_plugin import FTPSWorkerPlugin
+from dask_ftps.optim import SGD, Adam
+from dask_ftps.training import TrainResult, train
+
+__all__ = [
+    "SGD",
+    "Adam",
+    "DuplicateUpdate",
+    "FTPSError",
+    "FTPSWorkerPlugin",
+    "InvalidRequest",
+    "InvalidUpdate",
+    "ModelVersion",
+    "NotRegistered",
+    "ParameterServer",
+    "ParameterServerState",
+    "RunSpec",
+    "SpecMismatch",
+    "StaleIncarnation",
+    "StoreLocked",
+    "TrainResult",
+    "UpdateKey",
+    "WaitTimeout",
+    "get_model",
+    "status",
+    "train",
+]

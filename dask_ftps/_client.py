@@ -1,0 +1,46 @@
+"""Client-side calls: the live model and the server's status."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from dask_ftps._core import check_reply
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+
+def get_model(client: Client) -> tuple[int, dict[str, np.ndarray]]:
+    """The live model on the parameter server: ``(version, params)``.
+
+    Examples
+    --------
+    >>> version, params = dask_ftps.get_model(client)  # doctest: +SKIP
+    """
+    return client.sync(_get_model, client)
+
+
+def status(client: Client) -> dict:
+    """The parameter server's counters.
+
+    Returns
+    -------
+    dict
+        At least ``version``, ``incarnation``, ``updates`` (accepted update
+        ids), ``mode``, ``workers`` (addresses), ``run`` (the latest run's
+        progress), ``global_rows``, ``download_rows`` and ``gradient_entries``.
+    """
+    return client.sync(_status, client)
+
+
+async def _get_model(client: Client) -> tuple[int, dict[str, np.ndarray]]:
+    reply = check_reply(await client.scheduler.ftps_get_model(), "ftps_get_model")
+    return reply["version"], reply["params"]
+
+
+async def _status(client: Client) -> dict:
+    reply = check_reply(await client.scheduler.ftps_status(), "ftps_status")
+    reply.pop("status")
+    return reply

@@ -1,0 +1,201 @@
+"""Ids, specs and message types shared by the scheduler and worker halves."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, NewType, TypedDict
+
+from dask_ftps._exceptions import InvalidRequest, InvalidUpdate, NotRegistered
+
+if TYPE_CHECKING:
+    import numpy as np
+
+UpdateId = NewType("UpdateId", str)
+WorkerId = NewType("WorkerId", str)
+Version = NewType("Version", int)
+RunId = NewType("RunId", int)
+
+Mode = Literal["async", "sync", "ssp"]
+MODES: tuple[str, ...] = ("async", "sync", "ssp")
+
+_UPDATE_ID = re.compile(r"^(\d{1,9}):(\d{1,9}):(\d{1,9}):(\d{1,12})$")
+
+
+@dataclass(frozen=True, order=True)
+class UpdateKey:
+    """The deterministic identity of one minibatch update: run, epoch, shard, step."""
+
+    run: int
+    epoch: int
+    shard: int
+    step: int
+
+    @property
+    def id(self) -> UpdateId:
+        return UpdateId(f"{self.run}:{self.epoch}:{self.shard}:{self.step}")
+
+    @classmethod
+    def parse(cls, update_id: object) -> UpdateKey:
+        """Parse ``"run:epoch:shard:step"``; raise :class:`InvalidUpdate` otherwise."""
+        match = _UPDATE_ID.match(update_id) if isinstance(update_id, str) else None
+        if match is None:
+            raise InvalidUpdate(
+                f"update id {update_id!r} is not of the form 'run:epoch:shard:step' "
+                "(four non-negative integers)"
+            )
+        return cls(*(int(g) for g in match.groups()))
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A training run: how the data is cut into shards and walked through.
+
+    Parameters
+    ----------
+    shard_sizes
+        Number of samples in each shard, fixed for the run.
+    batch_size
+        Samples per minibatch; the last minibatch of a shard may be smaller.
+    epochs
+        Passes over every shard.
+    seed
+        Seed of the per-(epoch, shard) minibatch order.
+    """
+
+    shard_sizes: tuple[int, ...]
+    batch_size: int
+    epochs: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shard_sizes", tuple(self.shard_sizes))
+        if not self.shard_sizes or any(
+            not _is_int(s) or s < 1 for s in self.shard_sizes
+        ):
+            raise InvalidRequest(
+                f"shard_sizes must be positive integers, got {self.shard_sizes!r}"
+            )
+        for name in ("batch_size", "epochs"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise InvalidRequest(
+                    f"{name} must be a positive integer, got {value!r}"
+                )
+        if not _is_int(self.seed) or self.seed < 0:
+            raise InvalidRequest(
+                f"seed must be a non-negative integer, got {self.seed!r}"
+            )
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.shard_sizes)
+
+    @property
+    def steps(self) -> tuple[int, ...]:
+        """Minibatches per epoch of each shard."""
+        return tuple(-(-size // self.batch_size) for size in self.shard_sizes)
+
+    @property
+    def rounds_per_epoch(self) -> int:
+        """Positions per epoch on the shared clock: the longest shard's steps."""
+        return max(self.steps)
+
+    @property
+    def minibatches(self) -> int:
+        """Minibatch updates the whole run consists of."""
+        return self.epochs * sum(self.steps)
+
+    def position(self, epoch: int, step: int) -> int:
+        """Place of ``(epoch, step)`` on the run's clock."""
+        return epoch * self.rounds_per_epoch + step
+
+    def to_dict(self) -> dict:
+        return {
+            "shard_sizes": list(self.shard_sizes),
+            "batch_size": self.batch_size,
+            "epochs": self.epochs,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunSpec:
+        try:
+            return cls(
+                shard_sizes=tuple(d["shard_sizes"]),
+                batch_size=d["batch_size"],
+                epochs=d["epochs"],
+                seed=d.get("seed", 0),
+            )
+        except (KeyError, TypeError) as e:
+            raise InvalidRequest(f"not a run spec: {d!r}") from e
+
+
+@dataclass(frozen=True)
+class Update:
+    """One pushed minibatch update, as the parameter server receives it."""
+
+    key: UpdateKey
+    worker: WorkerId
+    grads: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """An immutable published model: readers may hold it while a merge runs."""
+
+    version: Version
+    params: dict[str, np.ndarray]
+    opt_state: dict[str, np.ndarray]
+
+
+class OKMessage(TypedDict):
+    status: Literal["OK"]
+
+
+class ModelMessage(OKMessage, total=False):
+    incarnation: int
+    version: int
+    params: object  # ToPickle[dict[str, np.ndarray]] or None when not newer
+
+
+def download_entries(failure_probability: float, negligible: float) -> int:
+    """Smallest N with ``failure_probability ** N <= negligible`` (patent claim 10).
+
+    Examples
+    --------
+    >>> download_entries(0.05, 1e-6)
+    5
+    """
+    if not 0 < failure_probability < 1 or not 0 < negligible < 1:
+        raise ValueError("probabilities must lie strictly between 0 and 1")
+    return max(1, math.ceil(math.log(negligible) / math.log(failure_probability)))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_reply(reply: object, op: str) -> dict:
+    """Return an OK reply of op ``op``; raise the error a handler sent back.
+
+    Raises
+    ------
+    NotRegistered
+        If the scheduler has no handler for ``op`` (it answers None then).
+    """
+    from distributed.core import clean_exception
+
+    if reply is None:
+        raise NotRegistered(
+            f"the scheduler has no handler {op!r}: register a "
+            "dask_ftps.ParameterServer first (client.register_plugin(...) or "
+            "dask scheduler --preload dask_ftps.preload)"
+        )
+    assert isinstance(reply, dict)
+    if reply.get("status") != "OK":
+        _, exc, tb = clean_exception(**reply)
+        assert exc is not None
+        raise exc.with_traceback(tb)
+    return reply

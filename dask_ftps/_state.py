@@ -1,0 +1,366 @@
+"""The parameter-server state machine: pure, deterministic, no I/O and no Dask.
+
+The same sequence of inputs (:meth:`ParameterServerState.begin_run` and pushes)
+gives the same model, bit for bit, which is what makes a journal replayable.
+A push goes through three steps so that the caller can do slow work in between:
+
+1. :meth:`~ParameterServerState.admit` validates it against the current state
+   and decides what it does (pure: raises and changes nothing on bad input);
+2. :meth:`~ParameterServerState.merge` computes the next model, if the push
+   completes one (pure: may run in a thread while readers use the old model);
+3. :meth:`~ParameterServerState.commit` applies the decision (cheap).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dask_ftps._core import (
+    MODES,
+    Mode,
+    ModelVersion,
+    RunId,
+    RunSpec,
+    Update,
+    UpdateId,
+    Version,
+    WorkerId,
+)
+from dask_ftps._exceptions import (
+    DuplicateUpdate,
+    InvalidRequest,
+    InvalidUpdate,
+    StaleIncarnation,
+)
+from dask_ftps.models import Model
+from dask_ftps.optim import Optimizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunState:
+    """Progress of one training run: a clock position per shard."""
+
+    run: RunId
+    spec: RunSpec
+    base_version: Version
+    clocks: list[int]
+    superseded: bool = False
+
+    @property
+    def end(self) -> int:
+        return self.spec.epochs * self.spec.rounds_per_epoch
+
+    @property
+    def finished(self) -> bool:
+        return all(c >= self.end for c in self.clocks)
+
+    @property
+    def accepted(self) -> int:
+        """Updates of this run accepted so far."""
+        total = 0
+        for shard, clock in enumerate(self.clocks):
+            epoch, step = divmod(clock, self.spec.rounds_per_epoch)
+            total += epoch * self.spec.steps[shard] + step
+        return total
+
+    def next_step(self, shard: int) -> tuple[int, int]:
+        """``(epoch, step)`` of the next update shard ``shard`` must push."""
+        return divmod(self.clocks[shard], self.spec.rounds_per_epoch)
+
+    def advance(self, shard: int, epoch: int, step: int) -> int:
+        if step + 1 < self.spec.steps[shard]:
+            return self.spec.position(epoch, step + 1)
+        return self.spec.position(epoch + 1, 0)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What an admitted push does once committed."""
+
+    update: Update
+    version: Version  # the model version the update takes part in
+    merge: tuple[Update, ...] = ()  # updates merged into that version, in order
+
+
+@dataclass
+class ParameterServerState:
+    """Model, optimizer state, version and the patent's three records.
+
+    Parameters
+    ----------
+    model
+        The model spec.
+    optimizer
+        Applied to every merged update.
+    mode
+        ``"async"``: merge each update on arrival; ``"sync"``: one version per
+        round, merged in shard order; ``"ssp"``: merge on arrival, but a shard
+        may not run more than ``staleness`` clocks ahead of the slowest one.
+    staleness
+        The ssp bound.
+    incarnation
+        The server incarnation; messages from another one are refused.
+    download_limit
+        Distinct workers kept in the download dataset.
+    gradient_entries
+        Payloads kept per worker in its gradient dataset.
+    """
+
+    model_spec: Model
+    optimizer: Optimizer
+    mode: Mode = "async"
+    staleness: int = 0
+    incarnation: int = 1
+    download_limit: int = 5
+    gradient_entries: int = 2
+    model: ModelVersion | None = None
+    runs: list[RunState] = field(default_factory=list)
+    applied: set[UpdateId] = field(default_factory=set)
+    global_rows: list[tuple[UpdateId, WorkerId, Version]] = field(default_factory=list)
+    downloads: list[tuple[WorkerId, Version]] = field(default_factory=list)
+    gradients: dict[WorkerId, deque] = field(default_factory=dict)
+    pending: dict[int, dict[int, Update]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InvalidRequest(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not isinstance(self.staleness, int) or self.staleness < 0:
+            raise InvalidRequest(
+                f"staleness must be a non-negative integer, got {self.staleness!r}"
+            )
+        if self.model is None:
+            params = self.model_spec.init_params()
+            self.model = ModelVersion(
+                Version(0), params, self.optimizer.init_state(params)
+            )
+        self._shapes = self.model_spec.param_shapes()
+        self._dtypes = {k: v.dtype for k, v in self.model.params.items()}
+
+    # -- runs ---------------------------------------------------------------
+
+    def begin_run(self, spec: RunSpec) -> RunState:
+        """Resume the latest run if it is unfinished and has ``spec``, else start one.
+
+        An unfinished run with another spec is superseded: its pushes are refused.
+        """
+        if self.runs and not self.runs[-1].finished and not self.runs[-1].superseded:
+            last = self.runs[-1]
+            if last.spec == spec:
+                return last
+            last.superseded = True
+            logger.warning(
+                "Run %d superseded by a new run with another spec at version %d",
+                last.run,
+                self.version,
+            )
+        run = RunState(RunId(len(self.runs)), spec, self.version, [0] * spec.n_shards)
+        self.runs.append(run)
+        return run
+
+    def get_run(self, run: object) -> RunState:
+        if not isinstance(run, int) or not 0 <= run < len(self.runs):
+            raise InvalidRequest(f"unknown run {run!r}")
+        return self.runs[run]
+
+    def next_step(self, run: int, shard: object) -> tuple[int, int]:
+        """``(epoch, step)`` where shard ``shard`` of ``run`` continues."""
+        state = self.get_run(run)
+        if not isinstance(shard, int) or not 0 <= shard < state.spec.n_shards:
+            raise InvalidRequest(f"unknown shard {shard!r} of run {run}")
+        return state.next_step(shard)
+
+    # -- pull ----------------------------------------------------------------
+
+    @property
+    def version(self) -> Version:
+        return self.model.version
+
+    def check_incarnation(self, incarnation: object) -> None:
+        if incarnation != self.incarnation:
+            raise StaleIncarnation(
+                f"message from incarnation {incarnation!r}; this parameter server "
+                f"is incarnation {self.incarnation}"
+            )
+
+    def ready(self, run: int, shard: int, epoch: int, step: int) -> bool:
+        """Whether shard ``shard`` may compute ``(epoch, step)`` from the current model."""
+        state = self.get_run(run)
+        position = state.spec.position(epoch, step)
+        if self.mode == "sync":
+            return self.version >= state.base_version + position
+        if self.mode == "ssp":
+            lagging = [c for c in state.clocks if c < state.end]
+            return not lagging or position - min(lagging) <= self.staleness
+        return True
+
+    def record_download(self, worker: WorkerId, version: Version) -> None:
+        """Log that ``worker`` was sent ``version``; keep the newest distinct workers."""
+        self.forget_worker(worker)
+        self.downloads.append((worker, version))
+        del self.downloads[: -self.download_limit]
+
+    def forget_worker(self, worker: WorkerId) -> None:
+        """Drop ``worker``'s download row: its copy can no longer serve a recovery."""
+        self.downloads = [row for row in self.downloads if row[0] != worker]
+
+    # -- push ----------------------------------------------------------------
+
+    def admit(self, update: Update) -> Admission:
+        """Validate ``update`` and decide what it does; change nothing.
+
+        Raises
+        ------
+        DuplicateUpdate
+            If the update id was accepted before.
+        InvalidUpdate
+            If the id, names, shapes, dtypes or values are bad, or the update
+            comes out of order.
+        """
+        key = update.key
+        if key.id in self.applied:
+            raise DuplicateUpdate(f"update {key.id} was already accepted")
+        if not 0 <= key.run < len(self.runs):
+            raise InvalidUpdate(f"update {key.id}: unknown run {key.run}")
+        run = self.runs[key.run]
+        spec = run.spec
+        if run.superseded:
+            raise InvalidUpdate(f"update {key.id}: run {key.run} was superseded")
+        if key.shard >= spec.n_shards or key.epoch >= spec.epochs:
+            raise InvalidUpdate(f"update {key.id}: no such epoch or shard in the run")
+        if key.step >= spec.steps[key.shard]:
+            raise InvalidUpdate(f"update {key.id}: shard {key.shard} has no such step")
+        position = spec.position(key.epoch, key.step)
+        clock = run.clocks[key.shard]
+        if position < clock:
+            raise DuplicateUpdate(f"update {key.id} was already accepted")
+        if position > clock:
+            raise InvalidUpdate(
+                f"update {key.id} out of order: shard {key.shard} is at "
+                f"{run.next_step(key.shard)} (epoch, step)"
+            )
+        self._check_grads(key.id, update.grads)
+
+        if self.mode != "sync":
+            return Admission(update, Version(self.version + 1), (update,))
+        if self.version != run.base_version + position:
+            raise InvalidUpdate(
+                f"update {key.id}: its sync round is not open (model version "
+                f"{self.version}, round opens at {run.base_version + position})"
+            )
+        waiting = dict(self.pending.get(position, {}))
+        waiting[key.shard] = update
+        members = [s for s, n in enumerate(spec.steps) if key.step < n]
+        merge = (
+            tuple(waiting[s] for s in members) if len(waiting) == len(members) else ()
+        )
+        return Admission(update, Version(self.version + 1), merge)
+
+    def merge(self, admission: Admission) -> ModelVersion | None:
+        """The model after ``admission``, or None if it completes no version."""
+        if not admission.merge:
+            return None
+        grads = _mean([u.grads for u in admission.merge])
+        model = self.model
+        params, opt_state = self.optimizer.apply(
+            model.params, model.opt_state, grads, step=int(admission.version)
+        )
+        return ModelVersion(admission.version, params, opt_state)
+
+    def commit(self, admission: Admission, model: ModelVersion | None) -> None:
+        """Apply an admitted push and the model :meth:`merge` computed for it."""
+        update = admission.update
+        key = update.key
+        run = self.runs[key.run]
+        self.applied.add(key.id)
+        self.global_rows.append((key.id, update.worker, admission.version))
+        entries = self.gradients.setdefault(
+            update.worker, deque(maxlen=self.gradient_entries)
+        )
+        entries.append((key.id, update.grads))
+        run.clocks[key.shard] = run.advance(key.shard, key.epoch, key.step)
+        position = run.spec.position(key.epoch, key.step)
+        if model is not None:
+            self.model = model
+            self.pending.pop(position, None)
+        elif self.mode == "sync":
+            self.pending.setdefault(position, {})[key.shard] = update
+
+    def push(self, update: Update) -> Admission:
+        """Admit, merge and commit ``update`` in one call."""
+        admission = self.admit(update)
+        self.commit(admission, self.merge(admission))
+        return admission
+
+    # -- reading --------------------------------------------------------------
+
+    def summary(self) -> dict:
+        """Counters for :func:`dask_ftps.status`."""
+        run = self.runs[-1] if self.runs else None
+        return {
+            "version": int(self.version),
+            "incarnation": self.incarnation,
+            "updates": len(self.applied),
+            "mode": self.mode,
+            "staleness": self.staleness,
+            "model": self.model_spec.to_dict(),
+            "optimizer": self.optimizer.to_dict(),
+            "n_params": self.model_spec.n_params(),
+            "runs": len(self.runs),
+            "run": None
+            if run is None
+            else {
+                "run": int(run.run),
+                "finished": run.finished,
+                "accepted": run.accepted,
+                "minibatches": run.spec.minibatches,
+                "base_version": int(run.base_version),
+            },
+            "global_rows": len(self.global_rows),
+            "download_rows": len(self.downloads),
+            "gradient_entries": sum(len(d) for d in self.gradients.values()),
+        }
+
+    def _check_grads(self, update_id: str, grads: object) -> None:
+        if not isinstance(grads, dict):
+            raise InvalidUpdate(f"update {update_id}: grads must be a dict of arrays")
+        unknown = sorted(set(grads) - set(self._shapes), key=str)
+        missing = sorted(set(self._shapes) - set(grads))
+        if unknown or missing:
+            raise InvalidUpdate(
+                f"update {update_id}: unknown parameter names {unknown}, "
+                f"missing {missing}"
+            )
+        for name, shape in self._shapes.items():
+            g = grads[name]
+            if not isinstance(g, np.ndarray):
+                raise InvalidUpdate(
+                    f"update {update_id}: {name} is a {type(g).__name__}, "
+                    "not a NumPy array"
+                )
+            if g.shape != shape or g.dtype != self._dtypes[name]:
+                raise InvalidUpdate(
+                    f"update {update_id}: {name} has shape {g.shape} and dtype "
+                    f"{g.dtype}, expected {shape} and {self._dtypes[name]}"
+                )
+            if not np.isfinite(g).all():
+                raise InvalidUpdate(f"update {update_id}: {name} holds NaN or Inf")
+
+
+def _mean(grads: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Element-wise mean, summed in the given order (deterministic bits)."""
+    if len(grads) == 1:
+        return grads[0]
+    out = {}
+    for name in grads[0]:
+        acc = grads[0][name].copy()
+        for g in grads[1:]:
+            acc += g[name]
+        acc /= len(grads)
+        out[name] = acc
+    return out

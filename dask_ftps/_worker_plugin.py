@@ -1,0 +1,121 @@
+"""The worker half: a model cache and blocking calls for code running in tasks."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.protocol.serialize import ToPickle
+from distributed.utils import sync
+
+from dask_ftps._core import UpdateKey, check_reply
+from dask_ftps._exceptions import NotRegistered
+
+if TYPE_CHECKING:
+    from distributed import Worker
+
+
+@dataclass(frozen=True)
+class ModelCopy:
+    """A model version as a worker received it; never modified."""
+
+    incarnation: int
+    version: int
+    params: dict[str, np.ndarray]
+
+
+class FTPSWorkerPlugin(WorkerPlugin):
+    """Keeps the newest model this worker downloaded, and talks to the server.
+
+    The parameter server installs it on every worker. The download dataset on
+    the server names the version each worker holds here.
+    """
+
+    name = "ftps"
+    idempotent = False
+
+    worker: Worker
+    latest: ModelCopy | None
+
+    def setup(self, worker: Worker) -> None:
+        self.worker = worker
+        self.latest = None
+        self._lock = threading.Lock()
+
+    # -- methods for worker threads ---------------------------------------------
+
+    def next_step(self, run: int, shard: int) -> tuple[int, int]:
+        reply = self._call("ftps_next_step", run=run, shard=shard)
+        return reply["epoch"], reply["step"]
+
+    def pull(self, run: int, shard: int, epoch: int, step: int) -> ModelCopy:
+        """The model to compute ``(epoch, step)`` of a shard from (may wait)."""
+        have = self.latest
+        reply = self._call(
+            "ftps_pull",
+            worker=self.worker.address,
+            run=run,
+            shard=shard,
+            epoch=epoch,
+            step=step,
+            have_version=-1 if have is None else have.version,
+            incarnation=None if have is None else have.incarnation,
+        )
+        return self._keep(reply)
+
+    def push(
+        self,
+        key: UpdateKey,
+        grads: dict[str, np.ndarray],
+        incarnation: int,
+        next_step: tuple[int, int] | None,
+    ) -> ModelCopy | None:
+        """Push an update; with ``next_step``, return the model for that step."""
+        have = self.latest
+        reply = self._call(
+            "ftps_push",
+            worker=self.worker.address,
+            update_id=key.id,
+            grads=ToPickle(grads),
+            incarnation=incarnation,
+            next_step=next_step,
+            have_version=-1 if have is None else have.version,
+        )
+        return None if next_step is None else self._keep(reply)
+
+    # -- internals ------------------------------------------------------------
+
+    def _call(self, op: str, **kwargs: Any) -> dict:
+        reply = sync(self.worker.loop, getattr(self.worker.scheduler, op), **kwargs)
+        return check_reply(reply, op)
+
+    def _keep(self, reply: dict) -> ModelCopy:
+        with self._lock:
+            if reply["params"] is not None:
+                copy = ModelCopy(
+                    reply["incarnation"], reply["version"], reply["params"]
+                )
+                if self.latest is None or (copy.incarnation, copy.version) >= (
+                    self.latest.incarnation,
+                    self.latest.version,
+                ):
+                    self.latest = copy
+                return copy
+            if self.latest is None or self.latest.version < reply["version"]:
+                raise NotRegistered("the server sent no model and none is cached")
+            return self.latest
+
+
+def get_worker_plugin() -> FTPSWorkerPlugin:
+    """The :class:`FTPSWorkerPlugin` of the worker running the current task."""
+    from distributed import get_worker
+
+    try:
+        return get_worker().plugins["ftps"]
+    except KeyError:
+        raise NotRegistered(
+            "this worker has no dask_ftps plugin: register a ParameterServer"
+        ) from None

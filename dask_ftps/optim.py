@@ -1,0 +1,236 @@
+"""Optimizers applied on the parameter server (pure NumPy, non-mutating)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ._xp import to_numpy
+
+__all__ = ["SGD", "Adam", "Optimizer", "optimizer_from_dict"]
+
+Arrays = dict[str, np.ndarray]
+
+_REGISTRY: dict[str, type[Optimizer]] = {}
+
+
+def _check_float(
+    obj: Any, name: str, lo: float, hi: float, *, lo_open: bool, hi_open: bool
+) -> None:
+    """Validate ``obj.<name>`` lies in the given interval; store as ``float``."""
+    v = getattr(obj, name)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {v!r}")  # noqa: TRY004
+    v = float(v)
+    ok = math.isfinite(v)
+    ok = ok and (v > lo if lo_open else v >= lo)
+    ok = ok and (v < hi if hi_open else v <= hi)
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"{name} must be finite and in {interval}, got {v!r}")
+    object.__setattr__(obj, name, v)
+
+
+@dataclass(frozen=True)
+class Optimizer(ABC):
+    """Abstract optimizer spec.
+
+    ``apply`` never mutates its inputs: it returns new dicts of new arrays, so
+    readers may keep using the old parameters concurrently.
+    """
+
+    kind: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.kind = cls.__name__
+        _REGISTRY[cls.__name__] = cls
+
+    @abstractmethod
+    def _state_prefixes(self) -> tuple[str, ...]:
+        """Return the state-slot prefixes, e.g. ``("m", "v")``."""
+
+    @abstractmethod
+    def _update(
+        self, p: np.ndarray, g: np.ndarray, slots: list[np.ndarray], step: int
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Return the new parameter and new slots for one tensor."""
+
+    def init_state(self, params: Arrays) -> Arrays:
+        """Return the initial optimizer state (zeros) for ``params``.
+
+        Parameters
+        ----------
+        params : dict of str to ndarray
+            Model parameters.
+
+        Returns
+        -------
+        dict of str to ndarray
+            Keys ``"<slot>/<param name>"``; empty for stateless optimizers.
+        """
+        return {
+            f"{prefix}/{name}": np.zeros(np.shape(p), dtype=_float_dtype(p))
+            for prefix in self._state_prefixes()
+            for name, p in params.items()
+        }
+
+    def apply(
+        self, params: Arrays, state: Arrays, grads: dict[str, Any], step: int
+    ) -> tuple[Arrays, Arrays]:
+        """Apply one update.
+
+        Parameters
+        ----------
+        params : dict of str to ndarray
+            Current parameters (not modified).
+        state : dict of str to ndarray
+            Current optimizer state from :meth:`init_state` (not modified).
+        grads : dict of str to array
+            Gradients, same keys and shapes as ``params``.
+        step : int
+            1-based index of this update.
+
+        Returns
+        -------
+        new_params, new_state : dict of str to ndarray
+            New dicts holding new arrays.
+        """
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise ValueError(f"step must be an int, got {step!r}")  # noqa: TRY004
+        if step < 1:
+            raise ValueError(f"step must be >= 1, got {step}")
+        if set(grads) != set(params):
+            raise ValueError(
+                f"grads keys {sorted(grads)} do not match params {sorted(params)}"
+            )
+        expected = {f"{x}/{n}" for x in self._state_prefixes() for n in params}
+        if set(state) != expected:
+            raise ValueError(
+                f"state keys {sorted(state)} do not match expected {sorted(expected)}"
+            )
+        new_params: Arrays = {}
+        new_state: Arrays = {}
+        for name, p in params.items():
+            p = np.asarray(p)
+            g = to_numpy(grads[name])
+            if g.shape != p.shape:
+                raise ValueError(
+                    f"grad {name!r} has shape {g.shape}, expected {p.shape}"
+                )
+            g = g.astype(p.dtype, copy=False)
+            slots = [np.asarray(state[f"{x}/{name}"]) for x in self._state_prefixes()]
+            new_p, new_slots = self._update(p, g, slots, int(step))
+            new_params[name] = new_p
+            for prefix, s in zip(self._state_prefixes(), new_slots, strict=True):
+                new_state[f"{prefix}/{name}"] = s
+        return new_params, new_state
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable description (see ``optimizer_from_dict``)."""
+        return {"kind": self.kind} | {
+            f.name: getattr(self, f.name) for f in fields(self)
+        }
+
+
+def _float_dtype(p: Any) -> np.dtype:
+    dt = np.asarray(p).dtype
+    return dt if np.issubdtype(dt, np.floating) else np.dtype(np.float32)
+
+
+@dataclass(frozen=True)
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional heavy-ball momentum.
+
+    ``v = momentum * v + g; p = p - lr * v`` (plain ``p - lr * g`` when
+    ``momentum == 0``).
+
+    Parameters
+    ----------
+    lr : float
+        Learning rate (> 0).
+    momentum : float, default 0.0
+        Momentum coefficient in ``[0, 1)``.
+    """
+
+    lr: float
+    momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_float(self, "lr", 0.0, math.inf, lo_open=True, hi_open=True)
+        _check_float(self, "momentum", 0.0, 1.0, lo_open=False, hi_open=True)
+
+    def _state_prefixes(self) -> tuple[str, ...]:
+        return ("velocity",) if self.momentum > 0 else ()
+
+    def _update(
+        self, p: np.ndarray, g: np.ndarray, slots: list[np.ndarray], step: int
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        if not slots:
+            return p - self.lr * g, []
+        v = self.momentum * slots[0] + g
+        return p - self.lr * v, [v]
+
+
+@dataclass(frozen=True)
+class Adam(Optimizer):
+    """Adam with bias correction (Kingma & Ba, 2015).
+
+    Parameters
+    ----------
+    lr : float, default 1e-3
+        Learning rate (> 0).
+    beta1, beta2 : float, default 0.9, 0.999
+        Moment decay rates in ``[0, 1)``.
+    eps : float, default 1e-8
+        Denominator offset (> 0).
+    """
+
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check_float(self, "lr", 0.0, math.inf, lo_open=True, hi_open=True)
+        _check_float(self, "beta1", 0.0, 1.0, lo_open=False, hi_open=True)
+        _check_float(self, "beta2", 0.0, 1.0, lo_open=False, hi_open=True)
+        _check_float(self, "eps", 0.0, math.inf, lo_open=True, hi_open=True)
+
+    def _state_prefixes(self) -> tuple[str, ...]:
+        return ("m", "v")
+
+    def _update(
+        self, p: np.ndarray, g: np.ndarray, slots: list[np.ndarray], step: int
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        m = self.beta1 * slots[0] + (1.0 - self.beta1) * g
+        v = self.beta2 * slots[1] + (1.0 - self.beta2) * (g * g)
+        m_hat = m / (1.0 - self.beta1**step)
+        v_hat = v / (1.0 - self.beta2**step)
+        return p - self.lr * m_hat / (np.sqrt(v_hat) + self.eps), [m, v]
+
+
+def optimizer_from_dict(d: dict[str, Any]) -> Optimizer:
+    """Rebuild an optimizer from :meth:`Optimizer.to_dict` output.
+
+    Raises
+    ------
+    ValueError
+        For an unknown kind or bad fields.
+    """
+    if not isinstance(d, dict) or "kind" not in d:
+        raise ValueError(f"expected a dict with a 'kind' key, got {d!r}")
+    kw = dict(d)
+    kind = kw.pop("kind")
+    cls = _REGISTRY.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown optimizer kind {kind!r}; known: {sorted(_REGISTRY)}")
+    try:
+        return cls(**kw)
+    except TypeError as exc:
+        raise ValueError(f"bad fields for {kind}: {exc}") from exc

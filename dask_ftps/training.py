@@ -1,0 +1,345 @@
+"""``train()``: minibatch loops on Dask workers, merged by the parameter server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import dask.array as da
+import numpy as np
+from distributed import secede
+
+from dask_ftps import config
+from dask_ftps._core import RunSpec, UpdateKey, check_reply
+from dask_ftps._exceptions import DuplicateUpdate, FTPSError
+from dask_ftps._worker_plugin import get_worker_plugin
+from dask_ftps._xp import gpu_available, to_namespace, to_numpy
+from dask_ftps.models import Model, model_from_dict
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes
+    ----------
+    version
+        The model version when training ended.
+    minibatches
+        Minibatch updates the run consists of (in ``"async"`` mode on a fresh
+        server the final version equals it).
+    history
+        One dict per epoch: ``loss`` and ``accuracy`` of the training
+        minibatches, ``val_loss`` and ``val_accuracy`` when ``validation`` was
+        given, and ``seconds``.
+    run
+        The run number on the server.
+    """
+
+    version: int
+    minibatches: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    run: int = 0
+    n_shards: int = 0
+    seconds: float = 0.0
+
+
+def train(
+    client: Client,
+    X: Any,
+    y: Any,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int = 0,
+    n_shards: int | None = None,
+    validation: tuple[Any, Any] | None = None,
+    progress: bool | None = None,
+) -> TrainResult:
+    """Train the model of the registered :class:`~dask_ftps.ParameterServer`.
+
+    The data is cut into ``n_shards`` shards, fixed for the run. Every epoch,
+    one task per shard runs on a worker: it pulls the model, computes the
+    gradient of each minibatch, and pushes it with the id
+    ``run:epoch:shard:step``. A task that re-runs after its worker died asks the
+    server where its shard stands and goes on from there, so every minibatch
+    is applied exactly once. Calling ``train`` again with the same arguments
+    after an interruption resumes the unfinished run.
+
+    Parameters
+    ----------
+    client
+        A client of the cluster whose scheduler hosts the server.
+    X, y
+        Features (n_samples, n_features) and integer class labels, NumPy or
+        Dask arrays.
+    epochs, batch_size
+        Passes over the data, and the most samples per minibatch: each shard
+        is cut into ``ceil(len(shard) / batch_size)`` near-equal minibatches.
+    seed
+        Seed of the minibatch order.
+    n_shards
+        Default: the number of worker threads, at most one per minibatch.
+    validation
+        ``(X_val, y_val)`` scored after every epoch.
+    progress
+        Show a progress bar; default: when standard error is a terminal.
+
+    Returns
+    -------
+    TrainResult
+    """
+    return client.sync(
+        _train,
+        client,
+        X,
+        y,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        n_shards=n_shards,
+        validation=validation,
+        progress=progress,
+    )
+
+
+async def _train(
+    client: Client,
+    X: Any,
+    y: Any,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    n_shards: int | None,
+    validation: tuple[Any, Any] | None,
+    progress: bool | None,
+) -> TrainResult:
+    status = check_reply(await client.scheduler.ftps_status(), "ftps_status")
+    model = model_from_dict(status["model"])
+    X, y = _as_dask(X, y, model)
+    n_samples = X.shape[0]
+    if n_shards is None:
+        n_batches = n_samples // batch_size if isinstance(batch_size, int) else 1
+        n_shards = max(1, min(status["nthreads"], n_batches))
+    if not isinstance(n_shards, int) or not 1 <= n_shards <= n_samples:
+        raise ValueError(
+            f"n_shards must be an integer in [1, {n_samples}]: {n_shards!r}"
+        )
+    sizes = tuple(len(part) for part in np.array_split(np.arange(n_samples), n_shards))
+    spec = RunSpec(sizes, batch_size, epochs, seed)
+    begun = check_reply(
+        await client.scheduler.ftps_begin_run(spec=spec.to_dict()), "ftps_begin_run"
+    )
+    run = begun["run"]
+    first_epoch = min(epoch for epoch, _ in begun["next"])
+    if first_epoch > 0:
+        logger.info("Resuming run %d at epoch %d", run, first_epoch)
+
+    X = X.rechunk({0: sizes, 1: -1})
+    y = y.rechunk({0: sizes})
+    xs = client.compute(list(X.to_delayed().ravel()))
+    ys = client.compute(list(y.to_delayed().ravel()))
+    val = None if validation is None else _as_numpy(validation, model)
+    bar = _progress_bar(progress, spec.minibatches, run)
+    token = uuid.uuid4().hex[:8]
+    history = []
+    start = time.perf_counter()
+    try:
+        for epoch in range(first_epoch, epochs):
+            t0 = time.perf_counter()
+            futures = [
+                client.submit(
+                    _train_shard,
+                    xs[s],
+                    ys[s],
+                    model=model,
+                    mode=status["mode"],
+                    first=UpdateKey(run, epoch, s, 0),
+                    n_steps=spec.steps[s],
+                    seed=seed,
+                    device=config.get("device"),
+                    key=f"ftps-train-{run}-{epoch}-{s}-{token}",
+                )
+                for s in range(n_shards)
+            ]
+            stats = await _gather_with_progress(client, futures, bar)
+            history.append(
+                await _epoch_record(client, model, stats, val, time.perf_counter() - t0)
+            )
+            logger.info("Run %d epoch %d: %s", run, epoch, history[-1])
+            if bar is not None:
+                bar.set_postfix(
+                    {k: f"{v:.3f}" for k, v in history[-1].items() if k != "seconds"}
+                )
+        await _update_bar(client, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+        await client.cancel(xs + ys, asynchronous=True)
+    final = check_reply(await client.scheduler.ftps_status(), "ftps_status")
+    return TrainResult(
+        version=final["version"],
+        minibatches=spec.minibatches,
+        history=history,
+        run=run,
+        n_shards=n_shards,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _train_shard(
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    model: Model,
+    mode: str,
+    first: UpdateKey,
+    n_steps: int,
+    seed: int,
+    device: str,
+) -> dict[str, float]:
+    """One shard's minibatch loop for one epoch; runs in a task on a worker."""
+    if mode != "async":
+        secede()  # a waiting shard must never hold the thread another shard needs
+    plugin = get_worker_plugin()
+    run, epoch, shard = first.run, first.epoch, first.shard
+    xp = _namespace(device)
+    X = to_namespace({"X": np.asarray(X, dtype=np.float32)}, xp)["X"]
+    y = to_namespace({"y": np.asarray(y, dtype=np.int64)}, xp)["y"]
+    order = np.random.default_rng([seed, epoch, shard]).permutation(len(X))
+    batches = np.array_split(order, n_steps)  # near-equal: no tiny last minibatch
+    stats = {"loss_sum": 0.0, "correct": 0, "n": 0, "computed": 0, "skipped": 0}
+
+    def resume() -> tuple[int, Any]:
+        next_epoch, step = plugin.next_step(run, shard)
+        if next_epoch < epoch:
+            raise FTPSError(
+                f"shard {shard} of run {run} has not finished epoch {next_epoch}"
+            )
+        if next_epoch > epoch:
+            return n_steps, None
+        return step, plugin.pull(run, shard, epoch, step)
+
+    step, copy = resume()
+    stats["skipped"] = step
+    device_version, params = None, None
+    while step < n_steps:
+        if device_version != (copy.incarnation, copy.version):
+            params = to_namespace(copy.params, xp)
+            device_version = (copy.incarnation, copy.version)
+        batch = batches[step]
+        loss, grads, correct = model.loss_and_grad(params, X[batch], y[batch])
+        nxt = (epoch, step + 1) if step + 1 < n_steps else None
+        try:
+            copy = plugin.push(
+                UpdateKey(run, epoch, shard, step),
+                {k: to_numpy(v) for k, v in grads.items()},
+                copy.incarnation,
+                nxt,
+            )
+        except DuplicateUpdate:
+            step, copy = resume()  # another attempt of this task got there first
+            continue
+        stats["loss_sum"] += float(loss) * len(batch)
+        stats["correct"] += int(correct)
+        stats["n"] += len(batch)
+        stats["computed"] += 1
+        step += 1
+    return stats
+
+
+def _namespace(device: str):
+    if device == "gpu" or (device == "auto" and gpu_available()):
+        import cupy
+
+        return cupy
+    return np
+
+
+def _as_dask(X: Any, y: Any, model: Model) -> tuple[da.Array, da.Array]:
+    X = X if isinstance(X, da.Array) else da.from_array(np.asarray(X))
+    y = y if isinstance(y, da.Array) else da.from_array(np.asarray(y))
+    if X.ndim != 2 or y.ndim != 1:
+        raise ValueError(f"X must be 2-D and y 1-D, got {X.ndim}-D and {y.ndim}-D")
+    if any(np.isnan(c) for c in X.chunks[0] + y.chunks[0]):
+        raise ValueError("X and y need known chunk sizes: call compute_chunk_sizes()")
+    if X.shape[0] != y.shape[0]:
+        raise ValueError(f"X has {X.shape[0]} rows but y has {y.shape[0]}")
+    if X.shape[1] != model.n_features:
+        raise ValueError(
+            f"X has {X.shape[1]} features, the server's model expects {model.n_features}"
+        )
+    if y.dtype.kind not in "iu":
+        raise ValueError(f"y must hold integer class labels, not {y.dtype}")
+    return X, y
+
+
+def _as_numpy(
+    validation: tuple[Any, Any], model: Model
+) -> tuple[np.ndarray, np.ndarray]:
+    Xv, yv = (
+        np.asarray(a.compute() if isinstance(a, da.Array) else a) for a in validation
+    )
+    if Xv.ndim != 2 or Xv.shape[1] != model.n_features or len(Xv) != len(yv):
+        raise ValueError(
+            f"validation must be (X, y) with {model.n_features} features and one label "
+            f"per row, got shapes {Xv.shape} and {yv.shape}"
+        )
+    return Xv.astype(np.float32), yv.astype(np.int64)
+
+
+async def _epoch_record(
+    client: Client,
+    model: Model,
+    stats: list[dict[str, float]],
+    val: tuple[np.ndarray, np.ndarray] | None,
+    seconds: float,
+) -> dict[str, float]:
+    n = sum(s["n"] for s in stats)
+    record = {
+        "loss": sum(s["loss_sum"] for s in stats) / n if n else float("nan"),
+        "accuracy": sum(s["correct"] for s in stats) / n if n else float("nan"),
+    }
+    if val is not None:
+        reply = check_reply(await client.scheduler.ftps_get_model(), "ftps_get_model")
+        loss, _, correct = model.loss_and_grad(reply["params"], *val)
+        record["val_loss"] = float(loss)
+        record["val_accuracy"] = correct / len(val[1])
+    record["seconds"] = seconds
+    return record
+
+
+def _progress_bar(progress: bool | None, total: int, run: int):
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"ftps run {run}", unit="update")
+
+
+async def _update_bar(client: Client, bar) -> None:
+    if bar is not None:
+        status = check_reply(await client.scheduler.ftps_status(), "ftps_status")
+        bar.update((status["run"] or {}).get("accepted", 0) - bar.n)
+
+
+async def _gather_with_progress(client: Client, futures: list, bar) -> list:
+    gathered = asyncio.ensure_future(client.gather(futures, asynchronous=True))
+    while True:
+        done, _ = await asyncio.wait({gathered}, timeout=0.5)
+        await _update_bar(client, bar)
+        if done:
+            return gathered.result()
