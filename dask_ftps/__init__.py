@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dask_ftps import config  # noqa: F401  (loads the ftps.* defaults)
-from dask_ftps._client import get_model, status
+from dask_ftps._client import get_model, records, status
 from dask_ftps._core import ModelVersion, RunSpec, UpdateKey
 from dask_ftps._exceptions import (
     DuplicateUpdate,
@@ -42,6 +42,7 @@ __all__ = [
     "UpdateKey",
     "WaitTimeout",
     "get_model",
+    "records",
     "status",
     "train",
 ]

@@ -35,6 +35,24 @@ def status(client: Client) -> dict:
     return client.sync(_status, client)
 
 
+def records(client: Client) -> dict[str, list[dict]]:
+    """The live server's global dataset and download dataset.
+
+    Returns
+    -------
+    dict
+        ``global``: rows ``{"update_id", "worker", "version"}`` in commit
+        order; ``download``: rows ``{"worker", "version"}``.
+    """
+    return client.sync(_records, client)
+
+
+async def _records(client: Client) -> dict[str, list[dict]]:
+    reply = check_reply(await client.scheduler.ftps_records(), "ftps_records")
+    reply.pop("status")
+    return reply
+
+
 async def _get_model(client: Client) -> tuple[int, dict[str, np.ndarray]]:
     reply = check_reply(await client.scheduler.ftps_get_model(), "ftps_get_model")
     return reply["version"], reply["params"]

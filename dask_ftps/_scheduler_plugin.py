@@ -123,6 +123,7 @@ class ParameterServer(SchedulerPlugin):
             "ftps_push": self.push,
             "ftps_status": self.status,
             "ftps_get_model": self.get_model,
+            "ftps_records": self.records,
         }
 
     async def start(self, scheduler: Scheduler) -> None:
@@ -252,6 +253,10 @@ class ParameterServer(SchedulerPlugin):
             "version": int(model.version),
             "params": ToPickle(model.params),
         }
+
+    @_replies_errors
+    async def records(self) -> dict:
+        return {"status": "OK", **self.state.records()}
 
     # -- internals ------------------------------------------------------------
 

@@ -326,6 +326,16 @@ class ParameterServerState:
             "gradient_entries": sum(len(d) for d in self.gradients.values()),
         }
 
+    def records(self) -> dict[str, list[dict]]:
+        """The global dataset and the download dataset as lists of rows."""
+        return {
+            "global": [
+                {"update_id": u, "worker": w, "version": int(v)}
+                for u, w, v in self.global_rows
+            ],
+            "download": [{"worker": w, "version": int(v)} for w, v in self.downloads],
+        }
+
     def _check_grads(self, update_id: str, grads: object) -> None:
         if not isinstance(grads, dict):
             raise InvalidUpdate(f"update {update_id}: grads must be a dict of arrays")

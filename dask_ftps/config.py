@@ -16,5 +16,11 @@ dask.config.update_defaults(_DEFAULTS)
 
 
 def get(key: str):
-    """Return ``dask.config.get("ftps." + key)``."""
-    return dask.config.get(f"ftps.{key}")
+    """Return ``dask.config.get("ftps." + key)``, falling back on ``ftps.yaml``.
+
+    The fallback matters where a test harness resets ``dask.config.config``.
+    """
+    default = _DEFAULTS["ftps"]
+    for part in key.split("."):
+        default = default[part]
+    return dask.config.get(f"ftps.{key}", default=default)

@@ -1,0 +1,176 @@
+"""train() on real clusters: accuracy in every mode, and exactly once under worker loss."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter, defaultdict
+
+import dask.array as da
+import numpy as np
+import pytest
+from distributed import Nanny
+from distributed.utils_test import async_poll_for, gen_cluster
+
+import dask_ftps
+from dask_ftps import SGD, ParameterServer
+from dask_ftps.models import MLP, SoftmaxRegression
+
+from .conftest import digits
+
+MLP_SPEC = MLP(n_features=64, hidden=(64,), n_classes=10, seed=0)
+
+
+def expected_ids(run: int, result, shard_sizes, batch_size: int, epochs: int) -> set:
+    steps = [-(-n // batch_size) for n in shard_sizes]
+    return {
+        f"{run}:{e}:{s}:{t}"
+        for e in range(epochs)
+        for s, n in enumerate(steps)
+        for t in range(n)
+    }
+
+
+def test_accuracy_modes_sync_api(loop):
+    """The blocking API on a LocalCluster of processes, all three modes, >= 0.93."""
+    from distributed import Client, LocalCluster
+
+    X_train, X_test, y_train, y_test = digits()
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, dashboard_address=":0", loop=loop
+        ) as cluster,
+        Client(cluster, loop=loop) as client,
+    ):
+        for mode in ("async", "sync", "ssp"):
+            client.register_plugin(
+                ParameterServer(
+                    model=MLP_SPEC,
+                    optimizer=SGD(lr=0.05, momentum=0.5),
+                    mode=mode,
+                    staleness=2,
+                )
+            )
+            result = dask_ftps.train(
+                client,
+                X_train,
+                y_train,
+                epochs=12,
+                batch_size=32,
+                progress=False,
+                validation=(X_test, y_test),
+            )
+            version, params = dask_ftps.get_model(client)
+            accuracy = float((MLP_SPEC.predict(params, X_test) == y_test).mean())
+            assert accuracy >= 0.93, (mode, accuracy)
+            assert result.history[-1]["val_accuracy"] == pytest.approx(accuracy)
+            assert len(result.history) == 12
+            assert result.minibatches == 12 * 2 * 22
+            status = dask_ftps.status(client)
+            assert status["updates"] == result.minibatches
+            assert status["mode"] == mode
+            if mode == "sync":
+                assert version == 12 * 22  # one version per round
+            else:
+                assert version == result.minibatches
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)], timeout=120)
+async def test_sync_with_more_shards_than_threads(c, s, a):
+    """Four sync shards on one thread: a waiting shard never starves the others."""
+    X_train, X_test, y_train, y_test = digits()
+    await c.register_plugin(
+        ParameterServer(
+            model=SoftmaxRegression(64, 10), optimizer=SGD(lr=0.5), mode="sync"
+        )
+    )
+    result = await dask_ftps.train(
+        c, X_train, y_train, epochs=3, batch_size=64, n_shards=4, progress=False
+    )
+    assert result.n_shards == 4
+    rounds = max(-(-n // 64) for n in (337, 337, 337, 336))
+    assert result.version == 3 * rounds
+    rows = (await dask_ftps.records(c))["global"]
+    assert len(rows) == result.minibatches
+
+
+@gen_cluster(client=True, timeout=120)
+async def test_dask_array_input_and_new_run(c, s, a, b):
+    X_train, X_test, y_train, y_test = digits()
+    X = da.from_array(X_train, chunks=200)
+    y = da.from_array(y_train, chunks=200)
+    await c.register_plugin(
+        ParameterServer(model=SoftmaxRegression(64, 10), optimizer=SGD(lr=0.5))
+    )
+    first = await dask_ftps.train(c, X, y, epochs=2, batch_size=64, progress=False)
+    second = await dask_ftps.train(c, X, y, epochs=2, batch_size=64, progress=False)
+    assert (first.run, second.run) == (0, 1)
+    assert second.version == 2 * first.minibatches
+    ids = [r["update_id"] for r in (await dask_ftps.records(c))["global"]]
+    assert len(ids) == len(set(ids)) == 2 * first.minibatches
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+@gen_cluster(
+    client=True,
+    Worker=Nanny,
+    nthreads=[("127.0.0.1", 1), ("127.0.0.1", 1)],
+    timeout=180,
+)
+async def test_worker_killed_mid_training_applies_every_minibatch_once(
+    c, s, a, b, mode
+):
+    X_train, X_test, y_train, y_test = digits()
+    epochs, batch_size = 6, 16
+    await c.register_plugin(
+        ParameterServer(model=MLP_SPEC, optimizer=SGD(lr=0.05, momentum=0.5), mode=mode)
+    )
+    training = asyncio.ensure_future(
+        dask_ftps.train(
+            c, X_train, y_train, epochs=epochs, batch_size=batch_size, progress=False
+        )
+    )
+    plugin = s.plugins["ftps"]
+    nannies = {a.worker_address: a, b.worker_address: b}
+    victim = None
+
+    def mid_task() -> bool:
+        """A worker whose current task has pushed some steps and has more to go."""
+        nonlocal victim
+        state = plugin.state
+        if not state.runs or state.runs[0].accepted < 200:
+            return False
+        run = state.runs[0]
+        for update_id, worker, _ in reversed(state.global_rows[-10:]):
+            shard = int(update_id.split(":")[2])
+            step = run.clocks[shard] % run.spec.rounds_per_epoch
+            if worker in nannies and 3 <= step <= run.spec.steps[shard] - 10:
+                victim = nannies[worker]
+                return True
+        return False
+
+    await async_poll_for(mid_task, timeout=60, period=0.001)
+    killed_address = victim.worker_address
+    killed_at = plugin.state.runs[0].accepted
+    await victim.process.process.kill()
+
+    result = await training
+    assert killed_at < result.minibatches  # the kill came mid-run
+    rows = (await dask_ftps.records(c))["global"]
+    ids = [r["update_id"] for r in rows]
+    assert not [i for i, n in Counter(ids).items() if n > 1]  # none twice
+    shard_sizes = [674, 673]
+    assert set(ids) == expected_ids(0, result, shard_sizes, batch_size, epochs)
+    assert len(ids) == result.minibatches
+    # The killed worker's task went on elsewhere from where it stopped: some
+    # (epoch, shard) has rows from the killed worker and from another one.
+    workers_of = defaultdict(set)
+    for r in rows:
+        run, epoch, shard, _ = r["update_id"].split(":")
+        workers_of[epoch, shard].add(r["worker"])
+    assert any(killed_address in w and len(w) > 1 for w in workers_of.values()), (
+        f"no task resumed on another worker after the kill: {dict(workers_of)} {killed_address}"
+    )
+    if mode == "async":
+        assert result.version == result.minibatches
+    _, params = await dask_ftps.get_model(c)
+    assert (MLP_SPEC.predict(params, X_test) == y_test).mean() >= 0.9
