@@ -83,7 +83,7 @@ async def test_register_installs_handlers_and_worker_plugin(c, s, a, b):
 
 @gen_cluster(client=True)
 async def test_unregistered_server_is_a_clear_error(c, s, a, b):
-    with pytest.raises(NotRegistered, match="register a dask_ftps.ParameterServer"):
+    with pytest.raises(NotRegistered, match=r"register a dask_ftps\.ParameterServer"):
         await dask_ftps.status(c)
     with pytest.raises(NotRegistered):
         await dask_ftps.train(

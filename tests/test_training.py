@@ -6,7 +6,6 @@ import asyncio
 from collections import Counter, defaultdict
 
 import dask.array as da
-import numpy as np
 import pytest
 from distributed import Nanny
 from distributed.utils_test import async_poll_for, gen_cluster
@@ -77,7 +76,7 @@ def test_accuracy_modes_sync_api(loop):
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)], timeout=120)
 async def test_sync_with_more_shards_than_threads(c, s, a):
     """Four sync shards on one thread: a waiting shard never starves the others."""
-    X_train, X_test, y_train, y_test = digits()
+    X_train, _X_test, y_train, _y_test = digits()
     await c.register_plugin(
         ParameterServer(
             model=SoftmaxRegression(64, 10), optimizer=SGD(lr=0.5), mode="sync"
@@ -95,7 +94,7 @@ async def test_sync_with_more_shards_than_threads(c, s, a):
 
 @gen_cluster(client=True, timeout=120)
 async def test_dask_array_input_and_new_run(c, s, a, b):
-    X_train, X_test, y_train, y_test = digits()
+    X_train, _X_test, y_train, _y_test = digits()
     X = da.from_array(X_train, chunks=200)
     y = da.from_array(y_train, chunks=200)
     await c.register_plugin(
@@ -165,7 +164,7 @@ async def test_worker_killed_mid_training_applies_every_minibatch_once(
     # (epoch, shard) has rows from the killed worker and from another one.
     workers_of = defaultdict(set)
     for r in rows:
-        run, epoch, shard, _ = r["update_id"].split(":")
+        _run, epoch, shard, _ = r["update_id"].split(":")
         workers_of[epoch, shard].add(r["worker"])
     assert any(killed_address in w and len(w) > 1 for w in workers_of.values()), (
         f"no task resumed on another worker after the kill: {dict(workers_of)} {killed_address}"
