@@ -16,6 +16,8 @@ from dask_ftps._exceptions import (
     StoreLocked,
     WaitTimeout,
 )
+from dask_ftps._journal import StoreFormatError
+from dask_ftps._recovery import inspect, recover
 from dask_ftps._scheduler_plugin import ParameterServer
 from dask_ftps._state import ParameterServerState
 from dask_ftps._worker_plugin import FTPSWorkerPlugin
@@ -37,12 +39,15 @@ __all__ = [
     "RunSpec",
     "SpecMismatch",
     "StaleIncarnation",
+    "StoreFormatError",
     "StoreLocked",
     "TrainResult",
     "UpdateKey",
     "WaitTimeout",
     "get_model",
+    "inspect",
     "records",
+    "recover",
     "status",
     "train",
 ]

@@ -170,7 +170,8 @@ def download_entries(failure_probability: float, negligible: float) -> int:
     """
     if not 0 < failure_probability < 1 or not 0 < negligible < 1:
         raise ValueError("probabilities must lie strictly between 0 and 1")
-    return max(1, math.ceil(math.log(negligible) / math.log(failure_probability)))
+    ratio = math.log(negligible) / math.log(failure_probability)
+    return max(1, math.ceil(ratio - 1e-9))  # 4.000000000000001 is 4
 
 
 def _is_int(value: object) -> bool:

@@ -121,7 +121,7 @@ class ParameterServerState:
     gradient_entries: int = 2
     model: ModelVersion | None = None
     runs: list[RunState] = field(default_factory=list)
-    applied: set[UpdateId] = field(default_factory=set)
+    updates: int = 0
     global_rows: list[tuple[UpdateId, WorkerId, Version]] = field(default_factory=list)
     downloads: list[tuple[WorkerId, Version]] = field(default_factory=list)
     gradients: dict[WorkerId, deque] = field(default_factory=dict)
@@ -130,7 +130,11 @@ class ParameterServerState:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise InvalidRequest(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not isinstance(self.staleness, int) or self.staleness < 0:
+        if (
+            not isinstance(self.staleness, int)
+            or isinstance(self.staleness, bool)
+            or self.staleness < 0
+        ):
             raise InvalidRequest(
                 f"staleness must be a non-negative integer, got {self.staleness!r}"
             )
@@ -154,6 +158,7 @@ class ParameterServerState:
             if last.spec == spec:
                 return last
             last.superseded = True
+            self.pending.clear()  # its open sync round will never merge
             logger.warning(
                 "Run %d superseded by a new run with another spec at version %d",
                 last.run,
@@ -211,8 +216,11 @@ class ParameterServerState:
 
     # -- push ----------------------------------------------------------------
 
-    def admit(self, update: Update) -> Admission:
+    def admit(self, update: Update, check: bool = True) -> Admission:
         """Validate ``update`` and decide what it does; change nothing.
+
+        ``check=False`` skips the payload checks (replay of a committed update
+        whose effect is taken from a model copy).
 
         Raises
         ------
@@ -223,8 +231,6 @@ class ParameterServerState:
             comes out of order.
         """
         key = update.key
-        if key.id in self.applied:
-            raise DuplicateUpdate(f"update {key.id} was already accepted")
         if not 0 <= key.run < len(self.runs):
             raise InvalidUpdate(f"update {key.id}: unknown run {key.run}")
         run = self.runs[key.run]
@@ -244,7 +250,8 @@ class ParameterServerState:
                 f"update {key.id} out of order: shard {key.shard} is at "
                 f"{run.next_step(key.shard)} (epoch, step)"
             )
-        self._check_grads(key.id, update.grads)
+        if check:
+            self._check_grads(key.id, update.grads)
 
         if self.mode != "sync":
             return Admission(update, Version(self.version + 1), (update,))
@@ -277,7 +284,7 @@ class ParameterServerState:
         update = admission.update
         key = update.key
         run = self.runs[key.run]
-        self.applied.add(key.id)
+        self.updates += 1
         self.global_rows.append((key.id, update.worker, admission.version))
         entries = self.gradients.setdefault(
             update.worker, deque(maxlen=self.gradient_entries)
@@ -297,6 +304,23 @@ class ParameterServerState:
         self.commit(admission, self.merge(admission))
         return admission
 
+    def snapshot_point(self) -> tuple[ModelVersion, int, tuple]:
+        """What a snapshot of this moment holds.
+
+        Returns the published model, how many of the latest accepted updates it
+        does not include (a sync round still open), and each run's
+        ``(clocks, superseded)`` with those updates not yet counted.
+        """
+        open_round = [u for waiting in self.pending.values() for u in waiting.values()]
+        runs = []
+        for run in self.runs:
+            clocks = list(run.clocks)
+            for u in open_round:
+                if u.key.run == run.run:
+                    clocks[u.key.shard] = run.spec.position(u.key.epoch, u.key.step)
+            runs.append((tuple(clocks), run.superseded))
+        return self.model, len(open_round), tuple(runs)
+
     # -- reading --------------------------------------------------------------
 
     def summary(self) -> dict:
@@ -305,7 +329,7 @@ class ParameterServerState:
         return {
             "version": int(self.version),
             "incarnation": self.incarnation,
-            "updates": len(self.applied),
+            "updates": self.updates,
             "mode": self.mode,
             "staleness": self.staleness,
             "model": self.model_spec.to_dict(),

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from distributed.core import error_message
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.protocol.serialize import ToPickle
 from distributed.utils import sync
@@ -44,6 +45,25 @@ class FTPSWorkerPlugin(WorkerPlugin):
         self.worker = worker
         self.latest = None
         self._lock = threading.Lock()
+        worker.handlers["ftps_model_copy"] = self.model_copy
+
+    def teardown(self, worker: Worker) -> None:
+        if worker.handlers.get("ftps_model_copy") == self.model_copy:
+            del worker.handlers["ftps_model_copy"]
+
+    # -- handlers -------------------------------------------------------------
+
+    async def model_copy(self) -> dict:
+        """The newest model this worker holds, for a recovering server."""
+        copy = self.latest
+        if copy is None:
+            return error_message(NotRegistered("this worker holds no model copy"))
+        return {
+            "status": "OK",
+            "incarnation": copy.incarnation,
+            "version": copy.version,
+            "params": ToPickle(copy.params),
+        }
 
     # -- methods for worker threads ---------------------------------------------
 

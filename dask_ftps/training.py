@@ -16,7 +16,7 @@ from distributed import secede
 
 from dask_ftps import config
 from dask_ftps._core import RunSpec, UpdateKey, check_reply
-from dask_ftps._exceptions import DuplicateUpdate, FTPSError
+from dask_ftps._exceptions import DuplicateUpdate, FTPSError, StaleIncarnation
 from dask_ftps._worker_plugin import get_worker_plugin
 from dask_ftps._xp import gpu_available, to_namespace, to_numpy
 from dask_ftps.models import Model, model_from_dict
@@ -248,8 +248,10 @@ def _train_shard(
                 copy.incarnation,
                 nxt,
             )
-        except DuplicateUpdate:
-            step, copy = resume()  # another attempt of this task got there first
+        except (DuplicateUpdate, StaleIncarnation):
+            # Another attempt of this task got there first, or the server was
+            # rebuilt: ask where the shard stands and go on from there.
+            step, copy = resume()
             continue
         stats["loss_sum"] += float(loss) * len(batch)
         stats["correct"] += int(correct)

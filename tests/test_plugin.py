@@ -38,7 +38,7 @@ def snapshot(state) -> dict:
         "version": state.version,
         "params": {k: v.tobytes() for k, v in state.model.params.items()},
         "opt": {k: v.tobytes() for k, v in state.model.opt_state.items()},
-        "applied": set(state.applied),
+        "updates": state.updates,
         "global": list(state.global_rows),
         "downloads": list(state.downloads),
         "clocks": [list(r.clocks) for r in state.runs],
