@@ -469,6 +469,12 @@ class Journal:
         """The first row any recovery can need."""
         return self.doc.snapshots[0].replay_from
 
+    async def last_version(self) -> int:
+        """The model version of the last committed update (or of the snapshot)."""
+        if self.doc.seq > self.floor:
+            return int((await self.read_rows(self.doc.seq - 1, self.doc.seq))[0, -1])
+        return self.doc.snapshots[-1].version
+
     async def read_rows(self, start: int, stop: int) -> np.ndarray:
         if stop <= start:
             return np.empty((0, len(ROW_FIELDS)), np.int64)

@@ -204,9 +204,8 @@ def inspect(store: str | os.PathLike) -> dict[str, Any]:
         doc = journal.doc
         first = journal.floor
         rows = await journal.read_rows(first, doc.seq)
-        version = int(rows[-1, -1]) if len(rows) else doc.snapshots[-1].version
         return {
-            "version": version,
+            "version": await journal.last_version(),
             "incarnation": doc.incarnation,
             "updates": doc.seq,
             "snapshots": [ref.version for ref in doc.snapshots],

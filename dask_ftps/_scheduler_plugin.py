@@ -30,7 +30,13 @@ from dask_ftps._core import (
     WorkerId,
     download_entries,
 )
-from dask_ftps._exceptions import FTPSError, InvalidRequest, WaitTimeout
+from dask_ftps._exceptions import (
+    FTPSError,
+    InvalidRequest,
+    StaleIncarnation,
+    StoreLocked,
+    WaitTimeout,
+)
 from dask_ftps._journal import Journal, RunMeta
 from dask_ftps._recovery import Rebuilt, rebuild
 from dask_ftps._state import ParameterServerState
@@ -165,6 +171,9 @@ class ParameterServer(SchedulerPlugin):
     async def start(self, scheduler: Scheduler) -> None:
         t0 = time.perf_counter()
         self.scheduler = scheduler
+        old = scheduler.plugins.get(self.name)
+        if isinstance(old, ParameterServer) and old is not self:
+            await old._retire()
         self._lock = asyncio.Lock()
         self._changed = asyncio.Condition()
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -188,8 +197,9 @@ class ParameterServer(SchedulerPlugin):
         self._last_snapshot = int(self.state.version)
         self._committer = asyncio.create_task(self._commit_loop())
         scheduler.handlers.update(self._handlers)
+        # Idempotent: a server replacing another keeps the workers' model copies.
         await scheduler.register_worker_plugin(
-            None, dumps(FTPSWorkerPlugin()), name="ftps", idempotent=False
+            None, dumps(FTPSWorkerPlugin()), name="ftps", idempotent=True
         )
         logger.info(
             "Parameter server started in %.3fs: %s, %d parameters, mode %s, "
@@ -202,6 +212,22 @@ class ParameterServer(SchedulerPlugin):
             self.state.version,
             self.store,
         )
+
+    async def _retire(self) -> None:
+        """Stop serving (a new server replaces this one in the same scheduler).
+
+        Waits for the batch being committed, so that the new server reads a
+        commit point that no longer moves; queued pushes are refused with
+        :class:`StaleIncarnation`, and the workers ask the new server where
+        their shards stand.
+        """
+        if not hasattr(self, "_lock"):
+            return
+        async with self._lock:
+            self._failed = StaleIncarnation(
+                f"parameter server incarnation {self.state.incarnation} was replaced"
+            )
+        logger.info("Incarnation %d retired", self.state.incarnation)
 
     async def close(self) -> None:
         handlers = getattr(getattr(self, "scheduler", None), "handlers", {})
@@ -252,6 +278,7 @@ class ParameterServer(SchedulerPlugin):
 
     @_replies_errors
     async def next_step(self, run: int, shard: int) -> dict:
+        self._check_healthy()
         epoch, step = self.state.next_step(run, shard)
         return {"status": "OK", "epoch": epoch, "step": step}
 
@@ -266,6 +293,7 @@ class ParameterServer(SchedulerPlugin):
         have_version: int = -1,
         incarnation: int | None = None,
     ) -> ModelMessage:
+        self._check_healthy()
         self.state.next_step(run, shard)  # validates run and shard
         await self._wait_ready(run, shard, epoch, step)
         return self._model_reply(WorkerId(worker), have_version, incarnation)
@@ -342,6 +370,8 @@ class ParameterServer(SchedulerPlugin):
                 await self._commit_batch(batch)
             async with self._changed:
                 self._changed.notify_all()
+            if self._failed is not None and self._queue.empty():
+                return  # pushes are refused before they queue from now on
 
     async def _commit_batch(self, batch: list[tuple[Update, asyncio.Future]]) -> None:
         accepted: list[tuple[Update, int, asyncio.Future]] = []
@@ -363,8 +393,17 @@ class ParameterServer(SchedulerPlugin):
                     [v for _, v, _ in accepted],
                     self.state.downloads,
                 )
+            except StoreLocked as e:
+                self._failed = StaleIncarnation(f"this server was fenced off: {e}")
+                logger.error("%s; refusing every request from now on", e)
+                for _, _, future in accepted:
+                    future.set_exception(StaleIncarnation(str(self._failed)))
+                return
             except Exception as e:
-                self._failed = e
+                self._failed = FTPSError(
+                    f"the journal failed ({e!r}); restart the parameter server to "
+                    "rebuild it from the store"
+                )
                 logger.critical(
                     "The journal failed; refusing every push from now on. Restart "
                     "the parameter server to rebuild from the store.",
@@ -505,17 +544,19 @@ class ParameterServer(SchedulerPlugin):
             )
             candidates = []
         timeout = parse_timedelta(config.get("store.copy-timeout"))
+        last_version = await journal.last_version()
         for version, worker in candidates:
             try:
                 reply = await asyncio.wait_for(
                     self.scheduler.rpc(worker).ftps_model_copy(), timeout
                 )
-                if reply.get("status") != "OK" or (
-                    reply["version"],
-                    reply["incarnation"],
-                ) != (version, previous):
-                    raise FTPSError(f"it answered {reply.get('version')!r}")
-                copy = ModelVersion(Version(version), reply["params"], {})
+                # Every served version was committed first, so a version's bits
+                # are the same in every incarnation; the worker may hold a newer
+                # one than its row says (the row is written with the next commit).
+                held = reply.get("version") if reply.get("status") == "OK" else None
+                if held is None or not version <= held <= last_version:
+                    raise FTPSError(f"it holds version {held!r}")
+                copy = ModelVersion(Version(held), reply["params"], {})
                 return await rebuild(journal, copy=copy, copy_source=worker, **kwargs)
             except Exception as e:  # noqa: BLE001 - any failure: next candidate
                 logger.warning(
@@ -549,10 +590,7 @@ class ParameterServer(SchedulerPlugin):
 
     def _check_healthy(self) -> None:
         if self._failed is not None:
-            raise FTPSError(
-                f"the journal failed ({self._failed!r}); restart the parameter "
-                "server to rebuild it from the store"
-            )
+            raise type(self._failed)(str(self._failed))
 
     async def _maybe_offload(self, func: Callable, *args: Any) -> Any:
         if self.state.model_spec.n_params() >= self._offload_threshold:

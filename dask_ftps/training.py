@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import dask.array as da
 import numpy as np
+from dask.utils import parse_timedelta
 from distributed import secede
 
 from dask_ftps import config
@@ -248,10 +249,11 @@ def _train_shard(
                 copy.incarnation,
                 nxt,
             )
-        except (DuplicateUpdate, StaleIncarnation):
-            # Another attempt of this task got there first, or the server was
-            # rebuilt: ask where the shard stands and go on from there.
-            step, copy = resume()
+        except DuplicateUpdate:
+            step, copy = resume()  # another attempt of this task got there first
+            continue
+        except StaleIncarnation:
+            step, copy = _resume_after_rebuild(resume, copy.incarnation)
             continue
         stats["loss_sum"] += float(loss) * len(batch)
         stats["correct"] += int(correct)
@@ -259,6 +261,23 @@ def _train_shard(
         stats["computed"] += 1
         step += 1
     return stats
+
+
+def _resume_after_rebuild(resume, incarnation: int):
+    """``resume()`` once a new server incarnation serves (it may be rebuilding)."""
+    deadline = time.monotonic() + parse_timedelta(config.get("wait-timeout"))
+    while True:
+        try:
+            step, copy = resume()
+            if copy is None or copy.incarnation != incarnation:
+                return step, copy
+        except StaleIncarnation:
+            pass
+        if time.monotonic() > deadline:
+            raise StaleIncarnation(
+                f"incarnation {incarnation} was replaced and no new server answered"
+            )
+        time.sleep(0.1)
 
 
 def _namespace(device: str):

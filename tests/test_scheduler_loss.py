@@ -28,8 +28,17 @@ EPOCHS, BATCH = 4, 32
 
 
 def scheduler(port: int, store: str | None = None, env: dict | None = None):
-    args = [sys.executable, "-m", "dask", "scheduler", "--port", str(port),
-            "--no-dashboard", "--host", "127.0.0.1"]
+    args = [
+        sys.executable,
+        "-m",
+        "dask",
+        "scheduler",
+        "--port",
+        str(port),
+        "--no-dashboard",
+        "--host",
+        "127.0.0.1",
+    ]
     if store is not None:
         args += ["--preload", "dask_ftps.preload", "--ftps-store", store]
     return popen(args, capture_output=True, env={**os.environ, **(env or {})})
@@ -37,8 +46,20 @@ def scheduler(port: int, store: str | None = None, env: dict | None = None):
 
 def workers(address: str):
     return popen(
-        [sys.executable, "-m", "dask", "worker", address, "--nworkers", "2",
-         "--nthreads", "1", "--no-dashboard", "--death-timeout", "60"],
+        [
+            sys.executable,
+            "-m",
+            "dask",
+            "worker",
+            address,
+            "--nworkers",
+            "2",
+            "--nthreads",
+            "1",
+            "--no-dashboard",
+            "--death-timeout",
+            "60",
+        ],
         capture_output=True,
     )
 
@@ -57,7 +78,10 @@ def train(client: Client):
 def expected_ids() -> set[str]:
     steps = [-(-n // BATCH) for n in (674, 673)]
     return {
-        f"0:{e}:{s}:{t}" for e in range(EPOCHS) for s, n in enumerate(steps) for t in range(n)
+        f"0:{e}:{s}:{t}"
+        for e in range(EPOCHS)
+        for s, n in enumerate(steps)
+        for t in range(n)
     }
 
 
@@ -79,53 +103,57 @@ def test_scheduler_killed_mid_training_resumes_exactly_once(tmp_path, point):
     env = {"DASK_FTPS__TESTING__CRASH_AT": json.dumps(crash_at)} if crash_at else {}
     total = len(expected_ids())
 
-    with scheduler(port, env=env) as first, workers(address):
-        with Client(address, timeout="60s") as client:
-            wait_for_workers(client, 2)
-            client.register_plugin(
-                ParameterServer(
-                    store,
-                    model=MODEL,
-                    optimizer=SGD(lr=0.05, momentum=0.5),
-                    snapshot_every=snapshot_every,
-                )
+    with (
+        scheduler(port, env=env) as first,
+        workers(address),
+        Client(address, timeout="60s") as client,
+    ):
+        wait_for_workers(client, 2)
+        client.register_plugin(
+            ParameterServer(
+                store,
+                model=MODEL,
+                optimizer=SGD(lr=0.05, momentum=0.5),
+                snapshot_every=snapshot_every,
             )
-            if not crash_at:  # an outside SIGKILL once a third of the run is in
-                def kill_later() -> None:
-                    while dask_ftps.status(client)["updates"] < total // 3:
-                        time.sleep(0.01)
-                    first.send_signal(signal.SIGKILL)
+        )
+        if not crash_at:  # an outside SIGKILL once a third of the run is in
 
-                threading.Thread(target=kill_later, daemon=True).start()
-            with pytest.raises(Exception):  # noqa: B017 - the scheduler is gone
-                train(client)
-            first.wait(30)
-            assert first.returncode == -signal.SIGKILL
-            lost = dask_ftps.inspect(store)
-            assert 0 < lost["updates"] < total
+            def kill_later() -> None:
+                while dask_ftps.status(client)["updates"] < total // 3:
+                    time.sleep(0.01)
+                first.send_signal(signal.SIGKILL)
 
-            with scheduler(port, store=store), workers(address):
-                wait_for_workers(client, 2)
-                status = dask_ftps.status(client)
-                assert status["incarnation"] == 2
-                assert status["version"] == lost["version"]  # nothing accepted is lost
-                assert status["recovery"]["source"] == "snapshot"
-                result = train(client)  # the same call resumes the run
+            threading.Thread(target=kill_later, daemon=True).start()
+        with pytest.raises(Exception):  # noqa: B017 - the scheduler is gone
+            train(client)
+        first.wait(30)
+        assert first.returncode == -signal.SIGKILL
+        lost = dask_ftps.inspect(store)
+        assert 0 < lost["updates"] < total
 
-                info = dask_ftps.inspect(store)
-                assert info["updates"] == result.minibatches == total
-                assert result.version == total  # async: one version per update
-                ids = [row["update_id"] for row in info["global"]]
-                assert max(Counter(ids).values()) == 1  # none twice
-                assert set(ids) <= expected_ids()
-                assert len(ids) == total - info["first_row"]
-                if snapshot_every > total:
-                    assert set(ids) == expected_ids()  # every minibatch, once
-                version, params = dask_ftps.get_model(client)
-                offline_version, offline = dask_ftps.recover(store)
-                assert version == offline_version == total
-                for name, value in params.items():
-                    np.testing.assert_array_equal(offline[name], value)
+        with scheduler(port, store=store), workers(address):
+            wait_for_workers(client, 2)
+            status = dask_ftps.status(client)
+            assert status["incarnation"] == 2
+            assert status["version"] == lost["version"]  # nothing accepted is lost
+            assert status["recovery"]["source"] == "snapshot"
+            result = train(client)  # the same call resumes the run
+
+            info = dask_ftps.inspect(store)
+            assert info["updates"] == result.minibatches == total
+            assert result.version == total  # async: one version per update
+            ids = [row["update_id"] for row in info["global"]]
+            assert max(Counter(ids).values()) == 1  # none twice
+            assert set(ids) <= expected_ids()
+            assert len(ids) == total - info["first_row"]
+            if snapshot_every > total:
+                assert set(ids) == expected_ids()  # every minibatch, once
+            version, params = dask_ftps.get_model(client)
+            offline_version, offline = dask_ftps.recover(store)
+            assert version == offline_version == total
+            for name, value in params.items():
+                np.testing.assert_array_equal(offline[name], value)
 
 
 def test_preload_without_a_run_refuses_to_start(tmp_path):
