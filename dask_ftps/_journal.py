@@ -389,7 +389,9 @@ class Journal:
             dtype=np.int64,
         )
         await asyncio.gather(
-            write_payloads, self._rows.setitem((slice(start, stop), slice(None)), rows)
+            write_payloads,
+            self._rows.setitem((slice(start, stop), slice(None)), rows),
+            self._check_owner(),
         )
         if self.durable:
             await self._fsync(start, stop)
@@ -398,7 +400,7 @@ class Journal:
         async with self._doc_lock:
             self.doc.seq = stop
             self.doc.downloads = [(str(w), int(v)) for w, v in downloads]
-            await self._write_doc()
+            await self._write_doc(owner_checked=True)
 
     async def record_run(self, spec: RunSpec, base_version: int) -> None:
         """Persist a ``begin_run`` that created a run."""
@@ -527,21 +529,28 @@ class Journal:
             new = max(2 * capacity, stop)
             self._rows = await _resized(self._rows, (new, len(ROW_FIELDS)))
 
-    async def _write_doc(self) -> None:
-        """Write the next commit document, then drop the one before the previous."""
-        if self.owner is not None:
-            raw = await self.store.get(OWNER_KEY, prototype=_PROTO)
-            owner = json.loads(raw.to_bytes()) if raw is not None else {}
-            if owner.get("incarnation") != self.owner["incarnation"]:
-                raise StoreLocked(
-                    f"incarnation {owner.get('incarnation')} at {owner.get('address')} "
-                    f"took over {_describe(self.store)}; this server (incarnation "
-                    f"{self.owner['incarnation']}) stops writing it"
-                )
+    async def _write_doc(self, owner_checked: bool = False) -> None:
+        """Write the next commit document; drop the one before the previous."""
+        if not owner_checked:
+            await self._check_owner()
         self.doc.serial += 1
-        await self._set(_doc_key(self.doc.serial), self.doc.to_bytes())
-        if self.doc.serial > 2:
-            await self.store.delete(_doc_key(self.doc.serial - 2))
+        writes = [self._set(_doc_key(self.doc.serial), self.doc.to_bytes())]
+        if self.doc.serial > 2:  # the previous document stays until this one is in
+            writes.append(self.store.delete(_doc_key(self.doc.serial - 2)))
+        await asyncio.gather(*writes)
+
+    async def _check_owner(self) -> None:
+        """Refuse to write once another incarnation has claimed the store."""
+        if self.owner is None:
+            return
+        raw = await self.store.get(OWNER_KEY, prototype=_PROTO)
+        owner = json.loads(raw.to_bytes()) if raw is not None else {}
+        if owner.get("incarnation") != self.owner["incarnation"]:
+            raise StoreLocked(
+                f"incarnation {owner.get('incarnation')} at {owner.get('address')} "
+                f"took over {_describe(self.store)}; this server (incarnation "
+                f"{self.owner['incarnation']}) stops writing it"
+            )
 
     async def _set(self, key: str, value: bytes) -> None:
         await self.store.set(key, _buf(value))
