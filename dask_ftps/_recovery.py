@@ -45,6 +45,7 @@ async def rebuild(
     incarnation: int = 0,
     download_limit: int = 5,
     gradient_entries: int = 2,
+    memory_rows: int = 100_000,
     copy: ModelVersion | None = None,
     copy_source: str = "snapshot",
     offload: Offload = asyncio.to_thread,
@@ -71,6 +72,7 @@ async def rebuild(
         incarnation=incarnation,
         download_limit=download_limit,
         gradient_entries=gradient_entries,
+        memory_rows=memory_rows,
         model=snapshot,
     )
     for i, (clocks, superseded) in enumerate(ref.runs):

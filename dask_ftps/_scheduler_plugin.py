@@ -187,6 +187,7 @@ class ParameterServer(SchedulerPlugin):
                 retention["failure-probability"], retention["negligible-probability"]
             ),
             "gradient_entries": retention["gradient-entries"],
+            "memory_rows": retention["memory-rows"],
         }
         self.journal, self.rebuilt = None, None
         if self.store is None:

@@ -110,6 +110,9 @@ class ParameterServerState:
         Distinct workers kept in the download dataset.
     gradient_entries
         Payloads kept per worker in its gradient dataset.
+    memory_rows
+        Newest global-dataset rows kept in memory (the store keeps what any
+        recovery needs).
     """
 
     model_spec: Model
@@ -122,7 +125,8 @@ class ParameterServerState:
     model: ModelVersion | None = None
     runs: list[RunState] = field(default_factory=list)
     updates: int = 0
-    global_rows: list[tuple[UpdateId, WorkerId, Version]] = field(default_factory=list)
+    memory_rows: int = 100_000
+    global_rows: deque[tuple[UpdateId, WorkerId, Version]] = field(default_factory=deque)
     downloads: list[tuple[WorkerId, Version]] = field(default_factory=list)
     gradients: dict[WorkerId, deque] = field(default_factory=dict)
     pending: dict[int, dict[int, Update]] = field(default_factory=dict)
@@ -143,6 +147,7 @@ class ParameterServerState:
             self.model = ModelVersion(
                 Version(0), params, self.optimizer.init_state(params)
             )
+        self.global_rows = deque(self.global_rows, maxlen=self.memory_rows)
         self._shapes = self.model_spec.param_shapes()
         self._dtypes = {k: v.dtype for k, v in self.model.params.items()}
 

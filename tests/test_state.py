@@ -251,7 +251,7 @@ def test_async_versions_rows_and_accepted_ids() -> None:
         assert state.version == i
         assert [u.key for u in admission.merge] == [UpdateKey(0, 0, shard, step)]
         assert _bytes(state.model.params) != before
-    assert state.global_rows == [
+    assert list(state.global_rows) == [
         ("0:0:0:0", "w0", 1),
         ("0:0:1:0", "w1", 2),
         ("0:0:1:1", "w1", 3),
@@ -303,7 +303,7 @@ def test_admit_and_merge_change_nothing_until_commit() -> None:
     assert model.version == 1
     state.commit(admission, model)
     assert state.model is model
-    assert state.global_rows == [("0:0:0:0", "w0", 1)]
+    assert list(state.global_rows) == [("0:0:0:0", "w0", 1)]
     assert state.summary()["updates"] == 1
 
 
@@ -550,13 +550,13 @@ def test_begin_run_after_finished_run_starts_new_run() -> None:
     _drive(state, spec)
     assert second.finished
     assert state.version == 4
-    assert sorted(row[0] for row in state.global_rows[4:]) == [
+    assert sorted(row[0] for row in list(state.global_rows)[4:]) == [
         "1:0:0:0",
         "1:0:1:0",
         "1:1:0:0",
         "1:1:1:0",
     ]
-    assert [row[2] for row in state.global_rows[4:]] == [3, 3, 4, 4]
+    assert [row[2] for row in list(state.global_rows)[4:]] == [3, 3, 4, 4]
 
 
 def test_sync_supersede_mid_round_does_not_leak_into_new_run() -> None:
@@ -818,6 +818,22 @@ def test_gradient_dataset_keeps_newest_entries_per_worker() -> None:
     assert w1 == [("0:0:1:0", pushed["0:0:1:0"])]
     assert state.summary()["gradient_entries"] == 3
     assert len(state.global_rows) == 5  # the global dataset keeps every row
+
+
+def test_global_dataset_in_memory_keeps_newest_rows() -> None:
+    state = _state("async", memory_rows=3)
+    state.begin_run(RunSpec((100,), batch_size=20, epochs=1))  # 5 steps
+    for step in range(5):
+        state.push(_update(state, UpdateKey(0, 0, 0, step)))
+    assert [(u, int(v)) for u, _, v in state.global_rows] == [
+        ("0:0:0:2", 3),
+        ("0:0:0:3", 4),
+        ("0:0:0:4", 5),
+    ]
+    assert state.updates == 5
+    # Exactly-once rests on the clocks, not on the rows kept in memory.
+    with pytest.raises(DuplicateUpdate, match="0:0:0:0 was already accepted"):
+        state.push(_update(state, UpdateKey(0, 0, 0, 0)))
 
 
 def test_records_rows() -> None:

@@ -139,7 +139,7 @@ async def test_worker_killed_mid_training_applies_every_minibatch_once(
         if not state.runs or state.runs[0].accepted < 200:
             return False
         run = state.runs[0]
-        for update_id, worker, _ in reversed(state.global_rows[-10:]):
+        for update_id, worker, _ in reversed(list(state.global_rows)[-10:]):
             shard = int(update_id.split(":")[2])
             step = run.clocks[shard] % run.spec.rounds_per_epoch
             if worker in nannies and 3 <= step <= run.spec.steps[shard] - 10:
