@@ -155,6 +155,7 @@ class OKMessage(TypedDict):
 
 
 class ModelMessage(OKMessage, total=False):
+    server: str  # this server object's identity: a worker's copy is valid for it only
     incarnation: int
     version: int
     params: object  # ToPickle[dict[str, np.ndarray]] or None when not newer

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -171,6 +172,7 @@ class ParameterServer(SchedulerPlugin):
     async def start(self, scheduler: Scheduler) -> None:
         t0 = time.perf_counter()
         self.scheduler = scheduler
+        self._identity = uuid.uuid4().hex
         old = scheduler.plugins.get(self.name)
         if isinstance(old, ParameterServer) and old is not self:
             await old._retire()
@@ -195,10 +197,15 @@ class ParameterServer(SchedulerPlugin):
         else:
             await self._open_store()
         self._published: ModelVersion = self.state.model
-        self._last_snapshot = int(self.state.version)
+        self._last_snapshot = (
+            int(self.state.version)
+            if self.journal is None
+            else self.journal.doc.snapshots[-1].version
+        )
         self._committer = asyncio.create_task(self._commit_loop())
         scheduler.handlers.update(self._handlers)
-        # Idempotent: a server replacing another keeps the workers' model copies.
+        # Idempotent: a server replacing another may use the workers' model copies
+        # in its recovery (copies are tagged with the server that sent them).
         await scheduler.register_worker_plugin(
             None, dumps(FTPSWorkerPlugin()), name="ftps", idempotent=True
         )
@@ -292,12 +299,12 @@ class ParameterServer(SchedulerPlugin):
         epoch: int,
         step: int,
         have_version: int = -1,
-        incarnation: int | None = None,
+        have_server: str | None = None,
     ) -> ModelMessage:
         self._check_healthy()
         self.state.next_step(run, shard)  # validates run and shard
         await self._wait_ready(run, shard, epoch, step)
-        return self._model_reply(WorkerId(worker), have_version, incarnation)
+        return self._model_reply(WorkerId(worker), have_version, have_server)
 
     @_replies_errors
     async def push(
@@ -308,6 +315,7 @@ class ParameterServer(SchedulerPlugin):
         incarnation: int,
         next_step: tuple[int, int] | None = None,
         have_version: int = -1,
+        have_server: str | None = None,
     ) -> ModelMessage:
         """Accept one update once it is durable; with ``next_step``, answer with
         the model for that step."""
@@ -321,7 +329,7 @@ class ParameterServer(SchedulerPlugin):
             return {"status": "OK", "version": int(version)}
         key = update.key
         await self._wait_ready(key.run, key.shard, *next_step)
-        return self._model_reply(update.worker, have_version, incarnation)
+        return self._model_reply(update.worker, have_version, have_server)
 
     @_replies_errors
     async def status(self) -> dict:
@@ -555,6 +563,8 @@ class ParameterServer(SchedulerPlugin):
                 # are the same in every incarnation; the worker may hold a newer
                 # one than its row says (the row is written with the next commit).
                 held = reply.get("version") if reply.get("status") == "OK" else None
+                if reply.get("store") != self.store:
+                    raise FTPSError("its copy came from another server")
                 if held is None or not version <= held <= last_version:
                     raise FTPSError(f"it holds version {held!r}")
                 copy = ModelVersion(Version(held), reply["params"], {})
@@ -622,14 +632,16 @@ class ParameterServer(SchedulerPlugin):
             ) from None
 
     def _model_reply(
-        self, worker: WorkerId, have_version: int, incarnation: int | None
+        self, worker: WorkerId, have_version: int, have_server: str | None
     ) -> ModelMessage:
         model = self._published
-        fresh = have_version != model.version or incarnation != self.state.incarnation
+        fresh = have_version != model.version or have_server != self._identity
         if fresh:
             self.state.record_download(worker, model.version)
         return {
             "status": "OK",
+            "server": self._identity,
+            "store": self.store,
             "incarnation": self.state.incarnation,
             "version": int(model.version),
             "params": ToPickle(model.params) if fresh else None,

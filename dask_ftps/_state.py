@@ -126,7 +126,9 @@ class ParameterServerState:
     runs: list[RunState] = field(default_factory=list)
     updates: int = 0
     memory_rows: int = 100_000
-    global_rows: deque[tuple[UpdateId, WorkerId, Version]] = field(default_factory=deque)
+    global_rows: deque[tuple[UpdateId, WorkerId, Version]] = field(
+        default_factory=deque
+    )
     downloads: list[tuple[WorkerId, Version]] = field(default_factory=list)
     gradients: dict[WorkerId, deque] = field(default_factory=dict)
     pending: dict[int, dict[int, Update]] = field(default_factory=dict)
@@ -349,6 +351,7 @@ class ParameterServerState:
                 "accepted": run.accepted,
                 "minibatches": run.spec.minibatches,
                 "base_version": int(run.base_version),
+                "spec": run.spec.to_dict(),
             },
             "global_rows": len(self.global_rows),
             "download_rows": len(self.downloads),

@@ -21,8 +21,14 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ModelCopy:
-    """A model version as a worker received it; never modified."""
+    """A model version as a worker received it; never modified.
 
+    ``server`` names the server object that sent it: a version number means
+    something only to that server (a new server starts at version 0 again).
+    """
+
+    server: str
+    store: str | None
     incarnation: int
     version: int
     params: dict[str, np.ndarray]
@@ -60,6 +66,7 @@ class FTPSWorkerPlugin(WorkerPlugin):
             return error_message(NotRegistered("this worker holds no model copy"))
         return {
             "status": "OK",
+            "store": copy.store,
             "incarnation": copy.incarnation,
             "version": copy.version,
             "params": ToPickle(copy.params),
@@ -81,8 +88,7 @@ class FTPSWorkerPlugin(WorkerPlugin):
             shard=shard,
             epoch=epoch,
             step=step,
-            have_version=-1 if have is None else have.version,
-            incarnation=None if have is None else have.incarnation,
+            **self._have(have),
         )
         return self._keep(reply)
 
@@ -102,7 +108,7 @@ class FTPSWorkerPlugin(WorkerPlugin):
             grads=ToPickle(grads),
             incarnation=incarnation,
             next_step=next_step,
-            have_version=-1 if have is None else have.version,
+            **self._have(have),
         )
         return None if next_step is None else self._keep(reply)
 
@@ -112,21 +118,37 @@ class FTPSWorkerPlugin(WorkerPlugin):
         reply = sync(self.worker.loop, getattr(self.worker.scheduler, op), **kwargs)
         return check_reply(reply, op)
 
+    @staticmethod
+    def _have(copy: ModelCopy | None) -> dict[str, Any]:
+        if copy is None:
+            return {"have_server": None, "have_version": -1}
+        return {"have_server": copy.server, "have_version": copy.version}
+
     def _keep(self, reply: dict) -> ModelCopy:
         with self._lock:
+            latest = self.latest
             if reply["params"] is not None:
                 copy = ModelCopy(
-                    reply["incarnation"], reply["version"], reply["params"]
+                    reply["server"],
+                    reply["store"],
+                    reply["incarnation"],
+                    reply["version"],
+                    reply["params"],
                 )
-                if self.latest is None or (copy.incarnation, copy.version) >= (
-                    self.latest.incarnation,
-                    self.latest.version,
+                if (
+                    latest is None
+                    or latest.server != copy.server
+                    or latest.version <= copy.version
                 ):
                     self.latest = copy
                 return copy
-            if self.latest is None or self.latest.version < reply["version"]:
+            if (
+                latest is None
+                or latest.server != reply["server"]
+                or latest.version < reply["version"]
+            ):
                 raise NotRegistered("the server sent no model and none is cached")
-            return self.latest
+            return latest
 
 
 def get_worker_plugin() -> FTPSWorkerPlugin:

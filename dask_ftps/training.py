@@ -10,7 +10,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import dask.array as da
 import numpy as np
 from dask.utils import parse_timedelta
 from distributed import secede
@@ -23,6 +22,7 @@ from dask_ftps._xp import gpu_available, to_namespace, to_numpy
 from dask_ftps.models import Model, model_from_dict
 
 if TYPE_CHECKING:
+    import dask.array as da
     from distributed import Client
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,9 @@ def train(
     seed
         Seed of the minibatch order.
     n_shards
-        Default: the number of worker threads, at most one per minibatch.
+        Default: the number of worker threads, at most one per minibatch; when
+        the call resumes an unfinished run (same data size, ``batch_size``,
+        ``epochs`` and ``seed``), that run's shard count.
     validation
         ``(X_val, y_val)`` scored after every epoch.
     progress
@@ -130,6 +132,8 @@ async def _train(
     model = model_from_dict(status["model"])
     X, y = _as_dask(X, y, model)
     n_samples = X.shape[0]
+    if n_shards is None:
+        n_shards = _unfinished_run_shards(status, n_samples, batch_size, epochs, seed)
     if n_shards is None:
         n_batches = n_samples // batch_size if isinstance(batch_size, int) else 1
         n_shards = max(1, min(status["nthreads"], n_batches))
@@ -199,6 +203,24 @@ async def _train(
     )
 
 
+def _unfinished_run_shards(
+    status: dict, n_samples: int, batch_size: int, epochs: int, seed: int
+) -> int | None:
+    """The shard count of the unfinished run this call would resume, if any: a
+    resumed run keeps its shards even when the cluster has other workers now."""
+    run = status.get("run")
+    if run is None or run["finished"]:
+        return None
+    spec = RunSpec.from_dict(run["spec"])
+    same = (sum(spec.shard_sizes), spec.batch_size, spec.epochs, spec.seed) == (
+        n_samples,
+        batch_size,
+        epochs,
+        seed,
+    )
+    return spec.n_shards if same else None
+
+
 def _train_shard(
     X: np.ndarray,
     y: np.ndarray,
@@ -236,9 +258,9 @@ def _train_shard(
     stats["skipped"] = step
     device_version, params = None, None
     while step < n_steps:
-        if device_version != (copy.incarnation, copy.version):
+        if device_version != (copy.server, copy.version):
             params = to_namespace(copy.params, xp)
-            device_version = (copy.incarnation, copy.version)
+            device_version = (copy.server, copy.version)
         batch = batches[step]
         loss, grads, correct = model.loss_and_grad(params, X[batch], y[batch])
         nxt = (epoch, step + 1) if step + 1 < n_steps else None
@@ -289,6 +311,8 @@ def _namespace(device: str):
 
 
 def _as_dask(X: Any, y: Any, model: Model) -> tuple[da.Array, da.Array]:
+    import dask.array as da  # here, not at import: the scheduler preload stays light
+
     X = X if isinstance(X, da.Array) else da.from_array(np.asarray(X))
     y = y if isinstance(y, da.Array) else da.from_array(np.asarray(y))
     if X.ndim != 2 or y.ndim != 1:
@@ -310,7 +334,7 @@ def _as_numpy(
     validation: tuple[Any, Any], model: Model
 ) -> tuple[np.ndarray, np.ndarray]:
     Xv, yv = (
-        np.asarray(a.compute() if isinstance(a, da.Array) else a) for a in validation
+        np.asarray(a.compute() if hasattr(a, "compute") else a) for a in validation
     )
     if Xv.ndim != 2 or Xv.shape[1] != model.n_features or len(Xv) != len(yv):
         raise ValueError(
@@ -359,8 +383,11 @@ async def _update_bar(client: Client, bar) -> None:
 
 async def _gather_with_progress(client: Client, futures: list, bar) -> list:
     gathered = asyncio.ensure_future(client.gather(futures, asynchronous=True))
-    while True:
-        done, _ = await asyncio.wait({gathered}, timeout=0.5)
-        await _update_bar(client, bar)
-        if done:
-            return gathered.result()
+    try:
+        while True:
+            done, _ = await asyncio.wait({gathered}, timeout=0.5)
+            await _update_bar(client, bar)
+            if done:
+                return gathered.result()
+    finally:
+        gathered.cancel()  # interrupted (Ctrl-C): no gather left unretrieved

@@ -99,13 +99,14 @@ async def test_push_pull_round_trip(c, s, a, b):
     assert [tuple(n) for n in begun["next"]] == [(0, 0), (0, 0)]
     pulled = check_reply(
         await c.scheduler.ftps_pull(
-            worker="tcp://test:1", run=0, shard=0, epoch=0, step=0, incarnation=1
+            worker="tcp://test:1", run=0, shard=0, epoch=0, step=0
         ),
         "pull",
     )
     assert pulled["version"] == 0 and isinstance(pulled["params"]["W"], np.ndarray)
-    reply = await push(c, next_step=(0, 1), have_version=0)
-    assert reply["version"] == 1
+    server = pulled["server"]
+    reply = await push(c, next_step=(0, 1), have_version=0, have_server=server)
+    assert reply["version"] == 1 and reply["server"] == server
     assert isinstance(reply["params"]["W"], np.ndarray)
     state = s.plugins["ftps"].state
     assert state.version == 1
@@ -122,11 +123,25 @@ async def test_push_pull_round_trip(c, s, a, b):
             epoch=0,
             step=1,
             have_version=1,
-            incarnation=1,
+            have_server=server,
         ),
         "pull",
     )
     assert again["params"] is None
+    # The same version number from another server object is another model.
+    other = check_reply(
+        await c.scheduler.ftps_pull(
+            worker="tcp://test:1",
+            run=0,
+            shard=0,
+            epoch=0,
+            step=1,
+            have_version=1,
+            have_server="another server",
+        ),
+        "pull",
+    )
+    assert isinstance(other["params"]["W"], np.ndarray)
     step = check_reply(await c.scheduler.ftps_next_step(run=0, shard=0), "next")
     assert (step["epoch"], step["step"]) == (0, 1)
 

@@ -57,7 +57,8 @@ async def test_replaced_server_rebuilds_from_a_workers_copy(c, s, a, b, tmp_path
     held = {w.address: w.plugins["ftps"].latest.version for w in (a, b)}
     rows = {r["worker"]: r["version"] for r in dask_ftps.inspect(store)["download"]}
     assert set(rows) == set(held)  # the download dataset names both workers
-    freshest = max(rows, key=rows.get)  # tried first
+    # Tried first: the newest version; of equal ones, the greatest address.
+    freshest = max(rows, key=lambda w: (rows[w], w))
 
     with captured_logger("dask_ftps._scheduler_plugin", level=logging.INFO) as log:
         await c.register_plugin(ParameterServer(store))

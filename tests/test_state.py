@@ -873,6 +873,7 @@ def test_summary() -> None:
         "accepted": 3,
         "minibatches": 5,
         "base_version": 0,
+        "spec": spec.to_dict(),
     }
     assert summary["global_rows"] == 3
 

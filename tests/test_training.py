@@ -12,7 +12,10 @@ from distributed.utils_test import async_poll_for, gen_cluster
 
 import dask_ftps
 from dask_ftps import SGD, ParameterServer
+from dask_ftps._core import RunSpec
+from dask_ftps._state import ParameterServerState
 from dask_ftps.models import MLP, SoftmaxRegression
+from dask_ftps.training import _unfinished_run_shards
 
 from .conftest import digits
 
@@ -173,3 +176,37 @@ async def test_worker_killed_mid_training_applies_every_minibatch_once(
         assert result.version == result.minibatches
     _, params = await dask_ftps.get_model(c)
     assert (MLP_SPEC.predict(params, X_test) == y_test).mean() >= 0.9
+
+
+@gen_cluster(client=True, timeout=120)
+async def test_a_new_server_never_serves_the_copies_an_old_one_left(c, s, a, b):
+    """Workers cache the model they hold; a new server counting versions from 0
+    again must not take an old server's copy of the same version number."""
+    X_train, _X_test, y_train, _y_test = digits()
+    first = SoftmaxRegression(n_features=64, n_classes=10, seed=0)
+    second = SoftmaxRegression(n_features=64, n_classes=10, seed=1)
+
+    async def train(model, epochs: int) -> dict:
+        await c.register_plugin(ParameterServer(model=model, mode="sync"))
+        await dask_ftps.train(
+            c, X_train, y_train, epochs=epochs, batch_size=64, n_shards=2,
+            progress=False,
+        )  # fmt: skip
+        return (await dask_ftps.get_model(c))[1]
+
+    await train(first, epochs=1)  # the workers now hold its copies
+    after_another = await train(second, epochs=2)  # meets the versions they hold
+    await c.unregister_worker_plugin("ftps")  # workers without copies
+    alone = await train(second, epochs=2)
+    for name, value in alone.items():
+        assert (after_another[name] == value).all(), name
+
+
+def test_a_resumed_run_keeps_its_shards_whatever_the_workers() -> None:
+    state = ParameterServerState(SoftmaxRegression(64, 10), SGD(lr=0.1))
+    assert _unfinished_run_shards(state.summary(), 300, 20, 2, 0) is None
+    state.begin_run(RunSpec((100, 100, 100), batch_size=20, epochs=2, seed=0))
+    status = state.summary()
+    assert _unfinished_run_shards(status, 300, 20, 2, 0) == 3
+    for other in [(299, 20, 2, 0), (300, 10, 2, 0), (300, 20, 3, 0), (300, 20, 2, 1)]:
+        assert _unfinished_run_shards(status, *other) is None, other
