@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import time
@@ -37,6 +38,8 @@ from typing import Any
 import numpy as np
 import zarr.api.asynchronous as za
 from zarr.abc.store import Store
+from zarr.codecs import BytesCodec
+from zarr.codecs.bytes import Endian
 from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import FsspecStore, LocalStore
 
@@ -375,7 +378,7 @@ class Journal:
         flat = np.empty((len(updates), self.params_layout.size), np.float32)
         for i, update in enumerate(updates):
             self.params_layout.flatten(update.grads, out=flat[i])
-        write_payloads = self._payloads.setitem((slice(start, stop), slice(None)), flat)
+        write_payloads = self._write_chunks(self._payloads, start, flat)
         self.writes += len(updates)
         rows = np.array(
             [
@@ -390,7 +393,7 @@ class Journal:
         )
         await asyncio.gather(
             write_payloads,
-            self._rows.setitem((slice(start, stop), slice(None)), rows),
+            self._write_chunks(self._rows, start, rows),
             self._check_owner(),
         )
         if self.durable:
@@ -455,13 +458,10 @@ class Journal:
             self.doc.snapshots = kept
             await self._write_doc()
         floor = kept[0].replay_from
-        for ref in dropped:
-            await self.store.delete_dir(f"snapshots/{ref.name}")
+        await self._delete_dirs([f"snapshots/{ref.name}" for ref in dropped])
         first = dropped[0].replay_from
         deleted = await self._delete_payloads(range(first, floor))
-        await asyncio.gather(
-            *(self.store.delete_dir(f"rows/c/{i}") for i in range(first, floor))
-        )
+        await self._delete_dirs([f"rows/c/{i}" for i in range(first, floor)])
         return {"snapshots": len(dropped), "payloads": deleted}
 
     # -- reading --------------------------------------------------------------
@@ -558,12 +558,40 @@ class Journal:
         if self.durable:
             await self._fsync_keys([key])
 
+    async def _write_chunks(self, array: Any, start: int, values: np.ndarray) -> None:
+        """Rows ``start, start + 1, ...`` of ``array``, one chunk each.
+
+        The journal's arrays have no codec but little-endian bytes, so a chunk's
+        object is its raw bytes: they go to the store directly, past zarr's
+        general write path (the bytes are the same; it costs about 1 ms less
+        per chunk). Arrays of another layout take the general path.
+        """
+        if not _raw_rows(array):
+            stop = start + len(values)
+            await array.setitem((slice(start, stop), slice(None)), values)
+            return
+        little = values.astype(values.dtype.newbyteorder("<"), copy=False)
+        await asyncio.gather(
+            *(
+                self.store.set(
+                    f"{array.path}/{array.metadata.encode_chunk_key((start + i, 0))}",
+                    _buf(row.tobytes()),
+                )
+                for i, row in enumerate(little)
+            )
+        )
+
     async def _delete_payloads(self, indices: range) -> int:
         # Whole chunk folders ("payloads/c/<i>"), so that no empty folder stays behind.
-        await asyncio.gather(
-            *(self.store.delete_dir(f"payloads/c/{i}") for i in indices)
-        )
+        await self._delete_dirs([f"payloads/c/{i}" for i in indices])
         return len(indices)
+
+    async def _delete_dirs(self, prefixes: list[str]) -> None:
+        """Delete folders; a local store's (``shutil.rmtree``) off the event loop."""
+        if isinstance(self.store, LocalStore):
+            await asyncio.to_thread(_remove_dirs, self.store, prefixes)
+        else:
+            await asyncio.gather(*(self.store.delete_dir(p) for p in prefixes))
 
     async def _fsync(self, start: int, stop: int) -> None:
         keys = [
@@ -599,9 +627,9 @@ class Journal:
             name = key.split("/")[1]
             if name != "zarr.json" and name not in listed:
                 old_snapshots.add(name)
-        await asyncio.gather(*(self.store.delete_dir(k) for k in torn + garbage))
-        for name in old_snapshots:
-            await self.store.delete_dir(f"snapshots/{name}")
+        await self._delete_dirs(
+            torn + garbage + [f"snapshots/{name}" for name in old_snapshots]
+        )
         stale_docs = [k async for k in self.store.list_prefix(COMMIT_PREFIX)]
         for key in stale_docs:
             if key != _doc_key(self.doc.serial):
@@ -658,6 +686,29 @@ def _buf(value: bytes):
 
 def _describe(store: Store) -> str:
     return str(store.root) if isinstance(store, LocalStore) else str(store)
+
+
+def _raw_rows(array: Any) -> bool:
+    """Whether each chunk of ``array`` is one whole row stored as raw
+    little-endian bytes."""
+    meta = array.metadata
+    codecs = getattr(meta, "codecs", ())
+    return (
+        meta.zarr_format == 3
+        and tuple(meta.chunk_grid.chunk_shape) == (1, array.shape[1])
+        and len(codecs) == 1
+        and isinstance(codecs[0], BytesCodec)
+        and codecs[0].endian in (None, Endian.little)
+    )
+
+
+def _remove_dirs(store: LocalStore, prefixes: list[str]) -> None:
+    if store.read_only:
+        raise ValueError(f"store {store.root} is read-only")
+    for prefix in prefixes:
+        path = store.root / prefix
+        if path.is_dir():
+            shutil.rmtree(path)
 
 
 def _remove_partial_files(root) -> int:
