@@ -1,32 +1,35 @@
-"""The ``dask-ftps`` command: a demo with a real worker failure, and training."""
+"""The ``dask-ftps`` command: the demo, training, and reading a store offline."""
 
 from __future__ import annotations
 
+import json
 import logging
-import os
-import signal
-import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
 
 import dask_ftps
 from dask_ftps._core import MODES
+from dask_ftps._demo import (
+    DemoError,
+    DemoOptions,
+    accuracy,
+    format_history,
+    load_digits,
+    report_lines,
+    run_demo,
+)
 from dask_ftps.models import MLP, Model, SoftmaxRegression
 
 if TYPE_CHECKING:
     from distributed import Client
 
 logger = logging.getLogger(__name__)
-
-_HISTORY_COLUMNS = ("loss", "accuracy", "val_loss", "val_accuracy", "seconds")
-
 
 # -- shared pieces -------------------------------------------------------------
 
@@ -36,21 +39,6 @@ def _setup_logging(verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
-
-
-def _load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """scikit-learn's bundled digits, scaled to [0, 1]: a stratified 75/25 split.
-
-    Returns
-    -------
-    X_train, X_test, y_train, y_test
-    """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    X, y = load_digits(return_X_y=True)
-    X = (X / 16).astype(np.float32)
-    return train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
 
 
 @contextmanager
@@ -77,20 +65,6 @@ def _cluster(scheduler: str | None, n_workers: int) -> Iterator[Client]:
             f"dashboard {cluster.dashboard_link}"
         )
         yield client
-
-
-def _accuracy(model: Model, params: dict[str, np.ndarray], X, y) -> float:
-    return float(np.mean(np.asarray(model.predict(params, X)) == y))
-
-
-def _format_history(history: list[dict[str, float]]) -> list[str]:
-    """The per-epoch history of :func:`dask_ftps.train` as aligned text lines."""
-    columns = [c for c in _HISTORY_COLUMNS if history and c in history[0]]
-    lines = ["epoch" + "".join(f"{c:>14}" for c in columns)]
-    for epoch, record in enumerate(history):
-        cells = "".join(f"{record[c]:>14.4f}" for c in columns)
-        lines.append(f"{epoch:>5}{cells}")
-    return lines
 
 
 def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str):
@@ -130,154 +104,16 @@ def main() -> None:
 # -- demo ------------------------------------------------------------------------
 
 
-@dataclass
-class _Kill:
-    """One worker the demo killed."""
-
-    worker: str
-    pid: int
-    version: int
-    accepted: int
-
-
-class _WorkerKiller(threading.Thread):
-    """SIGKILLs one worker process once ``fraction`` of the run is accepted.
-
-    Runs beside :func:`dask_ftps.train`: it polls :func:`dask_ftps.status`,
-    then kills a worker that is running a training task, so that the task is
-    lost and Dask re-runs it elsewhere. The nanny starts a new worker process.
-
-    Parameters
-    ----------
-    client
-        A client of the cluster.
-    epochs
-        Epochs of the run, to aim the kill at the middle of an epoch.
-    fraction
-        Share of the run's minibatches accepted before the kill.
-    poll
-        Seconds between two status polls.
-    """
-
-    def __init__(
-        self, client: Client, epochs: int, fraction: float = 0.4, poll: float = 0.02
-    ):
-        super().__init__(name="ftps-demo-killer", daemon=True)
-        self.client = client
-        self.epochs = epochs
-        self.fraction = fraction
-        self.poll = poll
-        self.kills: list[_Kill] = []
-        self.error: BaseException | None = None
-        self._done = threading.Event()
-
-    def stop(self) -> None:
-        self._done.set()
-        self.join()
-
-    def run(self) -> None:
-        try:
-            pids = self.client.run(os.getpid)  # ahead of time: a kill must be quick
-            while not self._done.is_set():
-                status = dask_ftps.status(self.client)
-                run = status["run"]
-                if run and run["accepted"] >= self._threshold(run["minibatches"]):
-                    self._kill_one(status, pids)
-                    return
-                self._done.wait(self.poll)
-        except BaseException as e:  # reported by the demo, never swallowed
-            logger.exception("The worker killer failed")
-            self.error = e
-
-    def _threshold(self, minibatches: int) -> int:
-        """Accepted updates to wait for: the middle of the epoch ``fraction`` is in.
-
-        Killing mid-epoch loses a running task, not just a finished result.
-        """
-        per_epoch = minibatches // self.epochs
-        epoch = min(int(self.fraction * self.epochs), self.epochs - 1)
-        return epoch * per_epoch + per_epoch // 2
-
-    def _kill_one(self, status: dict, pids: dict[str, int]) -> None:
-        worker = self._busy_worker(pids)
-        os.kill(pids[worker], signal.SIGKILL)
-        kill = _Kill(worker, pids[worker], status["version"], status["run"]["accepted"])
-        self.kills.append(kill)
-        logger.info("SIGKILLed %s", kill)
-        click.echo(
-            f"SIGKILL worker {worker} (pid {kill.pid}) at model version "
-            f"{kill.version}, {kill.accepted}/{status['run']['minibatches']} "
-            "updates accepted"
+def _new_store(ctx: click.Context, param: click.Parameter, value: str | None):
+    """``--store``: an absolute local path that holds nothing yet."""
+    if value is None or "://" in value:
+        return value
+    path = Path(value).expanduser().resolve()
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise click.BadParameter(
+            f"{path} already exists; the demo starts a new run: give a new path"
         )
-
-    def _busy_worker(self, pids: dict[str, int]) -> str:
-        """A worker running a training task, else the first one."""
-        processing = self.client.processing()
-        for worker in sorted(pids):
-            if any("ftps-train" in str(k) for k in processing.get(worker, ())):
-                return worker
-        return min(pids)
-
-
-def _exactly_once(rows: list[dict], run: int, minibatches: int) -> dict[str, int]:
-    """Count the run's global-dataset rows: applied, distinct, duplicated ids."""
-    prefix = f"{run}:"
-    counts = Counter(r["update_id"] for r in rows if r["update_id"].startswith(prefix))
-    applied = sum(counts.values())
-    return {
-        "applied": applied,
-        "distinct": len(counts),
-        "duplicates": sum(1 for c in counts.values() if c > 1),
-        "missing": max(0, minibatches - len(counts)),
-        "ok": applied == len(counts) == minibatches,
-    }
-
-
-def _sklearn_accuracy(X_train, X_test, y_train, y_test) -> float:
-    from sklearn.linear_model import LogisticRegression
-
-    clf = LogisticRegression(max_iter=2000).fit(X_train, y_train)
-    return float(clf.score(X_test, y_test))
-
-
-def _demo_report(
-    *,
-    model: Model,
-    mode: str,
-    ftps_accuracy: float,
-    sklearn_accuracy: float,
-    check: dict[str, int],
-    result: dask_ftps.TrainResult,
-    kills: list[_Kill],
-    wall: float,
-) -> list[str]:
-    """The demo's final table."""
-    layers = "-".join(
-        str(n) for n in (model.n_features, *model.hidden, model.n_classes)
-    )
-    killed = ", ".join(f"{k.worker} at v{k.version}" for k in kills)
-    rows = [
-        ("model", "test accuracy"),
-        (f"FTPS MLP {layers} ({mode})", f"{ftps_accuracy:.4f}"),
-        ("sklearn LogisticRegression", f"{sklearn_accuracy:.4f}"),
-        ("", ""),
-        ("updates applied / minibatches", f"{check['applied']} / {result.minibatches}"),
-        ("duplicate update ids", str(check["duplicates"])),
-        ("missing update ids", str(check["missing"])),
-        ("exactly once", "yes" if check["ok"] else "NO"),
-        ("workers killed", f"{len(kills)}" + (f" ({killed})" if kills else "")),
-        ("final model version", str(result.version)),
-        ("training time", f"{result.seconds:.1f} s"),
-        ("updates/s", f"{check['applied'] / result.seconds:.1f}"),
-        ("wall time (whole demo)", f"{wall:.1f} s"),
-    ]
-    width = max(len(a) for a, _ in rows) + 2
-    rule = "-" * (width + 24)
-    lines = [rule]
-    for label, value in rows:
-        lines.append(f"{label:<{width}}{value}" if label else rule)
-    lines.append(rule)
-    return lines
+    return str(path)
 
 
 @main.command()
@@ -293,90 +129,60 @@ def _demo_report(
     "--kill-worker/--no-kill-worker",
     default=True,
     show_default=True,
-    help="SIGKILL a worker process about 40% into the run (mid-epoch).",
+    help="SIGKILL a worker process about 30% into the run (mid-epoch).",
+)
+@click.option(
+    "--kill-scheduler/--no-kill-scheduler",
+    default=True,
+    show_default=True,
+    help="SIGKILL the scheduler's process about 60% into the run, then restart it.",
+)
+@click.option(
+    "--store",
+    metavar="PATH",
+    default=None,
+    callback=_new_store,
+    help="Zarr store of the run (a new path); default: in a fresh temporary directory.",
 )
 @click.option("--quick", is_flag=True, help="A small run for tests: 3 epochs.")
 @_seed_option
 @_verbose_option
 def demo(
-    epochs: int, mode: str, kill_worker: bool, quick: bool, seed: int, verbose: bool
+    epochs: int,
+    mode: str,
+    kill_worker: bool,
+    kill_scheduler: bool,
+    store: str | None,
+    quick: bool,
+    seed: int,
+    verbose: bool,
 ) -> None:
-    """Train an MLP on the digits data set while a worker is SIGKILLed.
+    """Train on digits while a worker and the scheduler are SIGKILLed.
 
-    Starts a LocalCluster of two worker processes, hosts the parameter server
-    in its scheduler, trains, kills a worker partway, then checks that every
-    minibatch update was applied exactly once and compares the test accuracy
-    with scikit-learn's LogisticRegression.
+    Starts a LocalCluster of two worker processes in a child process, hosts the
+    parameter server in its scheduler with a local Zarr store, and trains. A
+    worker is killed about 30% into the run, and the cluster's process (the
+    scheduler) about 60% in. A new cluster on the same port rebuilds the run
+    from the store, and training resumes. The report checks that no accepted
+    update was lost and that every minibatch was applied exactly once, and
+    compares the test accuracy with scikit-learn's LogisticRegression.
     """
     _setup_logging(verbose)
-    epochs = 3 if quick else epochs
-    start = time.perf_counter()
-    X_train, X_test, y_train, y_test = _load_digits()
-    model = MLP(n_features=64, hidden=(128,), n_classes=10, seed=seed)
-    click.echo(
-        f"digits: {len(X_train)} train / {len(X_test)} test samples; "
-        f"{model.n_params()} parameters; mode {mode}; {epochs} epochs"
-    )
-    with _cluster(None, n_workers=2) as client:
-        client.register_plugin(
-            dask_ftps.ParameterServer(
-                model=model, optimizer=dask_ftps.SGD(lr=0.05, momentum=0.5), mode=mode
-            )
-        )
-        killer = _WorkerKiller(client, epochs) if kill_worker else None
-        result = _train_with_killer(
-            client, killer, X_train, y_train, (X_test, y_test), epochs, seed
-        )
-        _, params = dask_ftps.get_model(client)
-        rows = dask_ftps.records(client)["global"]
-    for line in _format_history(result.history):
-        click.echo(line)
-    check = _exactly_once(rows, result.run, result.minibatches)
-    report = _demo_report(
-        model=model,
+    options = DemoOptions(
+        epochs=3 if quick else epochs,
         mode=mode,
-        ftps_accuracy=_accuracy(model, params, X_test, y_test),
-        sklearn_accuracy=_sklearn_accuracy(X_train, X_test, y_train, y_test),
-        check=check,
-        result=result,
-        kills=[] if killer is None else killer.kills,
-        wall=time.perf_counter() - start,
+        kill_worker=kill_worker,
+        kill_scheduler=kill_scheduler,
+        store=store,
+        seed=seed,
     )
-    click.echo("\n".join(report))
-    if not check["ok"]:
-        raise click.ClickException(f"exactly-once check failed: {check}")
-
-
-def _train_with_killer(
-    client: Client,
-    killer: _WorkerKiller | None,
-    X_train: np.ndarray,
-    y_train: np.ndarray,
-    validation: tuple[np.ndarray, np.ndarray],
-    epochs: int,
-    seed: int,
-) -> dask_ftps.TrainResult:
-    """:func:`dask_ftps.train` with the worker killer running beside it."""
-    if killer is not None:
-        killer.start()
     try:
-        result = dask_ftps.train(
-            client,
-            X_train,
-            y_train,
-            epochs=epochs,
-            batch_size=32,
-            seed=seed,
-            validation=validation,
-        )
-    finally:
-        if killer is not None:
-            killer.stop()
-    if killer is not None and killer.error is not None:
-        raise click.ClickException(f"the worker killer failed: {killer.error}")
-    if killer is not None and not killer.kills:
-        logger.warning("Training ended before a worker could be killed")
-    return result
+        report = run_demo(options, say=click.echo)
+    except DemoError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo("\n".join(report_lines(report)))
+    if not report.ok:
+        raise click.ClickException("; ".join(report.failures()))
 
 
 # -- train -----------------------------------------------------------------------
@@ -452,7 +258,7 @@ def train(
     hosts), trains, and prints the per-epoch history and the test accuracy.
     """
     _setup_logging(verbose)
-    X_train, X_test, y_train, y_test = _load_digits()
+    X_train, X_test, y_train, y_test = load_digits()
     model = _digits_model(hidden, seed)
     with _cluster(scheduler, n_workers) as client:
         client.register_plugin(
@@ -472,11 +278,11 @@ def train(
             validation=(X_test, y_test),
         )
         version, params = dask_ftps.get_model(client)
-    for line in _format_history(result.history):
+    for line in format_history(result.history):
         click.echo(line)
-    accuracy = _accuracy(model, params, X_test, y_test)
+    score = accuracy(model, params, X_test, y_test)
     click.echo(
-        f"{type(model).__name__}: test accuracy {accuracy:.4f} at model version "
+        f"{type(model).__name__}: test accuracy {score:.4f} at model version "
         f"{version}; {result.minibatches} minibatches in {result.seconds:.1f} s "
         f"({result.minibatches / result.seconds:.1f} updates/s)"
     )
@@ -486,6 +292,132 @@ def _digits_model(hidden: tuple[int, ...], seed: int) -> Model:
     if not hidden:
         return SoftmaxRegression(n_features=64, n_classes=10, seed=seed)
     return MLP(n_features=64, hidden=hidden, n_classes=10, seed=seed)
+
+
+# -- inspect and recover -------------------------------------------------------------
+
+
+def _open_store_error(store: str, e: Exception) -> click.ClickException:
+    return click.ClickException(f"cannot read a dask_ftps run from {store!r}: {e}")
+
+
+def _spec(d: dict[str, Any]) -> str:
+    """``{"kind": "SGD", "lr": 0.05}`` -> ``SGD(lr=0.05)``."""
+    args = ", ".join(f"{k}={v}" for k, v in d.items() if k != "kind")
+    return f"{d.get('kind', '?')}({args})"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, tuple | set):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _inspect_lines(store: str, info: dict[str, Any], n_rows: int) -> list[str]:
+    """What :func:`dask_ftps.inspect` returned, as a readable table."""
+    rows = info["global"]
+    lines = [
+        f"store          {store}",
+        f"version        {info['version']}",
+        f"incarnation    {info['incarnation']}",
+        f"updates        {info['updates']} committed",
+        f"snapshots      {', '.join(map(str, info['snapshots'])) or 'none'} (versions)",
+        f"model          {_spec(info['model'])}",
+        f"optimizer      {_spec(info['optimizer'])}",
+        f"mode           {info['mode']} (staleness {info['staleness']})",
+        f"runs           {len(info['runs'])}",
+    ]
+    for i, run in enumerate(info["runs"]):
+        lines.append(
+            f"  run {i}: shards {run['shard_sizes']}, batch size {run['batch_size']}, "
+            f"{run['epochs']} epochs, seed {run['seed']}, from version "
+            f"{run['base_version']}"
+        )
+    shown = rows[-n_rows:] if n_rows else []
+    first = info["first_row"]
+    lines.append(
+        f"global dataset: rows {first}-{first + len(rows) - 1} kept "
+        f"({len(rows)} rows; older ones are trimmed with old snapshots); "
+        f"the last {len(shown)}:"
+        if rows
+        else "global dataset: no rows"
+    )
+    if shown:
+        lines.append(f"  {'row':>7}  {'update id':<16}{'version':>9}  worker")
+        start = first + len(rows) - len(shown)
+        for i, row in enumerate(shown, start=start):
+            lines.append(
+                f"  {i:>7}  {row['update_id']:<16}{row['version']:>9}  {row['worker']}"
+            )
+    lines.append(f"download dataset: {len(info['download'])} rows")
+    if info["download"]:
+        lines.append(f"  {'version':>7}  worker")
+        lines.extend(f"  {r['version']:>7}  {r['worker']}" for r in info["download"])
+    return lines
+
+
+@main.command()
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@click.option(
+    "--rows",
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    help="Newest global-dataset rows shown in the table.",
+)
+def inspect(store: str, as_json: bool, rows: int) -> None:
+    """Show what the Zarr store STORE holds, without changing it.
+
+    Reads the store alone: no cluster is needed, and a live parameter server
+    may be writing it.
+    """
+    try:
+        info = dask_ftps.inspect(store)
+    except (dask_ftps.FTPSError, OSError, ValueError) as e:
+        raise _open_store_error(store, e) from e
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=_json_default))
+    else:
+        click.echo("\n".join(_inspect_lines(store, info, rows)))
+
+
+@main.command()
+@click.argument("store")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Save the parameters to this .npz file (numpy.savez).",
+)
+def recover(store: str, output: str | None) -> None:
+    """Rebuild the model the Zarr store STORE holds, with no cluster.
+
+    Reads the newest snapshot and replays the committed updates after it: the
+    result is bit for bit the model a live parameter server serves at that
+    version.
+    """
+    t0 = time.perf_counter()
+    try:
+        version, params = dask_ftps.recover(store)
+    except (dask_ftps.FTPSError, OSError, ValueError) as e:
+        raise _open_store_error(store, e) from e
+    seconds = time.perf_counter() - t0
+    n_params = sum(p.size for p in params.values())
+    click.echo(
+        f"{store}: model version {version}, {n_params} parameters, rebuilt in "
+        f"{seconds:.3f} s"
+    )
+    for name, value in params.items():
+        click.echo(f"  {name:<8}{value.dtype!s:<10}{value.shape}")
+    if output is not None:
+        np.savez(output, **params)
+        click.echo(f"saved to {output}")
 
 
 if __name__ == "__main__":
