@@ -1,0 +1,241 @@
+"""Plots of the benchmark results: reads the JSON files, writes PNGs.
+
+    python -m benchmarks.plots [--results bench-results] [--img DIR]
+
+``--img`` defaults to ``<results>/img``; the figures in ``docs/benchmarks.md``
+were made with ``--img docs/img``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import DEFAULT_OUT, setup_logging
+
+logger = logging.getLogger("benchmarks.plots")
+
+COLORS = {"a": "#4c72b0", "b": "#55a868", "c": "#c44e52"}
+LABELS = {
+    "a": "(a) bare Dask round trip",
+    "b": "(b) PS, store=None",
+    "c": "(c) PS, Zarr journal",
+}
+
+
+def _load(results: Path, name: str) -> dict | None:
+    path = results / f"{name}.json"
+    if not path.exists():
+        logger.info("No %s: skipping its plot", path)
+        return None
+    return json.loads(path.read_text())
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, img: Path, name: str) -> Path:
+    img.mkdir(parents=True, exist_ok=True)
+    path = img / name
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    _pyplot().close(fig)
+    logger.info("Wrote %s", path)
+    return path
+
+
+def plot_throughput(doc: dict, img: Path) -> Path:
+    plt = _pyplot()
+    rows = doc["results"]
+    panels = sorted({(r["workers"], r["mode"]) for r in rows})
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False, sharey=True
+    )
+    for ax, (workers, mode) in zip(axes[0], panels, strict=True):
+        sel = sorted(
+            (r for r in rows if (r["workers"], r["mode"]) == (workers, mode)),
+            key=lambda r: r["n_params"],
+        )
+        x = [r["n_params"] for r in sel]
+        for v in ("a", "b", "c"):
+            ax.plot(
+                x,
+                [r[f"{v}_updates_per_s"] for r in sel],
+                "o-",
+                color=COLORS[v],
+                label=LABELS[v],
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"{workers} workers, {mode}")
+        ax.set_xlabel("model parameters")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("pull+push updates / s")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Throughput vs model size (medians)")
+    return _save(fig, img, "throughput_vs_size.png")
+
+
+def plot_recovery(doc: dict, img: Path) -> Path:
+    plt = _pyplot()
+    rows = [r for r in doc["results"] if r["case"] == "mid-interval"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    everies = sorted({r["snapshot_every"] for r in rows})
+    markers = "osD^v<>"
+    for i, every in enumerate(everies):
+        sel = sorted(
+            (r for r in rows if r["snapshot_every"] == every),
+            key=lambda r: r["n_params"],
+        )
+        x = [r["n_params"] for r in sel]
+        m = markers[i % len(markers)]
+        ax.plot(
+            x,
+            [r["after_listen_s"] for r in sel],
+            m + "-",
+            color="#c44e52",
+            label=f"listen→served, every {every}",
+        )
+        ax.plot(
+            x,
+            [r["lower_bound_s"] for r in sel],
+            m + "--",
+            color="#4c72b0",
+            label=f"lower bound (read), every {every}",
+        )
+    spawn = sorted(rows, key=lambda r: r["n_params"])
+    ax.plot(
+        [r["n_params"] for r in spawn],
+        [r["served_s"] for r in spawn],
+        "k.",
+        label="process spawn→served (all)",
+    )
+    ax.axhline(2.0, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("model parameters")
+    ax.set_ylabel("seconds")
+    ax.set_title("Recovery time vs model size (kill half way between snapshots)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, img, "recovery_vs_size.png")
+
+
+def plot_failures(doc: dict, img: Path) -> Path:
+    plt = _pyplot()
+    runs = doc["runs"]
+    problems = list(dict.fromkeys(r["problem"] for r in runs))
+    fig, axes = plt.subplots(
+        1, len(problems), figsize=(6.5 * len(problems), 4.2), squeeze=False
+    )
+    styles = {
+        ("ftps", "none"): ("#55a868", "-", "ftps, no failure"),
+        ("checkpoint", "none"): ("#8172b2", "-", "checkpoint, no failure"),
+        ("ftps", "worker-kills"): ("#dd8452", "-", "ftps, worker killed every T s"),
+        ("ftps", "scheduler-loss"): ("#c44e52", "-", "ftps, scheduler killed"),
+        ("checkpoint", "scheduler-loss"): (
+            "#4c72b0",
+            "--",
+            "checkpoint, scheduler killed",
+        ),
+    }
+    for ax, problem in zip(axes[0], problems, strict=True):
+        shown = set()
+        target = doc["config"]["problems"][problem]["target"]
+        for r in runs:
+            if r["problem"] != problem:
+                continue
+            key = (r["system"], r["scenario"])
+            if key in shown or key not in styles:
+                continue  # one run of each kind: the first
+            shown.add(key)
+            color, ls, label = styles[key]
+            t = [0.0] + [p["t"] for p in r["timeline"]]
+            acc = [None] + [p["accuracy"] for p in r["timeline"]]
+            ax.plot(t[1:], acc[1:], ls, marker=".", color=color, label=label)
+            for e in r["events"]:
+                if e["kind"] == "worker":
+                    ax.axvline(e["t"], color=color, lw=0.6, ls=":")
+                else:
+                    ax.axvspan(e["t"], e["back_at"], color=color, alpha=0.12)
+                    ax.axvline(e["t"], color=color, lw=1.2)
+        ax.axhline(target, color="grey", lw=0.8, ls=":")
+        ax.set_title(f"{problem}: test accuracy vs time (target {target})")
+        ax.set_xlabel("seconds since training started")
+        ax.set_ylabel("test accuracy")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(
+        "Failures marked: dotted = worker SIGKILL, solid line + band = scheduler "
+        "SIGKILL until back",
+        fontsize=9,
+    )
+    return _save(fig, img, "accuracy_vs_time.png")
+
+
+def plot_storage(doc: dict, img: Path) -> Path:
+    plt = _pyplot()
+    rows = doc["results"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for r in rows:
+        xs = [s["updates"] for s in r["samples"]]
+        ys = [s["allocated"] / 1e6 for s in r["samples"]]
+        label = (
+            f"{r['n_params']:.0e} params, retention {'on' if r['retention'] else 'off'}"
+        )
+        ax.plot(xs, ys, "-" if r["retention"] else "--", label=label)
+    ax.set_xlabel("accepted updates")
+    ax.set_ylabel("store on disk (MB, du)")
+    ax.set_yscale("log")
+    ax.set_title("Store size over a long run")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, img, "storage_size.png")
+
+
+PLOTS = {
+    "throughput": plot_throughput,
+    "recovery": plot_recovery,
+    "failures": plot_failures,
+    "storage": plot_storage,
+}
+
+
+def make_plots(
+    results: str | Path = DEFAULT_OUT, img: str | Path | None = None
+) -> list[Path]:
+    results = Path(results)
+    img = Path(img) if img is not None else results / "img"
+    written = []
+    for name, plot in PLOTS.items():
+        doc = _load(results, name)
+        if doc is not None:
+            written.append(plot(doc, img))
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.plots", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--results", default=DEFAULT_OUT, help="folder of the JSON files"
+    )
+    parser.add_argument("--img", default=None, help="folder for the PNGs")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    for path in make_plots(args.results, args.img):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

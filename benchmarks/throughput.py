@@ -1,0 +1,402 @@
+"""Benchmark 1, throughput: what the parameter server costs when nothing fails.
+
+Each worker process runs one task that loops pull+push of a fixed random float32
+update for a model of 1e4, 1e5 or 1e6 parameters, exactly as
+``dask_ftps.training._train_shard`` does (a push that also asks for the model of
+the next step, one round trip per update), so that gradient compute is left out.
+Three servers run on the same cluster, interleaved, several repeats each:
+
+- (a) a bare Dask round trip: a scheduler handler that receives the same update
+  payload and answers with a same-size array (the ceiling);
+- (b) the parameter server with ``store=None`` (no journal);
+- (c) the parameter server with the Zarr journal on a local store (default
+  settings: ``snapshot_every=100``, group commit).
+
+Reports updates/s, payload bytes/s (update up plus model down), and the medians
+of b/a and c/b.
+
+    python -m benchmarks.throughput [--quick] [--out bench-results] [--store-dir DIR]
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distributed import get_worker
+from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.protocol.serialize import ToPickle
+from distributed.utils import sync
+
+from benchmarks._common import (
+    Column,
+    cpu_snapshot,
+    cpu_usage,
+    fixed_grads,
+    format_table,
+    local_cluster,
+    make_parser,
+    median,
+    print_header,
+    ratio,
+    register_fresh,
+    remove_plugin,
+    scratch_dir,
+    setup_logging,
+    softmax_model,
+    write_json,
+)
+
+logger = logging.getLogger("benchmarks.throughput")
+
+NAME = "throughput"
+VARIANTS = ("a", "b", "c")
+VARIANT_NAMES = {
+    "a": "bare Dask round trip",
+    "b": "PS, store=None",
+    "c": "PS, Zarr journal",
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    sizes: tuple[int, ...]
+    workers: tuple[int, ...]
+    modes: tuple[str, ...]
+    repeats: int
+    seconds: float  # aimed length of one measurement
+    warmup: int  # steps per worker left out of the timing
+
+    @classmethod
+    def make(cls, quick: bool) -> Config:
+        if quick:
+            return cls((10_000, 100_000), (2,), ("async",), 1, 0.3, 2)
+        return cls((10_000, 100_000, 1_000_000), (2, 4), ("async", "sync"), 3, 1.0, 3)
+
+
+# -- the bare round trip (a) ---------------------------------------------------------
+
+
+class EchoServer(SchedulerPlugin):
+    """(a): a handler with the push signature that answers a same-size model."""
+
+    name = "ftps-bench-echo"
+    idempotent = False
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    async def start(self, scheduler: Any) -> None:
+        self.params = self.model.init_params()
+        scheduler.handlers["ftps_bench_echo"] = self.echo
+
+    async def echo(
+        self,
+        worker: str,
+        update_id: str,
+        grads: dict,
+        incarnation: int,
+        next_step: tuple[int, int] | None = None,
+        have_version: int = -1,
+        have_server: str | None = None,
+    ) -> dict:
+        return {
+            "status": "OK",
+            "server": "echo",
+            "store": None,
+            "incarnation": incarnation,
+            "version": have_version + 1,
+            "params": ToPickle(self.params),
+        }
+
+
+def _echo_loop(model: Any, shard: int, n_steps: int, warmup: int) -> dict:
+    """(a) on a worker: the same messages as a push with ``next_step``."""
+    worker = get_worker()
+    grads = fixed_grads(model, seed=shard)
+    t0 = time.time()
+    for step in range(n_steps):
+        if step == warmup:
+            t0 = time.time()
+        reply = sync(
+            worker.loop,
+            worker.scheduler.ftps_bench_echo,
+            worker=worker.address,
+            update_id=f"0:0:{shard}:{step}",
+            grads=ToPickle(grads),
+            incarnation=1,
+            next_step=(0, step + 1),
+            have_version=step,
+            have_server="echo",
+        )
+        if reply.get("status") != "OK" or reply["params"] is None:
+            raise RuntimeError(f"echo failed: {reply!r}")
+    return {"t0": t0, "t1": time.time(), "n": n_steps - warmup}
+
+
+# -- the parameter server (b, c) -------------------------------------------------------
+
+
+def _ps_loop(model: Any, run: int, shard: int, n_steps: int, warmup: int) -> dict:
+    """(b), (c) on a worker: pull once, then push with ``next_step`` like
+    ``_train_shard``, with a fixed update instead of a computed gradient."""
+    from dask_ftps import UpdateKey
+    from dask_ftps._worker_plugin import get_worker_plugin
+
+    plugin = get_worker_plugin()
+    grads = fixed_grads(model, seed=shard)
+    copy = plugin.pull(run, shard, 0, 0)
+    t0 = time.time()
+    for step in range(n_steps):
+        if step == warmup:
+            t0 = time.time()
+        nxt = (0, step + 1) if step + 1 < n_steps else None
+        got = plugin.push(UpdateKey(run, 0, shard, step), grads, copy.incarnation, nxt)
+        copy = got if got is not None else copy
+    return {"t0": t0, "t1": time.time(), "n": n_steps - warmup}
+
+
+def _begin_run(client: Any, n_workers: int, n_steps: int) -> int:
+    from dask_ftps import RunSpec
+    from dask_ftps._core import check_reply
+
+    spec = RunSpec((n_steps,) * n_workers, batch_size=1, epochs=1, seed=0)
+    reply = client.sync(client.scheduler.ftps_begin_run, spec=spec.to_dict())
+    return check_reply(reply, "ftps_begin_run")["run"]
+
+
+def measure(
+    client: Any,
+    variant: str,
+    model: Any,
+    mode: str,
+    n_steps: int,
+    warmup: int,
+    store_dir: Path,
+) -> dict[str, Any]:
+    """One timed round of ``variant`` on every worker; updates/s and bytes/s."""
+    from dask_ftps import SGD, ParameterServer
+
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    store = None
+    if variant == "a":
+        client.run_on_scheduler(remove_plugin, name=EchoServer.name)
+        client.register_plugin(EchoServer(model))
+        futures = [
+            client.submit(
+                _echo_loop, model, s, n_steps, warmup, workers=[w], pure=False
+            )
+            for s, w in enumerate(workers)
+        ]
+    else:
+        if variant == "c":
+            store = store_dir / f"run-{time.monotonic_ns()}.zarr"
+        register_fresh(
+            client,
+            ParameterServer(
+                store=None if store is None else str(store),
+                model=model,
+                optimizer=SGD(lr=1e-3),
+                mode=mode,
+            ),
+        )
+        run = _begin_run(client, len(workers), n_steps)
+        futures = [
+            client.submit(
+                _ps_loop, model, run, s, n_steps, warmup, workers=[w], pure=False
+            )
+            for s, w in enumerate(workers)
+        ]
+    t0 = time.time()
+    parts = client.gather(futures)
+    wall = time.time() - t0
+    if variant != "a":
+        client.run_on_scheduler(remove_plugin)
+    if store is not None:
+        import shutil
+
+        shutil.rmtree(store, ignore_errors=True)
+    updates = sum(p["n"] for p in parts)
+    seconds = max(p["t1"] for p in parts) - min(p["t0"] for p in parts)
+    per_update = 2 * 4 * model.n_params()  # float32 update up, model down
+    return {
+        "updates": updates,
+        "seconds": seconds,
+        "wall": wall,
+        "updates_per_s": updates / seconds,
+        "bytes_per_s": updates * per_update / seconds,
+    }
+
+
+def _steps_for(rate: float, n_workers: int, seconds: float, warmup: int) -> int:
+    return max(warmup + 5, int(rate * seconds / n_workers) + warmup)
+
+
+def run(
+    quick: bool = False, out: str = "bench-results", store_dir: str | None = None
+) -> dict[str, Any]:
+    config = Config.make(quick)
+    cpu = cpu_snapshot()
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    with scratch_dir(store_dir, NAME) as stores:
+        for n_workers in config.workers:
+            with local_cluster(n_workers) as client:
+                for size in config.sizes:
+                    model = softmax_model(size)
+                    for mode in config.modes:
+                        rows.append(
+                            _measure_point(
+                                client, model, mode, n_workers, config, stores
+                            )
+                        )
+                        _print_row(rows[-1])
+    elapsed = time.perf_counter() - started
+    summary = _summary(rows)
+    print()
+    print(table(rows))
+    print()
+    print(summary_table(summary))
+    payload = {
+        "quick": quick,
+        "cpu": cpu_usage(cpu),
+        "config": {
+            **config.__dict__,
+            "model": "SoftmaxRegression(n_features=n/10-1, n_classes=10)",
+            "optimizer": "SGD(lr=1e-3)",
+            "cluster": "LocalCluster(processes=True, threads_per_worker=1)",
+            "store_dir": str(stores.parent),
+            "variants": VARIANT_NAMES,
+            "bytes_per_update": "2 * 4 * n_params (update up, model down)",
+        },
+        "results": rows,
+        "summary": summary,
+        "seconds": elapsed,
+    }
+    write_json(out, NAME, payload)
+    return payload
+
+
+def _measure_point(
+    client: Any, model: Any, mode: str, n_workers: int, config: Config, stores: Path
+) -> dict[str, Any]:
+    """All repeats of (a), (b), (c) for one size/workers/mode, interleaved."""
+    size = model.n_params()
+    # A short pilot of (a) sizes the runs so each lasts about config.seconds.
+    pilot = measure(client, "a", model, mode, config.warmup + 5, config.warmup, stores)
+    n_steps = _steps_for(
+        pilot["updates_per_s"], n_workers, config.seconds, config.warmup
+    )
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for r in range(config.repeats):
+        order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]  # rotate: no variant always first
+        for variant in order:
+            runs[variant].append(
+                measure(client, variant, model, mode, n_steps, config.warmup, stores)
+            )
+    row: dict[str, Any] = {
+        "n_params": size,
+        "workers": n_workers,
+        "mode": mode,
+        "steps_per_worker": n_steps,
+        "repeats": runs,
+    }
+    for v in VARIANTS:
+        row[f"{v}_updates_per_s"] = median(m["updates_per_s"] for m in runs[v])
+        row[f"{v}_mb_per_s"] = median(m["bytes_per_s"] for m in runs[v]) / 1e6
+    # Ratios per repeat (measured back to back), then their median.
+    row["b_over_a"] = median(
+        ratio(b["updates_per_s"], a["updates_per_s"])
+        for a, b in zip(runs["a"], runs["b"], strict=True)
+    )
+    row["c_over_b"] = median(
+        ratio(c["updates_per_s"], b["updates_per_s"])
+        for b, c in zip(runs["b"], runs["c"], strict=True)
+    )
+    return row
+
+
+COLUMNS = (
+    Column("n_params", "params", "{:.0e}"),
+    Column("workers", "workers"),
+    Column("mode", "mode"),
+    Column("a_updates_per_s", "(a) upd/s", "{:.0f}"),
+    Column("b_updates_per_s", "(b) upd/s", "{:.0f}"),
+    Column("c_updates_per_s", "(c) upd/s", "{:.0f}"),
+    Column("a_mb_per_s", "(a) MB/s", "{:.0f}"),
+    Column("b_mb_per_s", "(b) MB/s", "{:.0f}"),
+    Column("c_mb_per_s", "(c) MB/s", "{:.0f}"),
+    Column("b_over_a", "b/a", "{:.2f}"),
+    Column("c_over_b", "c/b", "{:.2f}"),
+)
+
+
+def table(rows: list[dict]) -> str:
+    return format_table(
+        "Throughput: pull+push updates/s and payload MB/s (medians; ratios: median "
+        "of per-repeat ratios)",
+        COLUMNS,
+        rows,
+    )
+
+
+def _print_row(row: dict) -> None:
+    logger.info(
+        "%g params, %d workers, %s: a %.0f, b %.0f, c %.0f upd/s; b/a %.2f c/b %.2f",
+        row["n_params"],
+        row["workers"],
+        row["mode"],
+        row["a_updates_per_s"],
+        row["b_updates_per_s"],
+        row["c_updates_per_s"],
+        row["b_over_a"],
+        row["c_over_b"],
+    )
+
+
+def _summary(rows: list[dict]) -> list[dict]:
+    """The targets: c/b >= 0.95 and b/a >= 0.8 at 1e5 and 1e6 parameters (async)."""
+    out = []
+    for row in rows:
+        if row["n_params"] < 100_000 or row["mode"] != "async":
+            continue
+        out.append(
+            {
+                "n_params": row["n_params"],
+                "workers": row["workers"],
+                "b_over_a": row["b_over_a"],
+                "b_over_a_target": 0.8,
+                "b_over_a_met": bool(row["b_over_a"] >= 0.8),
+                "c_over_b": row["c_over_b"],
+                "c_over_b_target": 0.95,
+                "c_over_b_met": bool(row["c_over_b"] >= 0.95),
+            }
+        )
+    return out
+
+
+def summary_table(summary: list[dict]) -> str:
+    columns = (
+        Column("n_params", "params", "{:.0e}"),
+        Column("workers", "workers"),
+        Column("b_over_a", "b/a", "{:.2f}"),
+        Column("b_over_a_met", "b/a >= 0.8"),
+        Column("c_over_b", "c/b", "{:.2f}"),
+        Column("c_over_b_met", "c/b >= 0.95"),
+    )
+    return format_table("Throughput targets (async)", columns, summary)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = make_parser(NAME, __doc__.splitlines()[0])
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    print_header(NAME, args.quick)
+    run(args.quick, args.out, args.store_dir)
+
+
+if __name__ == "__main__":
+    main()

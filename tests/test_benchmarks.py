@@ -1,0 +1,151 @@
+"""The benchmarks' ``--quick`` sizes, so that the scripts keep working.
+
+These check that each script runs and writes sane JSON, not how fast anything
+is: the numbers are in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    """One results folder for the module, so that the plots test finds them all."""
+    return tmp_path_factory.mktemp("bench-results")
+
+
+@pytest.fixture
+def stores(tmp_path):
+    return str(tmp_path / "stores")
+
+
+def load(out, name: str) -> dict:
+    doc = json.loads((out / f"{name}.json").read_text())
+    assert doc["benchmark"] == name
+    assert doc["quick"] is True
+    assert doc["machine"]["nproc"] >= 1
+    assert doc["seconds"] > 0
+    return doc
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_throughput_quick_via_main(out, stores, capsys):
+    from benchmarks.__main__ import main
+
+    main(
+        [
+            "--quick",
+            "--only",
+            "throughput",
+            "--out",
+            str(out),
+            "--store-dir",
+            stores,
+            "--no-plots",
+        ]
+    )
+    assert "b/a" in capsys.readouterr().out
+    doc = load(out, "throughput")
+    rows = doc["results"]
+    assert {r["n_params"] for r in rows} == {10_000, 100_000}
+    for row in rows:
+        for v in "abc":
+            assert positive(row[f"{v}_updates_per_s"])
+            assert positive(row[f"{v}_mb_per_s"])
+            assert all(positive(m["updates_per_s"]) for m in row["repeats"][v])
+        assert positive(row["b_over_a"]) and positive(row["c_over_b"])
+    assert [s["n_params"] for s in doc["summary"]] == [100_000]
+
+
+def test_recovery_quick(out, stores):
+    from benchmarks import recovery
+
+    recovery.run(quick=True, out=str(out), store_dir=stores)
+    (row,) = load(out, "recovery")["results"]
+    assert row["exact"] is True  # the served model is recover()'s, bit for bit
+    assert row["lost"] == 0
+    assert row["version_served"] == row["committed"] == row["updates"]
+    assert row["replayed"] == row["updates"] - row["snapshot_version"] > 0
+    assert row["served_s"] > row["listen_s"] > 0
+    assert positive(row["rebuild_s"]) and positive(row["lower_bound_s"])
+    assert row["lower_bound"]["replayed_bytes"] == row["replayed"] * 4 * row["n_params"]
+
+
+def test_failures_quick(out, stores):
+    from benchmarks import failures
+
+    failures.run(quick=True, out=str(out), store_dir=stores)
+    doc = load(out, "failures")
+    rows = {(r["system"], r["scenario"]): r for r in doc["results"]}
+    assert set(rows) == {
+        ("ftps", "none"),
+        ("ftps", "worker-kills"),
+        ("ftps", "scheduler-loss"),
+        ("checkpoint", "scheduler-loss"),
+    }
+    assert all(r["exactly_once"] for r in rows.values())
+    assert all(positive(r["time_to_target_s"]) for r in rows.values())
+    assert rows["ftps", "scheduler-loss"]["lost_updates"] == 0
+    assert rows["checkpoint", "scheduler-loss"]["lost_updates"] >= 0
+    (event,) = [
+        e
+        for r in doc["runs"]
+        if (r["system"], r["scenario"]) == ("ftps", "scheduler-loss")
+        for e in r["events"]
+    ]
+    assert event["recovered_version"] == event["committed_version"] >= event["version"]
+    assert {s["system"] for s in doc["summary"]} == {"ftps", "checkpoint"}
+
+
+def test_peers_quick(out, stores):
+    from benchmarks import peers
+
+    peers.run(quick=True, out=str(out), store_dir=stores)
+    doc = load(out, "peers")
+    systems = {r["system"]: r for r in doc["results"]}
+    assert set(systems) == set(peers.SYSTEMS)
+    assert positive(systems["dask_ftps"]["time_to_target_s"])
+    assert positive(systems["sklearn MLP"]["best_accuracy"])
+    kills = {r["system"]: r for r in doc["kills"]}
+    assert kills["dask_ftps"]["completed"] is True
+    assert kills["dask_ftps"]["exactly_once"] is True
+    assert kills["sklearn MLP"]["completed"] is False
+
+
+def test_storage_quick(out, stores):
+    from benchmarks import storage
+
+    storage.run(quick=True, out=str(out), store_dir=stores)
+    rows = {r["retention"]: r for r in load(out, "storage")["results"]}
+    off, on = rows[False], rows[True]
+    assert off["bytes_per_update"] >= off["update_bytes"] == 4 * off["n_params"]
+    assert off["written_per_update"] >= off["bytes_per_update"]
+    assert on["final_allocated_mb"] < off["final_allocated_mb"]
+    assert len(on["samples"]) > 2
+
+
+def test_plots(out, tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks.plots import make_plots
+
+    written = make_plots(out, tmp_path / "img")
+    names = {p.name for p in written}
+    expected = {
+        "throughput": "throughput_vs_size.png",
+        "recovery": "recovery_vs_size.png",
+        "failures": "accuracy_vs_time.png",
+        "storage": "storage_size.png",
+    }
+    for name, png in expected.items():
+        if (out / f"{name}.json").exists():
+            assert png in names
+            assert (tmp_path / "img" / png).stat().st_size > 1000
