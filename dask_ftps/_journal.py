@@ -207,6 +207,15 @@ async def open_store(
     return await LocalStore.open(path, read_only=read_only)
 
 
+async def holds_run(store: str | os.PathLike) -> bool:
+    """Whether ``store`` holds a run (a commit point), read without changing it."""
+    try:
+        opened = await open_store(store, read_only=True)
+    except FileNotFoundError:
+        return False
+    return await _read_doc(opened) is not None
+
+
 class Journal:
     """One store, opened by its single writer (or read-only by tools).
 
@@ -534,7 +543,7 @@ class Journal:
         if not owner_checked:
             await self._check_owner()
         self.doc.serial += 1
-        writes = [self._set(_doc_key(self.doc.serial), self.doc.to_bytes())]
+        writes = [self._set_once(_doc_key(self.doc.serial), self.doc.to_bytes())]
         if self.doc.serial > 2:  # the previous document stays until this one is in
             writes.append(self.store.delete(_doc_key(self.doc.serial - 2)))
         await asyncio.gather(*writes)
@@ -551,6 +560,20 @@ class Journal:
                 f"took over {_describe(self.store)}; this server (incarnation "
                 f"{self.owner['incarnation']}) stops writing it"
             )
+
+    async def _set_once(self, key: str, value: bytes) -> None:
+        """Write a commit document; its serial can be taken once only, so that of
+        two servers that both believe they own the store, one fails here."""
+        await self.store.set_if_not_exists(key, _buf(value))
+        held = await self.store.get(key, prototype=_PROTO)
+        if held is None or held.to_bytes() != value:
+            raise StoreLocked(
+                f"another server wrote {key} of {_describe(self.store)} first: "
+                "this one no longer owns the store"
+            )
+        self.writes += 1
+        if self.durable:
+            await self._fsync_keys([key])
 
     async def _set(self, key: str, value: bytes) -> None:
         await self.store.set(key, _buf(value))

@@ -2,8 +2,11 @@
 
 A scheduler started so (by hand, by a supervisor, or by a jobqueue cluster's
 ``scheduler_options={"preload": ["dask_ftps.preload"], "preload_argv": [[...]]}``)
-registers a :class:`~dask_ftps.ParameterServer` on the store at start-up; if the
-store holds a run, the server rebuilds it before the scheduler serves anyone.
+registers a :class:`~dask_ftps.ParameterServer` on the store at start-up if the
+store holds a run: the server rebuilds it before the scheduler serves anyone.
+On a store without a run the scheduler starts without a server (unless
+``--ftps-require-run``), and the first client registers one with a model, so the
+same command line serves the first start and every restart.
 """
 
 from __future__ import annotations
@@ -25,17 +28,43 @@ logger = logging.getLogger(__name__)
     "--ftps-mode",
     type=click.Choice(MODES),
     default=None,
-    help="Consistency mode of a new run (a stored run keeps its own).",
+    help="Consistency mode the stored run must have (checked, not changed).",
 )
 @click.option(
     "--ftps-durable/--no-ftps-durable",
     default=None,
     help="fsync every write of a local store.",
 )
-def dask_setup(scheduler, ftps_store: str, ftps_mode: str | None, ftps_durable) -> None:
-    """Register a ParameterServer that resumes (or refuses to start without) a run."""
+@click.option(
+    "--ftps-require-run",
+    is_flag=True,
+    help="Refuse to start when the store holds no run to resume.",
+)
+def dask_setup(
+    scheduler,
+    ftps_store: str,
+    ftps_mode: str | None,
+    ftps_durable: bool | None,
+    ftps_require_run: bool,
+):
+    """Register a ParameterServer that resumes the store's run, if it holds one."""
+    return _setup(scheduler, ftps_store, ftps_mode, ftps_durable, ftps_require_run)
+
+
+async def _setup(
+    scheduler, store: str, mode: str | None, durable: bool | None, require_run: bool
+) -> None:
+    from dask_ftps._journal import holds_run
     from dask_ftps._scheduler_plugin import ParameterServer
 
-    plugin = ParameterServer(store=ftps_store, mode=ftps_mode, durable=ftps_durable)
-    scheduler.add_plugin(plugin)
-    logger.info("dask_ftps preload: parameter server on %s", ftps_store)
+    if not require_run and not await holds_run(store):
+        logger.warning(
+            "dask_ftps preload: %s holds no run yet; no parameter server until a "
+            "client registers ParameterServer(store=%r, model=...)",
+            store,
+            store,
+        )
+        return
+    # Without a run to resume the server's start fails, and so does the scheduler's.
+    scheduler.add_plugin(ParameterServer(store=store, mode=mode, durable=durable))
+    logger.info("dask_ftps preload: parameter server on %s", store)

@@ -341,3 +341,26 @@ def test_storage_stays_bounded_over_a_long_run(tmp_path):
     assert max(files) <= 2 * 25 + 30, files
     assert files[-1] <= files[0] + 10, files
     assert dask_ftps.inspect(path)["updates"] == 600
+
+
+def test_of_two_writers_at_the_same_commit_point_the_second_fails(tmp_path):
+    """A commit serial is taken once: a server that missed its fencing (its owner
+    check passed just before another server claimed the store) cannot overwrite
+    the other's commit document."""
+    path = str(tmp_path / "run.zarr")
+    asyncio.run(scenario(path))
+
+    async def race():
+        first, second = await Journal.open(path), await Journal.open(path)
+        assert first.doc.serial == second.doc.serial
+        state = (await rebuild(first)).state
+        update = next(scripted_updates(state, state.runs[-1].spec, 1))
+        admission = state.admit(update)
+        state.commit(admission, state.merge(admission))
+        await first.append([update], [int(admission.version)], state.downloads)
+        with pytest.raises(StoreLocked, match="no longer owns the store"):
+            await second.append([update], [int(admission.version)], state.downloads)
+        return first.doc.seq
+
+    seq = asyncio.run(race())
+    assert asyncio.run(Journal.open(path)).doc.seq == seq

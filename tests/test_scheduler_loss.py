@@ -27,7 +27,7 @@ MODEL = MLP(n_features=64, hidden=(32,), n_classes=10, seed=0)
 EPOCHS, BATCH = 4, 32
 
 
-def scheduler(port: int, store: str | None = None, env: dict | None = None):
+def scheduler(port: int, store: str | None = None, env: dict | None = None, *extra):
     args = [
         sys.executable,
         "-m",
@@ -40,7 +40,7 @@ def scheduler(port: int, store: str | None = None, env: dict | None = None):
         "127.0.0.1",
     ]
     if store is not None:
-        args += ["--preload", "dask_ftps.preload", "--ftps-store", store]
+        args += ["--preload", "dask_ftps.preload", "--ftps-store", store, *extra]
     return popen(args, capture_output=True, env={**os.environ, **(env or {})})
 
 
@@ -104,7 +104,7 @@ def test_scheduler_killed_mid_training_resumes_exactly_once(tmp_path, point):
     total = len(expected_ids())
 
     with (
-        scheduler(port, env=env) as first,
+        scheduler(port, store=store, env=env) as first,  # no run yet: no server
         workers(address),
         Client(address, timeout="60s") as client,
     ):
@@ -156,9 +156,10 @@ def test_scheduler_killed_mid_training_resumes_exactly_once(tmp_path, point):
                 np.testing.assert_array_equal(offline[name], value)
 
 
-def test_preload_without_a_run_refuses_to_start(tmp_path):
+def test_preload_requiring_a_run_refuses_to_start_without_one(tmp_path):
     port = open_port()
-    with scheduler(port, store=str(tmp_path / "empty.zarr")) as proc:
+    empty = str(tmp_path / "empty.zarr")
+    with scheduler(port, empty, None, "--ftps-require-run") as proc:
         try:
             out, _ = proc.communicate(timeout=60)  # popen sends stderr to stdout
         except subprocess.TimeoutExpired:
