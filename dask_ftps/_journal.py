@@ -210,10 +210,9 @@ async def open_store(
 async def holds_run(store: str | os.PathLike) -> bool:
     """Whether ``store`` holds a run (a commit point), read without changing it."""
     try:
-        opened = await open_store(store, read_only=True)
+        return await _read_doc(await open_store(store, read_only=True)) is not None
     except FileNotFoundError:
         return False
-    return await _read_doc(opened) is not None
 
 
 class Journal:
