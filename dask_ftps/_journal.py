@@ -238,6 +238,9 @@ class Journal:
         self.durable = False
         self.writes = 0
         self.owner: dict | None = None
+        #: Versions of the snapshots the store's commit point lists (the in-memory
+        #: document lists a new one a moment before it is written).
+        self.stored_snapshots = tuple(ref.version for ref in doc.snapshots)
         self._crash_at = _crash_points()
         self._appends = self._snapshots = 0
         self._doc_lock = asyncio.Lock()
@@ -546,6 +549,7 @@ class Journal:
         if self.doc.serial > 2:  # the previous document stays until this one is in
             writes.append(self.store.delete(_doc_key(self.doc.serial - 2)))
         await asyncio.gather(*writes)
+        self.stored_snapshots = tuple(ref.version for ref in self.doc.snapshots)
 
     async def _check_owner(self) -> None:
         """Refuse to write once another incarnation has claimed the store."""

@@ -343,7 +343,7 @@ class ParameterServer(SchedulerPlugin):
             "nthreads": sum(ws.nthreads for ws in self.scheduler.workers.values()),
             "snapshots": []
             if self.journal is None
-            else [ref.version for ref in self.journal.doc.snapshots],
+            else list(self.journal.stored_snapshots),
             "recovery": None
             if rebuilt is None
             else {

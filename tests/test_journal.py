@@ -17,7 +17,7 @@ from zarr.storage import LocalStore, WrapperStore
 
 import dask_ftps
 from dask_ftps import SGD, Adam, SpecMismatch, StoreFormatError, StoreLocked
-from dask_ftps._core import RunSpec, Update, UpdateKey
+from dask_ftps._core import ModelVersion, RunSpec, Update, UpdateKey, Version
 from dask_ftps._journal import Journal, RunMeta
 from dask_ftps._recovery import rebuild
 from dask_ftps._state import ParameterServerState
@@ -364,3 +364,37 @@ def test_of_two_writers_at_the_same_commit_point_the_second_fails(tmp_path):
 
     seq = asyncio.run(race())
     assert asyncio.run(Journal.open(path)).doc.seq == seq
+
+
+def test_a_snapshot_is_listed_as_stored_only_once_its_commit_point_is_written(
+    tmp_path,
+):
+    seen = []
+
+    class Watch(WrapperStore):
+        journal = None
+
+        def _with_store(self, store):
+            return type(self)(store)
+
+        async def set_if_not_exists(self, key, value):
+            if key.startswith("ftps/commits/") and Watch.journal is not None:
+                seen.append(Watch.journal.stored_snapshots)
+            return await self._store.set_if_not_exists(key, value)
+
+    async def run():
+        optimizer = SGD(lr=0.1)
+        state = ParameterServerState(MODEL, optimizer)
+        journal = await Journal.create(
+            Watch(LocalStore(str(tmp_path / "run.zarr"))),
+            RunMeta(MODEL, optimizer, "async", 0),
+            state.model,
+        )
+        Watch.journal = journal
+        assert journal.stored_snapshots == (0,)
+        later = ModelVersion(Version(5), state.model.params, state.model.opt_state)
+        await journal.write_snapshot(later, 0, ())
+        return journal.stored_snapshots
+
+    assert asyncio.run(run()) == (0, 5)
+    assert seen == [(0,)]  # while the document naming version 5 was written
