@@ -355,6 +355,13 @@ def local_cluster(n_workers: int) -> Iterator[Client]:
         yield client
 
 
+def worker_addresses(client: Client) -> list[str]:
+    """The workers' addresses, asked of the scheduler. Not
+    ``client.scheduler_info(n_workers=-1)["workers"]``: the client's periodic
+    refresh (totals only, no workers) can replace that answer before it is read."""
+    return sorted(client.sync(client.scheduler.identity, n_workers=-1)["workers"])
+
+
 async def remove_plugin(dask_scheduler: Any, name: str = "ftps") -> None:
     """Remove a scheduler plugin and close it: registering another one under the
     same name would leave the old one running (its journal included)."""

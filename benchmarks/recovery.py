@@ -119,12 +119,33 @@ async def _push_updates(address: str, model: Any, store: str, point: Point) -> d
                 "push",
             )
         seconds = time.perf_counter() - t0
-        status = check_reply(await client.scheduler.ftps_status(), "status")
+        # Snapshots are written in the background: kill once the one due at
+        # version U - U % S is complete, so that each point measures what it names.
+        # The status lists a snapshot as soon as the server adds it to its commit
+        # document in memory, before that document is written: wait for the store.
+        due = point.updates - point.updates % point.snapshot_every
+        deadline = time.monotonic() + 120
+        while True:
+            status = check_reply(await client.scheduler.ftps_status(), "status")
+            on_disk = await _stored_snapshots(store)
+            if (
+                max(status["snapshots"]) >= due and max(on_disk, default=-1) >= due
+            ) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.01)
     return {
         "push_seconds": seconds,
         "version": status["version"],
         "snapshots_before_kill": status["snapshots"],
     }
+
+
+async def _stored_snapshots(store: str) -> list[int]:
+    """The snapshot versions the store's newest commit document lists."""
+    from dask_ftps._journal import _read_doc, open_store
+
+    doc = await _read_doc(await open_store(store, read_only=True))
+    return [] if doc is None else [ref.version for ref in doc.snapshots]
 
 
 async def _served(port: int, timeout: float = 120.0) -> tuple[float, dict]:

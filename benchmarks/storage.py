@@ -38,6 +38,7 @@ from benchmarks._common import (
     scratch_dir,
     setup_logging,
     softmax_model,
+    worker_addresses,
     write_json,
 )
 from benchmarks.throughput import _begin_run, _ps_loop
@@ -148,7 +149,7 @@ def long_run(
         )
         initial = measure_store(store)
         samples = [{"updates": 0, "t": 0.0, **_flat(initial)}]
-        workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+        workers = worker_addresses(client)
         probe = StallProbe(client)
         probe.start()
         t0 = time.perf_counter()

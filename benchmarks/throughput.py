@@ -47,6 +47,7 @@ from benchmarks._common import (
     scratch_dir,
     setup_logging,
     softmax_model,
+    worker_addresses,
     write_json,
 )
 
@@ -176,11 +177,14 @@ def measure(
     n_steps: int,
     warmup: int,
     store_dir: Path,
+    n_workers: int,
 ) -> dict[str, Any]:
     """One timed round of ``variant`` on every worker; updates/s and bytes/s."""
     from dask_ftps import SGD, ParameterServer
 
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    # A worker can be away for a moment (a nanny restarting it): wait for all.
+    client.wait_for_workers(n_workers, timeout=120)
+    workers = worker_addresses(client)
     store = None
     if variant == "a":
         client.run_on_scheduler(remove_plugin, name=EchoServer.name)
@@ -286,7 +290,9 @@ def _measure_point(
     """All repeats of (a), (b), (c) for one size/workers/mode, interleaved."""
     size = model.n_params()
     # A short pilot of (a) sizes the runs so each lasts about config.seconds.
-    pilot = measure(client, "a", model, mode, config.warmup + 5, config.warmup, stores)
+    pilot = measure(
+        client, "a", model, mode, config.warmup + 5, config.warmup, stores, n_workers
+    )
     n_steps = _steps_for(
         pilot["updates_per_s"], n_workers, config.seconds, config.warmup
     )
@@ -295,7 +301,16 @@ def _measure_point(
         order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]  # rotate: no variant always first
         for variant in order:
             runs[variant].append(
-                measure(client, variant, model, mode, n_steps, config.warmup, stores)
+                measure(
+                    client,
+                    variant,
+                    model,
+                    mode,
+                    n_steps,
+                    config.warmup,
+                    stores,
+                    n_workers,
+                )
             )
     row: dict[str, Any] = {
         "n_params": size,
