@@ -275,14 +275,22 @@ class ParameterServerState:
         )
         return Admission(update, Version(self.version + 1), merge)
 
-    def merge(self, admission: Admission) -> ModelVersion | None:
-        """The model after ``admission``, or None if it completes no version."""
+    def merge(self, admission: Admission, inplace: bool = False) -> ModelVersion | None:
+        """The model after ``admission``, or None if it completes no version.
+
+        ``inplace`` lets the optimizer overwrite the current model's arrays: only
+        for a replay, where nobody holds the current model.
+        """
         if not admission.merge:
             return None
         grads = _mean([u.grads for u in admission.merge])
         model = self.model
         params, opt_state = self.optimizer.apply(
-            model.params, model.opt_state, grads, step=int(admission.version)
+            model.params,
+            model.opt_state,
+            grads,
+            step=int(admission.version),
+            inplace=inplace,
         )
         return ModelVersion(admission.version, params, opt_state)
 

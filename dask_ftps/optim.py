@@ -57,9 +57,15 @@ class Optimizer(ABC):
 
     @abstractmethod
     def _update(
-        self, p: np.ndarray, g: np.ndarray, slots: list[np.ndarray], step: int
+        self,
+        p: np.ndarray,
+        g: np.ndarray,
+        slots: list[np.ndarray],
+        step: int,
+        inplace: bool = False,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Return the new parameter and new slots for one tensor."""
+        """Return the new parameter and new slots for one tensor; with
+        ``inplace``, ``p`` and ``slots`` may be overwritten (same bits)."""
 
     def init_state(self, params: Arrays) -> Arrays:
         """Return the initial optimizer state (zeros) for ``params``.
@@ -81,7 +87,13 @@ class Optimizer(ABC):
         }
 
     def apply(
-        self, params: Arrays, state: Arrays, grads: dict[str, Any], step: int
+        self,
+        params: Arrays,
+        state: Arrays,
+        grads: dict[str, Any],
+        step: int,
+        *,
+        inplace: bool = False,
     ) -> tuple[Arrays, Arrays]:
         """Apply one update.
 
@@ -95,11 +107,16 @@ class Optimizer(ABC):
             Gradients, same keys and shapes as ``params``.
         step : int
             1-based index of this update.
+        inplace : bool, default False
+            Allow writing into the writable arrays of ``params`` and ``state``
+            (a replay, where nobody holds the intermediate models). The bits are
+            those of the default.
 
         Returns
         -------
         new_params, new_state : dict of str to ndarray
-            New dicts holding new arrays.
+            New dicts holding new arrays (or, with ``inplace``, possibly the
+            given ones).
         """
         if isinstance(step, bool) or not isinstance(step, numbers.Integral):
             raise ValueError(f"step must be an int, got {step!r}")  # noqa: TRY004
@@ -125,7 +142,8 @@ class Optimizer(ABC):
                 )
             g = g.astype(p.dtype, copy=False)
             slots = [np.asarray(state[f"{x}/{name}"]) for x in self._state_prefixes()]
-            new_p, new_slots = self._update(p, g, slots, int(step))
+            reuse = inplace and all(a.flags.writeable for a in (p, *slots))
+            new_p, new_slots = self._update(p, g, slots, int(step), reuse)
             new_params[name] = new_p
             for prefix, s in zip(self._state_prefixes(), new_slots, strict=True):
                 new_state[f"{prefix}/{name}"] = s
@@ -169,8 +187,21 @@ class SGD(Optimizer):
         return ("velocity",) if self.momentum > 0 else ()
 
     def _update(
-        self, p: np.ndarray, g: np.ndarray, slots: list[np.ndarray], step: int
+        self,
+        p: np.ndarray,
+        g: np.ndarray,
+        slots: list[np.ndarray],
+        step: int,
+        inplace: bool = False,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
+        if inplace:  # the same operations, in the same order, into p and v
+            if slots:
+                v = slots[0]
+                v *= self.momentum
+                v += g
+                g = v
+            p -= self.lr * g
+            return p, slots
         if not slots:
             return p - self.lr * g, []
         v = self.momentum * slots[0] + g
@@ -206,7 +237,12 @@ class Adam(Optimizer):
         return ("m", "v")
 
     def _update(
-        self, p: np.ndarray, g: np.ndarray, slots: list[np.ndarray], step: int
+        self,
+        p: np.ndarray,
+        g: np.ndarray,
+        slots: list[np.ndarray],
+        step: int,
+        inplace: bool = False,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         m = self.beta1 * slots[0] + (1.0 - self.beta1) * g
         v = self.beta2 * slots[1] + (1.0 - self.beta2) * (g * g)

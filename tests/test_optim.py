@@ -64,6 +64,34 @@ def test_apply_is_deterministic(opt: Optimizer) -> None:
         np.testing.assert_array_equal(sa[k], sb[k])
 
 
+@pytest.mark.parametrize("opt", OPTIMIZERS, ids=repr)
+def test_inplace_apply_gives_the_same_bits(opt: Optimizer) -> None:
+    params, grads = _problem()
+    p, s = params, opt.init_state(params)
+    q, t = _copy(params), opt.init_state(params)
+    for step, g in enumerate(grads, start=1):
+        p, s = opt.apply(p, s, g, step)
+        q, t = opt.apply(q, t, g, step, inplace=True)
+    for k in p:
+        assert p[k].tobytes() == q[k].tobytes()
+    for k in s:
+        assert s[k].tobytes() == t[k].tobytes()
+
+
+def test_inplace_apply_writes_into_writable_arrays_only() -> None:
+    opt = SGD(lr=0.05, momentum=0.9)
+    params, grads = _problem()
+    state = opt.init_state(params)
+    new_p, new_s = opt.apply(params, state, grads[0], 1, inplace=True)
+    assert all(new_p[k] is params[k] for k in params)
+    assert all(new_s[k] is state[k] for k in state)
+    frozen = _copy(params)
+    for v in frozen.values():
+        v.flags.writeable = False
+    new_p, _ = opt.apply(frozen, state, grads[1], 2, inplace=True)
+    assert all(not np.shares_memory(new_p[k], frozen[k]) for k in frozen)
+
+
 def test_init_state_keys() -> None:
     params, _ = _problem()
     assert SGD(lr=0.1).init_state(params) == {}
