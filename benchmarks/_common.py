@@ -48,6 +48,14 @@ def make_parser(name: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def script_main(name: str, doc: str, run: Any, argv: list[str] | None) -> None:
+    """A benchmark's command line: parse the common arguments, then ``run``."""
+    args = make_parser(name, doc.splitlines()[0]).parse_args(argv)
+    setup_logging(args.verbose)
+    print_header(name, args.quick)
+    run(args.quick, args.out, args.store_dir)
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",

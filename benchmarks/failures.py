@@ -50,12 +50,10 @@ from benchmarks._common import (
     format_table,
     free_port,
     generated_split,
-    make_parser,
     median,
-    print_header,
     register_fresh,
     scratch_dir,
-    setup_logging,
+    script_main,
     start_scheduler,
     start_workers,
     wait_port,
@@ -802,11 +800,7 @@ def _summary(results: list[RunResult]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = make_parser(NAME, __doc__.splitlines()[0])
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    print_header(NAME, args.quick)
-    run(args.quick, args.out, args.store_dir)
+    script_main(NAME, __doc__, run, argv)
 
 
 if __name__ == "__main__":

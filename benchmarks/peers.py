@@ -37,11 +37,9 @@ from benchmarks._common import (
     cpu_usage,
     format_table,
     local_cluster,
-    make_parser,
-    print_header,
     register_fresh,
     scratch_dir,
-    setup_logging,
+    script_main,
     write_json,
 )
 from benchmarks.failures import PROBLEMS, Problem
@@ -523,11 +521,7 @@ def kill_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = make_parser(NAME, __doc__.splitlines()[0])
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    print_header(NAME, args.quick)
-    run(args.quick, args.out, args.store_dir)
+    script_main(NAME, __doc__, run, argv)
 
 
 if __name__ == "__main__":

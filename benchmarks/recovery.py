@@ -38,12 +38,10 @@ from benchmarks._common import (
     fixed_grads,
     format_table,
     free_port,
-    make_parser,
     median,
-    print_header,
     ratio,
     scratch_dir,
-    setup_logging,
+    script_main,
     softmax_model,
     start_scheduler,
     wait_port,
@@ -485,11 +483,7 @@ def _summary(rows: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = make_parser(NAME, __doc__.splitlines()[0])
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    print_header(NAME, args.quick)
-    run(args.quick, args.out, args.store_dir)
+    script_main(NAME, __doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -38,14 +38,12 @@ from benchmarks._common import (
     fixed_grads,
     format_table,
     local_cluster,
-    make_parser,
     median,
-    print_header,
     ratio,
     register_fresh,
     remove_plugin,
     scratch_dir,
-    setup_logging,
+    script_main,
     softmax_model,
     worker_addresses,
     write_json,
@@ -406,11 +404,7 @@ def summary_table(summary: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = make_parser(NAME, __doc__.splitlines()[0])
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    print_header(NAME, args.quick)
-    run(args.quick, args.out, args.store_dir)
+    script_main(NAME, __doc__, run, argv)
 
 
 if __name__ == "__main__":
