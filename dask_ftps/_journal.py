@@ -325,6 +325,12 @@ class Journal:
         journal = cls(store, group, meta, doc)
         journal._rows = await group.getitem("rows")
         journal._payloads = await group.getitem("payloads")
+        for array in (journal._rows, journal._payloads):
+            if not _raw_rows(array):
+                raise StoreFormatError(
+                    f"{_describe(store)}: array {array.path!r} does not hold one "
+                    "raw little-endian chunk per update"
+                )
         journal._worker_index = {w: i for i, w in enumerate(doc.workers)}
         if not read_only:
             await journal._discard_torn_writes()
@@ -590,12 +596,8 @@ class Journal:
         The journal's arrays have no codec but little-endian bytes, so a chunk's
         object is its raw bytes: they go to the store directly, past zarr's
         general write path (the bytes are the same; it costs about 1 ms less
-        per chunk). Arrays of another layout take the general path.
+        per chunk). :meth:`open` refuses arrays of another layout.
         """
-        if not _raw_rows(array):
-            stop = start + len(values)
-            await array.setitem((slice(start, stop), slice(None)), values)
-            return
         little = values.astype(values.dtype.newbyteorder("<"), copy=False)
         await asyncio.gather(
             *(

@@ -260,6 +260,17 @@ def test_bad_stores_give_clear_errors(tmp_path):
         dask_ftps.recover(path)
 
 
+def test_a_payload_array_of_another_layout_is_refused(tmp_path):
+    path = tmp_path / "run.zarr"
+    asyncio.run(scenario(str(path)))
+    payloads_json = path / "payloads" / "zarr.json"
+    meta = json.loads(payloads_json.read_text())
+    meta["codecs"].append({"name": "zstd", "configuration": {"level": 0}})
+    payloads_json.write_text(json.dumps(meta))
+    with pytest.raises(StoreFormatError, match="one raw little-endian chunk"):
+        asyncio.run(Journal.open(str(path)))
+
+
 def test_resuming_with_another_spec_is_refused(tmp_path):
     path = str(tmp_path / "run.zarr")
     asyncio.run(scenario(path))
