@@ -10,18 +10,15 @@ import math
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -400,130 +397,6 @@ def scratch_dir(parent: str | None, prefix: str) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 60.0, interval: float = 0.005) -> float:
-    """Wait until ``127.0.0.1:port`` accepts connections; return when it did."""
-    deadline = time.perf_counter() + timeout
-    while True:
-        with socket.socket() as s:
-            s.settimeout(0.5)
-            try:
-                s.connect(("127.0.0.1", port))
-                return time.perf_counter()
-            except OSError:
-                if time.perf_counter() > deadline:
-                    raise TimeoutError(f"nothing listens on port {port}") from None
-        time.sleep(interval)
-
-
-def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of scheduler and worker processes: this checkout importable."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-    )
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env.update(extra or {})
-    return env
-
-
-class Proc:
-    """A process group this benchmark started (a scheduler, or workers), logged to
-    a file; stopped by its own id, never by name."""
-
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None):
-        self.args = args
-        self.log = log
-        self._log_file = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        self.started = time.perf_counter()
-        self.popen = subprocess.Popen(
-            args,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            env=subprocess_env(env),
-            cwd=REPO_ROOT,
-            start_new_session=True,  # its own process group: workers and nannies
-        )
-        self.pid = self.popen.pid
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Signal the main process only (a SIGKILLed scheduler)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, sig)
-
-    def stop(self, timeout: float = 10.0, *, kill: bool = False) -> None:
-        """Terminate the whole process group (``kill``: SIGKILL it at once), then
-        kill what is left."""
-        if self.popen.poll() is None and not kill:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout)
-        self._log_file.close()
-
-    def output(self) -> str:
-        self._log_file.flush()
-        return self.log.read_text(errors="replace")
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def start_scheduler(
-    port: int,
-    log: Path,
-    store: str | None = None,
-    env: dict[str, str] | None = None,
-) -> Proc:
-    """``dask scheduler`` on ``127.0.0.1:port``; with ``store``, the dask_ftps preload
-    that resumes the run the store holds."""
-    args = [
-        sys.executable,
-        "-m",
-        "distributed.cli.dask_scheduler",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--no-dashboard",
-    ]
-    if store is not None:
-        args += ["--preload", "dask_ftps.preload", "--ftps-store", str(store)]
-    return Proc(args, log, env)
-
-
-def start_workers(address: str, n: int, log: Path) -> Proc:
-    """``dask worker`` with ``n`` worker processes of one thread, behind nannies."""
-    args = [
-        sys.executable,
-        "-m",
-        "distributed.cli.dask_worker",
-        address,
-        "--nworkers",
-        str(n),
-        "--nthreads",
-        "1",
-        "--no-dashboard",
-        "--death-timeout",
-        "30",
-    ]
-    return Proc(args, log)
 
 
 def timed(func: Callable[[], Any]) -> tuple[float, Any]:

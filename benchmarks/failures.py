@@ -43,23 +43,20 @@ import numpy as np
 
 from benchmarks._common import (
     Column,
-    Proc,
     cpu_snapshot,
     cpu_usage,
     digits_split,
     format_table,
-    free_port,
     generated_split,
     median,
     register_fresh,
     scratch_dir,
     script_main,
-    start_scheduler,
-    start_workers,
-    wait_port,
     write_json,
 )
 from dask_ftps import ParameterServer
+from dask_ftps._processes import Process as Proc
+from dask_ftps._processes import free_port, start_scheduler, start_workers, wait_port
 
 logger = logging.getLogger("benchmarks.failures")
 

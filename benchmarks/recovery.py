@@ -20,7 +20,6 @@ in NumPy.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import signal
@@ -37,16 +36,14 @@ from benchmarks._common import (
     cpu_usage,
     fixed_grads,
     format_table,
-    free_port,
     median,
     ratio,
     scratch_dir,
     script_main,
     softmax_model,
-    start_scheduler,
-    wait_port,
     write_json,
 )
+from dask_ftps._processes import free_port, start_scheduler, wait_port
 
 logger = logging.getLogger("benchmarks.recovery")
 
@@ -139,11 +136,14 @@ async def _push_updates(address: str, model: Any, store: str, point: Point) -> d
 
 
 async def _stored_snapshots(store: str) -> list[int]:
-    """The snapshot versions the store's newest commit document lists."""
-    from dask_ftps._journal import _read_doc, open_store
+    """The snapshot versions the store's log lists."""
+    from dask_ftps._store import Journal
 
-    doc = await _read_doc(await open_store(store, read_only=True))
-    return [] if doc is None else [ref.version for ref in doc.snapshots]
+    journal = await Journal.open(store, read_only=True)
+    if journal is None:
+        return []
+    await journal.close()
+    return [r.body.version for r in journal.snapshots()]
 
 
 async def _served(port: int, timeout: float = 120.0) -> tuple[float, dict]:
@@ -219,22 +219,29 @@ def _recovered_line(output: str) -> str | None:
 # -- the lower bound ------------------------------------------------------------------
 
 
-def _commit_doc(store: Path) -> dict:
-    docs = sorted((store / "ftps" / "commits").iterdir())
-    return json.loads(docs[-1].read_bytes())
+def _replay_files(store: Path) -> tuple[dict, list[Path], list[Path]]:
+    """The newest snapshot's record, its chunk files and the replayed payload
+    chunk files (one per commit after it)."""
+    import asyncio
 
+    from dask_ftps._store import Journal
+    from dask_ftps._store._format import COMMIT_CHUNK_KEY
 
-def _chunk_files(store: Path, doc: dict) -> tuple[list[Path], list[Path]]:
-    """The snapshot's chunk files and the replayed payload chunk files."""
-    ref = doc["snapshots"][-1]
-    snapshot = sorted(
-        (store / "snapshots" / ref["name"] / "c").iterdir(), key=lambda p: int(p.name)
-    )
+    async def read():
+        journal = await Journal.open(str(store), read_only=True)
+        await journal.close()
+        return journal
+
+    journal = asyncio.run(read())
+    start = journal.snapshots()[0]
+    snap = start.body
+    snapshot = [store / snap.array.key / f"c.{i}" for i in range(len(snap.array.crcs))]
     payloads = [
-        store / "payloads" / "c" / str(i) / "0"
-        for i in range(ref["replay_from"], doc["seq"])
+        store / r.body.data.key / COMMIT_CHUNK_KEY
+        for r in journal.commits()
+        if r.serial >= snap.first_serial and r.body.stop > snap.replay_from
     ]
-    return snapshot, payloads
+    return {"version": snap.version}, snapshot, payloads
 
 
 def lower_bound(store: Path, model: Any, repeats: int = 3) -> dict[str, Any]:
@@ -243,15 +250,21 @@ def lower_bound(store: Path, model: Any, repeats: int = 3) -> dict[str, Any]:
     from dask_ftps import SGD
     from dask_ftps._layout import Layout
 
-    doc = _commit_doc(store)
-    snapshot_files, payload_files = _chunk_files(store, doc)
+    ref, snapshot_files, payload_files = _replay_files(store)
     reads = []
     for _ in range(repeats):
         t0 = time.perf_counter()
+        # Each chunk ends in its 4-byte CRC-32C.
         snapshot = np.concatenate(
-            [np.frombuffer(p.read_bytes(), dtype="<f4") for p in snapshot_files]
+            [np.frombuffer(p.read_bytes()[:-4], dtype="<f4") for p in snapshot_files]
         )
-        payloads = [np.frombuffer(p.read_bytes(), dtype="<f4") for p in payload_files]
+        payloads = [
+            row
+            for p in payload_files
+            for row in np.frombuffer(p.read_bytes()[:-4], dtype="<f4").reshape(
+                -1, model.n_params()
+            )
+        ]
         reads.append(time.perf_counter() - t0)
     n_bytes = snapshot.nbytes + sum(p.nbytes for p in payloads)
     # Applying the replayed updates: what any exact rebuild must compute.
@@ -262,7 +275,6 @@ def lower_bound(store: Path, model: Any, repeats: int = 3) -> dict[str, Any]:
     current = {k: v.copy() for k, v in layout.unflatten(snapshot[:n]).items()}
     state_layout = Layout.of(optimizer.init_state(params))
     state = {k: v.copy() for k, v in state_layout.unflatten(snapshot[n:]).items()}
-    ref = doc["snapshots"][-1]
     t0 = time.perf_counter()
     for i, flat in enumerate(payloads):
         current, state = optimizer.apply(

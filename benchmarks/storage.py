@@ -14,7 +14,6 @@ what was written).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -46,7 +45,7 @@ logger = logging.getLogger("benchmarks.storage")
 NAME = "storage"
 N_WORKERS = 2
 LR, MOMENTUM = 1e-3, 0.9
-PARTS = ("payloads", "rows", "snapshots", "ftps")
+PARTS = ("data", "snapshots", "ftps")  # payload arrays, snapshots, log records
 
 
 @dataclass(frozen=True)
@@ -125,10 +124,18 @@ class StallProbe(threading.Thread):
         }
 
 
-def _commit_doc(store: Path) -> tuple[dict, int]:
-    docs = sorted((store / "ftps" / "commits").iterdir())
-    raw = docs[-1].read_bytes()
-    return json.loads(raw), len(raw)
+def _log_summary(store: Path) -> tuple[int, int, float]:
+    """Records the log ever held (they are written once, never replaced), commit
+    records among those kept, and the mean size of a kept record."""
+    from dask_ftps._store._format import parse_log_key
+
+    files = [p for p in (store / "ftps" / "log").iterdir() if p.is_file()]
+    serials = [
+        s for s in (parse_log_key(f"ftps/log/{p.name}") for p in files) if s is not None
+    ]
+    sizes = [p.stat().st_size for p in files]
+    commits = sum(1 for p in files if b'"kind":"commit"' in p.read_bytes())
+    return max(serials) + 1, commits, sum(sizes) / max(1, len(sizes))
 
 
 def long_run(
@@ -153,7 +160,7 @@ def long_run(
         t0 = time.perf_counter()
         done = 0
         while done < updates:
-            run = _begin_run(client, len(workers), chunk)
+            run = _begin_run(client, len(workers), chunk, name=f"chunk-{done}")
             futures = [
                 client.submit(
                     _ps_loop, model, run, s, chunk, 0, workers=[w], pure=False
@@ -175,15 +182,15 @@ def long_run(
         final = measure_store(store)
         info = status(client)
         client.run_on_scheduler(remove_plugin)
-    doc, doc_size = _commit_doc(store)
+    records, kept_commits, record_size = _log_summary(store)
     grown = final["apparent"] - initial["apparent"]
     per_update = {
         part: (final["parts"][part]["apparent"] - initial["parts"][part]["apparent"])
         / done
         for part in PARTS
     }
-    # Commit documents are replaced, not kept: ``serial`` of them were written.
-    docs_written = doc["serial"] * doc_size
+    # Log records are written once; trims delete old ones, so count them by serial.
+    records_written = records * record_size
     row = {
         "n_params": n_params,
         "retention": retention,
@@ -191,14 +198,15 @@ def long_run(
         "seconds": seconds,
         "update_bytes": 4 * n_params,
         "snapshots": info["snapshots"],
-        "commits": doc["serial"],
-        "updates_per_doc": done / max(1, doc["serial"]),
+        "records": records,
+        "updates_per_record": done / max(1, records),
         "final_apparent_mb": final["apparent"] / 1e6,
         "final_allocated_mb": final["allocated"] / 1e6,
         "max_apparent_mb": max(s["apparent"] for s in samples) / 1e6,
         "max_allocated_mb": max(s["allocated"] for s in samples) / 1e6,
         "final_files": final["files"],
-        "doc_bytes": doc_size,
+        "record_bytes": record_size,
+        "kept_commit_records": kept_commits,
         "status_latency": stalls,
         "status_p99_ms": stalls["p99_ms"],
         "status_max_ms": stalls["max_ms"],
@@ -212,8 +220,8 @@ def long_run(
                 "allocated_per_update": (final["allocated"] - initial["allocated"])
                 / done,
                 "parts_per_update": per_update,
-                "doc_bytes_written_per_update": docs_written / done,
-                "written_per_update": (grown + docs_written) / done,
+                "record_bytes_per_update": records_written / done,
+                "written_per_update": grown / done,
             }
         )
     logger.info(
@@ -283,7 +291,7 @@ COLUMNS = (
     Column("bytes_per_update", "store B/update", "{:.0f}"),
     Column("written_per_update", "written B/update", "{:.0f}"),
     Column("allocated_per_update", "on disk B/update", "{:.0f}"),
-    Column("updates_per_doc", "upd/commit doc", "{:.2f}"),
+    Column("updates_per_record", "upd/log record", "{:.2f}"),
     Column("max_allocated_mb", "max on disk MB", "{:.1f}"),
     Column("final_allocated_mb", "final on disk MB", "{:.1f}"),
     Column("final_files", "files"),

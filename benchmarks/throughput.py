@@ -158,12 +158,14 @@ def _ps_loop(model: Any, run: int, shard: int, n_steps: int, warmup: int) -> dic
     return {"t0": t0, "t1": time.time(), "n": n_steps - warmup}
 
 
-def _begin_run(client: Any, n_workers: int, n_steps: int) -> int:
+def _begin_run(client: Any, n_workers: int, n_steps: int, name: str = "") -> int:
+    """A run of ``n_steps`` per worker; runs are known by name and spec, so one
+    more of the same spec needs another ``name``."""
     from dask_ftps import RunSpec
     from dask_ftps._core import check_reply
 
     spec = RunSpec((n_steps,) * n_workers, batch_size=1, epochs=1, seed=0)
-    reply = client.sync(client.scheduler.ftps_begin_run, spec=spec.to_dict())
+    reply = client.sync(client.scheduler.ftps_begin_run, spec=spec.to_dict(), name=name)
     return check_reply(reply, "ftps_begin_run")["run"]
 
 

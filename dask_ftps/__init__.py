@@ -7,16 +7,20 @@ from dask_ftps._client import get_model, records, status
 from dask_ftps._core import ModelVersion, RunSpec, UpdateKey
 from dask_ftps._exceptions import (
     DuplicateUpdate,
+    Fenced,
     FTPSError,
     InvalidRequest,
     InvalidUpdate,
+    NotDurable,
     NotRegistered,
     SpecMismatch,
     StaleIncarnation,
+    StoreCorrupted,
+    StoreError,
+    StoreFormatError,
     StoreLocked,
     WaitTimeout,
 )
-from dask_ftps._journal import StoreFormatError
 from dask_ftps._recovery import inspect, recover
 from dask_ftps._scheduler_plugin import ParameterServer
 from dask_ftps._state import ParameterServerState
@@ -30,15 +34,19 @@ __all__ = [
     "DuplicateUpdate",
     "FTPSError",
     "FTPSWorkerPlugin",
+    "Fenced",
     "InvalidRequest",
     "InvalidUpdate",
     "ModelVersion",
+    "NotDurable",
     "NotRegistered",
     "ParameterServer",
     "ParameterServerState",
     "RunSpec",
     "SpecMismatch",
     "StaleIncarnation",
+    "StoreCorrupted",
+    "StoreError",
     "StoreFormatError",
     "StoreLocked",
     "TrainResult",

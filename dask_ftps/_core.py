@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, NewType, TypedDict
@@ -16,6 +17,13 @@ UpdateId = NewType("UpdateId", str)
 WorkerId = NewType("WorkerId", str)
 Version = NewType("Version", int)
 RunId = NewType("RunId", int)
+
+#: Longest worker id (or run name) the server accepts.
+MAX_WORKER_LENGTH = 512
+#: Bounds on what a message may ask for (memory the server would spend on it).
+MAX_SHARDS = 100_000
+MAX_COUNT = 2**40
+MAX_EPOCHS = 10**6
 
 Mode = Literal["async", "sync", "ssp"]
 MODES: tuple[str, ...] = ("async", "sync", "ssp")
@@ -120,16 +128,36 @@ class RunSpec:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> RunSpec:
+    def from_dict(cls, d: object) -> RunSpec:
+        """Parse a spec as :meth:`to_dict` writes it; :class:`InvalidRequest` else."""
+        if not isinstance(d, dict):
+            raise InvalidRequest(f"a run spec must be a dict, got {type(d).__name__}")
+        unknown = set(d) - {"shard_sizes", "batch_size", "epochs", "seed"}
+        if unknown:
+            raise InvalidRequest(f"unknown run spec fields {sorted(map(str, unknown))}")
+        sizes = d.get("shard_sizes")
+        if not isinstance(sizes, list | tuple) or len(sizes) > MAX_SHARDS:
+            raise InvalidRequest(
+                f"shard_sizes must be a list of at most {MAX_SHARDS} positive integers"
+            )
         try:
-            return cls(
-                shard_sizes=tuple(d["shard_sizes"]),
+            spec = cls(
+                shard_sizes=tuple(sizes),
                 batch_size=d["batch_size"],
                 epochs=d["epochs"],
                 seed=d.get("seed", 0),
             )
         except (KeyError, TypeError) as e:
-            raise InvalidRequest(f"not a run spec: {d!r}") from e
+            raise InvalidRequest(f"not a run spec: {e!r}") from e
+        for name, value, limit in (
+            ("batch_size", spec.batch_size, MAX_COUNT),
+            ("epochs", spec.epochs, MAX_EPOCHS),
+            ("seed", spec.seed, 2**63 - 1),
+            ("shard size", max(spec.shard_sizes), MAX_COUNT),
+        ):
+            if value > limit:
+                raise InvalidRequest(f"{name} must be at most {limit}, got {value}")
+        return spec
 
 
 @dataclass(frozen=True)
@@ -177,6 +205,55 @@ def download_entries(failure_probability: float, negligible: float) -> int:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+# -- message fields: checked at the boundary, before any state changes -----------
+
+
+def field_int(
+    name: str,
+    value: object,
+    error: type[Exception] = InvalidRequest,
+    minimum: int = 0,
+    maximum: int = 2**62,
+) -> int:
+    """An integer message field in ``[minimum, maximum]`` (bools are not integers)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise error(f"{name} must be an integer, got {type(value).__name__}")
+    value = int(value)
+    if not minimum <= value <= maximum:
+        raise error(f"{name} must lie in [{minimum}, {maximum}], got {value}")
+    return value
+
+
+def field_str(
+    name: str,
+    value: object,
+    error: type[Exception] = InvalidRequest,
+    optional: bool = False,
+    max_length: int = MAX_WORKER_LENGTH,
+) -> str | None:
+    """A short string message field (or None where ``optional``)."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or len(value) > max_length:
+        raise error(
+            f"{name} must be a string of at most {max_length} characters, got "
+            f"{type(value).__name__}"
+        )
+    return value
+
+
+def field_step(value: object, error: type[Exception] = InvalidUpdate):
+    """``next_step``: None or ``(epoch, step)``."""
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise error(f"next_step must be None or (epoch, step), got {value!r:.80}")
+    return (
+        field_int("next_step epoch", value[0], error, maximum=MAX_EPOCHS),
+        field_int("next_step step", value[1], error, maximum=MAX_COUNT),
+    )
 
 
 def check_reply(reply: object, op: str) -> dict:

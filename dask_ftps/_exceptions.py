@@ -1,4 +1,22 @@
-"""The exceptions dask_ftps raises; every one is an :class:`FTPSError`."""
+"""The exceptions dask_ftps raises; every one is an :class:`FTPSError`.
+
+::
+
+    FTPSError
+    ├── InvalidUpdate (ValueError)        a malformed push: id, names, shapes, values
+    ├── InvalidRequest (ValueError)       a request with bad arguments
+    ├── DuplicateUpdate                   an update id accepted before
+    ├── StaleIncarnation                  a message from another server incarnation
+    ├── SpecMismatch (ValueError)         a model/optimizer/mode other than the store's
+    ├── NotRegistered (RuntimeError)      no ParameterServer on the scheduler
+    ├── WaitTimeout (TimeoutError)        a pull waited too long for its round
+    ├── NotDurable                        an update that could not be made durable
+    ├── StoreLocked                       another live server writes the store
+    │   └── Fenced                        this server was replaced: it writes no more
+    └── StoreError
+        ├── StoreFormatError (ValueError) not a dask_ftps store of this format
+        └── StoreCorrupted                a stored object failed its checks
+"""
 
 from __future__ import annotations
 
@@ -27,13 +45,49 @@ class SpecMismatch(FTPSError, ValueError):
     """A model, optimizer or run spec differs from the one the server holds."""
 
 
-class StoreLocked(FTPSError):
-    """Another live parameter server already writes this store."""
-
-
 class NotRegistered(FTPSError, RuntimeError):
     """No :class:`~dask_ftps.ParameterServer` is registered on the scheduler."""
 
 
 class WaitTimeout(FTPSError, TimeoutError):
     """A pull waited longer than ``ftps.wait-timeout`` for its sync round or ssp bound."""
+
+
+class NotDurable(FTPSError):
+    """An update was refused because it could not be written to the store.
+
+    Nothing of it was applied: the server's state is as before the push.
+    """
+
+
+class StoreLocked(FTPSError):
+    """Another live parameter server already writes this store."""
+
+
+class Fenced(StoreLocked):
+    """A newer incarnation took the store over: this server can write nothing more."""
+
+
+class StoreError(FTPSError):
+    """A problem with what a store holds."""
+
+
+class StoreFormatError(StoreError, ValueError):
+    """The store holds something that is not a dask_ftps run of this format."""
+
+
+class StoreCorrupted(StoreError):
+    """A stored object is missing, truncated or fails its checksum.
+
+    Attributes
+    ----------
+    key
+        The object (key in the store) that failed, when one is known.
+    """
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+    def __reduce__(self):
+        return type(self), (str(self), self.key)

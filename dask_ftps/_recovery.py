@@ -1,15 +1,15 @@
-"""Rebuilding the exact state from a store: newest snapshot plus replay.
+"""Rebuilding the exact state from a store: a snapshot (or a worker's model
+copy) plus the replay of the log's events after it.
 
 Used by the scheduler plugin at start-up and, with no cluster, by
-:func:`recover` and :func:`inspect`.
+:func:`recover` and :func:`inspect`. Every replayed update must reproduce the
+version its record names, and the rebuilt model the checksum the last commit
+recorded: a store that disagrees is reported, never served.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -17,26 +17,39 @@ from typing import Any
 
 import numpy as np
 
-from dask_ftps._core import ModelVersion, RunId, Update, Version, WorkerId
-from dask_ftps._journal import ROW_FIELDS, Journal, StoreFormatError
+from dask_ftps._core import ModelVersion, RunId, Version, WorkerId
+from dask_ftps._exceptions import StoreCorrupted, StoreFormatError
 from dask_ftps._state import ParameterServerState, RunState
+from dask_ftps._store import CommittedUpdates, Journal, Record
+from dask_ftps._store._format import EpochEnded, RunBegun, model_crc
 
 logger = logging.getLogger(__name__)
-
-REPLAY_BATCH = 16
 
 Offload = Callable[..., Awaitable[Any]]
 
 
 @dataclass(frozen=True)
 class Rebuilt:
-    """How a state was rebuilt."""
+    """How a state was rebuilt.
+
+    Attributes
+    ----------
+    source
+        ``"snapshot"``, or the address of the worker whose model copy was used.
+    start_version
+        The version of the snapshot or copy the replay started from.
+    replayed
+        Updates whose payloads were read and merged.
+    skipped
+        Damaged snapshots passed over, newest first (``"v<version>: <error>"``).
+    """
 
     state: ParameterServerState
-    source: str  # "snapshot" or the address of the worker whose copy was used
+    source: str
     start_version: int
     replayed: int
     seconds: float
+    skipped: tuple[str, ...] = ()
 
 
 async def rebuild(
@@ -48,133 +61,204 @@ async def rebuild(
     memory_rows: int = 100_000,
     copy: ModelVersion | None = None,
     copy_source: str = "snapshot",
-    offload: Offload = asyncio.to_thread,
+    offload: Offload | None = None,
 ) -> Rebuilt:
-    """The state at the store's commit point, bit for bit.
+    """The state at the journal's last commit, bit for bit.
 
     Parameters
     ----------
     copy
-        A model copy newer than the newest snapshot (held by a worker, as the
-        download dataset says): committed updates up to its version are not
-        read or merged again; its parameters stand in for them. Only valid for
-        an optimizer without state.
+        A model copy newer than the newest snapshot, already checked against the
+        commit that produced it: updates up to its version are not read or
+        merged again. Only for an optimizer without state.
+    offload
+        Runs the merges (``await offload(func, *args)``); None: inline.
+
+    Raises
+    ------
+    StoreCorrupted
+        If no snapshot is whole, or the replay disagrees with the log.
     """
     t0 = time.perf_counter()
-    doc, meta = journal.doc, journal.meta
-    ref = doc.snapshots[-1]
-    snapshot = await journal.read_snapshot(ref)
+    limits = {
+        "incarnation": incarnation,
+        "download_limit": download_limit,
+        "gradient_entries": gradient_entries,
+        "memory_rows": memory_rows,
+    }
+    skipped: list[str] = []
+    errors: list[StoreCorrupted] = []
+    for record in journal.snapshots():
+        try:
+            if copy is None:
+                start, snap = await journal.read_snapshot(record)
+            else:  # the copy stands in for the snapshot's parameters
+                snap = record.body
+                start = ModelVersion(Version(snap.version), copy.params, {})
+        except StoreCorrupted as e:
+            errors.append(e)
+            skipped.append(f"v{record.body.version}: {e}")
+            logger.warning(
+                "%s: the snapshot of version %d is damaged (%s); rebuilding from the "
+                "one before it",
+                journal,
+                record.body.version,
+                e,
+            )
+            continue
+        state = _start_state(journal, record, start, limits)
+        replayed = await _replay(journal, record, state, copy, offload)
+        state.downloads = [(WorkerId(w), Version(v)) for w, v in journal.downloads]
+        state.settle()
+        return Rebuilt(
+            state,
+            copy_source,
+            record.body.version if copy is None else int(copy.version),
+            replayed,
+            time.perf_counter() - t0,
+            tuple(skipped),
+        )
+    raise StoreCorrupted(
+        f"{journal}: no snapshot can be read whole ({'; '.join(map(str, errors))}): "
+        "the store cannot be rebuilt exactly",
+        errors[0].key if errors else None,
+    )
+
+
+def _start_state(
+    journal: Journal, record: Record, model: ModelVersion, limits: dict
+) -> ParameterServerState:
+    meta = journal.meta
     state = ParameterServerState(
         meta.model,
         meta.optimizer,
         mode=meta.mode,
         staleness=meta.staleness,
-        incarnation=incarnation,
-        download_limit=download_limit,
-        gradient_entries=gradient_entries,
-        memory_rows=memory_rows,
-        model=snapshot,
+        model=model,
+        **limits,
     )
-    for i, (clocks, superseded) in enumerate(ref.runs):
-        start = doc.runs[i]
+    for entry in record.body.runs:
         state.runs.append(
             RunState(
-                RunId(i),
-                start.spec,
-                Version(start.base_version),
-                list(clocks),
-                superseded,
+                RunId(entry.run),
+                entry.spec,
+                Version(entry.base_version),
+                list(entry.clocks),
+                entry.superseded,
+                entry.name,
+                {epoch: dict(values) for epoch, values in entry.history},
             )
         )
-    state.updates = ref.replay_from
-    skip_to = -1 if copy is None else int(copy.version)
-
-    rows = await journal.read_rows(ref.replay_from, doc.seq)
-    versions = rows[:, ROW_FIELDS.index("version")]
-    # Rows merged into the copy need no payload; the rest is read in batches,
-    # the next batch while the current one is applied.
-    first_read = ref.replay_from + int(np.searchsorted(versions, skip_to, side="right"))
-    batches = [
-        (i, min(i + REPLAY_BATCH, doc.seq))
-        for i in range(first_read, doc.seq, REPLAY_BATCH)
-    ]
-    pending = (
-        asyncio.ensure_future(journal.read_payloads(*batches[0])) if batches else None
-    )
-
-    def apply(start: int, stop: int, payloads: np.ndarray | None) -> None:
-        for index in range(start, stop):
-            _begin_runs_before(state, journal, index)
-            row = rows[index - ref.replay_from]
-            if payloads is None:
-                _skip(state, journal.row_update(row, None), copy)
-            else:
-                update = journal.row_update(row, payloads[index - start])
-                # Checked when it was accepted; nobody holds the models in between.
-                admission = state.admit(update, check=False)
-                state.commit(admission, state.merge(admission, inplace=True))
-                if admission.version != row[-1]:
-                    raise StoreFormatError(
-                        f"replay of row {index} gave version {admission.version}, the "
-                        f"store says {row[-1]}: the store is inconsistent"
-                    )
-
-    if first_read > ref.replay_from:
-        await offload(apply, ref.replay_from, first_read, None)
-    for n, (start, stop) in enumerate(batches):
-        payloads = await pending
-        if n + 1 < len(batches):
-            pending = asyncio.ensure_future(journal.read_payloads(*batches[n + 1]))
-        await offload(apply, start, stop, payloads)
-    _begin_runs_before(state, journal, doc.seq)
-    state.downloads = [(WorkerId(w), Version(v)) for w, v in doc.downloads]
-    seconds = time.perf_counter() - t0
-    return Rebuilt(
-        state,
-        copy_source,
-        ref.version if copy is None else int(copy.version),
-        doc.seq - first_read,
-        seconds,
-    )
+    state.updates = record.body.replay_from
+    return state
 
 
-def _begin_runs_before(
-    state: ParameterServerState, journal: Journal, index: int
+async def _replay(
+    journal: Journal,
+    start: Record,
+    state: ParameterServerState,
+    copy: ModelVersion | None,
+    offload: Offload | None,
+) -> int:
+    """Apply the events after snapshot ``start``; return the updates merged."""
+    payloads_after = -1 if copy is None else int(copy.version)
+    replayed = 0
+    last: Record | None = None
+    async for event in journal.replay(start, payloads_after=payloads_after):
+        if isinstance(event, RunBegun):
+            _begin_run(state, event)
+            continue
+        if isinstance(event, EpochEnded):
+            state.record_epoch(event.run, event.epoch, dict(event.values))
+            continue
+        merged = sum(1 for u in event.updates if u.grads)
+        if offload is None or not merged:
+            _apply(state, event, copy)
+        else:
+            await offload(_apply, state, event, copy)
+        replayed += merged
+        last = event.record
+    if state.updates != journal.committed:
+        raise StoreCorrupted(
+            f"{journal}: replay ends at update {state.updates}, the log holds "
+            f"{journal.committed}"
+        )
+    if last is not None and last.body.version > payloads_after:
+        crc = model_crc(state.model.params, journal.params_layout.names)
+        if crc != last.body.model_crc:
+            raise StoreCorrupted(
+                f"{journal}: the rebuilt model of version {state.version} has checksum "
+                f"{crc:08x}, the server served {last.body.model_crc:08x}: the store "
+                "does not replay to what was served",
+            )
+    return replayed
+
+
+def _begin_run(state: ParameterServerState, event: RunBegun) -> None:
+    if event.run < len(state.runs):
+        return  # the snapshot holds it
+    run = state.begin_run(event.spec, event.name)
+    if run.run != event.run or run.base_version != event.base_version:
+        raise StoreCorrupted(
+            f"run {event.run} began at version {event.base_version} but replays as "
+            f"run {run.run} at version {run.base_version}: the store is inconsistent"
+        )
+
+
+def _apply(
+    state: ParameterServerState, event: CommittedUpdates, copy: ModelVersion | None
 ) -> None:
-    """Replay the ``begin_run`` calls that came before row ``index``."""
-    for start in journal.doc.runs[len(state.runs) :]:
-        if start.begun_at > index:
-            return
-        run = state.begin_run(start.spec)
-        if run.base_version != start.base_version:
-            raise StoreFormatError(
-                f"run {run.run} began at version {start.base_version} but replays "
-                f"to {run.base_version}: the store is inconsistent"
+    for update, version in zip(event.updates, event.versions, strict=True):
+        # Checked when it was accepted; nobody holds the models in between.
+        admission = state.admit(update, check=False)
+        if admission.version != version:
+            raise StoreCorrupted(
+                f"replay of update {update.key.id} (commit {event.record.serial}) gave "
+                f"version {admission.version}, its record says {version}: the store "
+                "is inconsistent"
             )
-
-
-def _skip(state: ParameterServerState, update: Update, copy: ModelVersion) -> None:
-    admission = state.admit(update, check=False)
-    model = None
-    if admission.merge:
-        model = (
-            copy
-            if admission.version == copy.version
-            else ModelVersion(admission.version, {}, {})
+        if not update.grads:  # before the copy's version: the copy stands in
+            model = None
+            if admission.merge:
+                model = (
+                    copy
+                    if admission.version == copy.version
+                    else ModelVersion(admission.version, copy.params, {})
+                )
+            state.commit(admission, model)
+        else:
+            state.commit(admission, state.merge(admission, inplace=True))
+    if state.version != event.commit.version:
+        raise StoreCorrupted(
+            f"replay of commit {event.record.serial} gave model version "
+            f"{state.version}, its record says {event.commit.version}"
         )
-    state.commit(admission, model)
 
 
 # -- offline tools -------------------------------------------------------------
 
 
-def recover(store: str | os.PathLike) -> tuple[int, dict[str, np.ndarray]]:
+def recover(
+    store: Any, storage_options: dict | None = None
+) -> tuple[int, dict[str, np.ndarray]]:
     """Rebuild the model a store holds, with no cluster.
+
+    Parameters
+    ----------
+    store
+        A local path, an fsspec URL or a Zarr store.
+    storage_options
+        fsspec options for a URL (endpoint, credentials).
 
     Returns
     -------
     (version, params)
-        Bit for bit the model a live server would serve at that version.
+        Bit for bit the model a live server serves at that version.
+
+    Raises
+    ------
+    StoreCorrupted
+        If the store cannot be rebuilt exactly (it names the damaged object).
 
     Examples
     --------
@@ -182,83 +266,91 @@ def recover(store: str | os.PathLike) -> tuple[int, dict[str, np.ndarray]]:
     """
 
     async def run() -> tuple[int, dict[str, np.ndarray]]:
-        journal = await _open_read_only(store)
-        rebuilt = await rebuild(journal)
+        journal = await _open_read_only(store, storage_options)
+        try:
+            rebuilt = await rebuild(journal)
+        finally:
+            await journal.close()
         return int(rebuilt.state.version), rebuilt.state.model.params
 
     return _run(run())
 
 
-def inspect(store: str | os.PathLike) -> dict[str, Any]:
+def inspect(store: Any, storage_options: dict | None = None) -> dict[str, Any]:
     """What a store holds, read without changing it.
 
     Returns
     -------
     dict
-        ``version`` (of the last committed update), ``incarnation``,
+        ``version`` (the model after the last commit), ``incarnation``,
         ``updates`` (committed), ``snapshots`` (versions), ``global`` (the
         retained global-dataset rows: ``update_id``, ``worker``, ``version``),
-        ``download`` (rows ``worker``, ``version``), and the run's ``model``,
-        ``optimizer``, ``mode``, ``runs`` and ``first_row`` (the oldest retained row).
+        ``download`` (rows ``worker``, ``version``), ``first_row`` (the oldest
+        retained row), the run's ``model``, ``optimizer``, ``mode``,
+        ``staleness``, ``run_id`` and ``runs``, ``records`` (log records kept)
+        and ``damaged`` (log records that fail their checks).
     """
 
     async def run() -> dict[str, Any]:
-        journal = await _open_read_only(store)
-        doc = journal.doc
-        first = journal.floor
-        rows = await journal.read_rows(first, doc.seq)
-        return {
-            "version": await journal.last_version(),
-            "incarnation": doc.incarnation,
-            "updates": doc.seq,
-            "snapshots": [ref.version for ref in doc.snapshots],
-            "global": [
-                {
-                    "update_id": ":".join(str(int(x)) for x in row[:4]),
-                    "worker": doc.workers[int(row[4])],
-                    "version": int(row[5]),
-                }
-                for row in rows
-            ],
-            "download": [{"worker": w, "version": v} for w, v in doc.downloads],
-            "first_row": first,
-            "model": journal.meta.model.to_dict(),
-            "optimizer": journal.meta.optimizer.to_dict(),
-            "mode": journal.meta.mode,
-            "staleness": journal.meta.staleness,
-            "runs": [
-                {**start.spec.to_dict(), "base_version": start.base_version}
-                for start in doc.runs
-            ],
-        }
+        journal = await _open_read_only(store, storage_options)
+        try:
+            return _describe(journal)
+        finally:
+            await journal.close()
 
     return _run(run())
 
 
-async def _open_read_only(store: str | os.PathLike) -> Journal:
-    journal = await Journal.open(store, read_only=True)
+def _describe(journal: Journal) -> dict[str, Any]:
+    commits = journal.commits()
+    rows = [
+        {
+            "update_id": f"{run}:{epoch}:{shard}:{step}",
+            "worker": worker,
+            "version": version,
+        }
+        for record in commits
+        for run, epoch, shard, step, worker, version in record.body.rows
+    ]
+    first_row = commits[0].body.seq if commits else journal.committed
+    runs = journal.runs()
+    return {
+        "version": journal.version,
+        "incarnation": journal.incarnation,
+        "updates": journal.committed,
+        "snapshots": sorted(r.body.version for r in journal.snapshots()),
+        "global": rows,
+        "download": [{"worker": w, "version": v} for w, v in journal.downloads],
+        "first_row": first_row,
+        "model": journal.meta.model.to_dict(),
+        "optimizer": journal.meta.optimizer.to_dict(),
+        "mode": journal.meta.mode,
+        "staleness": journal.meta.staleness,
+        "run_id": journal.meta.run_id,
+        "runs": [
+            {
+                **r.spec.to_dict(),
+                "name": r.name,
+                "base_version": r.base_version,
+                "history": [history[e] for e in sorted(history)],
+            }
+            for r, history in runs
+        ],
+        "records": len(journal.records),
+        "damaged": sorted(str(e) for e in journal.damaged.values()),
+    }
+
+
+async def _open_read_only(store: Any, storage_options: dict | None) -> Journal:
+    journal = await Journal.open(store, storage_options, read_only=True)
     if journal is None:
-        raise StoreFormatError(f"{os.fspath(store)!r} holds no committed dask_ftps run")
+        raise StoreFormatError(f"{store!s} holds no committed dask_ftps run")
     return journal
 
 
 def _run(coro: Awaitable[Any]) -> Any:
-    """Run ``coro`` to completion, also from a thread that runs an event loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    result: dict[str, Any] = {}
+    """Run ``coro`` on zarr's own event loop (a thread that lives as long as the
+    process), so that stores bound to a loop (fsspec, s3fs) work every time."""
+    from zarr.core.sync import sync
 
-    def target() -> None:
-        try:
-            result["value"] = asyncio.run(coro)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
-            result["error"] = e
-
-    thread = threading.Thread(target=target, name="ftps-offline")
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
+    return sync(coro)

@@ -1,25 +1,31 @@
-"""The scheduler half: the parameter server as a Dask scheduler plugin."""
+"""The scheduler half: the parameter server as a Dask scheduler plugin.
+
+:class:`ParameterServer` is a picklable spec (it is built on the client and
+sent to the scheduler) plus the handlers the scheduler routes to. Every field
+of every message is checked here, before anything changes; the work is done by
+the :class:`~dask_ftps._server.Server` that :meth:`ParameterServer.start` runs.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from dask.utils import parse_timedelta
 from distributed.core import error_message
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
-from distributed.protocol.serialize import ToPickle
-from distributed.utils import offload
 
 from dask_ftps import config
 from dask_ftps._core import (
+    MAX_COUNT,
+    MAX_EPOCHS,
     MODES,
     Mode,
     ModelMessage,
@@ -30,17 +36,23 @@ from dask_ftps._core import (
     Version,
     WorkerId,
     download_entries,
+    field_int,
+    field_step,
+    field_str,
 )
 from dask_ftps._exceptions import (
     FTPSError,
     InvalidRequest,
+    InvalidUpdate,
+    NotRegistered,
     StaleIncarnation,
-    StoreLocked,
-    WaitTimeout,
 )
-from dask_ftps._journal import Journal, RunMeta
 from dask_ftps._recovery import Rebuilt, rebuild
-from dask_ftps._state import ParameterServerState
+from dask_ftps._server import Server, ServerConfig
+from dask_ftps._state import ParameterServerState, check_worker
+from dask_ftps._store import Journal, RunMeta, resolve, take_over
+from dask_ftps._store._format import model_crc
+from dask_ftps._store._io import check_location
 from dask_ftps._worker_plugin import FTPSWorkerPlugin
 from dask_ftps.models import Model
 from dask_ftps.optim import SGD, Optimizer
@@ -52,7 +64,7 @@ logger = logging.getLogger(__name__)
 
 
 def _replies_errors(handler: Callable[..., Awaitable[dict]]):
-    """Send an expected :class:`FTPSError` back to the caller as an error message."""
+    """Send a refusal back to the caller as an error message, never a crash."""
 
     @functools.wraps(handler)
     async def wrapper(*args: Any, **kwargs: Any) -> dict:
@@ -64,6 +76,9 @@ def _replies_errors(handler: Callable[..., Awaitable[dict]]):
         except TypeError as e:  # missing or unexpected message keys
             logger.info("%s refused: %s", handler.__name__, e)
             return error_message(InvalidRequest(f"{handler.__name__}: {e}"))
+        except Exception as e:
+            logger.warning("%s failed on a request", handler.__name__, exc_info=True)
+            return error_message(InvalidRequest(f"{handler.__name__}: {e!r}"))
 
     return wrapper
 
@@ -74,7 +89,8 @@ class ParameterServer(SchedulerPlugin):
     Parameters
     ----------
     store
-        Where the run lives: a local path or fsspec URL of a Zarr store. Every
+        Where the run lives: a local path, an fsspec URL (``s3://...``, with
+        ``storage_options``) or a Zarr :class:`~zarr.abc.store.Store`. Every
         accepted update is written there before it is acknowledged, and a
         server registered on a store that holds a run resumes it, bit for bit.
         None keeps everything in memory (nothing survives the scheduler).
@@ -92,14 +108,21 @@ class ParameterServer(SchedulerPlugin):
         Versions between snapshots; default ``ftps.store.snapshot-every``.
     durable
         Also fsync each write of a local store; default ``ftps.store.durable``.
+    storage_options
+        fsspec options for a URL store (endpoint, credentials, ...).
 
     Raises
     ------
+    TypeError
+        If ``store`` is not a path, URL or Zarr store, or ``storage_options``
+        go with something other than a URL.
     SpecMismatch
         At registration, if the store holds a run with another model, optimizer
         or mode.
     StoreLocked
         At registration, if another live server writes the store.
+    StoreCorrupted
+        At registration, if the store cannot be rebuilt exactly.
 
     Examples
     --------
@@ -111,23 +134,25 @@ class ParameterServer(SchedulerPlugin):
     idempotent = False
 
     scheduler: Scheduler
-    state: ParameterServerState
-    journal: Journal | None
-    rebuilt: Rebuilt | None
 
     def __init__(
         self,
-        store: str | None = None,
+        store: Any = None,
         model: Model | None = None,
         optimizer: Optimizer | None = None,
         mode: Mode | None = None,
         staleness: int | None = None,
         snapshot_every: int | None = None,
         durable: bool | None = None,
+        storage_options: dict | None = None,
     ) -> None:
         if mode is not None and mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if staleness is not None and (not isinstance(staleness, int) or staleness < 0):
+        if staleness is not None and (
+            not isinstance(staleness, int)
+            or isinstance(staleness, bool)
+            or staleness < 0
+        ):
             raise ValueError(f"staleness must be a non-negative integer: {staleness!r}")
         if model is None and store is None:
             raise TypeError(
@@ -142,23 +167,38 @@ class ParameterServer(SchedulerPlugin):
         if optimizer is not None and not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a dask_ftps optimizer: {optimizer!r}")
         if snapshot_every is not None and (
-            not isinstance(snapshot_every, int) or snapshot_every < 1
+            not isinstance(snapshot_every, int)
+            or isinstance(snapshot_every, bool)
+            or snapshot_every < 1
         ):
             raise ValueError(
                 f"snapshot_every must be a positive integer: {snapshot_every!r}"
             )
-        self.store = None if store is None else str(store)
+        if durable is not None and not isinstance(durable, bool):
+            raise TypeError(f"durable must be True, False or None: {durable!r}")
+        if store is not None:
+            check_location(store, storage_options)
+        elif storage_options is not None:
+            raise TypeError("storage_options need a store URL")
+        self.store = os.fspath(store) if isinstance(store, os.PathLike) else store
+        self.storage_options = storage_options
         self.model = model
         self.optimizer = optimizer
         self.mode = mode
         self.staleness = staleness
         self.snapshot_every = snapshot_every
         self.durable = durable
+        self._server: Server | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_server": None, "scheduler": None}
 
     @property
     def _handlers(self) -> dict[str, Callable]:
         return {
             "ftps_begin_run": self.begin_run,
+            "ftps_find_run": self.find_run,
+            "ftps_end_epoch": self.end_epoch,
             "ftps_next_step": self.next_step,
             "ftps_pull": self.pull,
             "ftps_push": self.push,
@@ -167,22 +207,37 @@ class ParameterServer(SchedulerPlugin):
             "ftps_records": self.records,
         }
 
+    @property
+    def server(self) -> Server:
+        """The running server; :class:`NotRegistered` before ``start`` ended."""
+        if self._server is None:
+            raise NotRegistered("the parameter server has not started")
+        return self._server
+
+    @property
+    def state(self) -> ParameterServerState:
+        """The running server's state (for tests and inspection)."""
+        return self.server.state
+
+    @property
+    def journal(self) -> Journal | None:
+        return self.server.journal
+
+    @property
+    def rebuilt(self) -> Rebuilt | None:
+        return self.server.rebuilt
+
     # -- lifecycle ------------------------------------------------------------
 
     async def start(self, scheduler: Scheduler) -> None:
         t0 = time.perf_counter()
         self.scheduler = scheduler
-        self._identity = uuid.uuid4().hex
         old = scheduler.plugins.get(self.name)
-        if isinstance(old, ParameterServer) and old is not self:
-            await old._retire()
-        self._lock = asyncio.Lock()
-        self._changed = asyncio.Condition()
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._snapshotting: asyncio.Task | None = None
-        self._failed: BaseException | None = None
-        self._offload_threshold = config.get("offload-threshold")
-        self._wait_timeout = parse_timedelta(config.get("wait-timeout"))
+        old_server = (
+            old._server
+            if isinstance(old, ParameterServer) and old is not self
+            else None
+        )
         retention = config.get("retention")
         self._limits = {
             "download_limit": download_entries(
@@ -191,172 +246,155 @@ class ParameterServer(SchedulerPlugin):
             "gradient_entries": retention["gradient-entries"],
             "memory_rows": retention["memory-rows"],
         }
-        self.journal, self.rebuilt = None, None
-        if self.store is None:
-            self.state = self._fresh_state(self._meta())
-        else:
-            await self._open_store()
-        self._published: ModelVersion = self.state.model
-        self._last_snapshot = (
-            int(self.state.version)
-            if self.journal is None
-            else self.journal.doc.snapshots[-1].version
+        settings = ServerConfig(
+            snapshot_every=self.snapshot_every or config.get("store.snapshot-every"),
+            snapshots_kept=config.get("store.snapshots-kept"),
+            offload_threshold=config.get("offload-threshold"),
+            wait_timeout=parse_timedelta(config.get("wait-timeout")),
+            address=scheduler.address,
         )
-        self._committer = asyncio.create_task(self._commit_loop())
+        if self.store is None:
+            if old_server is not None:
+                await old_server.retire("replaced")
+            server = Server(self._fresh_state(self._meta()), None, settings)
+        else:
+            server = await self._open_store(old_server, settings)
+        self._server = server
+        self.model = server.state.model_spec
         scheduler.handlers.update(self._handlers)
         # Idempotent: a server replacing another may use the workers' model copies
         # in its recovery (copies are tagged with the server that sent them).
         await scheduler.register_worker_plugin(
             None, dumps(FTPSWorkerPlugin()), name="ftps", idempotent=True
         )
+        state = server.state
         logger.info(
             "Parameter server started in %.3fs: %s, %d parameters, mode %s, "
             "incarnation %d, version %d, store %s",
             time.perf_counter() - t0,
-            type(self.state.model_spec).__name__,
-            self.state.model_spec.n_params(),
-            self.state.mode,
-            self.state.incarnation,
-            self.state.version,
-            self.store,
+            type(state.model_spec).__name__,
+            state.model_spec.n_params(),
+            state.mode,
+            state.incarnation,
+            state.version,
+            server.description,
         )
-
-    async def _retire(self) -> None:
-        """Stop serving (a new server replaces this one in the same scheduler).
-
-        Waits for the batch being committed, so that the new server reads a
-        commit point that no longer moves; queued pushes are refused with
-        :class:`StaleIncarnation`, and the workers ask the new server where
-        their shards stand.
-        """
-        if not hasattr(self, "_lock"):
-            return
-        async with self._lock:
-            self._failed = StaleIncarnation(
-                f"parameter server incarnation {self.state.incarnation} was replaced"
-            )
-        logger.info("Incarnation %d retired", self.state.incarnation)
 
     async def close(self) -> None:
         handlers = getattr(getattr(self, "scheduler", None), "handlers", {})
         for op, handler in self._handlers.items():
             if handlers.get(op) == handler:
                 del handlers[op]
-        for task in (
-            getattr(self, "_committer", None),
-            getattr(self, "_snapshotting", None),
-        ):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        if self._server is not None:
+            await self._server.close()
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
-        self.state.forget_worker(WorkerId(worker))
+        if self._server is not None:
+            self._server.forget_worker(worker)
 
-    # -- handlers -------------------------------------------------------------
+    # -- handlers: every field is checked here, before anything changes ---------
 
     @_replies_errors
-    async def begin_run(self, spec: dict) -> dict:
-        if not isinstance(spec, dict):
-            raise InvalidRequest(f"spec must be a dict, got {type(spec).__name__}")
+    async def begin_run(self, spec: object, name: object = "") -> dict:
         run_spec = RunSpec.from_dict(spec)
-        async with self._lock:
-            self._check_healthy()
-            runs = len(self.state.runs)
-            run = self.state.begin_run(run_spec)
-            if self.journal is not None and len(self.state.runs) > runs:
-                await self.journal.record_run(run_spec, int(run.base_version))
-        logger.info(
-            "Run %d: %d shards, %d epochs, %d minibatches, from version %d (%d accepted)",
-            run.run,
-            run_spec.n_shards,
-            run_spec.epochs,
-            run_spec.minibatches,
-            run.base_version,
-            run.accepted,
-        )
-        return {
-            "status": "OK",
-            "run": int(run.run),
-            "base_version": int(run.base_version),
-            "incarnation": self.state.incarnation,
-            "next": [list(run.next_step(s)) for s in range(run_spec.n_shards)],
-        }
+        run_name = field_str("name", name)
+        return await self.server.begin_run(run_spec, run_name)
 
     @_replies_errors
-    async def next_step(self, run: int, shard: int) -> dict:
-        self._check_healthy()
-        epoch, step = self.state.next_step(run, shard)
-        return {"status": "OK", "epoch": epoch, "step": step}
+    async def find_run(
+        self,
+        name: object,
+        n_samples: object,
+        batch_size: object,
+        epochs: object,
+        seed: object,
+    ) -> dict:
+        return self.server.find_run(
+            field_str("name", name),
+            field_int("n_samples", n_samples, maximum=MAX_COUNT),
+            field_int("batch_size", batch_size, maximum=MAX_COUNT),
+            field_int("epochs", epochs, maximum=MAX_EPOCHS),
+            field_int("seed", seed, maximum=2**63 - 1),
+        )
+
+    @_replies_errors
+    async def end_epoch(self, run: object, epoch: object, values: object) -> dict:
+        return await self.server.end_epoch(
+            field_int("run", run, maximum=MAX_COUNT),
+            field_int("epoch", epoch, maximum=MAX_EPOCHS),
+            _history_values(values),
+        )
+
+    @_replies_errors
+    async def next_step(self, run: object, shard: object) -> dict:
+        return self.server.next_step(
+            field_int("run", run, maximum=MAX_COUNT),
+            field_int("shard", shard, maximum=MAX_COUNT),
+        )
 
     @_replies_errors
     async def pull(
         self,
-        worker: str,
-        run: int,
-        shard: int,
-        epoch: int,
-        step: int,
-        have_version: int = -1,
-        have_server: str | None = None,
+        worker: object,
+        run: object,
+        shard: object,
+        epoch: object,
+        step: object,
+        have_version: object = -1,
+        have_server: object = None,
     ) -> ModelMessage:
-        self._check_healthy()
-        self.state.next_step(run, shard)  # validates run and shard
-        await self._wait_ready(run, shard, epoch, step)
-        return self._model_reply(WorkerId(worker), have_version, have_server)
+        return await self.server.pull(
+            WorkerId(check_worker(worker, InvalidRequest)),
+            field_int("run", run, maximum=MAX_COUNT),
+            field_int("shard", shard, maximum=MAX_COUNT),
+            field_int("epoch", epoch, maximum=MAX_EPOCHS),
+            field_int("step", step, maximum=MAX_COUNT),
+            field_int("have_version", have_version, minimum=-1),
+            field_str("have_server", have_server, optional=True),
+        )
 
     @_replies_errors
     async def push(
         self,
-        worker: str,
-        update_id: str,
-        grads: dict,
-        incarnation: int,
-        next_step: tuple[int, int] | None = None,
-        have_version: int = -1,
-        have_server: str | None = None,
+        worker: object,
+        update_id: object,
+        grads: object,
+        incarnation: object,
+        next_step: object = None,
+        have_version: object = -1,
+        have_server: object = None,
     ) -> ModelMessage:
         """Accept one update once it is durable; with ``next_step``, answer with
         the model for that step."""
-        self.state.check_incarnation(incarnation)
-        self._check_healthy()
-        update = Update(UpdateKey.parse(update_id), WorkerId(worker), grads)
-        accepted = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((update, accepted))
-        version = await accepted
-        if next_step is None:
-            return {"status": "OK", "version": int(version)}
-        key = update.key
-        await self._wait_ready(key.run, key.shard, *next_step)
-        return self._model_reply(update.worker, have_version, have_server)
+        server = self.server
+        if not isinstance(incarnation, int) or isinstance(incarnation, bool):
+            raise StaleIncarnation(f"message from incarnation {incarnation!r:.40}")
+        update = Update(
+            UpdateKey.parse(update_id),
+            WorkerId(check_worker(worker, InvalidUpdate)),
+            _grads(grads),
+        )
+        return await server.push(
+            update,
+            incarnation,
+            field_step(next_step),
+            field_int("have_version", have_version, InvalidUpdate, minimum=-1),
+            field_str("have_server", have_server, InvalidUpdate, optional=True),
+        )
 
     @_replies_errors
     async def status(self) -> dict:
-        rebuilt = self.rebuilt
-        return {
-            "status": "OK",
-            **self.state.summary(),
-            "version": int(self._published.version),
-            "store": self.store,
-            "workers": sorted(self.scheduler.workers),
-            "nthreads": sum(ws.nthreads for ws in self.scheduler.workers.values()),
-            "snapshots": []
-            if self.journal is None
-            else list(self.journal.stored_snapshots),
-            "recovery": None
-            if rebuilt is None
-            else {
-                "source": rebuilt.source,
-                "start_version": rebuilt.start_version,
-                "replayed": rebuilt.replayed,
-                "seconds": rebuilt.seconds,
-            },
-        }
+        reply = self.server.status()
+        workers = self.scheduler.workers
+        reply["workers"] = sorted(workers)
+        reply["nthreads"] = sum(ws.nthreads for ws in workers.values())
+        return reply
 
     @_replies_errors
     async def get_model(self) -> dict:
-        model = self._published
+        from distributed.protocol.serialize import ToPickle
+
+        model = self.server.published
         return {
             "status": "OK",
             "version": int(model.version),
@@ -365,101 +403,7 @@ class ParameterServer(SchedulerPlugin):
 
     @_replies_errors
     async def records(self) -> dict:
-        return {"status": "OK", **self.state.records()}
-
-    # -- group commit -----------------------------------------------------------
-
-    async def _commit_loop(self) -> None:
-        """Apply queued pushes in batches; acknowledge each batch once it is durable."""
-        while True:
-            batch = [await self._queue.get()]
-            while not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            async with self._lock:
-                await self._commit_batch(batch)
-            async with self._changed:
-                self._changed.notify_all()
-            if self._failed is not None and self._queue.empty():
-                return  # pushes are refused before they queue from now on
-
-    async def _commit_batch(self, batch: list[tuple[Update, asyncio.Future]]) -> None:
-        accepted: list[tuple[Update, int, asyncio.Future]] = []
-        for update, future in batch:
-            try:
-                self._check_healthy()
-                admission = await self._maybe_offload(self.state.admit, update)
-                model = await self._maybe_offload(self.state.merge, admission)
-                self.state.commit(admission, model)
-                accepted.append((update, int(admission.version), future))
-            except Exception as e:  # noqa: BLE001 - refused; the state is unchanged
-                future.set_exception(e)
-        if not accepted:
-            return
-        if self.journal is not None:
-            try:
-                await self.journal.append(
-                    [u for u, _, _ in accepted],
-                    [v for _, v, _ in accepted],
-                    self.state.downloads,
-                )
-            except StoreLocked as e:
-                self._failed = StaleIncarnation(f"this server was fenced off: {e}")
-                logger.error("%s; refusing every request from now on", e)
-                for _, _, future in accepted:
-                    future.set_exception(StaleIncarnation(str(self._failed)))
-                return
-            except Exception as e:
-                self._failed = FTPSError(
-                    f"the journal failed ({e!r}); restart the parameter server to "
-                    "rebuild it from the store"
-                )
-                logger.critical(
-                    "The journal failed; refusing every push from now on. Restart "
-                    "the parameter server to rebuild from the store.",
-                    exc_info=True,
-                )
-                for _, _, future in accepted:
-                    future.set_exception(
-                        FTPSError(f"the update could not be made durable: {e!r}")
-                    )
-                return
-        self._published = self.state.model
-        for _, version, future in accepted:
-            if not future.done():
-                future.set_result(version)
-        self._maybe_snapshot()
-
-    def _maybe_snapshot(self) -> None:
-        if self.journal is None or (
-            self._snapshotting is not None and not self._snapshotting.done()
-        ):
-            return
-        every = self.snapshot_every or config.get("store.snapshot-every")
-        if self.state.version - self._last_snapshot < every:
-            return
-        model, open_round, runs = self.state.snapshot_point()
-        self._last_snapshot = int(model.version)
-        replay_from = self.journal.doc.seq - open_round
-        self._snapshotting = asyncio.create_task(
-            self._snapshot(model, replay_from, runs)
-        )
-
-    async def _snapshot(
-        self, model: ModelVersion, replay_from: int, runs: tuple
-    ) -> None:
-        t0 = time.perf_counter()
-        try:
-            await self.journal.write_snapshot(model, replay_from, runs)
-            trimmed = await self.journal.trim(config.get("store.snapshots-kept"))
-        except Exception:
-            logger.exception("Snapshot of version %d failed", model.version)
-            return
-        logger.info(
-            "Snapshot of version %d in %.3fs; trimmed %s",
-            model.version,
-            time.perf_counter() - t0,
-            trimmed,
-        )
+        return {"status": "OK", **self.server.records()}
 
     # -- store ----------------------------------------------------------------
 
@@ -481,66 +425,82 @@ class ParameterServer(SchedulerPlugin):
             **self._limits,
         )
 
-    async def _open_store(self) -> None:
-        journal = await Journal.open(self.store)
-        if journal is None:
-            if self.model is None:
-                raise FTPSError(
-                    f"the store {self.store!r} holds no run to resume: give a model"
-                )
-            meta = self._meta()
-            journal = await Journal.create(
-                self.store, meta, self._fresh_state(meta).model
-            )
-        else:
-            given = RunMeta(
-                self.model or journal.meta.model,
-                self.optimizer or journal.meta.optimizer,
-                self.mode or journal.meta.mode,
-                self.staleness
-                if self.staleness is not None
-                else journal.meta.staleness,
-            )
-            journal.meta.check_same(given)
-        journal.durable = (
+    def _given(self, stored: RunMeta) -> RunMeta:
+        """The run this plugin asks for, the store's where it says nothing."""
+        return RunMeta(
+            self.model or stored.model,
+            self.optimizer or stored.optimizer,
+            self.mode or stored.mode,
+            self.staleness if self.staleness is not None else stored.staleness,
+        )
+
+    async def _open_store(
+        self, old_server: Server | None, settings: ServerConfig
+    ) -> Server:
+        io = resolve(self.store, self.storage_options)
+        durable = (
             self.durable if self.durable is not None else config.get("store.durable")
         )
-        previous = journal.doc.incarnation
-        incarnation = await journal.claim(self.scheduler.address, self._owner_alive)
-        self.rebuilt = await self._rebuild(journal, incarnation, previous)
-        self.state = self.rebuilt.state
-        self.journal = journal
-        self.model = self.state.model_spec
-        if journal.doc.seq or previous:
+        # Refuse another spec before the old server stops serving.
+        existing = await Journal.open_io(io)
+        if existing is not None:
+            existing.meta.check_same(self._given(existing.meta))
+        elif self.model is None:
+            raise FTPSError(f"the store {io} holds no run to resume: give a model")
+        if old_server is not None:
+            await old_server.retire("replaced")
+
+        async def open_journal() -> Journal:
+            journal = await Journal.open_io(io)
+            if journal is None:
+                meta = self._meta()
+                journal = await Journal.create_io(
+                    io, meta, self._fresh_state(meta).model
+                )
+            journal.meta.check_same(self._given(journal.meta))
+            io.durable = durable
+            return journal
+
+        journal, incarnation, rebuilt = await take_over(
+            open_journal, self.scheduler.address, self._owner_alive, self._rebuild
+        )
+        rebuilt.state.incarnation = incarnation
+        previous = journal.records[journal.claim_serial - 1].incarnation
+        if journal.committed or previous:
             logger.warning(
                 "Recovered %s: incarnation %d -> %d, version %d from the %s at version "
-                "%d plus %d replayed updates in %.3fs; 0 accepted updates lost",
-                self.store,
+                "%d plus %d replayed updates in %.3fs; 0 accepted updates lost%s",
+                io,
                 previous,
                 incarnation,
-                self.state.version,
+                rebuilt.state.version,
                 "snapshot"
-                if self.rebuilt.source == "snapshot"
-                else f"model copy of worker {self.rebuilt.source}",
-                self.rebuilt.start_version,
-                self.rebuilt.replayed,
-                self.rebuilt.seconds,
+                if rebuilt.source == "snapshot"
+                else f"model copy of worker {rebuilt.source}",
+                rebuilt.start_version,
+                rebuilt.replayed,
+                rebuilt.seconds,
+                ""
+                if not rebuilt.skipped
+                else f"; damaged snapshots passed over: {'; '.join(rebuilt.skipped)}",
             )
+        return Server(rebuilt.state, journal, settings, rebuilt, str(io))
 
-    async def _rebuild(
-        self, journal: Journal, incarnation: int, previous: int
-    ) -> Rebuilt:
+    async def _rebuild(self, journal: Journal) -> Rebuilt:
         """The patent's recovery: the freshest model copy a live worker holds plus
         replay, falling back to the next candidate, then to the snapshot."""
-        kwargs = {"incarnation": incarnation, "offload": offload, **self._limits}
-        newest_snapshot = journal.doc.snapshots[-1].version
+        from distributed.utils import offload
+
+        large = journal.meta.model.n_params() >= config.get("offload-threshold")
+        kwargs = {"offload": offload if large else None, **self._limits}
+        newest_snapshot = journal.snapshots()[0].body.version
         stateless = not journal.meta.optimizer.init_state(
             journal.meta.model.init_params()
         )
         candidates = sorted(
             (
                 (v, w)
-                for w, v in journal.doc.downloads
+                for w, v in journal.downloads
                 if v > newest_snapshot and w in self.scheduler.workers
             ),
             reverse=True,
@@ -553,21 +513,12 @@ class ParameterServer(SchedulerPlugin):
             )
             candidates = []
         timeout = parse_timedelta(config.get("store.copy-timeout"))
-        last_version = await journal.last_version()
         for version, worker in candidates:
             try:
                 reply = await asyncio.wait_for(
                     self.scheduler.rpc(worker).ftps_model_copy(), timeout
                 )
-                # Every served version was committed first, so a version's bits
-                # are the same in every incarnation; the worker may hold a newer
-                # one than its row says (the row is written with the next commit).
-                held = reply.get("version") if reply.get("status") == "OK" else None
-                if reply.get("store") != self.store:
-                    raise FTPSError("its copy came from another server")
-                if held is None or not version <= held <= last_version:
-                    raise FTPSError(f"it holds version {held!r}")
-                copy = ModelVersion(Version(held), reply["params"], {})
+                copy = _checked_copy(journal, reply, version)
                 return await rebuild(journal, copy=copy, copy_source=worker, **kwargs)
             except Exception as e:  # noqa: BLE001 - any failure: next candidate
                 logger.warning(
@@ -579,7 +530,9 @@ class ParameterServer(SchedulerPlugin):
                 )
         return await rebuild(journal, **kwargs)
 
-    async def _owner_alive(self, address: str, incarnation: int) -> bool:
+    async def _owner_alive(
+        self, journal: Journal, incarnation: int, address: str
+    ) -> bool:
         """Whether ``address`` still runs the server of ``incarnation`` on this store."""
         if address == self.scheduler.address:
             return False  # a server here replaces it, or this scheduler restarted
@@ -593,56 +546,70 @@ class ParameterServer(SchedulerPlugin):
         return (
             isinstance(reply, dict)
             and reply.get("status") == "OK"
-            and reply.get("store") == self.store
+            and reply.get("run_id") == journal.meta.run_id
             and reply.get("incarnation") == incarnation
+            and not reply.get("failed")
         )
 
-    # -- internals ------------------------------------------------------------
 
-    def _check_healthy(self) -> None:
-        if self._failed is not None:
-            raise type(self._failed)(str(self._failed))
+def _history_values(value: object) -> dict[str, float | None]:
+    """An epoch's history record: at most 32 short names, each a number or None
+    (NaN and infinities are kept as None)."""
+    if not isinstance(value, dict) or len(value) > 32:
+        raise InvalidRequest("values must be a dict of at most 32 numbers by name")
+    out: dict[str, float | None] = {}
+    for name, number in value.items():
+        field_str("a history name", name, max_length=64)
+        if number is not None and (
+            isinstance(number, bool) or not isinstance(number, int | float)
+        ):
+            raise InvalidRequest(f"history value {name!r} must be a number or None")
+        out[name] = None if number is None or not np.isfinite(number) else float(number)
+    return out
 
-    async def _maybe_offload(self, func: Callable, *args: Any) -> Any:
-        if self.state.model_spec.n_params() >= self._offload_threshold:
-            return await offload(func, *args)
-        return func(*args)
 
-    async def _wait_ready(self, run: int, shard: int, epoch: int, step: int) -> None:
-        """Wait until the shard may compute ``(epoch, step)`` and what it needs is
-        durable."""
+def _grads(value: object) -> dict[str, np.ndarray]:
+    """The ``grads`` field: a dict of NumPy arrays by name (shapes are the state's
+    to check)."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise InvalidUpdate(
+            f"grads must be a dict of arrays by parameter name, got "
+            f"{type(value).__name__}"
+        )
+    return value
 
-        def ready() -> bool:
-            return self.state.ready(run, shard, epoch, step)
 
-        try:
-            async with self._changed:
-                await asyncio.wait_for(
-                    self._changed.wait_for(ready), self._wait_timeout
-                )
-                target = self.state.version
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self._published.version >= target),
-                    self._wait_timeout,
-                )
-        except TimeoutError:
-            raise WaitTimeout(
-                f"shard {shard} of run {run} waited {self._wait_timeout}s for "
-                f"(epoch {epoch}, step {step}) in {self.state.mode} mode"
-            ) from None
-
-    def _model_reply(
-        self, worker: WorkerId, have_version: int, have_server: str | None
-    ) -> ModelMessage:
-        model = self._published
-        fresh = have_version != model.version or have_server != self._identity
-        if fresh:
-            self.state.record_download(worker, model.version)
-        return {
-            "status": "OK",
-            "server": self._identity,
-            "store": self.store,
-            "incarnation": self.state.incarnation,
-            "version": int(model.version),
-            "params": ToPickle(model.params) if fresh else None,
-        }
+def _checked_copy(journal: Journal, reply: object, row_version: int) -> ModelVersion:
+    """A worker's model copy, if the store vouches for it: the same run, a version
+    no older than its download row and no newer than the last commit, and the
+    checksum the commit of that version recorded."""
+    if not isinstance(reply, dict) or reply.get("status") != "OK":
+        raise FTPSError(f"it answered {reply!r:.200}")
+    if reply.get("run_id") != journal.meta.run_id:
+        raise FTPSError("its copy came from another store's run")
+    held = reply.get("version")
+    if not isinstance(held, int) or not row_version <= held <= journal.version:
+        raise FTPSError(
+            f"it holds version {held!r}, outside [{row_version}, {journal.version}]"
+        )
+    record = journal.commit_at_version(held)
+    if record is None:
+        raise FTPSError(f"no retained commit produced version {held}")
+    params = reply.get("params")
+    shapes = journal.meta.model.param_shapes()
+    if (
+        not isinstance(params, dict)
+        or set(params) != set(shapes)
+        or any(
+            not isinstance(params[k], np.ndarray)
+            or params[k].shape != shapes[k]
+            or params[k].dtype != np.float32
+            for k in shapes
+        )
+    ):
+        raise FTPSError("its copy does not have the model's arrays")
+    if model_crc(params, journal.params_layout.names) != record.body.model_crc:
+        raise FTPSError(
+            f"its copy of version {held} differs from the model that version was"
+        )
+    return ModelVersion(Version(held), params, {})

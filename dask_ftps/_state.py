@@ -16,10 +16,12 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from dask_ftps._core import (
+    MAX_WORKER_LENGTH,
     MODES,
     Mode,
     ModelVersion,
@@ -44,13 +46,19 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RunState:
-    """Progress of one training run: a clock position per shard."""
+    """Progress of one training run: a clock position per shard.
+
+    A run is known by its ``name`` and ``spec``: :meth:`ParameterServerState.begin_run`
+    with both the same returns it, finished or not.
+    """
 
     run: RunId
     spec: RunSpec
     base_version: Version
     clocks: list[int]
     superseded: bool = False
+    name: str = ""
+    history: dict[int, dict[str, float | None]] = field(default_factory=dict)
 
     @property
     def end(self) -> int:
@@ -77,6 +85,21 @@ class RunState:
         if step + 1 < self.spec.steps[shard]:
             return self.spec.position(epoch, step + 1)
         return self.spec.position(epoch + 1, 0)
+
+
+@dataclass(frozen=True)
+class Mark:
+    """What :meth:`ParameterServerState.rollback` restores: the state before a
+    batch of pushes that could not be made durable."""
+
+    updates: int
+    model: ModelVersion
+    global_rows: int
+    runs: int
+    superseded: tuple[bool, ...]
+    clocks: tuple[tuple[int, ...], ...]
+    pending: dict[int, dict[int, Update]]
+    gradients: dict[WorkerId, tuple[Any, ...]]
 
 
 @dataclass(frozen=True)
@@ -149,21 +172,25 @@ class ParameterServerState:
             self.model = ModelVersion(
                 Version(0), params, self.optimizer.init_state(params)
             )
-        self.global_rows = deque(self.global_rows, maxlen=self.memory_rows)
+        self.global_rows = deque(self.global_rows)
         self._shapes = self.model_spec.param_shapes()
         self._dtypes = {k: v.dtype for k, v in self.model.params.items()}
 
     # -- runs ---------------------------------------------------------------
 
-    def begin_run(self, spec: RunSpec) -> RunState:
-        """Resume the latest run if it is unfinished and has ``spec``, else start one.
+    def begin_run(self, spec: RunSpec, name: str = "") -> RunState:
+        """The run named ``name`` with ``spec``, finished or not; else a new one.
 
-        An unfinished run with another spec is superseded: its pushes are refused.
+        A new run supersedes the latest run if that one is unfinished: its
+        pushes are refused from then on.
         """
+        if not isinstance(name, str) or len(name) > MAX_WORKER_LENGTH:
+            raise InvalidRequest(f"a run name is a short string, got {name!r}")
+        for run in reversed(self.runs):
+            if run.name == name and run.spec == spec and not run.superseded:
+                return run
         if self.runs and not self.runs[-1].finished and not self.runs[-1].superseded:
             last = self.runs[-1]
-            if last.spec == spec:
-                return last
             last.superseded = True
             self.pending.clear()  # its open sync round will never merge
             logger.warning(
@@ -171,9 +198,36 @@ class ParameterServerState:
                 last.run,
                 self.version,
             )
-        run = RunState(RunId(len(self.runs)), spec, self.version, [0] * spec.n_shards)
+        run = RunState(
+            RunId(len(self.runs)), spec, self.version, [0] * spec.n_shards, name=name
+        )
         self.runs.append(run)
         return run
+
+    def find_run(
+        self, name: str, n_samples: int, batch_size: int, epochs: int, seed: int
+    ) -> RunState | None:
+        """The newest run named ``name`` over ``n_samples`` samples with these
+        settings (whatever its shards), unless it was superseded."""
+        for run in reversed(self.runs):
+            spec = run.spec
+            if (
+                not run.superseded
+                and run.name == name
+                and (sum(spec.shard_sizes), spec.batch_size, spec.epochs, spec.seed)
+                == (n_samples, batch_size, epochs, seed)
+            ):
+                return run
+        return None
+
+    def record_epoch(
+        self, run: int, epoch: int, values: dict[str, float | None]
+    ) -> None:
+        """Keep what ``train()`` measured at the end of ``epoch`` of ``run``."""
+        state = self.get_run(run)
+        if not isinstance(epoch, int) or not 0 <= epoch < state.spec.epochs:
+            raise InvalidRequest(f"run {run} has no epoch {epoch!r}")
+        state.history[epoch] = dict(values)
 
     def get_run(self, run: object) -> RunState:
         if not isinstance(run, int) or not 0 <= run < len(self.runs):
@@ -213,6 +267,7 @@ class ParameterServerState:
 
     def record_download(self, worker: WorkerId, version: Version) -> None:
         """Log that ``worker`` was sent ``version``; keep the newest distinct workers."""
+        check_worker(worker, InvalidRequest)
         self.forget_worker(worker)
         self.downloads.append((worker, version))
         del self.downloads[: -self.download_limit]
@@ -238,6 +293,7 @@ class ParameterServerState:
             comes out of order.
         """
         key = update.key
+        check_worker(update.worker, InvalidUpdate)
         if not 0 <= key.run < len(self.runs):
             raise InvalidUpdate(f"update {key.id}: unknown run {key.run}")
         run = self.runs[key.run]
@@ -313,10 +369,47 @@ class ParameterServerState:
         elif self.mode == "sync":
             self.pending.setdefault(position, {})[key.shard] = update
 
+    def mark(self) -> Mark:
+        """The state before a batch of pushes, for :meth:`rollback`."""
+        return Mark(
+            self.updates,
+            self.model,
+            len(self.global_rows),
+            len(self.runs),
+            tuple(r.superseded for r in self.runs),
+            tuple(tuple(r.clocks) for r in self.runs),
+            {p: dict(w) for p, w in self.pending.items()},
+            {w: tuple(d) for w, d in self.gradients.items()},
+        )
+
+    def rollback(self, mark: Mark) -> None:
+        """Undo every push and run begun since ``mark`` (they were not made durable)."""
+        self.updates = mark.updates
+        self.model = mark.model
+        while len(self.global_rows) > mark.global_rows:
+            self.global_rows.pop()
+        del self.runs[mark.runs :]
+        for run, clocks, superseded in zip(
+            self.runs, mark.clocks, mark.superseded, strict=True
+        ):
+            run.clocks = list(clocks)
+            run.superseded = superseded
+        self.pending = mark.pending
+        self.gradients = {
+            w: deque(entries, maxlen=self.gradient_entries)
+            for w, entries in mark.gradients.items()
+        }
+
+    def settle(self) -> None:
+        """Keep the newest ``memory_rows`` global rows in memory (after a commit)."""
+        while len(self.global_rows) > self.memory_rows:
+            self.global_rows.popleft()
+
     def push(self, update: Update) -> Admission:
         """Admit, merge and commit ``update`` in one call."""
         admission = self.admit(update)
         self.commit(admission, self.merge(admission))
+        self.settle()
         return admission
 
     def snapshot_point(self) -> tuple[ModelVersion, int, tuple]:
@@ -355,6 +448,8 @@ class ParameterServerState:
             if run is None
             else {
                 "run": int(run.run),
+                "name": run.name,
+                "n_shards": run.spec.n_shards,
                 "finished": run.finished,
                 "accepted": run.accepted,
                 "minibatches": run.spec.minibatches,
@@ -400,6 +495,16 @@ class ParameterServerState:
                 )
             if not np.isfinite(g).all():
                 raise InvalidUpdate(f"update {update_id}: {name} holds NaN or Inf")
+
+
+def check_worker(worker: object, error: type[Exception] = InvalidUpdate) -> str:
+    """A worker id: a non-empty string of at most ``MAX_WORKER_LENGTH`` characters."""
+    if not isinstance(worker, str) or not 0 < len(worker) <= MAX_WORKER_LENGTH:
+        raise error(
+            f"worker must be a non-empty string of at most {MAX_WORKER_LENGTH} "
+            f"characters, got {type(worker).__name__} {str(worker)[:80]!r}"
+        )
+    return worker
 
 
 def _mean(grads: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

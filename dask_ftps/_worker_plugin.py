@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,17 +20,24 @@ from dask_ftps._exceptions import NotRegistered
 if TYPE_CHECKING:
     from distributed import Worker
 
+logger = logging.getLogger(__name__)
+
+#: Attempts of a push or pull whose connection broke (the push carries its id:
+#: sending it again is safe, the server refuses a second copy).
+CALL_ATTEMPTS = 4
+
 
 @dataclass(frozen=True)
 class ModelCopy:
     """A model version as a worker received it; never modified.
 
     ``server`` names the server object that sent it: a version number means
-    something only to that server (a new server starts at version 0 again).
+    something only to that server (a new server starts at version 0 again);
+    ``run_id`` names the stored run (None for a memory-only server).
     """
 
     server: str
-    store: str | None
+    run_id: str | None
     incarnation: int
     version: int
     params: dict[str, np.ndarray]
@@ -66,7 +75,7 @@ class FTPSWorkerPlugin(WorkerPlugin):
             return error_message(NotRegistered("this worker holds no model copy"))
         return {
             "status": "OK",
-            "store": copy.store,
+            "run_id": copy.run_id,
             "incarnation": copy.incarnation,
             "version": copy.version,
             "params": ToPickle(copy.params),
@@ -115,8 +124,20 @@ class FTPSWorkerPlugin(WorkerPlugin):
     # -- internals ------------------------------------------------------------
 
     def _call(self, op: str, **kwargs: Any) -> dict:
-        reply = sync(self.worker.loop, getattr(self.worker.scheduler, op), **kwargs)
+        """Call the server; a call whose connection broke is sent again."""
+        for attempt in range(CALL_ATTEMPTS):
+            try:
+                reply = self._send(op, **kwargs)
+                break
+            except OSError as e:  # CommClosedError: the reply may be lost
+                if attempt + 1 == CALL_ATTEMPTS or self.worker.status.name != "running":
+                    raise
+                logger.info("%s failed (%r); sending it again", op, e)
+                time.sleep(0.1 * 2**attempt)
         return check_reply(reply, op)
+
+    def _send(self, op: str, **kwargs: Any) -> dict:
+        return sync(self.worker.loop, getattr(self.worker.scheduler, op), **kwargs)
 
     @staticmethod
     def _have(copy: ModelCopy | None) -> dict[str, Any]:
@@ -130,7 +151,7 @@ class FTPSWorkerPlugin(WorkerPlugin):
             if reply["params"] is not None:
                 copy = ModelCopy(
                     reply["server"],
-                    reply["store"],
+                    reply["run_id"],
                     reply["incarnation"],
                     reply["version"],
                     reply["params"],

@@ -6,11 +6,14 @@ registers a :class:`~dask_ftps.ParameterServer` on the store at start-up if the
 store holds a run: the server rebuilds it before the scheduler serves anyone.
 On a store without a run the scheduler starts without a server (unless
 ``--ftps-require-run``), and the first client registers one with a model, so the
-same command line serves the first start and every restart.
+same command line serves the first start and every restart. A store that holds
+a run which cannot be rebuilt exactly (damage) stops the scheduler from
+starting, with an error naming the damaged object.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 
 import click
@@ -20,9 +23,27 @@ from dask_ftps._core import MODES
 logger = logging.getLogger(__name__)
 
 
+def _options(ctx: click.Context, param: click.Parameter, value: str | None):
+    if value is None:
+        return None
+    try:
+        options = json.loads(value)
+    except ValueError as e:
+        raise click.BadParameter(f"not JSON: {e}") from None
+    if not isinstance(options, dict):
+        raise click.BadParameter("must be a JSON object, e.g. '{\"anon\": true}'")
+    return options
+
+
 @click.command()
 @click.option(
     "--ftps-store", required=True, help="Zarr store of the run (path or URL)."
+)
+@click.option(
+    "--ftps-storage-options",
+    default=None,
+    callback=_options,
+    help="fsspec options for a URL store, as JSON (endpoint, credentials).",
 )
 @click.option(
     "--ftps-mode",
@@ -43,21 +64,33 @@ logger = logging.getLogger(__name__)
 def dask_setup(
     scheduler,
     ftps_store: str,
+    ftps_storage_options: dict | None,
     ftps_mode: str | None,
     ftps_durable: bool | None,
     ftps_require_run: bool,
 ):
     """Register a ParameterServer that resumes the store's run, if it holds one."""
-    return _setup(scheduler, ftps_store, ftps_mode, ftps_durable, ftps_require_run)
+    return _setup(
+        scheduler,
+        ftps_store,
+        ftps_storage_options,
+        ftps_mode,
+        ftps_durable,
+        ftps_require_run,
+    )
 
 
 async def _setup(
-    scheduler, store: str, mode: str | None, durable: bool | None, require_run: bool
+    scheduler,
+    store: str,
+    storage_options: dict | None,
+    mode: str | None,
+    durable: bool | None,
+    require_run: bool,
 ) -> None:
-    from dask_ftps._journal import holds_run
     from dask_ftps._scheduler_plugin import ParameterServer
 
-    if not require_run and not await holds_run(store):
+    if not require_run and not await holds_run(store, storage_options):
         logger.warning(
             "dask_ftps preload: %s holds no run yet; no parameter server until a "
             "client registers ParameterServer(store=%r, model=...)",
@@ -65,6 +98,31 @@ async def _setup(
             store,
         )
         return
-    # Without a run to resume the server's start fails, and so does the scheduler's.
-    scheduler.add_plugin(ParameterServer(store=store, mode=mode, durable=durable))
+    # Without a run to resume, or on a damaged one, the server's start fails, and
+    # so does the scheduler's.
+    scheduler.add_plugin(
+        ParameterServer(
+            store=store, storage_options=storage_options, mode=mode, durable=durable
+        )
+    )
     logger.info("dask_ftps preload: parameter server on %s", store)
+
+
+async def holds_run(store, storage_options: dict | None = None) -> bool:
+    """Whether ``store`` holds a run, read without changing it.
+
+    Raises
+    ------
+    StoreCorrupted, StoreFormatError
+        If it holds something that is not a run that can be rebuilt.
+    """
+    from dask_ftps._store import Journal
+
+    try:
+        journal = await Journal.open(store, storage_options, read_only=True)
+    except FileNotFoundError:
+        return False
+    if journal is None:
+        return False
+    await journal.close()
+    return True

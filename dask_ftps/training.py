@@ -45,6 +45,11 @@ class TrainResult:
         given, and ``seconds``.
     run
         The run number on the server.
+    run_name
+        The name the run was started with.
+    trained
+        Whether this call trained: False when it found its run finished (an
+        earlier call trained it) and returned that.
     """
 
     version: int
@@ -53,6 +58,8 @@ class TrainResult:
     run: int = 0
     n_shards: int = 0
     seconds: float = 0.0
+    run_name: str = ""
+    trained: bool = True
 
 
 def train(
@@ -66,6 +73,7 @@ def train(
     n_shards: int | None = None,
     validation: tuple[Any, Any] | None = None,
     progress: bool | None = None,
+    run_name: str = "",
 ) -> TrainResult:
     """Train the model of the registered :class:`~dask_ftps.ParameterServer`.
 
@@ -74,8 +82,13 @@ def train(
     gradient of each minibatch, and pushes it with the id
     ``run:epoch:shard:step``. A task that re-runs after its worker died asks the
     server where its shard stands and goes on from there, so every minibatch
-    is applied exactly once. Calling ``train`` again with the same arguments
-    after an interruption resumes the unfinished run.
+    is applied exactly once.
+
+    The call is idempotent: a run is known by ``run_name`` and its settings
+    (number of samples, ``batch_size``, ``epochs``, ``seed``). The same call
+    again resumes that run if it was interrupted, and returns it untouched if
+    it finished (``TrainResult.trained`` is False then). To train more on top
+    of a finished run, give another ``run_name``.
 
     Parameters
     ----------
@@ -97,6 +110,8 @@ def train(
         ``(X_val, y_val)`` scored after every epoch.
     progress
         Show a progress bar; default: when standard error is a terminal.
+    run_name
+        Names the run: another name starts another run on the current model.
 
     Returns
     -------
@@ -113,6 +128,7 @@ def train(
         n_shards=n_shards,
         validation=validation,
         progress=progress,
+        run_name=run_name,
     )
 
 
@@ -127,13 +143,18 @@ async def _train(
     n_shards: int | None,
     validation: tuple[Any, Any] | None,
     progress: bool | None,
+    run_name: str,
 ) -> TrainResult:
     status = check_reply(await client.scheduler.ftps_status(), "ftps_status")
     model = model_from_dict(status["model"])
     X, y = _as_dask(X, y, model)
     n_samples = X.shape[0]
+    if not isinstance(run_name, str):
+        raise TypeError(f"run_name must be a string, got {type(run_name).__name__}")
     if n_shards is None:
-        n_shards = _unfinished_run_shards(status, n_samples, batch_size, epochs, seed)
+        n_shards = await _known_run_shards(
+            client, run_name, n_samples, batch_size, epochs, seed
+        )
     if n_shards is None:
         n_batches = n_samples // batch_size if isinstance(batch_size, int) else 1
         n_shards = max(1, min(status["nthreads"], n_batches))
@@ -144,9 +165,23 @@ async def _train(
     sizes = tuple(len(part) for part in np.array_split(np.arange(n_samples), n_shards))
     spec = RunSpec(sizes, batch_size, epochs, seed)
     begun = check_reply(
-        await client.scheduler.ftps_begin_run(spec=spec.to_dict()), "ftps_begin_run"
+        await client.scheduler.ftps_begin_run(spec=spec.to_dict(), name=run_name),
+        "ftps_begin_run",
     )
     run = begun["run"]
+    if begun["finished"]:
+        logger.info(
+            "Run %d (%r) is finished: returning it, nothing trained", run, run_name
+        )
+        return TrainResult(
+            version=begun["version"],
+            minibatches=spec.minibatches,
+            history=list(begun["history"]),
+            run=run,
+            n_shards=n_shards,
+            run_name=run_name,
+            trained=False,
+        )
     first_epoch = min(epoch for epoch, _ in begun["next"])
     if first_epoch > 0:
         logger.info("Resuming run %d at epoch %d", run, first_epoch)
@@ -158,7 +193,7 @@ async def _train(
     val = None if validation is None else _as_numpy(validation, model)
     bar = _progress_bar(progress, spec.minibatches, run)
     token = uuid.uuid4().hex[:8]
-    history = []
+    history = list(begun["history"])[:first_epoch]
     start = time.perf_counter()
     try:
         for epoch in range(first_epoch, epochs):
@@ -182,6 +217,12 @@ async def _train(
             history.append(
                 await _epoch_record(client, model, stats, val, time.perf_counter() - t0)
             )
+            check_reply(
+                await client.scheduler.ftps_end_epoch(
+                    run=run, epoch=epoch, values=history[-1]
+                ),
+                "ftps_end_epoch",
+            )
             logger.info("Run %d epoch %d: %s", run, epoch, history[-1])
             if bar is not None:
                 bar.set_postfix(
@@ -200,25 +241,31 @@ async def _train(
         run=run,
         n_shards=n_shards,
         seconds=time.perf_counter() - start,
+        run_name=run_name,
     )
 
 
-def _unfinished_run_shards(
-    status: dict, n_samples: int, batch_size: int, epochs: int, seed: int
+async def _known_run_shards(
+    client: Client, name: str, n_samples: int, batch_size: int, epochs: int, seed: int
 ) -> int | None:
-    """The shard count of the unfinished run this call would resume, if any: a
-    resumed run keeps its shards even when the cluster has other workers now."""
-    run = status.get("run")
-    if run is None or run["finished"]:
-        return None
-    spec = RunSpec.from_dict(run["spec"])
-    same = (sum(spec.shard_sizes), spec.batch_size, spec.epochs, spec.seed) == (
-        n_samples,
-        batch_size,
-        epochs,
-        seed,
+    """The shard count of the run this call would resume or return, if any: a
+    run keeps its shards even when the cluster has other workers now."""
+    if not all(
+        isinstance(v, int) and not isinstance(v, bool)
+        for v in (batch_size, epochs, seed)
+    ):
+        return None  # refused with a clear error when the run is begun
+    found = check_reply(
+        await client.scheduler.ftps_find_run(
+            name=name,
+            n_samples=n_samples,
+            batch_size=batch_size,
+            epochs=epochs,
+            seed=seed,
+        ),
+        "ftps_find_run",
     )
-    return spec.n_shards if same else None
+    return None if found["spec"] is None else len(found["spec"]["shard_sizes"])
 
 
 def _train_shard(

@@ -1,10 +1,32 @@
 from __future__ import annotations
 
+import asyncio
 import functools
+import os
+import time
 
 import numpy as np
 import pytest
 from distributed.utils_test import cleanup, loop, loop_in_thread  # noqa: F401
+from zarr.core.sync import sync
+
+
+def _start_zarr_threads() -> None:
+    """Start zarr's I/O loop and all its worker threads now.
+
+    ``dask_ftps.recover``/``inspect`` run on zarr's own loop (a thread that lives
+    as long as the process), whose default executor starts threads on demand:
+    started inside a test, distributed's leak check would count them.
+    """
+
+    async def busy() -> None:
+        n = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default
+        await asyncio.gather(*(asyncio.to_thread(time.sleep, 0.05) for _ in range(n)))
+
+    sync(busy())
+
+
+_start_zarr_threads()
 
 
 @functools.cache

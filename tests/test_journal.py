@@ -1,4 +1,8 @@
-"""The Zarr journal alone: exact rebuild, torn writes at every step, retention."""
+"""The Zarr journal alone: exact rebuild, crashes at every write, damage, fencing.
+
+Every store here is real (files on disk, or a Zarr store object); crashes are
+real SIGKILLs of a forked child.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +11,41 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
-import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
 from distributed.utils_test import captured_logger
-from zarr.storage import LocalStore, WrapperStore
+from zarr.storage import LocalStore, MemoryStore
 
 import dask_ftps
-from dask_ftps import SGD, Adam, SpecMismatch, StoreFormatError, StoreLocked
-from dask_ftps._core import ModelVersion, RunSpec, Update, UpdateKey, Version
-from dask_ftps._journal import Journal, RunMeta
+from dask_ftps import (
+    SGD,
+    Adam,
+    Fenced,
+    SpecMismatch,
+    StoreCorrupted,
+    StoreFormatError,
+    StoreLocked,
+)
+from dask_ftps._core import RunSpec, Update, UpdateKey
 from dask_ftps._recovery import rebuild
+from dask_ftps._server import snapshot_point
 from dask_ftps._state import ParameterServerState
+from dask_ftps._store import Journal, RunMeta, take_over
 from dask_ftps.models import MLP, SoftmaxRegression
+from dask_ftps.testing import DAMAGES, KillingStore, damage, kill_at, store_objects
 
 from .conftest import digits
 
 MODEL = MLP(n_features=64, hidden=(16,), n_classes=10, seed=0)
-
-
-def not_alive(address, incarnation):
-    async def answer():
-        return False
-
-    return answer()
+OPTIMIZER = SGD(lr=0.1, momentum=0.9)
+SPEC = RunSpec((600, 600, 147), batch_size=40, epochs=2)
+SCENARIO_BATCHES = (1, 2, 3, 1, 2, 1, 3, 2, 1, 2)  # group commits of these sizes
+SNAPSHOT_AFTER = (2, 5)  # after these batches: snapshot, then trim
+ADDRESS = "tcp://scheduler:1"
 
 
 def scripted_updates(state: ParameterServerState, spec: RunSpec, n: int):
@@ -50,42 +63,55 @@ def scripted_updates(state: ParameterServerState, spec: RunSpec, n: int):
         yield Update(UpdateKey(run.run, epoch, shard, step), f"tcp://w{shard}:1", grads)
 
 
-SCENARIO_BATCHES = (1, 2, 3, 1, 2, 1, 3, 2)  # group commits of these sizes
-SNAPSHOT_AFTER = (2, 5)  # after these batches: snapshot, then trim to one
+async def commit(journal: Journal, state: ParameterServerState, updates, n=None):
+    """Admit each update as it comes (an iterator computes it from the state), then
+    make the batch durable, as the server's commit loop does."""
+    batch, versions = [], []
+    for update in updates if n is None else (next(updates) for _ in range(n)):
+        admission = state.admit(update)
+        state.commit(admission, state.merge(admission))
+        batch.append(update)
+        versions.append(int(admission.version))
+    await journal.commit(
+        batch, versions, int(state.version), state.model.params, state.downloads
+    )
 
 
-async def scenario(store, mode: str = "async", stop_after: int | None = None):
+async def snapshot(journal: Journal, state: ParameterServerState, keep: int) -> None:
+    model, replay_from, entries = snapshot_point(state)
+    array = await journal.write_snapshot(model)
+    await journal.publish(
+        array, int(model.version), replay_from, journal.head.serial, entries, (),
+        ADDRESS,
+    )  # fmt: skip
+    await journal.trim(keep)
+
+
+async def scenario(store, mode: str = "async", acked: Path | None = None, keep=1):
     """Create, claim, begin a run, commit batches, snapshot and trim.
 
-    Returns the live state at each commit point, keyed by ``(seq, runs)``.
+    Returns the live state at each commit point, keyed by ``(committed, runs)``;
+    with ``acked``, appends each acknowledged commit's count to that file.
     """
-    optimizer = SGD(lr=0.1, momentum=0.9)
-    state = ParameterServerState(MODEL, optimizer, mode=mode)
+    state = ParameterServerState(MODEL, OPTIMIZER, mode=mode)
     journal = await Journal.create(
-        store, RunMeta(MODEL, optimizer, mode, 0), state.model
+        store, RunMeta(MODEL, OPTIMIZER, mode, 0), state.model
     )
-    await journal.claim("tcp://scheduler:1", not_alive)
+    await journal.claim(ADDRESS)
     states = {(0, 0): _copy(state)}
-    spec = RunSpec((600, 600, 147), batch_size=40, epochs=2)
-    run = state.begin_run(spec)
-    await journal.record_run(spec, int(run.base_version))
+    run = state.begin_run(SPEC)
+    await journal.record_run(0, "", SPEC, int(run.base_version))
     states[0, 1] = _copy(state)
-    updates = scripted_updates(state, spec, sum(SCENARIO_BATCHES))
+    updates = scripted_updates(state, SPEC, sum(SCENARIO_BATCHES))
     for b, size in enumerate(SCENARIO_BATCHES):
-        batch = []
-        for _ in range(size):
-            update = next(updates)
-            admission = state.admit(update)
-            state.commit(admission, state.merge(admission))
-            batch.append((update, int(admission.version)))
-        await journal.append(
-            [u for u, _ in batch], [v for _, v in batch], state.downloads
-        )
-        states[journal.doc.seq, 1] = _copy(state)
+        await commit(journal, state, updates, size)
+        states[journal.committed, 1] = _copy(state)
+        if acked is not None:
+            with acked.open("a") as f:
+                f.write(f"{journal.committed}\n")
         if b in SNAPSHOT_AFTER:
-            model, open_round, runs = state.snapshot_point()
-            await journal.write_snapshot(model, journal.doc.seq - open_round, runs)
-            await journal.trim(keep_snapshots=1)
+            await snapshot(journal, state, keep)
+    await journal.close()
     return states
 
 
@@ -98,149 +124,307 @@ def _copy(state: ParameterServerState):
     )
 
 
-class CountingStore(WrapperStore):
-    """Counts writes; at write ``crash_at`` leaves a stray temporary file and dies."""
-
-    def __init__(self, store, crash_at=None, log=None):
-        super().__init__(store)
-        self.crash_at = crash_at
-        self.writes = 0
-        self.log = log if log is not None else []
-
-    def _with_store(self, store):
-        return type(self)(store, self.crash_at, self.log)
-
-    async def _write(self, key, op, *args):
-        self.writes += 1
-        self.log.append(key)
-        if self.writes == self.crash_at:
-            stray = self._store.root / f"{key}.{uuid.uuid4().hex}.partial"
-            stray.parent.mkdir(parents=True, exist_ok=True)
-            stray.write_bytes(b"torn")
-            os.kill(os.getpid(), signal.SIGKILL)
-        return await getattr(self._store, op)(key, *args)
-
-    async def set(self, key, value, byte_range=None):
-        return await self._write(key, "set", value)
-
-    async def set_if_not_exists(self, key, value):
-        return await self._write(key, "set_if_not_exists", value)
-
-    async def delete(self, key):
-        return await self._write(key, "delete")
-
-    async def delete_dir(self, prefix):
-        return await self._write(prefix, "delete_dir")
+def assert_state(state: ParameterServerState, expected) -> None:
+    version, params, opt_state, clocks = expected
+    assert int(state.version) == version
+    for name, value in params.items():
+        np.testing.assert_array_equal(state.model.params[name], value)
+    for name, value in opt_state.items():
+        np.testing.assert_array_equal(state.model.opt_state[name], value)
+    assert [list(r.clocks) for r in state.runs] == clocks
 
 
-def _crash_child(path: str, mode: str, crash_at: int) -> None:
+def reopen(path) -> tuple[Journal | None, ParameterServerState | None]:
+    async def run():
+        journal = await Journal.open(path)
+        if journal is None:
+            return None, None
+        return journal, (await rebuild(journal)).state
+
+    return asyncio.run(run())
+
+
+async def _not_alive(journal, incarnation, address) -> bool:
+    return False
+
+
+def start(path) -> tuple[int, ParameterServerState]:
+    """What a server's start does to a store: open, rebuild, claim, clean up."""
+
+    async def run():
+        async def opened():
+            return await Journal.open(path)
+
+        async def rebuilt(journal):
+            return (await rebuild(journal)).state
+
+        journal, incarnation, state = await take_over(
+            opened, ADDRESS, _not_alive, rebuilt
+        )
+        await journal.cleanup()
+        await journal.close()
+        return incarnation, state
+
+    return asyncio.run(run())
+
+
+# -- crashes at every write ---------------------------------------------------------
+
+
+def _crash_child(path: str, mode: str, crash_at: int, local: bool, acked: str) -> None:
     logging.disable(logging.CRITICAL)
-    store = CountingStore(LocalStore(path), crash_at=crash_at)
-    asyncio.run(scenario(store, mode))
+    if local:  # the real file operations of the local fast path
+        kill_at(".*", crash_at)
+        store = path
+    else:  # through a Zarr store's public methods
+        store = KillingStore(LocalStore(path), crash_at=crash_at)
+    asyncio.run(scenario(store, mode, acked=Path(acked)))
     os._exit(0)  # the crash point was past the end
 
 
-def _committed_seq(path) -> int:
-    docs = sorted(os.listdir(os.path.join(path, "ftps", "commits")))
-    return json.loads(open(os.path.join(path, "ftps", "commits", docs[-1])).read())[
-        "seq"
-    ]
+def _count_writes(tmp_path, mode: str, local: bool) -> int:
+    if not local:
+        counter = KillingStore(LocalStore(str(tmp_path / "count.zarr")))
+        asyncio.run(scenario(counter, mode))
+        return counter.writes
+    ctx = multiprocessing.get_context("fork")
+    total = 0
+    while True:  # the first k with no crash is one past the last write
+        total += 1
+        child = ctx.Process(
+            target=_crash_child,
+            args=(str(tmp_path / f"count{total}.zarr"), mode, total, True, os.devnull),
+        )
+        child.start()
+        child.join(60)
+        shutil.rmtree(tmp_path / f"count{total}.zarr", ignore_errors=True)
+        if child.exitcode == 0:
+            return total - 1
 
 
+@pytest.mark.parametrize("local", [True, False], ids=["local-files", "zarr-store"])
 @pytest.mark.parametrize("mode", ["async", "sync"])
-def test_crash_at_every_write_opens_at_the_last_commit_bit_exact(tmp_path, mode):
-    """SIGKILL before write k, for every k, in a real child process; reopen.
+def test_crash_at_every_write_opens_at_a_commit_point_bit_exact(tmp_path, mode, local):
+    """SIGKILL before write k, for every k, in a real child; reopen and start.
 
-    The last round, ``k = total + 1``, runs to the end without a crash.
+    Every outcome is a commit point of the live run, at or after the last
+    acknowledged commit (nothing acknowledged is lost), rebuilt bit for bit, and
+    a start on it (claim and cleanup) keeps it exact.
     """
-    reference_path = str(tmp_path / "reference.zarr")
-    counter = CountingStore(LocalStore(reference_path))
-    reference = asyncio.run(scenario(counter, mode))
-    total = counter.writes
+    reference = asyncio.run(scenario(str(tmp_path / "reference.zarr"), mode))
+    total = _count_writes(tmp_path, mode, local)
     assert total > 40  # commits, snapshots and trims are all in the sweep
     ctx = multiprocessing.get_context("fork")
     seen = set()
     for k in range(1, total + 2):
         path = str(tmp_path / f"crash{k}.zarr")
-        child = ctx.Process(target=_crash_child, args=(path, mode, k))
+        acked = tmp_path / f"acked{k}"
+        acked.touch()
+        child = ctx.Process(
+            target=_crash_child, args=(path, mode, k, local, str(acked))
+        )
         child.start()
         child.join(60)
-        expected_exit = -signal.SIGKILL if k <= total else 0
-        assert child.exitcode == expected_exit, (k, child.exitcode)
-        journal = asyncio.run(Journal.open(path))
-        if journal is None:  # died before the first commit point: start afresh
-            assert not list(
-                tmp_path.glob(f"crash{k}.zarr/ftps/commits/" + "[0-9]" * 16)
-            )
+        assert child.exitcode == (-signal.SIGKILL if k <= total else 0), k
+        journal, state = reopen(path)
+        if journal is None:  # died before the first record: start afresh
+            assert not acked.read_text()
             fresh = asyncio.run(scenario(path, mode))
             assert fresh.keys() == reference.keys()
             continue
-        seq = journal.doc.seq
-        rebuilt = asyncio.run(rebuild(journal)).state
-        seen.add((seq, len(rebuilt.runs)))
-        version, params, opt_state, clocks = reference[seq, len(rebuilt.runs)]
-        assert int(rebuilt.version) == version, k
-        for name, value in params.items():
-            np.testing.assert_array_equal(rebuilt.model.params[name], value)
-        for name, value in opt_state.items():
-            np.testing.assert_array_equal(rebuilt.model.opt_state[name], value)
-        assert [list(r.clocks) for r in rebuilt.runs] == clocks
-        assert not list(tmp_path.glob(f"crash{k}.zarr/**/*.partial"))  # removed on open
-        rows = asyncio.run(journal.read_rows(journal.floor, seq))
-        assert len(rows) == seq - journal.floor
-        assert _committed_seq(path) == seq
+        last_acked = max(map(int, acked.read_text().split() or ["0"]))
+        assert journal.committed >= last_acked, k  # no acknowledged commit lost
+        outcome = (journal.committed, len(state.runs))
+        seen.add(outcome)
+        assert_state(state, reference[outcome])
+        incarnation, restarted = start(path)
+        assert incarnation == journal.incarnation + 1
+        assert_state(restarted, reference[outcome])
+        assert not list(Path(path).glob("**/*.partial"))  # removed by the start
+        again, state = reopen(path)
+        assert again.committed == outcome[0]
+        assert_state(state, reference[outcome])
     assert seen == set(reference)  # every commit point was an outcome
 
 
-def test_open_logs_and_discards_what_lies_past_the_commit_point(tmp_path):
+def test_a_start_removes_what_lies_past_the_log_and_says_so(tmp_path):
+    path = tmp_path / "run.zarr"
+    states = asyncio.run(scenario(str(path)))
+    journal, _ = reopen(str(path))
+    head = journal.head.serial
+    # Leftovers of a dead writer: a payload array of a commit that has no record
+    # (torn: no zarr.json), a stale attempt at the serial of the claim to come,
+    # an unfinished old snapshot, a stray temporary file. Past the claim, another
+    # writer's folder may be a later owner's: it stays (later trims take it).
+    torn = path / "data" / f"{head + 1:016d}.deadbeef0000"
+    torn.mkdir()
+    (torn / "c.0.0").write_bytes(b"x" * 100)
+    later = path / "data" / f"{head + 7:016d}.cafe00000000"
+    later.mkdir()
+    old_snapshot = path / "snapshots" / "v000000000001.deadbeef0000"
+    old_snapshot.mkdir()
+    (path / "ftps" / "log" / "0000000000000003.abc.partial").write_bytes(b"x")
+    with captured_logger("dask_ftps._store._journal", level=logging.INFO) as log:
+        _, state = start(str(path))
+    assert "1 stray temporary files" in log.getvalue()
+    assert "'payloads': 1, 'snapshots': 1" in log.getvalue()
+    assert not torn.exists() and not old_snapshot.exists()
+    assert later.exists()
+    assert not list(path.glob("**/*.partial"))
+    assert_state(state, states[max(states)])
+
+
+def test_a_commit_whose_record_was_lost_is_adopted_from_its_payload_array(tmp_path):
+    """The payload array repeats its commit's record: deleting the newest record
+    (or dying before writing it) changes nothing."""
+    path = tmp_path / "run.zarr"
+    states = asyncio.run(scenario(str(path)))
+    journal, _ = reopen(str(path))
+    newest = path / "ftps" / "log" / f"{journal.head.serial:016d}"
+    assert journal.head.kind == "commit"
+    newest.unlink()
+    with captured_logger("dask_ftps._store._journal", level=logging.WARNING) as log:
+        version, params = dask_ftps.recover(str(path))
+    assert "adopted" in log.getvalue()
+    assert version == states[max(states)][0]
+    _, state = start(str(path))
+    assert_state(state, states[max(states)])
+    assert newest.exists()  # written back by the start
+
+
+# -- damage ------------------------------------------------------------------------
+
+
+async def extend(path: str):
+    """A new owner's claim, an epoch's history, a new run and its commits after
+    the snapshots: a store that holds every kind of record. Returns its state."""
+    journal = await Journal.open(path)
+    state = (await rebuild(journal)).state
+    await journal.claim("tcp://second:1")
+    state.record_epoch(0, 0, {"loss": 1.5, "accuracy": None})
+    await journal.record_epoch(0, 0, {"loss": 1.5, "accuracy": None})
+    spec = RunSpec((300, 300), batch_size=50, epochs=1)
+    run = state.begin_run(spec, "more")
+    await journal.record_run(int(run.run), "more", spec, int(run.base_version))
+    updates = scripted_updates(state, spec, 4)
+    await commit(journal, state, updates, 1)
+    await commit(journal, state, updates, 3)
+    await journal.close()
+    return _copy(state)
+
+
+def _classify(path: str, expected) -> str:
+    try:
+        version, params = dask_ftps.recover(path)
+    except (StoreCorrupted, StoreFormatError):
+        return "detected"
+    same = version == expected[0] and all(
+        np.array_equal(params[k], v) for k, v in expected[1].items()
+    )
+    return "harmless" if same else "silent"
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_damage_to_any_object_is_detected_or_harmless_never_silent(tmp_path, how):
+    """Every object of a store with two snapshots kept and commits after them:
+    flip a bit, truncate it or delete it; recover() names the damage or gives the
+    same model. A start on a damaged store deletes nothing it needs."""
+    original = tmp_path / "original.zarr"
+    asyncio.run(scenario(str(original), keep=2))
+    expected = asyncio.run(extend(str(original)))
+    objects = store_objects(original)
+    assert {
+        "root",
+        "group",
+        "log:claim",
+        "log:run",
+        "log:epoch",
+        "log:commit",
+        "log:snapshot",
+        "payload",
+        "payload-meta",
+        "snapshot",
+        "snapshot-meta",
+    } <= set(objects)
+    rng = np.random.default_rng(0)
+    outcomes: dict[str, dict[str, int]] = {}
+    for kind, paths in objects.items():
+        for victim in paths:
+            copy = tmp_path / "damaged.zarr"
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.copytree(original, copy)
+            target = copy / victim.relative_to(original)
+            damage(target, how, rng)
+            outcome = _classify(str(copy), expected)
+            outcomes.setdefault(kind, {}).setdefault(outcome, 0)
+            outcomes[kind][outcome] += 1
+            assert outcome != "silent", (kind, victim.name, how)
+            if outcome == "detected":
+                before = sorted(p.relative_to(copy) for p in copy.rglob("*"))
+                with pytest.raises((StoreCorrupted, StoreFormatError)):
+                    start(str(copy))
+                assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before
+            else:
+                _, state = start(str(copy))
+                assert_state(state, expected)
+    # The newest snapshot's chunks fall back to the one before: harmless.
+    assert outcomes["snapshot"].get("harmless", 0) > 0, outcomes
+    assert outcomes["payload"].get("detected", 0) > 0, outcomes
+
+
+def test_a_changed_digit_in_the_newest_record_changes_nothing_and_deletes_nothing(
+    tmp_path,
+):
+    """The reported case: one digit of the commit point changed made the store open
+    two updates early, and the next writer deleted them. Now the record fails its
+    checksum and its copy in the payload array serves; with the copy damaged
+    too, the store is refused with the record's name and nothing is deleted."""
+    path = tmp_path / "run.zarr"
+    states = asyncio.run(scenario(str(path)))
+    expected = states[max(states)]
+    journal, _ = reopen(str(path))
+    head = journal.head
+    key = path / "ftps" / "log" / f"{head.serial:016d}"
+    raw = key.read_bytes()
+    seq = f'"seq":{head.body.seq}'.encode()
+    assert seq in raw
+    key.write_bytes(raw.replace(seq, f'"seq":{head.body.seq - 2}'.encode()))
+    with captured_logger("dask_ftps._store._journal", level=logging.WARNING) as log:
+        _, state = start(str(path))
+    assert f"log record {head.serial} is damaged" in log.getvalue()
+    assert_state(state, expected)
+    assert dask_ftps.inspect(str(path))["updates"] == max(states)[0]
+
+    copy = path / head.body.data.key / "zarr.json"
+    copy.write_bytes(copy.read_bytes().replace(b'"seq"', b'"sEq"'))
+    files = sorted(p.relative_to(path) for p in path.rglob("*"))
+    with pytest.raises(StoreCorrupted, match="checksum mismatch") as error:
+        start(str(path))
+    assert error.value.key == f"ftps/log/{head.serial:016d}"
+    assert sorted(p.relative_to(path) for p in path.rglob("*")) == files
+
+
+# -- offline tools and stores ----------------------------------------------------------
+
+
+def test_recover_and_inspect_offline_any_number_of_times(tmp_path):
     path = str(tmp_path / "run.zarr")
     states = asyncio.run(scenario(path))
-    seq = max(states)[0]
-    # Torn leftovers of a commit that never happened: payload and row chunks past
-    # seq, and a stray temporary file.
-    journal = asyncio.run(Journal.open(path))
-    n = journal.params_layout.size
-
-    async def tear():
-        await journal._ensure_capacity(seq + 2)
-        await journal._payloads.setitem(
-            slice(seq, seq + 2), np.ones((2, n), np.float32)
-        )
-        await journal._rows.setitem(slice(seq, seq + 2), np.full((2, 6), 7))
-
-    asyncio.run(tear())
-    (tmp_path / "run.zarr" / "payloads" / "c" / "x.1234.partial").write_bytes(b"x")
-    with captured_logger("dask_ftps._journal", level=logging.WARNING) as log:
-        reopened = asyncio.run(Journal.open(path))
-    text = log.getvalue()
-    assert "discarded 4 torn payload/row chunks" in text, text
-    assert "1 stray temporary files" in text, text
-    assert reopened.doc.seq == seq
-    assert not (tmp_path / "run.zarr" / "payloads" / "c" / str(seq)).exists()
-    assert not list((tmp_path / "run.zarr").glob("**/*.partial"))
-    state = asyncio.run(rebuild(reopened)).state
-    np.testing.assert_array_equal(state.model.params["W0"], states[seq, 1][1]["W0"])
-
-
-def test_recover_and_inspect_offline(tmp_path):
-    path = str(tmp_path / "run.zarr")
-    states = asyncio.run(scenario(path))
-    seq = max(states)[0]
-    version, params = dask_ftps.recover(path)
-    assert version == states[seq, 1][0]
-    for name, value in states[seq, 1][1].items():
-        np.testing.assert_array_equal(params[name], value)
-    info = dask_ftps.inspect(path)
+    committed = max(states)[0]
+    for _ in range(3):
+        version, params = dask_ftps.recover(path)
+        assert version == states[committed, 1][0]
+        for name, value in states[committed, 1][1].items():
+            np.testing.assert_array_equal(params[name], value)
+        info = dask_ftps.inspect(path)
     assert info["version"] == version
-    assert info["updates"] == seq
+    assert info["updates"] == committed
     assert info["incarnation"] == 1
-    assert info["snapshots"] == [states[info["first_row"], 1][0]]
-    assert len(info["global"]) == seq - info["first_row"]
+    assert len(info["global"]) == committed - info["first_row"]
     assert {"update_id", "worker", "version"} == set(info["global"][0])
-    assert [r["version"] for r in info["global"]][-1] == version
     assert info["model"]["kind"] == "MLP"
-    for row in info["download"]:
-        assert set(row) == {"worker", "version"}
+    assert info["runs"][0]["shard_sizes"] == list(SPEC.shard_sizes)
+    assert info["damaged"] == []
 
 
 def test_bad_stores_give_clear_errors(tmp_path):
@@ -250,32 +434,58 @@ def test_bad_stores_give_clear_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(StoreFormatError, match="holds no committed dask_ftps run"):
         dask_ftps.inspect(str(empty))
-    path = str(tmp_path / "run.zarr")
-    asyncio.run(scenario(path))
-    zarr_json = tmp_path / "run.zarr" / "zarr.json"
-    meta = json.loads(zarr_json.read_text())
-    meta["attributes"]["format"] = "something-else"
-    zarr_json.write_text(json.dumps(meta))
-    with pytest.raises(StoreFormatError, match="not a dask_ftps store"):
-        dask_ftps.recover(path)
+    foreign = tmp_path / "foreign.zarr"
+    foreign.mkdir()
+    (foreign / "zarr.json").write_text(
+        json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}})
+    )
+    (foreign / "ftps").mkdir()
+    (foreign / "ftps" / "log").mkdir()
+    (foreign / "ftps" / "log" / f"{0:016d}").write_bytes(b"junk")
+    with pytest.raises(StoreFormatError, match="not written by dask_ftps"):
+        dask_ftps.recover(str(foreign))
+    with pytest.raises(TypeError, match="store must be"):
+        dask_ftps.recover(42)
+    with pytest.raises(TypeError, match="storage_options apply to an fsspec URL"):
+        dask_ftps.recover(str(empty), storage_options={"anon": True})
 
 
-def test_a_payload_array_of_another_layout_is_refused(tmp_path):
+def test_another_format_version_is_refused(tmp_path):
     path = tmp_path / "run.zarr"
     asyncio.run(scenario(str(path)))
-    payloads_json = path / "payloads" / "zarr.json"
-    meta = json.loads(payloads_json.read_text())
-    meta["codecs"].append({"name": "zstd", "configuration": {"level": 0}})
-    payloads_json.write_text(json.dumps(meta))
-    with pytest.raises(StoreFormatError, match="one raw little-endian chunk"):
-        asyncio.run(Journal.open(str(path)))
+    doc = json.loads((path / "zarr.json").read_text())
+    doc["attributes"]["dask_ftps"]["format_version"] = 1
+    attrs = dict(doc["attributes"]["dask_ftps"])
+    attrs.pop("crc32c")
+    from dask_ftps._store._format import canonical, crc32c
+
+    doc["attributes"]["dask_ftps"]["crc32c"] = crc32c(canonical(attrs))
+    (path / "zarr.json").write_text(json.dumps(doc))
+    with pytest.raises(StoreFormatError, match="format version 1"):
+        dask_ftps.recover(str(path))
+
+
+@pytest.mark.parametrize("kind", ["path", "file-url", "local-store", "memory-store"])
+def test_any_zarr_store(tmp_path, kind):
+    """A path, a file:// URL, a LocalStore and a MemoryStore hold a run alike."""
+    stores = {
+        "path": lambda: str(tmp_path / "run.zarr"),
+        "file-url": lambda: f"file://{tmp_path / 'run.zarr'}",
+        "local-store": lambda: LocalStore(str(tmp_path / "run.zarr")),
+        "memory-store": MemoryStore,
+    }
+    store = stores[kind]()
+    states = asyncio.run(scenario(store))
+    version, params = dask_ftps.recover(store)
+    assert version == states[max(states)][0]
+    assert dask_ftps.inspect(store)["updates"] == max(states)[0]
 
 
 def test_resuming_with_another_spec_is_refused(tmp_path):
     path = str(tmp_path / "run.zarr")
     asyncio.run(scenario(path))
-    journal = asyncio.run(Journal.open(path))
-    other = RunMeta(SoftmaxRegression(64, 10), SGD(lr=0.1, momentum=0.9), "async", 0)
+    journal, _ = reopen(path)
+    other = RunMeta(SoftmaxRegression(64, 10), OPTIMIZER, "async", 0)
     with pytest.raises(SpecMismatch, match="model"):
         journal.meta.check_same(other)
     other = RunMeta(MODEL, Adam(lr=0.01), "async", 0)
@@ -283,129 +493,219 @@ def test_resuming_with_another_spec_is_refused(tmp_path):
         journal.meta.check_same(other)
 
 
-def test_a_live_owner_keeps_the_store(tmp_path):
-    path = str(tmp_path / "run.zarr")
-    asyncio.run(scenario(path))
-
-    async def alive(address, incarnation):
-        return address == "tcp://scheduler:1" and incarnation == 1
-
-    async def claim_twice():
-        journal = await Journal.open(path)
-        with pytest.raises(StoreLocked, match="alive"):
-            await journal.claim("tcp://other:2", alive)
-        journal = await Journal.open(path)
-        assert await journal.claim("tcp://other:2", not_alive) == 2
-        return journal
-
-    newer = asyncio.run(claim_twice())
-    assert newer.doc.incarnation == 2
-
-    async def fenced():
-        # The old owner, unaware, tries to commit: it is refused, nothing is written.
-        old = await Journal.open(path)
-        old.owner = {"incarnation": 1}
-        with pytest.raises(StoreLocked, match="took over"):
-            await old.record_run(RunSpec((5,), 1, 1), 0)
-
-    asyncio.run(fenced())
-    assert dask_ftps.inspect(path)["incarnation"] == 2
-
-
 def test_storage_stays_bounded_over_a_long_run(tmp_path):
     """Snapshots every 25 versions, one kept: files stay bounded as updates grow."""
     path = str(tmp_path / "run.zarr")
-    optimizer = SGD(lr=0.05)
     model = SoftmaxRegression(64, 10)
 
     async def long_run(n):
-        state = ParameterServerState(model, optimizer)
+        state = ParameterServerState(model, SGD(lr=0.05))
         journal = await Journal.create(
-            path, RunMeta(model, optimizer, "async", 0), state.model
+            path, RunMeta(model, SGD(lr=0.05), "async", 0), state.model
         )
-        await journal.claim("tcp://s:1", not_alive)
+        await journal.claim(ADDRESS)
         spec = RunSpec((10**6,), 1, 1)
         state.begin_run(spec)
-        await journal.record_run(spec, 0)
+        await journal.record_run(0, "", spec, 0)
         grads = {
             k: np.full(v.shape, 0.01, np.float32) for k, v in state.model.params.items()
         }
         files = []
         for i in range(n):
-            update = Update(UpdateKey(0, 0, 0, i), "w", grads)
-            admission = state.admit(update)
-            state.commit(admission, state.merge(admission))
-            await journal.append([update], [int(admission.version)], state.downloads)
+            await commit(journal, state, [Update(UpdateKey(0, 0, 0, i), "w", grads)])
             if state.version % 25 == 0:
-                model_v, open_round, runs = state.snapshot_point()
-                await journal.write_snapshot(
-                    model_v, journal.doc.seq - open_round, runs
-                )
-                await journal.trim(keep_snapshots=1)
+                await snapshot(journal, state, keep=1)
             if i % 100 == 99:
                 files.append(sum(len(f) for _, _, f in os.walk(path)))
+        await journal.close()
         return files
 
     files = asyncio.run(long_run(600))
-    # One row and one payload chunk per update since the kept snapshot, plus a
-    # constant number of metadata files: the count does not grow with the run.
-    assert max(files) <= 2 * 25 + 30, files
+    # Three files per commit since the kept snapshot, plus a constant number.
+    assert max(files) <= 3 * 25 + 20, files
     assert files[-1] <= files[0] + 10, files
     assert dask_ftps.inspect(path)["updates"] == 600
 
 
-def test_of_two_writers_at_the_same_commit_point_the_second_fails(tmp_path):
-    """A commit serial is taken once: a server that missed its fencing (its owner
-    check passed just before another server claimed the store) cannot overwrite
-    the other's commit document."""
+# -- one writer ------------------------------------------------------------------------
+
+
+def test_of_two_writers_at_the_same_point_the_second_is_fenced(tmp_path):
     path = str(tmp_path / "run.zarr")
     asyncio.run(scenario(path))
 
     async def race():
         first, second = await Journal.open(path), await Journal.open(path)
-        assert first.doc.serial == second.doc.serial
+        first.writer = second.writer = "x"  # both believe they own the store
         state = (await rebuild(first)).state
-        update = next(scripted_updates(state, state.runs[-1].spec, 1))
+        update = next(scripted_updates(state, SPEC, 1))
         admission = state.admit(update)
         state.commit(admission, state.merge(admission))
-        await first.append([update], [int(admission.version)], state.downloads)
-        with pytest.raises(StoreLocked, match="no longer owns the store"):
-            await second.append([update], [int(admission.version)], state.downloads)
-        return first.doc.seq
+        args = (
+            [update],
+            [int(admission.version)],
+            int(state.version),
+            state.model.params,
+            [],
+        )
+        await first.commit(*args)
+        with pytest.raises(Fenced, match="another server wrote"):
+            await second.commit(*args)
+        return first.committed
 
-    seq = asyncio.run(race())
-    assert asyncio.run(Journal.open(path)).doc.seq == seq
+    committed = asyncio.run(race())
+    assert dask_ftps.inspect(path)["updates"] == committed
 
 
-def test_a_snapshot_is_listed_as_stored_only_once_its_commit_point_is_written(
-    tmp_path,
-):
-    seen = []
-
-    class Watch(WrapperStore):
-        journal = None
-
-        def _with_store(self, store):
-            return type(self)(store)
-
-        async def set_if_not_exists(self, key, value):
-            if key.startswith("ftps/commits/") and Watch.journal is not None:
-                seen.append(Watch.journal.stored_snapshots)
-            return await self._store.set_if_not_exists(key, value)
+def test_a_stale_writer_cannot_change_what_the_new_owner_wrote(tmp_path):
+    """The old owner goes on (it was paused and does not know it was replaced):
+    its commits, snapshots and trims all fail or write only what nobody reads, and
+    the new owner's run replays bit for bit."""
+    path = str(tmp_path / "run.zarr")
+    asyncio.run(scenario(path, keep=1))
 
     async def run():
-        optimizer = SGD(lr=0.1)
-        state = ParameterServerState(MODEL, optimizer)
-        journal = await Journal.create(
-            Watch(LocalStore(str(tmp_path / "run.zarr"))),
-            RunMeta(MODEL, optimizer, "async", 0),
-            state.model,
-        )
-        Watch.journal = journal
-        assert journal.stored_snapshots == (0,)
-        later = ModelVersion(Version(5), state.model.params, state.model.opt_state)
-        await journal.write_snapshot(later, 0, ())
-        return journal.stored_snapshots
+        old = await Journal.open(path)
+        await old.claim("tcp://old:1")
+        old_state = (await rebuild(old)).state
+        new = await Journal.open(path)
+        assert await new.claim("tcp://new:1") == old.incarnation + 1
+        new_state = (await rebuild(new)).state
+        updates = scripted_updates(new_state, SPEC, 6)
+        for _ in range(3):
+            await commit(new, new_state, updates, 2)
+        await snapshot(new, new_state, keep=1)
+        expected = _copy(new_state)
+        files = {
+            p.relative_to(path): p.read_bytes()
+            for p in Path(path).rglob("*")
+            if p.is_file()
+        }
+        # The stale owner commits, snapshots and trims as if nothing happened.
+        stale = scripted_updates(old_state, SPEC, 3)
+        with pytest.raises(Fenced):
+            await commit(old, old_state, stale, 1)
+        with pytest.raises(Fenced):
+            await old.record_run(1, "x", SPEC, 0)
+        with pytest.raises(Fenced):
+            await snapshot(old, old_state, keep=1)
+        await old.trim(1)  # deletes only below its own newest snapshot's floor
+        for rel, raw in files.items():
+            if (Path(path) / rel).exists():
+                assert (Path(path) / rel).read_bytes() == raw, rel
+        reopened = await Journal.open(path)
+        assert reopened.head.serial == new.head.serial
+        return expected, (await rebuild(reopened)).state
 
-    assert asyncio.run(run()) == (0, 5)
-    assert seen == [(0,)]  # while the document naming version 5 was written
+    expected, state = asyncio.run(run())
+    assert_state(state, expected)
+
+
+def test_a_live_owner_keeps_the_store(tmp_path):
+    path = str(tmp_path / "run.zarr")
+    asyncio.run(scenario(path))
+
+    async def alive(journal, incarnation, address):
+        return address == ADDRESS and incarnation == 1
+
+    async def claim(is_alive):
+        async def opened():
+            return await Journal.open(path)
+
+        async def rebuilt(journal):
+            return None
+
+        journal, incarnation, _ = await take_over(
+            opened, "tcp://other:2", is_alive, rebuilt
+        )
+        await journal.close()
+        return incarnation
+
+    with pytest.raises(StoreLocked, match="alive"):
+        asyncio.run(claim(alive))
+    assert dask_ftps.inspect(path)["incarnation"] == 1
+    assert asyncio.run(claim(_not_alive)) == 2
+
+
+def _start_child(path: str, k: int) -> None:
+    logging.disable(logging.CRITICAL)
+    kill_at(".*", k)
+    start(path)
+    os._exit(0)
+
+
+def test_a_start_killed_at_any_write_never_locks_the_store(tmp_path):
+    """SIGKILL a start (open, rebuild, claim, clean-up) before each of its writes
+    and deletions; the next start always succeeds, on the same state."""
+    path = tmp_path / "run.zarr"
+    states = asyncio.run(scenario(str(path)))
+    expected = states[max(states)]
+    # Leave work for the start: a record to adopt, garbage to delete.
+    journal, _ = reopen(str(path))
+    (path / "ftps" / "log" / f"{journal.head.serial:016d}").unlink()
+    (path / "data" / f"{journal.head.serial:016d}.0123456789ab").mkdir()
+    (path / "snapshots" / "v000000000001.0123456789ab").mkdir()
+    ctx = multiprocessing.get_context("fork")
+    k = 0
+    while True:
+        k += 1
+        work = tmp_path / f"start{k}.zarr"
+        shutil.copytree(path, work)
+        child = ctx.Process(target=_start_child, args=(str(work), k))
+        child.start()
+        child.join(60)
+        incarnation, state = start(str(work))
+        assert_state(state, expected)
+        assert incarnation in (2, 3)  # killed before its claim, or after
+        if child.exitcode == 0:
+            assert incarnation == 3
+            break
+        assert child.exitcode == -signal.SIGKILL
+    assert k >= 4  # adoption, claim and deletions were all interrupted
+
+
+def test_durable_commits_fsync_data_before_the_record_and_the_record_before_ack(
+    tmp_path, monkeypatch
+):
+    """durable=True: each file and folder of a commit is fsync'd before its record
+    is created, and the record and the log folder before commit() returns."""
+    path = tmp_path / "run.zarr"
+    events: list[tuple[str, str]] = []
+    real_fsync, real_link = os.fsync, os.link
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def link(src, dst):
+        events.append(("link", str(dst)))
+        return real_link(src, dst)
+
+    async def run():
+        state = ParameterServerState(MODEL, OPTIMIZER)
+        journal = await Journal.create(
+            str(path), RunMeta(MODEL, OPTIMIZER, "async", 0), state.model
+        )
+        journal.io.durable = True
+        await journal.claim(ADDRESS)
+        state.begin_run(SPEC)
+        await journal.record_run(0, "", SPEC, 0)
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "link", link)
+        await commit(journal, state, list(scripted_updates(state, SPEC, 1)))
+        events.append(("returned", ""))
+        return journal.head
+
+    head = asyncio.run(run())
+    folder = str(path / head.body.data.key)
+    record = str(path / "ftps" / "log" / f"{head.serial:016d}")
+    link_at = events.index(("link", record))
+    before = [p for op, p in events[:link_at] if op == "fsync"]
+    after = [p for op, p in events[link_at:] if op == "fsync"]
+    # The data files were renamed into place: fsync'd under their temporary names.
+    assert any(p.startswith(f"{folder}/c.0.0.") for p in before), events
+    assert any(p.startswith(f"{folder}/zarr.json.") for p in before), events
+    assert folder in before, events  # their folder entries
+    assert any(p.startswith(f"{record}.") for p in before), events  # the record
+    assert str(path / "ftps" / "log") in after, events  # its folder entry
+    assert events[-1] == ("returned", "")

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -19,7 +16,9 @@ from distributed.utils_test import popen
 
 import dask_ftps
 from dask_ftps import SGD, ParameterServer
+from dask_ftps._processes import environment, scheduler_args, worker_args
 from dask_ftps.models import MLP
+from dask_ftps.testing import KILL_ENV
 
 from .conftest import digits
 
@@ -27,41 +26,17 @@ MODEL = MLP(n_features=64, hidden=(32,), n_classes=10, seed=0)
 EPOCHS, BATCH = 4, 32
 
 
-def scheduler(port: int, store: str | None = None, env: dict | None = None, *extra):
-    args = [
-        sys.executable,
-        "-m",
-        "dask",
-        "scheduler",
-        "--port",
-        str(port),
-        "--no-dashboard",
-        "--host",
-        "127.0.0.1",
-    ]
-    if store is not None:
-        args += ["--preload", "dask_ftps.preload", "--ftps-store", store, *extra]
-    return popen(args, capture_output=True, env={**os.environ, **(env or {})})
+def scheduler(port: int, store: str | None = None, kill_at: str | None = None, *extra):
+    """A real ``dask scheduler`` process; with ``kill_at`` (``"<regex>:<n>"``) it
+    SIGKILLs itself before its n-th matching store file operation."""
+    preloads = ("dask_ftps.testing",) if kill_at else ()
+    args = scheduler_args(port, store, preloads=preloads, extra=extra)
+    env = {**environment(), KILL_ENV: kill_at or ""}
+    return popen(args, capture_output=True, env=env)
 
 
 def workers(address: str):
-    return popen(
-        [
-            sys.executable,
-            "-m",
-            "dask",
-            "worker",
-            address,
-            "--nworkers",
-            "2",
-            "--nthreads",
-            "1",
-            "--no-dashboard",
-            "--death-timeout",
-            "60",
-        ],
-        capture_output=True,
-    )
+    return popen(worker_args(address, 2), capture_output=True)
 
 
 def wait_for_workers(client: Client, n: int, timeout: float = 60) -> None:
@@ -86,10 +61,12 @@ def expected_ids() -> set[str]:
 
 
 POINTS = {
-    # where the scheduler dies -> (crash-at config, snapshot_every)
-    "during-group-commit": ({"commit": 90}, 1000),
-    "between-commits": ({}, 1000),
-    "during-snapshot": ({"snapshot": 2}, 40),
+    # where the scheduler dies -> (kill before the n-th matching file, snapshot_every)
+    # after a commit's payload array, before its record (the restart adopts it)
+    "during-group-commit": (r"ftps/log/\d+$:90", 1000),
+    "between-commits": (None, 1000),  # an outside SIGKILL at a random moment
+    # after the first chunk of the second snapshot since the start
+    "during-snapshot": (r"snapshots/v\d+\.\w+/zarr\.json$:3", 40),
 }
 
 
@@ -100,11 +77,10 @@ def test_scheduler_killed_mid_training_resumes_exactly_once(tmp_path, point):
     store = str(tmp_path / "run.zarr")
     port = open_port()
     address = f"tcp://127.0.0.1:{port}"
-    env = {"DASK_FTPS__TESTING__CRASH_AT": json.dumps(crash_at)} if crash_at else {}
     total = len(expected_ids())
 
     with (
-        scheduler(port, store=store, env=env) as first,  # no run yet: no server
+        scheduler(port, store, crash_at) as first,  # no run yet: no server
         workers(address),
         Client(address, timeout="60s") as client,
     ):

@@ -119,6 +119,7 @@ def _drive(
     spec: RunSpec,
     schedule_seed: int = 0,
     limit: int | None = None,
+    name: str = "",
 ) -> RunState:
     """Train ``spec`` on digits through the state as workers would.
 
@@ -126,7 +127,7 @@ def _drive(
     computes its gradient on the model it got from its last push (or, when it
     was not ready then, on the model it pulls once it is ready).
     """
-    run = state.begin_run(spec)
+    run = state.begin_run(spec, name)
     data = _shards(spec.shard_sizes)
     rng = np.random.default_rng(schedule_seed)
     copies: dict[int, dict | None] = dict.fromkeys(range(spec.n_shards))
@@ -533,13 +534,14 @@ def test_begin_run_with_another_spec_supersedes() -> None:
     assert state.version == 3
 
 
-def test_begin_run_after_finished_run_starts_new_run() -> None:
+def test_begin_run_after_finished_run_starts_new_run_only_by_another_name() -> None:
     state = _state("sync")
     spec = RunSpec((20, 20), batch_size=20, epochs=2)  # one round per epoch
     first = _drive(state, spec)
     assert first.finished
     assert state.version == 2
-    second = state.begin_run(spec)
+    assert state.begin_run(spec) is first  # the same call: the finished run
+    second = state.begin_run(spec, "more")
     assert second is not first
     assert second.run == 1
     assert second.base_version == 2
@@ -547,7 +549,7 @@ def test_begin_run_after_finished_run_starts_new_run() -> None:
     assert not first.superseded
     assert state.ready(1, 0, 0, 0)
     assert not state.ready(1, 0, 1, 0)  # the new run's rounds count from version 2
-    _drive(state, spec)
+    _drive(state, spec, name="more")
     assert second.finished
     assert state.version == 4
     assert sorted(row[0] for row in list(state.global_rows)[4:]) == [
@@ -869,6 +871,8 @@ def test_summary() -> None:
     assert summary["n_params"] == 64 * 8 + 8 + 8 * 10 + 10
     assert summary["run"] == {
         "run": 0,
+        "name": "",
+        "n_shards": 2,
         "finished": False,
         "accepted": 3,
         "minibatches": 5,

@@ -15,7 +15,6 @@ from dask_ftps import SGD, ParameterServer
 from dask_ftps._core import RunSpec
 from dask_ftps._state import ParameterServerState
 from dask_ftps.models import MLP, SoftmaxRegression
-from dask_ftps.training import _unfinished_run_shards
 
 from .conftest import digits
 
@@ -104,8 +103,13 @@ async def test_dask_array_input_and_new_run(c, s, a, b):
         ParameterServer(model=SoftmaxRegression(64, 10), optimizer=SGD(lr=0.5))
     )
     first = await dask_ftps.train(c, X, y, epochs=2, batch_size=64, progress=False)
-    second = await dask_ftps.train(c, X, y, epochs=2, batch_size=64, progress=False)
-    assert (first.run, second.run) == (0, 1)
+    again = await dask_ftps.train(c, X, y, epochs=2, batch_size=64, progress=False)
+    assert (again.run, again.trained, again.version) == (0, False, first.version)
+    assert again.history == first.history  # the same call returns the same run
+    second = await dask_ftps.train(
+        c, X, y, epochs=2, batch_size=64, progress=False, run_name="more"
+    )
+    assert (first.run, second.run, second.trained) == (0, 1, True)
     assert second.version == 2 * first.minibatches
     ids = [r["update_id"] for r in (await dask_ftps.records(c))["global"]]
     assert len(ids) == len(set(ids)) == 2 * first.minibatches
@@ -202,11 +206,19 @@ async def test_a_new_server_never_serves_the_copies_an_old_one_left(c, s, a, b):
         assert (after_another[name] == value).all(), name
 
 
-def test_a_resumed_run_keeps_its_shards_whatever_the_workers() -> None:
+def test_a_run_is_found_by_name_and_settings_whatever_its_shards() -> None:
+    """What lets a repeated train() find its run (and its shard count) when the
+    cluster has other workers now: the name and the data size and settings."""
     state = ParameterServerState(SoftmaxRegression(64, 10), SGD(lr=0.1))
-    assert _unfinished_run_shards(state.summary(), 300, 20, 2, 0) is None
-    state.begin_run(RunSpec((100, 100, 100), batch_size=20, epochs=2, seed=0))
-    status = state.summary()
-    assert _unfinished_run_shards(status, 300, 20, 2, 0) == 3
+    assert state.find_run("", 300, 20, 2, 0) is None
+    spec = RunSpec((100, 100, 100), batch_size=20, epochs=2, seed=0)
+    run = state.begin_run(spec)
+    assert state.find_run("", 300, 20, 2, 0) is run
     for other in [(299, 20, 2, 0), (300, 10, 2, 0), (300, 20, 3, 0), (300, 20, 2, 1)]:
-        assert _unfinished_run_shards(status, *other) is None, other
+        assert state.find_run("", *other) is None, other
+    assert state.find_run("more", 300, 20, 2, 0) is None
+    assert state.begin_run(spec) is run  # the same call: the same run
+    named = state.begin_run(spec, "more")  # another name: another run
+    assert named is not run and run.superseded  # (run was unfinished)
+    assert state.find_run("", 300, 20, 2, 0) is None
+    assert state.find_run("more", 300, 20, 2, 0) is named

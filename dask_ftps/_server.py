@@ -1,0 +1,547 @@
+"""The running parameter server: state, journal, commit loop, snapshots, lifecycle.
+
+:class:`Server` is what a started :class:`~dask_ftps.ParameterServer` plugin
+runs. Its arguments are checked values (the plugin checks every field of every
+message first); it owns its tasks and its journal, and :meth:`Server.retire` /
+:meth:`Server.close` stop the one and close the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from distributed.protocol.serialize import ToPickle
+from distributed.utils import offload
+
+from dask_ftps._core import (
+    ModelMessage,
+    ModelVersion,
+    RunSpec,
+    Update,
+    Version,
+    WorkerId,
+)
+from dask_ftps._exceptions import (
+    Fenced,
+    FTPSError,
+    InvalidUpdate,
+    NotDurable,
+    StaleIncarnation,
+    WaitTimeout,
+)
+from dask_ftps._recovery import Rebuilt
+from dask_ftps._state import ParameterServerState
+from dask_ftps._store import Journal, RunEntry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The settings a server runs with (from the plugin's arguments and config)."""
+
+    snapshot_every: int
+    snapshots_kept: int
+    offload_threshold: int
+    wait_timeout: float
+    address: str
+
+
+def snapshot_point(
+    state: ParameterServerState,
+) -> tuple[ModelVersion, int, tuple[RunEntry, ...]]:
+    """What a snapshot of ``state`` now holds: the published model, the number of
+    updates merged into it, and every run with its clocks and history."""
+    model, open_round, runs = state.snapshot_point()
+    entries = tuple(
+        RunEntry(
+            int(r.run),
+            r.name,
+            r.spec,
+            int(r.base_version),
+            clocks,
+            superseded,
+            tuple(
+                (epoch, tuple(sorted(r.history[epoch].items())))
+                for epoch in sorted(r.history)
+            ),
+        )
+        for r, (clocks, superseded) in zip(state.runs, runs, strict=True)
+    )
+    return model, state.updates - open_round, entries
+
+
+class Server:
+    """A parameter server at work: one state, optionally one journal.
+
+    Parameters
+    ----------
+    state
+        The state to serve (fresh, or rebuilt from the journal).
+    journal
+        The claimed journal, or None for a memory-only server.
+    config
+        Settings.
+    rebuilt
+        How the state was rebuilt, if it was.
+    description
+        How to name the store in status replies.
+    """
+
+    def __init__(
+        self,
+        state: ParameterServerState,
+        journal: Journal | None,
+        config: ServerConfig,
+        rebuilt: Rebuilt | None = None,
+        description: str | None = None,
+    ) -> None:
+        self.state = state
+        self.journal = journal
+        self.config = config
+        self.rebuilt = rebuilt
+        self.description = description
+        self.identity = uuid.uuid4().hex
+        self.run_id = None if journal is None else journal.meta.run_id
+        self.published: ModelVersion = state.model
+        self._durable = self._view()
+        self._lock = asyncio.Lock()
+        self._changed = asyncio.Condition()
+        self._queue: asyncio.Queue[tuple[Update, asyncio.Future]] = asyncio.Queue()
+        self._failed: FTPSError | None = None
+        self._snapshot_task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._last_snapshot = (
+            int(state.version)
+            if journal is None
+            else journal.snapshots()[0].body.version
+        )
+        self._committer = asyncio.create_task(self._commit_loop(), name="ftps-commit")
+        if journal is not None:
+            self._spawn(journal.cleanup(), "ftps-cleanup")
+
+    # -- requests ---------------------------------------------------------------
+
+    async def begin_run(self, spec: RunSpec, name: str) -> dict:
+        async with self._lock:
+            self.check_healthy()
+            mark = self.state.mark()
+            runs = len(self.state.runs)
+            run = self.state.begin_run(spec, name)
+            created = len(self.state.runs) > runs
+            if created and self.journal is not None:
+                try:
+                    await self.journal.record_run(
+                        int(run.run), name, spec, int(run.base_version)
+                    )
+                except BaseException as e:
+                    self.state.rollback(mark)
+                    self._journal_failed(e)
+                    raise self._refusal(e) from e
+            self._durable = self._view()
+        logger.info(
+            "Run %d%s: %d shards, %d epochs, %d minibatches, from version %d "
+            "(%d accepted%s)",
+            run.run,
+            f" {name!r}" if name else "",
+            spec.n_shards,
+            spec.epochs,
+            spec.minibatches,
+            run.base_version,
+            run.accepted,
+            ", finished" if run.finished else "",
+        )
+        return {
+            "status": "OK",
+            "run": int(run.run),
+            "base_version": int(run.base_version),
+            "incarnation": self.state.incarnation,
+            "finished": run.finished,
+            "next": [list(run.next_step(s)) for s in range(spec.n_shards)],
+            "history": [run.history[e] for e in sorted(run.history)],
+            "version": int(self.published.version),
+        }
+
+    def find_run(
+        self, name: str, n_samples: int, batch_size: int, epochs: int, seed: int
+    ) -> dict:
+        self.check_healthy()
+        run = self.state.find_run(name, n_samples, batch_size, epochs, seed)
+        return {
+            "status": "OK",
+            "run": None if run is None else int(run.run),
+            "spec": None if run is None else run.spec.to_dict(),
+            "finished": None if run is None else run.finished,
+        }
+
+    async def end_epoch(
+        self, run: int, epoch: int, values: dict[str, float | None]
+    ) -> dict:
+        async with self._lock:
+            self.check_healthy()
+            state = self.state.get_run(run)
+            before = dict(state.history)
+            self.state.record_epoch(run, epoch, values)
+            if self.journal is not None:
+                try:
+                    await self.journal.record_epoch(run, epoch, values)
+                except BaseException as e:
+                    state.history = before
+                    self._journal_failed(e)
+                    raise self._refusal(e) from e
+        return {"status": "OK"}
+
+    def next_step(self, run: int, shard: int) -> dict:
+        self.check_healthy()
+        epoch, step = self.state.next_step(run, shard)
+        return {"status": "OK", "epoch": epoch, "step": step}
+
+    async def pull(
+        self,
+        worker: WorkerId,
+        run: int,
+        shard: int,
+        epoch: int,
+        step: int,
+        have_version: int,
+        have_server: str | None,
+    ) -> ModelMessage:
+        self.check_healthy()
+        self.state.next_step(run, shard)  # validates run and shard
+        await self._wait_ready(run, shard, epoch, step)
+        return self._model_reply(worker, have_version, have_server)
+
+    async def push(
+        self,
+        update: Update,
+        incarnation: int,
+        next_step: tuple[int, int] | None,
+        have_version: int,
+        have_server: str | None,
+    ) -> ModelMessage:
+        """Accept one update once it is durable; with ``next_step``, answer with
+        the model for that step."""
+        self.state.check_incarnation(incarnation)
+        self.check_healthy()
+        accepted = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((update, accepted))
+        version = await accepted
+        if next_step is None:
+            return {"status": "OK", "version": int(version)}
+        key = update.key
+        await self._wait_ready(key.run, key.shard, *next_step)
+        return self._model_reply(update.worker, have_version, have_server)
+
+    def status(self) -> dict:
+        rebuilt = self.rebuilt
+        return {
+            **self._durable,
+            "version": int(self.published.version),
+            "store": self.description,
+            "run_id": self.run_id,
+            "failed": None if self._failed is None else str(self._failed),
+            "snapshots": []
+            if self.journal is None
+            else sorted(r.body.version for r in self.journal.snapshots()),
+            "recovery": None
+            if rebuilt is None
+            else {
+                "source": rebuilt.source,
+                "start_version": rebuilt.start_version,
+                "replayed": rebuilt.replayed,
+                "seconds": rebuilt.seconds,
+                "skipped": list(rebuilt.skipped),
+            },
+        }
+
+    def records(self) -> dict:
+        records = self.state.records()
+        speculative = self.state.updates - self._durable["updates"]
+        if speculative > 0:  # a batch is being written: not accepted yet
+            records["global"] = records["global"][:-speculative]
+        return records
+
+    def forget_worker(self, worker: str) -> None:
+        self.state.forget_worker(WorkerId(worker))
+
+    def check_healthy(self) -> None:
+        if self._failed is not None:
+            raise type(self._failed)(str(self._failed))
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def retire(self, reason: str) -> None:
+        """Stop serving: a new server replaces this one.
+
+        Waits for the batch being committed, so that the new server reads a log
+        that no longer moves; refuses what is queued with
+        :class:`StaleIncarnation`, stops every task and closes the journal.
+        """
+        async with self._lock:
+            self._fail(
+                StaleIncarnation(
+                    f"parameter server incarnation {self.state.incarnation} was {reason}"
+                )
+            )
+        await self._stop()
+        logger.info("Incarnation %d %s", self.state.incarnation, reason)
+
+    async def close(self) -> None:
+        """Stop serving and say in the store that nobody writes it any more."""
+        if self._committer.done() and (self.journal is None or self.journal.closed):
+            return
+        async with self._lock:
+            if self._failed is None:
+                self._fail(StaleIncarnation("the parameter server was closed"))
+                release = self.journal is not None
+            else:
+                release = False
+        await self._stop(release=release)
+
+    async def _stop(self, release: bool = False) -> None:
+        tasks = [self._committer, *self._tasks]
+        if self._snapshot_task is not None:
+            tasks.append(self._snapshot_task)
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._refuse_queued()
+        if self.journal is not None and not self.journal.closed:
+            if release:
+                try:
+                    await self.journal.release("closed")
+                except Exception as e:  # noqa: BLE001 - fenced or gone: nothing to say
+                    logger.info("No release record written to %s: %r", self.journal, e)
+            await self.journal.close()
+        async with self._changed:
+            self._changed.notify_all()
+
+    # -- the commit loop ------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        """Apply queued pushes in batches; acknowledge each batch once it is durable."""
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                async with self._lock:
+                    await self._commit_batch(batch)
+            except BaseException:  # stopped (cancelled) with a batch in hand
+                error = self._failed or StaleIncarnation("the parameter server stopped")
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(type(error)(str(error)))
+                raise
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _commit_batch(self, batch: list[tuple[Update, asyncio.Future]]) -> None:
+        mark = self.state.mark()
+        accepted: list[tuple[Update, int, asyncio.Future]] = []
+        for update, future in batch:
+            if future.done():  # the caller went away
+                continue
+            try:
+                self.check_healthy()
+                admission = await self._maybe_offload(self.state.admit, update)
+                model = await self._maybe_offload(self.state.merge, admission)
+            except FTPSError as e:  # refused; admit and merge change nothing
+                future.set_exception(e)
+                continue
+            except Exception as e:  # noqa: BLE001 - a payload the checks let by
+                future.set_exception(InvalidUpdate(f"update {update.key.id}: {e!r}"))
+                continue
+            self.state.commit(admission, model)
+            accepted.append((update, int(admission.version), future))
+        if not accepted:
+            return
+        if self.journal is not None:
+            try:
+                await self.journal.commit(
+                    [u for u, _, _ in accepted],
+                    [v for _, v, _ in accepted],
+                    int(self.state.version),
+                    self.state.model.params,
+                    self.state.downloads,
+                )
+            except BaseException as e:
+                self.state.rollback(mark)
+                self._journal_failed(e)
+                refusal = self._refusal(e)
+                for _, _, future in accepted:
+                    if not future.done():
+                        future.set_exception(type(refusal)(str(refusal)))
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+                return
+        self.state.settle()
+        self.published = self.state.model
+        self._durable = self._view()
+        for _, version, future in accepted:
+            if not future.done():
+                future.set_result(version)
+        self._maybe_snapshot()
+
+    def _journal_failed(self, e: BaseException) -> None:
+        if isinstance(e, Fenced):
+            self._fail(StaleIncarnation(f"this server was fenced off: {e}"))
+            logger.error("%s; refusing every request from now on", e)
+        elif isinstance(e, NotDurable):
+            logger.error("%s; the updates were refused and nothing was applied", e)
+        elif not isinstance(e, asyncio.CancelledError):
+            self._fail(
+                FTPSError(
+                    f"the journal failed ({e!r}); restart the parameter server to rebuild "
+                    "it from the store"
+                )
+            )
+            logger.critical(
+                "The journal failed; refusing every request from now on. Restart the "
+                "parameter server to rebuild from the store.",
+                exc_info=e,
+            )
+
+    def _refusal(self, e: BaseException) -> FTPSError:
+        if isinstance(e, Fenced):
+            return StaleIncarnation(f"this server was fenced off: {e}")
+        if isinstance(e, NotDurable):
+            return NotDurable(f"the update could not be made durable: {e}")
+        return NotDurable(f"the update could not be made durable: {e!r}")
+
+    # -- snapshots --------------------------------------------------------------------
+
+    def _maybe_snapshot(self) -> None:
+        if self.journal is None or (
+            self._snapshot_task is not None and not self._snapshot_task.done()
+        ):
+            return
+        if self.state.version - self._last_snapshot < self.config.snapshot_every:
+            return
+        model, replay_from, entries = snapshot_point(self.state)
+        self._last_snapshot = int(model.version)
+        self._snapshot_task = asyncio.create_task(
+            self._snapshot(
+                model,
+                replay_from,
+                self.journal.head.serial,
+                entries,
+                tuple((str(w), int(v)) for w, v in self.state.downloads),
+            ),
+            name="ftps-snapshot",
+        )
+
+    async def _snapshot(
+        self,
+        model: ModelVersion,
+        replay_from: int,
+        at_serial: int,
+        runs: tuple[RunEntry, ...],
+        downloads: tuple[tuple[str, int], ...],
+    ) -> None:
+        t0 = time.perf_counter()
+        journal = self.journal
+        try:
+            array = await journal.write_snapshot(model)
+            await journal.publish(
+                array,
+                int(model.version),
+                replay_from,
+                at_serial,
+                runs,
+                downloads,
+                self.config.address,
+            )
+            trimmed = await journal.trim(self.config.snapshots_kept)
+        except Fenced as e:
+            async with self._lock:
+                self._journal_failed(e)
+            return
+        except Exception:
+            logger.exception("Snapshot of version %d failed", model.version)
+            return
+        logger.info(
+            "Snapshot of version %d in %.3fs; trimmed %s",
+            model.version,
+            time.perf_counter() - t0,
+            trimmed,
+        )
+
+    # -- internals -----------------------------------------------------------------
+
+    def _view(self) -> dict:
+        """What status() reports: the state as of its last durable change."""
+        return {"status": "OK", **self.state.summary()}
+
+    def _fail(self, error: FTPSError) -> None:
+        if self._failed is None:
+            self._failed = error
+        self._refuse_queued()
+
+    def _refuse_queued(self) -> None:
+        error = self._failed or StaleIncarnation("the parameter server stopped")
+        while not self._queue.empty():
+            _, future = self._queue.get_nowait()
+            if not future.done():
+                future.set_exception(type(error)(str(error)))
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _maybe_offload(self, func: Callable, *args: Any) -> Any:
+        if self.state.model_spec.n_params() >= self.config.offload_threshold:
+            return await offload(func, *args)
+        return func(*args)
+
+    async def _wait_ready(self, run: int, shard: int, epoch: int, step: int) -> None:
+        """Wait until the shard may compute ``(epoch, step)`` and what it needs is
+        durable."""
+
+        def ready() -> bool:
+            self.check_healthy()
+            return self.state.ready(run, shard, epoch, step)
+
+        timeout = self.config.wait_timeout
+        try:
+            async with self._changed:
+                await asyncio.wait_for(self._changed.wait_for(ready), timeout)
+                target = self.state.version
+                await asyncio.wait_for(
+                    self._changed.wait_for(
+                        lambda: self.check_healthy() or self.published.version >= target
+                    ),
+                    timeout,
+                )
+        except TimeoutError:
+            raise WaitTimeout(
+                f"shard {shard} of run {run} waited {timeout}s for (epoch {epoch}, "
+                f"step {step}) in {self.state.mode} mode"
+            ) from None
+
+    def _model_reply(
+        self, worker: WorkerId, have_version: int, have_server: str | None
+    ) -> ModelMessage:
+        model = self.published
+        fresh = have_version != model.version or have_server != self.identity
+        if fresh:
+            self.state.record_download(worker, Version(model.version))
+        return {
+            "status": "OK",
+            "server": self.identity,
+            "run_id": self.run_id,
+            "incarnation": self.state.incarnation,
+            "version": int(model.version),
+            "params": ToPickle(model.params) if fresh else None,
+        }

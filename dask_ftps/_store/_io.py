@@ -1,0 +1,403 @@
+"""Raw object I/O over a Zarr store: the few operations the journal needs.
+
+Three implementations behind one interface:
+
+- :class:`LocalIO` for a local folder (:class:`zarr.storage.LocalStore`): every
+  object is written to a temporary file and renamed into place (an exclusive
+  create is a hard link, which fails if the name exists), optionally with
+  ``fsync``; a whole commit is one hop to a thread.
+- :class:`FsspecIO` for an fsspec URL (:class:`zarr.storage.FsspecStore`): one
+  PUT per object, concurrent where order does not matter; exclusive creates
+  use the backend's conditional write where it has one (S3's If-None-Match).
+- :class:`StoreIO` for any other Zarr :class:`~zarr.abc.store.Store`, through
+  its public methods only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from zarr.abc.store import Store
+from zarr.core.buffer import default_buffer_prototype
+from zarr.storage import FsspecStore, LocalStore
+
+logger = logging.getLogger(__name__)
+
+_PROTO = default_buffer_prototype()
+
+#: A commit's objects: ``(key, bytes)`` pairs written first (any order), then the
+#: record that makes them part of the log (an exclusive create).
+Objects = list[tuple[str, bytes]]
+Build = Callable[[], tuple[Objects, str, bytes]]
+
+
+def check_location(store: Any, storage_options: dict | None = None) -> None:
+    """Raise :class:`TypeError` unless ``store`` (with ``storage_options``) names a
+    store: a local path, an fsspec URL, or a Zarr store object."""
+    if storage_options is not None and not isinstance(storage_options, dict):
+        raise TypeError(
+            f"storage_options must be a dict, got {type(storage_options).__name__}"
+        )
+    if isinstance(store, Store):
+        if storage_options:
+            raise TypeError(
+                "storage_options apply to a URL, not to a Zarr Store object"
+            )
+        return
+    if isinstance(store, os.PathLike):
+        store = os.fspath(store)
+    if not isinstance(store, str) or not store:
+        raise TypeError(
+            "store must be a local path, an fsspec URL (with storage_options=) or a "
+            f"zarr.abc.store.Store, got {type(store).__name__}"
+        )
+    if storage_options and ("://" not in store or store.startswith("file://")):
+        raise TypeError(
+            f"storage_options apply to an fsspec URL, not to the local path {store!r}"
+        )
+
+
+def resolve(
+    store: Any, storage_options: dict | None = None, *, read_only: bool = False
+) -> StoreIO:
+    """The :class:`StoreIO` of a path, an fsspec URL or a Zarr store.
+
+    Raises
+    ------
+    TypeError
+        If ``store`` is none of these, or ``storage_options`` go with something
+        other than a URL.
+    """
+    check_location(store, storage_options)
+    if isinstance(store, Store):
+        if isinstance(store, LocalStore):
+            return LocalIO(Path(store.root), read_only=read_only or store.read_only)
+        if isinstance(store, FsspecStore):
+            return FsspecIO(store, read_only=read_only)
+        return StoreIO(store, read_only=read_only)
+    url = os.fspath(store)
+    if "://" in url and not url.startswith("file://"):
+        options = {"skip_instance_cache": True, **(storage_options or {})}
+        fs_store = FsspecStore.from_url(
+            url, storage_options=options, read_only=read_only
+        )
+        return FsspecIO(fs_store, read_only=read_only, url=url)
+    return LocalIO(Path(url.removeprefix("file://")), read_only=read_only)
+
+
+class StoreIO:
+    """Object I/O through a Zarr store's public API (any store).
+
+    Parameters
+    ----------
+    store
+        The Zarr store.
+    read_only
+        Refuse every write.
+    """
+
+    durable = False
+
+    def __init__(self, store: Store, *, read_only: bool = False) -> None:
+        self.store = store
+        self.read_only = read_only
+        self.closed = False
+
+    def __str__(self) -> str:
+        return str(self.store)
+
+    @property
+    def is_local(self) -> bool:
+        return False
+
+    # -- reads ------------------------------------------------------------------
+
+    async def exists(self) -> bool:
+        """Whether the store is there at all (a folder, a bucket prefix)."""
+        return True
+
+    async def get(self, key: str) -> bytes | None:
+        buf = await self.store.get(key, prototype=_PROTO)
+        return None if buf is None else buf.to_bytes()
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        return list(await asyncio.gather(*(self.get(k) for k in keys)))
+
+    async def list_dir(self, prefix: str) -> list[str]:
+        """Names of the objects and folders directly below ``prefix``."""
+        try:
+            return [name async for name in self.store.list_dir(prefix)]
+        except FileNotFoundError:
+            return []
+
+    async def is_empty(self) -> bool:
+        try:
+            return await self.store.is_empty("")
+        except FileNotFoundError:
+            return True
+
+    # -- writes -----------------------------------------------------------------
+
+    async def put(self, objects: Objects) -> None:
+        """Create or replace ``objects``."""
+        self._check_writable()
+        await asyncio.gather(*(self._set(k, v) for k, v in objects))
+
+    async def put_new(self, key: str, value: bytes) -> bool:
+        """Create ``key`` unless it exists; whether this call created it."""
+        self._check_writable()
+        await self.store.set_if_not_exists(key, _PROTO.buffer.from_bytes(value))
+        return await self.get(key) == value
+
+    async def commit(self, build: Build) -> bool:
+        """Write a commit's objects, then its record if its key is free.
+
+        Returns whether the record was created (False: another writer holds its
+        key, and this commit is not part of the log).
+        """
+        self._check_writable()
+        objects, key, record = await asyncio.to_thread(build)
+        await self.put(objects)
+        return await self.put_new(key, record)
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        self._check_writable()
+        await asyncio.gather(*(self.store.delete(k) for k in keys))
+
+    async def delete_dirs(self, prefixes: Sequence[str]) -> None:
+        self._check_writable()
+        await asyncio.gather(*(self.store.delete_dir(p) for p in prefixes))
+
+    async def remove_partial(self) -> int:
+        """Remove the temporary files a killed writer left; their count."""
+        return 0
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.store.close()
+
+    async def _set(self, key: str, value: bytes) -> None:
+        await self.store.set(key, _PROTO.buffer.from_bytes(value))
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise PermissionError(f"store {self} is opened read-only")
+        if self.closed:
+            raise RuntimeError(f"store {self} is closed")
+
+
+class FsspecIO(StoreIO):
+    """An fsspec URL: exclusive creates are conditional PUTs where the backend
+    has them (s3fs: ``mode="create"``, If-None-Match); elsewhere, create, then
+    read back."""
+
+    def __init__(
+        self, store: FsspecStore, *, read_only: bool = False, url: str | None = None
+    ) -> None:
+        super().__init__(store, read_only=read_only)
+        self.url = url or store.fs.unstrip_protocol(store.path)
+        pipe = getattr(type(store.fs), "_pipe_file", None)
+        self._conditional = (
+            pipe is not None and "mode" in inspect.signature(pipe).parameters
+        )
+
+    def __str__(self) -> str:
+        return self.url
+
+    async def put_new(self, key: str, value: bytes) -> bool:
+        self._check_writable()
+        if not self._conditional:
+            return await super().put_new(key, value)
+        path = f"{self.store.path}/{key}"
+        try:
+            await self.store.fs._pipe_file(path, value, mode="create")
+        except FileExistsError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        if not self.closed:
+            await super().close()
+            close = getattr(self.store.fs, "close_session", None)
+            s3 = getattr(self.store.fs, "_s3", None)
+            if close is not None and s3 is not None:
+                try:
+                    await s3.close()
+                except Exception:  # noqa: BLE001 - a session already gone
+                    logger.debug("closing the fsspec session of %s failed", self)
+
+
+class LocalIO(StoreIO):
+    """A local folder, with files written directly (same layout as LocalStore).
+
+    Every object is written to ``<name>.<uuid>.partial`` and renamed into
+    place, so a reader sees the old object or the new one, never a torn one.
+    With ``durable``, each file and its folder are ``fsync``'d before the record
+    that makes them part of the log is created, and the record before the
+    commit returns.
+    """
+
+    def __init__(self, root: Path, *, read_only: bool = False) -> None:
+        self.root = root
+        self.read_only = read_only
+        self.closed = False
+        self.durable = False
+        self.store = LocalStore(root, read_only=read_only)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    @property
+    def is_local(self) -> bool:
+        return True
+
+    async def exists(self) -> bool:
+        return self.root.is_dir()
+
+    async def get(self, key: str) -> bytes | None:
+        return await asyncio.to_thread(_read, self.root / key)
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        paths = [self.root / k for k in keys]
+        return await asyncio.to_thread(lambda: [_read(p) for p in paths])
+
+    async def list_dir(self, prefix: str) -> list[str]:
+        return await asyncio.to_thread(_list_dir, self.root / prefix)
+
+    async def is_empty(self) -> bool:
+        return await asyncio.to_thread(
+            lambda: not self.root.is_dir() or not any(self.root.iterdir())
+        )
+
+    async def put(self, objects: Objects) -> None:
+        self._check_writable()
+        await asyncio.to_thread(self._write_all, objects)
+
+    async def put_new(self, key: str, value: bytes) -> bool:
+        self._check_writable()
+        return await asyncio.to_thread(self._create, key, value)
+
+    async def commit(self, build: Build) -> bool:
+        self._check_writable()
+        return await asyncio.to_thread(self._commit, build)
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        self._check_writable()
+        await asyncio.to_thread(lambda: [remove_path(self.root / k) for k in keys])
+
+    async def delete_dirs(self, prefixes: Sequence[str]) -> None:
+        self._check_writable()
+        await asyncio.to_thread(_remove_dirs, self.root, prefixes)
+
+    async def remove_partial(self) -> int:
+        self._check_writable()
+        return await asyncio.to_thread(_remove_partial_files, self.root)
+
+    async def close(self) -> None:
+        self.closed = True
+
+    # -- in a thread ------------------------------------------------------------
+
+    def _commit(self, build: Build) -> bool:
+        objects, key, record = build()
+        self._write_all(objects)
+        return self._create(key, record)
+
+    def _write_all(self, objects: Objects) -> None:
+        folders = set()
+        for key, value in objects:
+            path = self.root / key
+            write_file(path, value, exclusive=False, durable=self.durable)
+            folders.add(path.parent)
+        if self.durable:
+            for folder in folders:
+                fsync_path(folder)
+                fsync_path(folder.parent)
+
+    def _create(self, key: str, value: bytes) -> bool:
+        path = self.root / key
+        try:
+            write_file(path, value, exclusive=True, durable=self.durable)
+        except FileExistsError:
+            return False
+        if self.durable:
+            fsync_path(path.parent)
+        return True
+
+
+# -- file operations (module functions: tests wrap them to kill a writer) ---------
+
+
+def write_file(path: Path, value: bytes, *, exclusive: bool, durable: bool) -> None:
+    """Write ``path`` whole: a temporary file renamed (or, exclusive, linked) into
+    place. Raises :class:`FileExistsError` if ``exclusive`` and ``path`` exists."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(value)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        if exclusive:
+            os.link(tmp, path)  # fails if path exists: the create is exclusive
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _list_dir(path: Path) -> list[str]:
+    try:
+        return [entry.name for entry in os.scandir(path)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file or a folder with what it holds (nothing if it is gone)."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _remove_dirs(root: Path, prefixes: Sequence[str]) -> None:
+    for prefix in prefixes:
+        remove_path(root / prefix)
+
+
+def _remove_partial_files(root: Path) -> int:
+    removed = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".partial"):
+                remove_path(Path(folder, name))
+                removed += 1
+    return removed

@@ -1,0 +1,175 @@
+"""Helpers for failure tests, ``dask-ftps chaos`` and the damage sweep.
+
+Fault injection lives here, not in the library: nothing in dask_ftps imports
+this module. It offers
+
+- :func:`kill_at`: SIGKILL this process at the n-th write or deletion of a local
+  store's file whose path matches a pattern (the real file operations of
+  :class:`~dask_ftps._store._io.LocalIO`, wrapped);
+- :func:`dask_setup`: the same as a scheduler preload, driven by the environment
+  variable ``DASK_FTPS_TESTING_KILL_AT="<regex>:<n>"``
+  (``dask scheduler --preload dask_ftps.testing ...``);
+- :class:`KillingStore`: a Zarr store wrapper that dies at its n-th write;
+- :func:`store_objects` and :func:`damage`: every object of a local store by
+  kind, and a bit flip, truncation or deletion of one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from zarr.storage import WrapperStore
+
+from dask_ftps._store import _io
+
+logger = logging.getLogger(__name__)
+
+KILL_ENV = "DASK_FTPS_TESTING_KILL_AT"
+DAMAGES = ("flip", "truncate", "delete")
+
+
+def kill_at(pattern: str, n: int) -> None:
+    """SIGKILL this process right before the ``n``-th local-store file operation
+    (a write or a deletion) whose path matches ``pattern`` (``re.search``)."""
+    regex = re.compile(pattern)
+    count = 0
+    write, remove = _io.write_file, _io.remove_path
+
+    def check(path: Path) -> None:
+        nonlocal count
+        if regex.search(str(path)):
+            count += 1
+            if count == n:
+                logger.critical("dask_ftps.testing: SIGKILL before %s (%d)", path, n)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    def killing_write(path: Path, value: bytes, **kwargs: Any) -> None:
+        check(path)
+        write(path, value, **kwargs)
+
+    def killing_remove(path: Path) -> None:
+        check(path)
+        remove(path)
+
+    _io.write_file = killing_write
+    _io.remove_path = killing_remove
+
+
+def parse_kill_at(spec: str) -> tuple[str, int]:
+    """``"<regex>:<n>"`` -> ``(regex, n)``."""
+    pattern, _, n = spec.rpartition(":")
+    return pattern, int(n)
+
+
+def dask_setup(server: Any) -> None:
+    """Scheduler preload: arm :func:`kill_at` from ``DASK_FTPS_TESTING_KILL_AT``."""
+    spec = os.environ.get(KILL_ENV)
+    if spec:
+        kill_at(*parse_kill_at(spec))
+
+
+class KillingStore(WrapperStore):
+    """A Zarr store that SIGKILLs its process before its ``crash_at``-th write,
+    leaving a stray temporary file as a killed local writer would.
+
+    Parameters
+    ----------
+    store
+        The store to wrap (a :class:`~zarr.storage.LocalStore` for the stray file).
+    crash_at
+        Which write (set, exclusive set, delete) to die before; None: never.
+    log
+        Collects the key of every write (shared by the copies zarr makes).
+    """
+
+    def __init__(self, store: Any, crash_at: int | None = None, log=None) -> None:
+        super().__init__(store)
+        self.crash_at = crash_at
+        self.writes = 0
+        self.log = log if log is not None else []
+
+    def _with_store(self, store: Any) -> KillingStore:
+        return type(self)(store, self.crash_at, self.log)
+
+    async def _write(self, key: str, op: str, *args: Any) -> Any:
+        self.writes += 1
+        self.log.append(key)
+        if self.writes == self.crash_at:
+            root = getattr(self._store, "root", None)
+            if root is not None:
+                stray = Path(root) / f"{key}.{os.getpid()}.partial"
+                stray.parent.mkdir(parents=True, exist_ok=True)
+                stray.write_bytes(b"torn")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return await getattr(self._store, op)(key, *args)
+
+    async def set(self, key: str, value: Any, byte_range: Any = None) -> None:
+        return await self._write(key, "set", value)
+
+    async def set_if_not_exists(self, key: str, value: Any) -> None:
+        return await self._write(key, "set_if_not_exists", value)
+
+    async def delete(self, key: str) -> None:
+        return await self._write(key, "delete")
+
+    async def delete_dir(self, prefix: str) -> None:
+        return await self._write(prefix, "delete_dir")
+
+
+# -- damage ------------------------------------------------------------------------
+
+
+def object_kind(root: Path, path: Path) -> str:
+    """What a file of a local dask_ftps store is (``"log:commit"``, ``"payload"``,
+    ``"snapshot-meta"``, ...)."""
+    rel = path.relative_to(root).as_posix()
+    if rel == "zarr.json":
+        return "root"
+    if rel in ("data/zarr.json", "snapshots/zarr.json"):
+        return "group"
+    if rel.startswith("ftps/log/"):
+        try:
+            return "log:" + json.loads(path.read_bytes()[:-4])["kind"]
+        except (ValueError, KeyError):
+            return "log:?"
+    if rel.startswith("data/"):
+        return "payload-meta" if rel.endswith("zarr.json") else "payload"
+    if rel.startswith("snapshots/"):
+        return "snapshot-meta" if rel.endswith("zarr.json") else "snapshot"
+    return "other"
+
+
+def store_objects(root: str | os.PathLike) -> dict[str, list[Path]]:
+    """Every file of a local store, by :func:`object_kind`, oldest name first."""
+    root = Path(root)
+    out: dict[str, list[Path]] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if not path.name.endswith(".partial"):
+            out.setdefault(object_kind(root, path), []).append(path)
+    return out
+
+
+def damage(path: Path, how: str, rng: np.random.Generator) -> str:
+    """Damage one file: ``"flip"`` one random bit, ``"truncate"`` it to a random
+    shorter length, or ``"delete"`` it. Returns what was done."""
+    if how == "delete":
+        path.unlink()
+        return f"deleted {path.name}"
+    data = bytearray(path.read_bytes())
+    if how == "flip":
+        bit = int(rng.integers(8 * len(data)))
+        data[bit // 8] ^= 1 << (bit % 8)
+        path.write_bytes(bytes(data))
+        return f"flipped bit {bit} of {path.name}"
+    if how == "truncate":
+        size = int(rng.integers(len(data)))
+        path.write_bytes(bytes(data[:size]))
+        return f"truncated {path.name} to {size} of {len(data)} bytes"
+    raise ValueError(f"unknown damage {how!r}; one of {DAMAGES}")
