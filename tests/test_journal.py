@@ -284,7 +284,7 @@ def test_a_commit_whose_record_was_lost_is_adopted_from_its_payload_array(tmp_pa
     assert journal.head.kind == "commit"
     newest.unlink()
     with captured_logger("dask_ftps._store._journal", level=logging.WARNING) as log:
-        version, params = dask_ftps.recover(str(path))
+        version, _params = dask_ftps.recover(str(path))
     assert "adopted" in log.getvalue()
     assert version == states[max(states)][0]
     _, state = start(str(path))
@@ -476,7 +476,7 @@ def test_any_zarr_store(tmp_path, kind):
     }
     store = stores[kind]()
     states = asyncio.run(scenario(store))
-    version, params = dask_ftps.recover(store)
+    version, _params = dask_ftps.recover(store)
     assert version == states[max(states)][0]
     assert dask_ftps.inspect(store)["updates"] == max(states)[0]
 

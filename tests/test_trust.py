@@ -1,0 +1,515 @@
+"""Bad input changes nothing; lifecycle; the checks our end-to-end tests used to miss.
+
+Every handler gets hostile fields (hypothesis) and must refuse them with an
+error that changes nothing; then the server still serves a normal run and its
+store still rebuilds bit for bit. Each "blind spot" test here fails when the
+code it protects is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import errno
+import logging
+from collections import Counter
+
+import numpy as np
+import pytest
+from distributed import Scheduler
+from distributed.comm.core import CommClosedError
+from distributed.protocol.serialize import ToPickle
+from distributed.utils import sync
+from distributed.utils_test import captured_logger, gen_cluster
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from zarr.storage import LocalStore, WrapperStore
+
+import dask_ftps
+from dask_ftps import SGD, NotDurable, ParameterServer
+from dask_ftps._core import check_reply
+from dask_ftps._store import _io
+from dask_ftps._worker_plugin import ModelCopy
+from dask_ftps.models import MLP, SoftmaxRegression
+
+from .conftest import digits
+
+MODEL = SoftmaxRegression(n_features=4, n_classes=3, seed=0)
+SPEC = {"shard_sizes": [8, 8], "batch_size": 4, "epochs": 1, "seed": 0}
+
+
+def good_grads(model=MODEL) -> dict[str, np.ndarray]:
+    return {
+        k: np.full(v, 0.01, dtype=np.float32) for k, v in model.param_shapes().items()
+    }
+
+
+def snapshot(plugin) -> dict:
+    """Everything a refused request must leave as it was, in memory and stored."""
+    state = plugin.state
+    journal = plugin.journal
+    return {
+        "version": state.version,
+        "published": plugin.server.published.version,
+        "params": {k: v.tobytes() for k, v in state.model.params.items()},
+        "opt": {k: v.tobytes() for k, v in state.model.opt_state.items()},
+        "updates": state.updates,
+        "global": list(state.global_rows),
+        "downloads": list(state.downloads),
+        "runs": [
+            (r.name, r.spec, list(r.clocks), r.superseded, dict(r.history))
+            for r in state.runs
+        ],
+        "pending": copy.copy(state.pending),
+        "status": {k: v for k, v in plugin.server.status().items() if k != "recovery"},
+        "head": None if journal is None else journal.head.serial,
+        "committed": None if journal is None else journal.committed,
+    }
+
+
+# -- hostile fields, every handler -----------------------------------------------------
+
+HOSTILE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=700),
+    st.binary(max_size=40),
+    st.lists(st.integers(-3, 3), max_size=4),
+    st.tuples(st.integers(-3, 3), st.text(max_size=3)),
+    st.dictionaries(st.text(max_size=4), st.integers(-3, 3), max_size=3),
+    st.just(np.zeros(3, np.float32)),
+    st.just(np.int64(1)),
+    st.just({"W": np.zeros((4, 3), np.float64)}),
+    st.just({"W": np.full((4, 3), np.nan, np.float32), "b": np.zeros(3, np.float32)}),
+    st.just({"W": np.zeros((3, 4), np.float32), "b": np.zeros(3, np.float32)}),
+    st.just({"W": [[0.0] * 3] * 4, "b": [0.0] * 3}),
+    st.just({1: np.zeros(3)}),
+    st.just(object()),
+)
+
+
+def _valid(plugin, handler: str) -> dict:
+    """A valid request for ``handler`` against the server's current state."""
+    state = plugin.state
+    live = [r for r in state.runs if not r.superseded and not r.finished]
+    run = live[-1] if live else state.runs[-1]
+    epoch, step = run.next_step(0)
+    return {
+        "begin_run": {"spec": SPEC, "name": ""},
+        "find_run": {
+            "name": "",
+            "n_samples": 16,
+            "batch_size": 4,
+            "epochs": 1,
+            "seed": 0,
+        },
+        "end_epoch": {"run": int(run.run), "epoch": 0, "values": {"loss": 1.0}},
+        "next_step": {"run": int(run.run), "shard": 0},
+        "pull": {
+            "worker": "tcp://w:1",
+            "run": int(run.run),
+            "shard": 0,
+            "epoch": epoch,
+            "step": step,
+            "have_version": -1,
+            "have_server": None,
+        },
+        "push": {
+            "worker": "tcp://w:1",
+            "update_id": f"{run.run}:{epoch}:0:{step}",
+            "grads": good_grads(),
+            "incarnation": state.incarnation,
+            "next_step": None,
+            "have_version": -1,
+            "have_server": None,
+        },
+        "status": {},
+        "get_model": {},
+        "records": {},
+    }[handler]
+
+
+@st.composite
+def requests(draw, plugin):
+    handler = draw(st.sampled_from(sorted(plugin._handlers)))
+    name = handler.removeprefix("ftps_")
+    kwargs = _valid(plugin, name)
+    fields = sorted(kwargs)
+    bad = draw(st.lists(st.sampled_from(fields), unique=True)) if fields else []
+    for field in bad:
+        kwargs[field] = draw(HOSTILE)
+    extra = not bad or draw(st.booleans())
+    if extra:  # a key the handler does not take
+        kwargs[draw(st.sampled_from(["extra", "stimulus_id", "x"]))] = draw(HOSTILE)
+    return name, kwargs, True
+
+
+@pytest.fixture(params=["memory", "store"])
+def server(request, loop_in_thread, tmp_path):
+    """A scheduler in a loop thread hosting a server with one run begun."""
+    store = None if request.param == "memory" else str(tmp_path / "run.zarr")
+
+    async def start():
+        s = await Scheduler(port=0, dashboard_address=":0")
+        await s.register_scheduler_plugin(
+            ParameterServer(store, model=MODEL, optimizer=SGD(lr=0.1)),
+            name="ftps",
+            idempotent=False,
+        )
+        check_reply(await s.plugins["ftps"].begin_run(spec=SPEC), "begin")
+        return s
+
+    s = sync(loop_in_thread, start)
+    yield loop_in_thread, s.plugins["ftps"], store
+    sync(loop_in_thread, s.close)
+
+
+@settings(
+    max_examples=250,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_hostile_fields_of_every_handler_are_refused_and_change_nothing(server, data):
+    loop, plugin, _ = server
+    name, kwargs, hostile = data.draw(requests(plugin))
+    before = snapshot(plugin)
+    reply = sync(loop, getattr(plugin, name), **kwargs)
+    assert isinstance(reply, dict) and reply.get("status") in ("OK", "error"), reply
+    if reply["status"] != "OK":
+        assert hostile  # a valid request is never refused
+        assert snapshot(plugin) == before, (name, kwargs)
+
+
+def test_after_hostile_requests_the_server_trains_and_its_store_is_exact(server):
+    """The same server after a storm of bad requests: a whole run goes through,
+    and the store rebuilds the live model bit for bit."""
+    loop, plugin, store = server
+    for worker in (["a"], ("a", "b"), b"tcp://w:1", {"w": 1}, 17, None, "", "x" * 600):
+        reply = sync(loop, plugin.push, **{**_valid(plugin, "push"), "worker": worker})
+        assert reply["status"] == "error"
+    spec = {**SPEC, "seed": 7}
+    begun = check_reply(sync(loop, plugin.begin_run, spec=spec, name="after"), "begin")
+    for shard in (0, 1):
+        for step in (0, 1):
+            check_reply(
+                sync(loop, plugin.push, worker=f"tcp://w{shard}:1",
+                     update_id=f"{begun['run']}:0:{shard}:{step}", grads=good_grads(),
+                     incarnation=plugin.state.incarnation),
+                "push",
+            )  # fmt: skip
+    assert plugin.state.runs[begun["run"]].finished
+    if store is not None:
+        version, params = dask_ftps.recover(store)
+        assert version == plugin.state.version
+        for k, v in plugin.state.model.params.items():
+            np.testing.assert_array_equal(params[k], v)
+        assert dask_ftps.inspect(store)["updates"] == plugin.state.updates
+
+
+HOSTILE_WORKERS = {
+    "list": ["tcp://10.0.0.1:1"],
+    "tuple": ("tcp://10.0.0.1", 1),
+    "bytes": b"tcp://10.0.0.1:1",
+    "dict": {"address": "tcp://10.0.0.1:1"},
+    "empty": "",
+    "long": "w" * 10_000,
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_WORKERS))
+@gen_cluster(client=True)
+async def test_a_hostile_worker_field_changes_nothing_and_bricks_nothing(
+    c, s, a, b, tmp_path, case
+):
+    """The reported cases, over the real comm: a list or tuple worker was accepted
+    and bricked the store; a bytes one broke the journal; a dict one was refused
+    but counted. Each is refused, changes nothing, and the store opens again."""
+    store = str(tmp_path / "run.zarr")
+    await c.register_plugin(ParameterServer(store, model=MODEL))
+    check_reply(await c.scheduler.ftps_begin_run(spec=SPEC), "begin")
+    plugin = s.plugins["ftps"]
+    before = snapshot(plugin)
+    for op, kwargs in (
+        ("ftps_push", {"update_id": "0:0:0:0", "grads": ToPickle(good_grads()),
+                       "incarnation": 1}),
+        ("ftps_pull", {"run": 0, "shard": 0, "epoch": 0, "step": 0}),
+    ):  # fmt: skip
+        reply = await getattr(c.scheduler, op)(worker=HOSTILE_WORKERS[case], **kwargs)
+        with pytest.raises(dask_ftps.FTPSError, match="worker must be"):
+            check_reply(reply, op)
+    assert snapshot(plugin) == before
+    reply = await c.scheduler.ftps_push(
+        worker="tcp://w:1", update_id="0:0:0:0", grads=ToPickle(good_grads()),
+        incarnation=1,
+    )  # fmt: skip
+    check_reply(reply, "push")  # the server still works
+    info = dask_ftps.inspect(store)
+    assert info["updates"] == 1 and info["global"][0]["worker"] == "tcp://w:1"
+    assert dask_ftps.recover(store)[0] == 1
+    await c.register_plugin(ParameterServer(store))  # a restart opens the store
+    assert (await dask_ftps.status(c))["updates"] == 1
+
+
+# -- a full disk -------------------------------------------------------------------------
+
+
+class FullDisk(WrapperStore):
+    """A store that runs out of space for payloads while ``full`` is set."""
+
+    full = False
+
+    def _with_store(self, store):
+        return type(self)(store)
+
+    async def set(self, key, value, byte_range=None):
+        if FullDisk.full and key.startswith("data/"):
+            raise OSError(errno.ENOSPC, "No space left on device", key)
+        return await self._store.set(key, value)
+
+
+@pytest.mark.parametrize("path", ["zarr-store", "local-files"])
+@gen_cluster(client=True)
+async def test_a_full_disk_refuses_the_update_and_counts_nothing(
+    c, s, a, b, tmp_path, monkeypatch, path
+):
+    """After ENOSPC the refused update is nowhere: not in status(), records(),
+    the model or the store; once there is room again the server goes on."""
+    where = str(tmp_path / "run.zarr")
+    store = FullDisk(LocalStore(where)) if path == "zarr-store" else where
+    await c.register_plugin(ParameterServer(store, model=MODEL))
+    check_reply(await c.scheduler.ftps_begin_run(spec=SPEC), "begin")
+    plugin = s.plugins["ftps"]
+
+    async def push(step):
+        return await c.scheduler.ftps_push(
+            worker="tcp://w:1", update_id=f"0:0:0:{step}", grads=ToPickle(good_grads()),
+            incarnation=1,
+        )  # fmt: skip
+
+    check_reply(await push(0), "push")
+    status, records = await dask_ftps.status(c), await dask_ftps.records(c)
+    before = snapshot(plugin)
+    real_write = _io.write_file
+
+    def no_space(p, value, **kwargs):
+        if "/data/" in str(p):
+            raise OSError(errno.ENOSPC, "No space left on device", str(p))
+        return real_write(p, value, **kwargs)
+
+    FullDisk.full = True
+    monkeypatch.setattr(_io, "write_file", no_space)
+    with pytest.raises(NotDurable, match="No space left"):
+        check_reply(await push(1), "push")
+    assert snapshot(plugin) == before
+    assert await dask_ftps.status(c) == status
+    assert await dask_ftps.records(c) == records
+    assert dask_ftps.inspect(where)["updates"] == 1
+    FullDisk.full = False
+    monkeypatch.setattr(_io, "write_file", real_write)
+    check_reply(await push(1), "push")  # room again: the same update goes in
+    assert (await dask_ftps.status(c))["updates"] == 2
+    version, _params = dask_ftps.recover(where)
+    assert version == plugin.state.version == 2
+
+
+# -- lifecycle ---------------------------------------------------------------------------
+
+
+@gen_cluster(client=True)
+async def test_a_replaced_or_closed_server_stops_its_tasks_and_closes_its_store(
+    c, s, a, b, tmp_path
+):
+    store = str(tmp_path / "run.zarr")
+    await c.register_plugin(ParameterServer(store, model=MODEL, snapshot_every=1))
+    check_reply(await c.scheduler.ftps_begin_run(spec=SPEC), "begin")
+    reply = await c.scheduler.ftps_push(
+        worker="tcp://w:1", update_id="0:0:0:0", grads=ToPickle(good_grads()),
+        incarnation=1,
+    )  # fmt: skip
+    check_reply(reply, "push")
+    old = s.plugins["ftps"].server
+    await c.register_plugin(ParameterServer(store))
+    assert old._committer.done()
+    assert old._snapshot_task is None or old._snapshot_task.done()
+    assert all(t.done() for t in old._tasks)
+    assert old.journal.closed
+    with pytest.raises(dask_ftps.StaleIncarnation):
+        old.check_healthy()
+    new = s.plugins["ftps"].server
+    await s.plugins["ftps"].close()
+    assert new._committer.done() and new.journal.closed
+    assert "ftps_push" not in s.handlers
+    # A clean close says so in the store: the next start need not ask the old
+    # owner whether it is alive.
+    from dask_ftps._store import Journal
+
+    journal = await Journal.open(store, read_only=True)
+    assert journal.head.kind == "release"
+    assert journal.owner() is None
+
+
+# -- blind spots: each test fails when the code it names is removed ----------------------
+
+
+@gen_cluster(client=True, timeout=120)
+async def test_a_push_whose_reply_is_lost_is_sent_again_and_applied_once(c, s, a, b):
+    """End to end: every third push reaches the server but its reply is lost (the
+    connection breaks); the worker sends it again, the server refuses the second
+    copy as a duplicate, and each minibatch is applied exactly once. Without the
+    server's duplicate check, ids would be applied twice."""
+    X_train, _, y_train, _ = digits()
+    await c.register_plugin(ParameterServer(model=MLP(64, (16,), 10), mode="async"))
+    lost = Counter()
+    for worker in (a, b):
+        plugin = worker.plugins["ftps"]
+        send = plugin._send
+
+        def flaky(op, _send=send, **kwargs):
+            reply = _send(op, **kwargs)
+            if op == "ftps_push":
+                lost["pushes"] += 1
+                if lost["pushes"] % 3 == 0:
+                    lost["lost"] += 1
+                    raise CommClosedError("the reply was lost")
+            return reply
+
+        plugin._send = flaky
+    with captured_logger("dask_ftps._scheduler_plugin", level=logging.INFO) as log:
+        result = await dask_ftps.train(
+            c, X_train, y_train, epochs=2, batch_size=64, progress=False
+        )
+    assert lost["lost"] > 5
+    assert log.getvalue().count("was already accepted") >= lost["lost"]
+    ids = [r["update_id"] for r in (await dask_ftps.records(c))["global"]]
+    assert len(ids) == len(set(ids)) == result.minibatches
+    assert result.version == result.minibatches
+
+
+@gen_cluster(client=True, timeout=120)
+async def test_a_rebuild_keeps_the_update_count_and_the_download_dataset(
+    c, s, a, b, tmp_path
+):
+    store = str(tmp_path / "run.zarr")
+    X_train, _, y_train, _ = digits()
+    await c.register_plugin(
+        ParameterServer(store, model=MLP(64, (16,), 10), snapshot_every=25)
+    )
+    await dask_ftps.train(c, X_train, y_train, epochs=1, batch_size=32, progress=False)
+    before = await dask_ftps.status(c)
+    downloads = (await dask_ftps.records(c))["download"]
+    assert before["updates"] > 25 and downloads
+    await c.register_plugin(ParameterServer(store))
+    after = await dask_ftps.status(c)
+    assert after["incarnation"] == before["incarnation"] + 1
+    assert after["updates"] == before["updates"]
+    assert after["recovery"]["start_version"] < before["version"]  # replayed some
+    assert (await dask_ftps.records(c))["download"] == downloads
+
+
+def _plant(worker, **changes) -> None:
+    """Replace the model copy a worker holds by a doctored one."""
+    plugin = worker.plugins["ftps"]
+    held = plugin.latest
+    params = changes.pop("params", held.params)
+    plugin.latest = ModelCopy(**{**held.__dict__, "params": params, **changes})
+
+
+COPY_DOCTORING = {
+    "another-run": lambda held, journal: {"run_id": "another"},
+    "too-new": lambda held, journal: {"version": journal.version + 3},
+    "older-than-its-row": lambda held, journal: {"version": 1},
+    "other-bits": lambda held, journal: {
+        "params": {k: v + np.float32(1e-3) for k, v in held.params.items()}
+    },
+}
+
+
+@pytest.mark.parametrize("case", sorted(COPY_DOCTORING))
+@gen_cluster(client=True, timeout=120)
+async def test_a_workers_copy_is_used_only_if_the_store_vouches_for_it(
+    c, s, a, b, tmp_path, case
+):
+    """The patent's recovery from a worker's model copy checks the copy's run,
+    its version against its download row and the last commit, and its bits
+    against the checksum that version's commit recorded."""
+    store = str(tmp_path / "run.zarr")
+    X_train, _, y_train, _ = digits()
+    await c.register_plugin(
+        ParameterServer(store, model=MLP(64, (16,), 10), optimizer=SGD(lr=0.05))
+    )
+    await dask_ftps.train(c, X_train, y_train, epochs=1, batch_size=32, progress=False)
+    journal = s.plugins["ftps"].journal
+    expected_version, expected = await dask_ftps.get_model(c)
+    for worker in (a, b):
+        _plant(worker, **COPY_DOCTORING[case](worker.plugins["ftps"].latest, journal))
+    with captured_logger("dask_ftps._scheduler_plugin", level=logging.WARNING) as log:
+        await c.register_plugin(ParameterServer(store))
+    assert log.getvalue().count("failed") == 2, log.getvalue()  # both refused
+    status = await dask_ftps.status(c)
+    assert status["recovery"]["source"] == "snapshot"
+    version, params = await dask_ftps.get_model(c)
+    assert version == expected_version
+    for k, v in expected.items():
+        np.testing.assert_array_equal(params[k], v)
+
+
+@gen_cluster(client=True, timeout=120)
+async def test_sync_mode_has_one_version_live_in_the_store_and_recovered(
+    c, s, a, b, tmp_path
+):
+    """A sync round left open (some shards pushed, not all): the live server,
+    inspect() and recover() name the same model version."""
+    store = str(tmp_path / "run.zarr")
+    await c.register_plugin(ParameterServer(store, model=MODEL, mode="sync"))
+    spec = {"shard_sizes": [8, 8, 8], "batch_size": 4, "epochs": 1, "seed": 0}
+    check_reply(await c.scheduler.ftps_begin_run(spec=spec), "begin")
+    for shard in (0, 1, 2, 0):  # round 0 complete; round 1 open with one update
+        step = 1 if shard == 0 and s.plugins["ftps"].state.version else 0
+        check_reply(
+            await c.scheduler.ftps_push(
+                worker=f"tcp://w{shard}:1", update_id=f"0:0:{shard}:{step}",
+                grads=ToPickle(good_grads()), incarnation=1,
+            ),
+            "push",
+        )  # fmt: skip
+    status = await dask_ftps.status(c)
+    assert status["updates"] == 4
+    assert status["version"] == dask_ftps.inspect(store)["version"] == 1
+    assert dask_ftps.recover(store)[0] == 1
+    await c.register_plugin(ParameterServer(store))
+    assert (await dask_ftps.status(c))["version"] == 1
+    await asyncio.sleep(0)
+
+
+@gen_cluster(client=True, timeout=120)
+async def test_each_check_of_a_workers_copy_refuses_on_its_own(c, s, a, b, tmp_path):
+    """Each check alone: a copy with the right bits but another run's id, a
+    version outside its bounds, and a version whose bits differ."""
+    from dask_ftps._scheduler_plugin import _checked_copy
+
+    store = str(tmp_path / "run.zarr")
+    X_train, _, y_train, _ = digits()
+    await c.register_plugin(
+        ParameterServer(store, model=MLP(64, (16,), 10), optimizer=SGD(lr=0.05))
+    )
+    await dask_ftps.train(c, X_train, y_train, epochs=1, batch_size=32, progress=False)
+    journal = s.plugins["ftps"].journal
+    version, params = await dask_ftps.get_model(c)
+    good = {"status": "OK", "run_id": journal.meta.run_id, "version": version,
+            "params": params}  # fmt: skip
+    assert _checked_copy(journal, good, version).version == version
+    with pytest.raises(dask_ftps.FTPSError, match="another store's run"):
+        _checked_copy(journal, {**good, "run_id": "x"}, version)
+    with pytest.raises(dask_ftps.FTPSError, match="outside"):
+        _checked_copy(journal, good, version + 1)  # older than its download row
+    with pytest.raises(dask_ftps.FTPSError, match="outside"):
+        _checked_copy(journal, {**good, "version": version + 1}, version)
+    other = {k: v.copy() for k, v in params.items()}
+    other["W0"][0, 0] += 1
+    with pytest.raises(dask_ftps.FTPSError, match="differs from the model"):
+        _checked_copy(journal, {**good, "params": other}, version)
+    with pytest.raises(dask_ftps.FTPSError, match="arrays"):
+        _checked_copy(journal, {**good, "params": {"W0": params["W0"]}}, version)
