@@ -322,7 +322,8 @@ def _inspect_lines(store: str, info: dict[str, Any], n_rows: int) -> list[str]:
     rows = info["global"]
     lines = [
         f"store          {store}",
-        f"version        {info['version']}",
+        f"run id         {info['run_id']}",
+        f"version        {info['version']} (model after the last commit)",
         f"incarnation    {info['incarnation']}",
         f"updates        {info['updates']} committed",
         f"snapshots      {', '.join(map(str, info['snapshots'])) or 'none'} (versions)",
@@ -332,8 +333,9 @@ def _inspect_lines(store: str, info: dict[str, Any], n_rows: int) -> list[str]:
         f"runs           {len(info['runs'])}",
     ]
     for i, run in enumerate(info["runs"]):
+        name = f" {run['name']!r}" if run["name"] else ""
         lines.append(
-            f"  run {i}: shards {run['shard_sizes']}, batch size {run['batch_size']}, "
+            f"  run {i}{name}: shards {run['shard_sizes']}, batch size {run['batch_size']}, "
             f"{run['epochs']} epochs, seed {run['seed']}, from version "
             f"{run['base_version']}"
         )
@@ -357,11 +359,37 @@ def _inspect_lines(store: str, info: dict[str, Any], n_rows: int) -> list[str]:
     if info["download"]:
         lines.append(f"  {'version':>7}  worker")
         lines.extend(f"  {r['version']:>7}  {r['worker']}" for r in info["download"])
+    if info["damaged"]:
+        lines.append(f"damaged log records (a copy stands in): {len(info['damaged'])}")
+        lines.extend(f"  {d}" for d in info["damaged"])
     return lines
+
+
+def _storage_options(ctx: click.Context, param: click.Parameter, value: str | None):
+    """``--storage-options '{"endpoint_url": ...}'`` -> a dict."""
+    if value is None:
+        return None
+    try:
+        options = json.loads(value)
+    except ValueError as e:
+        raise click.BadParameter(f"not JSON: {e}") from None
+    if not isinstance(options, dict):
+        raise click.BadParameter("must be a JSON object, e.g. '{\"anon\": true}'")
+    return options
+
+
+_storage_options_option = click.option(
+    "--storage-options",
+    metavar="JSON",
+    default=None,
+    callback=_storage_options,
+    help="fsspec options for a URL store, as JSON (endpoint, credentials).",
+)
 
 
 @main.command()
 @click.argument("store")
+@_storage_options_option
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @click.option(
     "--rows",
@@ -370,15 +398,15 @@ def _inspect_lines(store: str, info: dict[str, Any], n_rows: int) -> list[str]:
     show_default=True,
     help="Newest global-dataset rows shown in the table.",
 )
-def inspect(store: str, as_json: bool, rows: int) -> None:
+def inspect(store: str, storage_options: dict | None, as_json: bool, rows: int) -> None:
     """Show what the Zarr store STORE holds, without changing it.
 
     Reads the store alone: no cluster is needed, and a live parameter server
-    may be writing it.
+    may be writing it. STORE is a path or an fsspec URL (s3://...).
     """
     try:
-        info = dask_ftps.inspect(store)
-    except (dask_ftps.FTPSError, OSError, ValueError) as e:
+        info = dask_ftps.inspect(store, storage_options)
+    except (dask_ftps.FTPSError, OSError, ValueError, TypeError) as e:
         raise _open_store_error(store, e) from e
     if as_json:
         click.echo(json.dumps(info, indent=2, default=_json_default))
@@ -388,6 +416,7 @@ def inspect(store: str, as_json: bool, rows: int) -> None:
 
 @main.command()
 @click.argument("store")
+@_storage_options_option
 @click.option(
     "-o",
     "--output",
@@ -395,7 +424,7 @@ def inspect(store: str, as_json: bool, rows: int) -> None:
     default=None,
     help="Save the parameters to this .npz file (numpy.savez).",
 )
-def recover(store: str, output: str | None) -> None:
+def recover(store: str, storage_options: dict | None, output: str | None) -> None:
     """Rebuild the model the Zarr store STORE holds, with no cluster.
 
     Reads the newest snapshot and replays the committed updates after it: the
@@ -404,8 +433,8 @@ def recover(store: str, output: str | None) -> None:
     """
     t0 = time.perf_counter()
     try:
-        version, params = dask_ftps.recover(store)
-    except (dask_ftps.FTPSError, OSError, ValueError) as e:
+        version, params = dask_ftps.recover(store, storage_options)
+    except (dask_ftps.FTPSError, OSError, ValueError, TypeError) as e:
         raise _open_store_error(store, e) from e
     seconds = time.perf_counter() - t0
     n_params = sum(p.size for p in params.values())

@@ -90,7 +90,16 @@ async def _setup(
 ) -> None:
     from dask_ftps._scheduler_plugin import ParameterServer
 
-    if not require_run and not await holds_run(store, storage_options):
+    from dask_ftps._exceptions import StoreError
+
+    try:
+        has_run = await holds_run(store, storage_options)
+    except StoreError as e:
+        # distributed logs and swallows a preload's errors; a plugin whose start
+        # fails stops the scheduler: let the server's start fail on the damage.
+        logger.error("dask_ftps preload: %s cannot be rebuilt: %s", store, e)
+        has_run = True
+    if not require_run and not has_run:
         logger.warning(
             "dask_ftps preload: %s holds no run yet; no parameter server until a "
             "client registers ParameterServer(store=%r, model=...)",

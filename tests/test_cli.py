@@ -198,7 +198,8 @@ def test_inspect_shows_the_demo_store(demo_run) -> None:
     result = CliRunner().invoke(cli.main, ["inspect", str(store), "--rows", "5"])
     assert result.exit_code == 0, result.output
     out = result.output
-    assert _line(r"^version\s+132$", out), out
+    assert _line(r"^version\s+132 \(model after the last commit\)$", out), out
+    assert _line(r"^run id\s+[0-9a-f]{32}$", out), out
     assert _line(r"^incarnation\s+2$", out), out  # the restarted scheduler's
     assert _line(r"^updates\s+132 committed$", out), out
     assert _line(r"^mode\s+async \(staleness \d+\)$", out), out
@@ -277,3 +278,34 @@ def test_train_against_a_scheduler_address() -> None:
     assert result.exit_code == 0, result.output
     assert f"Connected to {cluster.scheduler_address}" in result.output
     assert re.search(r"MLP: test accuracy [\d.]+ at model version 22;", result.output)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_sync_demo_passes_every_time(tmp_path, seed) -> None:
+    """Sync mode's version is one across the live server, inspect() and recover():
+    the sync demo once failed 2 of 3 runs ("recovered version 38, the store held
+    39"). It runs here with three seeds (other kill points)."""
+    proc = subprocess.run(
+        [*_command(), "demo", "--quick", "--mode", "sync", "--seed", str(seed),
+         "--store", str(tmp_path / "run.zarr")],
+        capture_output=True, text=True, timeout=240, check=False,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "accepted updates lost: 0" in proc.stdout
+    assert _line(r"^exactly once\s+yes$", proc.stdout), proc.stdout
+
+
+def test_storage_options_must_be_a_json_object(tmp_path) -> None:
+    for command in ("inspect", "recover"):
+        result = CliRunner().invoke(
+            cli.main, [command, "s3://b/run.zarr", "--storage-options", "[1]"]
+        )
+        assert result.exit_code == 2 and "JSON object" in result.output
+        result = CliRunner().invoke(
+            cli.main, [command, str(tmp_path), "--storage-options", '{"anon": true}']
+        )
+        assert result.exit_code == 1 and "storage_options apply to an fsspec URL" in (
+            result.output
+        ), result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import threading
@@ -26,17 +27,28 @@ MODEL = MLP(n_features=64, hidden=(32,), n_classes=10, seed=0)
 EPOCHS, BATCH = 4, 32
 
 
-def scheduler(port: int, store: str | None = None, kill_at: str | None = None, *extra):
+def scheduler(
+    port: int,
+    store: str | None = None,
+    kill_at: str | None = None,
+    *extra: str,
+    storage_options: dict | None = None,
+    env: dict | None = None,
+):
     """A real ``dask scheduler`` process; with ``kill_at`` (``"<regex>:<n>"``) it
     SIGKILLs itself before its n-th matching store file operation."""
     preloads = ("dask_ftps.testing",) if kill_at else ()
-    args = scheduler_args(port, store, preloads=preloads, extra=extra)
-    env = {**environment(), KILL_ENV: kill_at or ""}
+    args = scheduler_args(port, store, storage_options, preloads=preloads, extra=extra)
+    env = {**environment(), KILL_ENV: kill_at or "", **(env or {})}
     return popen(args, capture_output=True, env=env)
 
 
-def workers(address: str):
-    return popen(worker_args(address, 2), capture_output=True)
+def workers(address: str, env: dict | None = None):
+    return popen(
+        worker_args(address, 2),
+        capture_output=True,
+        env={**environment(), **(env or {})},
+    )
 
 
 def wait_for_workers(client: Client, n: int, timeout: float = 60) -> None:
@@ -142,3 +154,234 @@ def test_preload_requiring_a_run_refuses_to_start_without_one(tmp_path):
             pytest.fail("the scheduler started without a run to resume")
     assert proc.returncode != 0
     assert b"holds no run to resume" in out
+
+
+def _status(client: Client) -> dict:
+    return dask_ftps.status(client)
+
+
+def _same_model(client: Client, store: str, storage_options=None) -> int:
+    version, params = dask_ftps.get_model(client)
+    offline_version, offline = dask_ftps.recover(store, storage_options)
+    assert version == offline_version
+    for name, value in params.items():
+        np.testing.assert_array_equal(offline[name], value)
+    return version
+
+
+def _background(func, *args):
+    """Run ``func`` in a daemon thread; its result or error lands in the dict."""
+    out: dict = {}
+
+    def target():
+        try:
+            out["result"] = func(*args)
+        except BaseException as e:  # noqa: BLE001 - read by the test
+            out["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    out["thread"] = thread
+    return out
+
+
+def _poll(predicate, timeout: float = 60, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_a_paused_old_owner_cannot_change_the_new_owners_run(tmp_path):
+    """The owning scheduler is paused (SIGSTOP: a hung VM, a long GC pause), a new
+    scheduler on another port takes the store over and trains on, then the old
+    one is resumed with its workers still pushing. It is fenced off, and the new
+    owner's run ends bit-exact, every minibatch once."""
+    store = str(tmp_path / "run.zarr")
+    old_port, new_port = open_port(), open_port()
+    old_address, new_address = (f"tcp://127.0.0.1:{p}" for p in (old_port, new_port))
+    fast = {"DASK_FTPS__STORE__OWNER_TIMEOUT": "1s", "DASK_FTPS__WAIT_TIMEOUT": "20s"}
+    total = len(expected_ids())
+    with (
+        scheduler(old_port, store, env=fast) as old,
+        workers(old_address, env=fast),
+        Client(old_address, timeout="60s") as old_client,
+    ):
+        wait_for_workers(old_client, 2)
+        old_client.register_plugin(
+            ParameterServer(
+                store, model=MODEL, optimizer=SGD(lr=0.05, momentum=0.5),
+                snapshot_every=30,
+            )
+        )  # fmt: skip
+        _background(train, old_client)
+        _poll(lambda: _status(old_client)["updates"] >= 80, what="80 updates")
+        old.send_signal(signal.SIGSTOP)
+        try:
+            with (
+                scheduler(new_port, store, env=fast),
+                workers(new_address, env=fast),
+                Client(new_address, timeout="60s") as new_client,
+            ):
+                wait_for_workers(new_client, 2)
+                status = _status(new_client)
+                assert status["incarnation"] == 2
+                taken_over = status["updates"]
+                training = _background(train, new_client)
+                _poll(
+                    lambda: _status(new_client)["updates"] >= taken_over + 60,
+                    what="60 updates of the new owner",
+                )
+                old.send_signal(signal.SIGCONT)
+                # The old owner's workers push on; its next record is refused.
+                _poll(
+                    lambda: "fenced" in str(_status(old_client).get("failed")),
+                    timeout=60,
+                    what="the old owner to learn it was fenced",
+                )
+                training["thread"].join(180)
+                assert "error" not in training, training.get("error")
+                result = training["result"]
+                info = dask_ftps.inspect(store)
+                ids = [row["update_id"] for row in info["global"]]
+                assert max(Counter(ids).values()) == 1
+                assert info["updates"] == result.minibatches == total
+                assert info["incarnation"] == 2
+                assert _same_model(new_client, store) == total
+        finally:
+            old.send_signal(signal.SIGCONT)
+
+
+def _store_with_a_run(tmp_path, port: int) -> tuple[str, int, int]:
+    """A store left by a scheduler SIGKILLed mid-run: (path, version, updates)."""
+    store = str(tmp_path / "run.zarr")
+    address = f"tcp://127.0.0.1:{port}"
+    with (
+        scheduler(port, store) as first,
+        workers(address),
+        Client(address, timeout="60s") as client,
+    ):
+        wait_for_workers(client, 2)
+        client.register_plugin(ParameterServer(store, model=MODEL, snapshot_every=40))
+        _background(train, client)
+        _poll(lambda: _status(client)["updates"] >= 100, what="100 updates")
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+    info = dask_ftps.inspect(store)
+    return store, info["version"], info["updates"]
+
+
+def _served(port: int, proc, timeout: float = 60) -> dict | None:
+    """The status a scheduler's server answers, or None if the process died."""
+    from distributed.core import rpc
+
+    from dask_ftps._core import check_reply
+
+    async def ask():
+        async with rpc(f"tcp://127.0.0.1:{port}", timeout=5) as s:
+            return check_reply(await s.ftps_status(), "status")
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return None
+        try:
+            return asyncio.run(ask())
+        except Exception:  # noqa: BLE001 - not serving yet
+            time.sleep(0.05)
+    pytest.fail("the scheduler neither served nor died")
+
+
+@pytest.mark.slow
+def test_a_preload_start_killed_anywhere_never_locks_the_store(tmp_path):
+    """SIGKILL a restarting preload scheduler before each file its start writes or
+    deletes (claim, clean-up), and at random moments; every next start serves the
+    same run."""
+    port = open_port()
+    store, version, updates = _store_with_a_run(tmp_path, port)
+    rng = np.random.default_rng(0)
+    killed, k = 0, 0
+    while True:
+        k += 1
+        # Leftovers for the clean-up to remove: an old payload array, a stray file.
+        (tmp_path / "run.zarr" / "data" / "0000000000000001.00000000dead").mkdir(
+            exist_ok=True
+        )
+        (tmp_path / "run.zarr" / "ftps" / "log" / "x.1.partial").write_bytes(b"x")
+        with scheduler(port, store, f".*:{k}") as proc:
+            _served(port, proc)  # it may serve before its clean-up is done
+            try:
+                proc.wait(3)  # died at its k-th file operation
+                killed += 1
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                break  # past its last one
+        for delay in [None, *rng.uniform(0.2, 1.5, size=1)]:
+            with scheduler(port, store) as proc:
+                if delay is not None:  # a SIGKILL at a random moment of a start
+                    time.sleep(delay)
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait(30)
+                    continue
+                status = _served(port, proc)
+                assert status is not None, proc.stdout.read().decode()[-3000:]
+                assert (status["version"], status["updates"]) == (version, updates)
+                proc.send_signal(signal.SIGKILL)
+    assert killed >= 3, killed  # the claim and the clean-up's deletions were hit
+
+
+@pytest.mark.slow
+def test_train_again_after_a_crash_past_the_last_commit_returns_the_run(tmp_path):
+    """The reported case: "call train() again with the same arguments" after a
+    crash that came after the run's last commit trained a whole second run."""
+    store = str(tmp_path / "run.zarr")
+    port = open_port()
+    address = f"tcp://127.0.0.1:{port}"
+    with scheduler(port, store) as first, workers(address):
+        with Client(address, timeout="60s") as client:
+            wait_for_workers(client, 2)
+            client.register_plugin(ParameterServer(store, model=MODEL))
+            done = train(client)
+            assert done.trained
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+    with (
+        scheduler(port, store),
+        workers(address),
+        Client(address, timeout="60s") as client,
+    ):
+        wait_for_workers(client, 2)
+        again = train(client)
+        assert not again.trained
+        assert (again.run, again.version, again.history) == (
+            done.run, done.version, done.history,
+        )  # fmt: skip
+        assert dask_ftps.inspect(store)["updates"] == done.minibatches
+        more = dask_ftps.train(
+            client, *digits()[::2], epochs=1, batch_size=BATCH, progress=False,
+            run_name="more",
+        )  # fmt: skip
+        assert more.trained and more.run == done.run + 1
+
+
+def test_a_damaged_store_stops_the_preload_scheduler_from_starting(tmp_path):
+    """Damage no exact rebuild can get past must not leave a scheduler up without a
+    parameter server (a supervisor would read it as healthy): it refuses to start
+    and names the object."""
+    port = open_port()
+    store, _, _ = _store_with_a_run(tmp_path, port)
+    with scheduler(port, store) as proc:  # a restart: its claim is the newest record
+        assert _served(port, proc) is not None
+        proc.send_signal(signal.SIGKILL)
+    log = tmp_path / "run.zarr" / "ftps" / "log"
+    newest = max(log.iterdir(), key=lambda p: p.name if p.name.isdigit() else "")
+    newest.write_bytes(newest.read_bytes()[:20])  # truncated
+    with scheduler(port, store) as proc:
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the scheduler started on a damaged store")
+    assert proc.returncode != 0
+    assert b"StoreCorrupted" in out and newest.name.encode() in out
