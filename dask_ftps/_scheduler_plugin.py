@@ -442,9 +442,9 @@ class ParameterServer(SchedulerPlugin):
             self.durable if self.durable is not None else config.get("store.durable")
         )
         # Refuse another spec before the old server stops serving.
-        existing = await Journal.open_io(io)
+        existing = await Journal.read_meta(io)
         if existing is not None:
-            existing.meta.check_same(self._given(existing.meta))
+            existing.check_same(self._given(existing))
         elif self.model is None:
             raise FTPSError(f"the store {io} holds no run to resume: give a model")
         if old_server is not None:
@@ -453,6 +453,10 @@ class ParameterServer(SchedulerPlugin):
         async def open_journal() -> Journal:
             journal = await Journal.open_io(io)
             if journal is None:
+                if self.model is None:
+                    raise FTPSError(
+                        f"the store {io} holds no run to resume: give a model"
+                    )
                 meta = self._meta()
                 journal = await Journal.create_io(
                     io, meta, self._fresh_state(meta).model

@@ -88,9 +88,8 @@ async def _setup(
     durable: bool | None,
     require_run: bool,
 ) -> None:
-    from dask_ftps._scheduler_plugin import ParameterServer
-
     from dask_ftps._exceptions import StoreError
+    from dask_ftps._scheduler_plugin import ParameterServer
 
     try:
         has_run = await holds_run(store, storage_options)

@@ -173,3 +173,114 @@ def damage(path: Path, how: str, rng: np.random.Generator) -> str:
         path.write_bytes(bytes(data[:size]))
         return f"truncated {path.name} to {size} of {len(data)} bytes"
     raise ValueError(f"unknown damage {how!r}; one of {DAMAGES}")
+
+
+# -- the damage sweep ----------------------------------------------------------------
+
+
+def _rebuild_offline(path: str, claim: bool) -> tuple[int, dict[str, np.ndarray]]:
+    """The model a store rebuilds to: read only (``recover``), or as a starting
+    server does it (open, rebuild, claim, clean up)."""
+    import asyncio
+
+    from dask_ftps import recover
+    from dask_ftps._recovery import rebuild
+    from dask_ftps._store import Journal, take_over
+
+    if not claim:
+        return recover(path)
+
+    async def start():
+        async def opened():
+            return await Journal.open(path)
+
+        async def rebuilt(journal):
+            return (await rebuild(journal)).state
+
+        async def not_alive(*args):
+            return False
+
+        journal, _, state = await take_over(
+            opened, "tcp://damage-sweep:1", not_alive, rebuilt
+        )
+        await journal.cleanup()
+        await journal.close()
+        return int(state.version), state.model.params
+
+    return asyncio.run(start())
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def damage_sweep(
+    store: str | os.PathLike,
+    workdir: str | os.PathLike,
+    seed: int = 0,
+    hows: tuple[str, ...] = DAMAGES,
+) -> list[dict[str, Any]]:
+    """Damage every object of a local store in turn, each way, and classify what
+    a rebuild makes of it.
+
+    For each object and each damage, a fresh copy of ``store`` is damaged, then
+    rebuilt with :func:`dask_ftps.recover` and by a starting server (open,
+    rebuild, claim, clean-up). The outcome is
+
+    - ``"detected"``: both refuse with :class:`~dask_ftps.StoreCorrupted` (or
+      :class:`~dask_ftps.StoreFormatError`), and the refusing start changed no
+      file;
+    - ``"harmless"``: both give the undamaged model, version and bits;
+    - ``"silent"``: anything else (a different model, or a refusal that deleted
+      something).
+
+    Returns one dict per case: ``kind``, ``object``, ``how``, ``done``,
+    ``outcome`` and ``error``.
+    """
+    import shutil
+
+    from dask_ftps._exceptions import StoreCorrupted, StoreFormatError
+
+    store, workdir = Path(store), Path(workdir)
+    version, params = _rebuild_offline(str(store), claim=False)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for kind, paths in store_objects(store).items():
+        for victim in paths:
+            for how in hows:
+                copy = workdir / "damaged.zarr"
+                shutil.rmtree(copy, ignore_errors=True)
+                shutil.copytree(store, copy)
+                done = damage(copy / victim.relative_to(store), how, rng)
+                outcome, error = "harmless", ""
+                for claim in (False, True):
+                    before = _files(copy) if claim else None
+                    try:
+                        got_version, got = _rebuild_offline(str(copy), claim)
+                    except (StoreCorrupted, StoreFormatError) as e:
+                        error = f"{type(e).__name__}: {e}"
+                        outcome = "detected" if outcome != "silent" else outcome
+                        if claim and _files(copy) != before:
+                            outcome, error = (
+                                "silent",
+                                f"a refusing start changed files ({e})",
+                            )
+                        continue
+                    same = got_version == version and all(
+                        np.array_equal(got[k], v) for k, v in params.items()
+                    )
+                    if not same or outcome == "detected":
+                        outcome = "silent"  # a different model, or a split verdict
+                rows.append({
+                    "kind": kind,
+                    "object": victim.relative_to(store).as_posix(),
+                    "how": how,
+                    "done": done,
+                    "outcome": outcome,
+                    "error": error[:300],
+                })  # fmt: skip
+    return rows

@@ -133,6 +133,22 @@ def test_storage_quick(out, stores):
     assert len(on["samples"]) > 2
 
 
+def test_damage_quick(out, stores):
+    """A store made under real kills, every object damaged three ways: the sweep
+    runs, covers every kind and finds nothing silent."""
+    from benchmarks import damage
+
+    damage.run(quick=True, out=str(out), store_dir=stores)
+    doc = load(out, "damage")
+    assert doc["chaos"]["lost"] == 0 and doc["chaos"]["recoveries"] >= 1
+    assert doc["totals"].get("silent", 0) == 0, [
+        c for c in doc["cases"] if c["outcome"] == "silent"
+    ]
+    kinds = {r["kind"] for r in doc["rows"]}
+    assert {"root", "log:claim", "log:commit", "log:snapshot", "payload",
+            "snapshot"} <= kinds  # fmt: skip
+
+
 def test_plots(out, tmp_path):
     pytest.importorskip("matplotlib")
     from benchmarks.plots import make_plots

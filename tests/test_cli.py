@@ -309,3 +309,24 @@ def test_storage_options_must_be_a_json_object(tmp_path) -> None:
         assert result.exit_code == 1 and "storage_options apply to an fsspec URL" in (
             result.output
         ), result.output
+
+
+@pytest.mark.slow
+def test_chaos_kills_real_processes_and_every_check_holds(tmp_path) -> None:
+    """A short ``dask-ftps chaos``: real scheduler and worker processes SIGKILLed at
+    seeded random moments, some schedulers inside a commit or a snapshot."""
+    report = tmp_path / "chaos.json"
+    proc = subprocess.run(
+        [*_command(), "chaos", "--seconds", "25", "--seed", "5", "--json", str(report),
+         "--store", str(tmp_path / "run.zarr")],
+        capture_output=True, text=True, timeout=400, check=False,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    doc = json.loads(report.read_text())
+    assert doc["failures"] == []
+    assert len(doc["recoveries"]) >= 3
+    assert doc["lost"] == doc["duplicates"] == 0
+    assert all(r["exact"] for r in doc["recoveries"]) and doc["final_exact"]
+    assert doc["accuracy"] >= 0.9
+    assert _line(r"^committed updates lost\s+0$", proc.stdout), proc.stdout

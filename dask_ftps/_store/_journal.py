@@ -246,6 +246,12 @@ class Journal:
         return journal
 
     @classmethod
+    async def read_meta(cls, io: StoreIO) -> RunMeta | None:
+        """The run the root group describes (None if there is none), read alone."""
+        raw = await io.get(ROOT_KEY)
+        return None if raw is None else parse_root(raw)
+
+    @classmethod
     async def create(
         cls,
         store: Any,
@@ -835,8 +841,10 @@ class Journal:
                     snapshots.append(key)
             elif parsed[0] < version:
                 snapshots.append(key)
-        await self.io.delete([log_key(s) for s in records])
+        # Data first, then the records naming it: a reader never finds a payload
+        # array whose record a trim deleted (it would stand in for the record).
         await self.io.delete_dirs(payloads + snapshots)
+        await self.io.delete([log_key(s) for s in records])
         for s in records:
             self.records.pop(s, None)
             self.damaged.pop(s, None)
@@ -896,9 +904,12 @@ async def _substitute_from_payloads(
     data_dirs: dict[int, list[str]],
     head: int,
 ) -> None:
-    """Fill missing or damaged commit records from their payload arrays."""
+    """Fill missing or damaged commit records from their payload arrays, from the
+    oldest retained snapshot's range on (below it, a trim may be deleting them)."""
+    floors = [r.body.first_serial for r in records.values() if r.kind == "snapshot"]
+    low = min(floors, default=0)
     for serial in sorted(data_dirs):
-        if serial in records or serial > head:
+        if serial in records or serial > head or serial < low:
             continue
         for folder in data_dirs[serial]:
             record = await _commit_in_payloads(io, folder, serial)
