@@ -206,6 +206,18 @@ class _Cluster:
         )
         return self.scheduler.started
 
+    def worker_pids(self) -> list[int]:
+        """The worker processes (each nanny's child) of the worker group."""
+        import psutil
+
+        try:
+            children = psutil.Process(self.workers.pid).children(recursive=True)
+            return sorted(
+                p.pid for p in children if "spawn_main" in " ".join(p.cmdline())
+            )
+        except psutil.Error:
+            return []
+
     def kill_scheduler(self) -> None:
         self.scheduler.kill(signal.SIGKILL)
         self.scheduler.wait(30)
@@ -251,8 +263,16 @@ def run_chaos(options: ChaosOptions, say: Say = print) -> ChaosReport:
                 driver = _one_kill(
                     client, cluster, driver, data, options, rng, report, say
                 )
+            # The last run goes to its end; an armed scheduler that dies in it is
+            # recovered like any other, unarmed.
             driver.stop_after_run.set()
-            driver.join(600)
+            while driver.is_alive() or not cluster.scheduler.alive:
+                driver.join(0.2)
+                if not cluster.scheduler.alive:
+                    driver = _scheduler_lost(
+                        client, cluster, driver, data, options, report, say,
+                        0, True, aimed_share=0.0,
+                    )  # fmt: skip
             if driver.error is not None:
                 report.errors.append(f"the last run failed: {driver.error!r}")
             report.runs_finished += driver.finished
@@ -289,20 +309,39 @@ def _one_kill(
         except Exception:
             logger.debug("status not answered", exc_info=True)
         time.sleep(0.05)
-    if not died and rng.random() < options.worker_share:
-        pids = client.run(os.getpid)
-        victim = str(rng.choice(sorted(pids)))
-        os.kill(pids[victim], signal.SIGKILL)
+    pids = cluster.worker_pids()
+    if not died and pids and rng.random() < options.worker_share:
+        victim = int(rng.choice(pids))
+        os.kill(victim, signal.SIGKILL)
         report.kills["worker"] += 1
-        say(f"SIGKILL worker {victim} at {acknowledged} updates")
+        say(f"SIGKILL worker process {victim} at {acknowledged} updates")
         return driver
+    return _scheduler_lost(client, cluster, driver, data, options, report, say,
+                           acknowledged, died)  # fmt: skip
+
+
+def _scheduler_lost(
+    client: Client,
+    cluster: _Cluster,
+    driver: _Driver,
+    data: tuple,
+    options: ChaosOptions,
+    report: ChaosReport,
+    say: Say,
+    acknowledged: int,
+    died: bool,
+    aimed_share: float | None = None,
+) -> _Driver:
+    """Kill the scheduler (unless it ``died`` by itself), restart the cluster,
+    check the recovery with training stopped, and train on."""
     kind = cluster.armed if died else "scheduler"
     if not died:
         cluster.kill_scheduler()
     report.kills[kind] += 1
     driver.join(120)  # its train() fails without a scheduler
     report.runs_finished += driver.finished
-    recovery = _recover(client, cluster, kind, acknowledged, options)
+    share = options.aimed_share if aimed_share is None else aimed_share
+    recovery = _recover(client, cluster, kind, acknowledged, share)
     report.recoveries.append(recovery)
     say(
         f"scheduler died ({kind}) at {recovery.stored} committed; recovered "
@@ -311,17 +350,19 @@ def _one_kill(
         f"{'yes' if recovery.exact else 'NO'}"
     )
     fresh = _Driver(client, data, driver.run_index)
+    if driver.stop_after_run.is_set():
+        fresh.stop_after_run.set()
     fresh.start()
     return fresh
 
 
 def _recover(
     client: Client, cluster: _Cluster, kind: str, acknowledged: int,
-    options: ChaosOptions,
+    aimed_share: float,
 ) -> Recovery:  # fmt: skip
     cluster.workers.stop(kill=True)  # they close with their scheduler anyway
     before = dask_ftps.inspect(cluster.store)
-    started = cluster.start(options.aimed_share)
+    started = cluster.start(aimed_share)
     status = _wait_served(client, cluster)
     served = time.perf_counter() - started
     client.wait_for_workers(N_WORKERS, timeout=120)
