@@ -4,7 +4,7 @@ A scheduler process (with :mod:`dask_ftps.preload`) and a group of worker
 processes train an MLP on digits, one named run after another, for a set
 time. A seeded killer SIGKILLs the scheduler or a worker at random moments;
 some schedulers are started armed (:mod:`dask_ftps.testing`) to die right
-before a commit's record or inside a snapshot. After every scheduler loss the
+before one of their log records (a commit's, nearly always) or inside a snapshot. After every scheduler loss the
 killer restarts the cluster on the same port and checks, with training
 stopped: no committed update lost (the new server holds what the store held
 and at least what the old one reported accepted), no update applied twice,
@@ -40,10 +40,11 @@ logger = logging.getLogger(__name__)
 N_WORKERS = 2
 BATCH_SIZE = 32
 EPOCHS_PER_RUN = 3
-#: What an armed scheduler dies before: the n-th commit record, or a chunk of
+#: What an armed scheduler dies before: the n-th log record it writes (nearly
+#: all are commits: the payload array is written, the record not), or a chunk of
 #: the n-th snapshot since it started (its first is written within 20 versions).
 AIMS = {
-    "commit": (r"ftps/log/\d+$", (5, 120)),
+    "record": (r"ftps/log/\d+$", (5, 120)),
     "snapshot": (r"snapshots/v\d+\.\w+/c\.0$", (1, 3)),
 }
 
@@ -66,7 +67,7 @@ class ChaosOptions:
 
 @dataclass
 class Recovery:
-    kind: str  # "scheduler", "commit" or "snapshot": where the scheduler died
+    kind: str  # "scheduler" (SIGKILL), "record" or "snapshot" (armed: died there)
     acknowledged: int  # updates the old server last reported accepted
     stored: int  # updates the store held after the kill
     recovered: int  # updates the new server holds

@@ -788,10 +788,11 @@ def _recovery(
 
 
 def _print_history(result: dask_ftps.TrainResult, epochs: int, say: Say) -> None:
-    first_epoch = epochs - len(result.history)
-    if first_epoch:
-        say(f"epochs {first_epoch}-{epochs - 1}, after the restart:")
-    for line in format_history(result.history, first_epoch):
+    """The run's history; the epochs trained after the restart are marked."""
+    first = result.first_epoch
+    if first:
+        say(f"epochs 0-{first - 1} before the restart, {first}-{epochs - 1} after it:")
+    for line in format_history(result.history, 0):
         say(line)
 
 

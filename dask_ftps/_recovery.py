@@ -287,8 +287,10 @@ def inspect(store: Any, storage_options: dict | None = None) -> dict[str, Any]:
         retained global-dataset rows: ``update_id``, ``worker``, ``version``),
         ``download`` (rows ``worker``, ``version``), ``first_row`` (the oldest
         retained row), the run's ``model``, ``optimizer``, ``mode``,
-        ``staleness``, ``run_id`` and ``runs``, ``records`` (log records kept)
-        and ``damaged`` (log records that fail their checks).
+        ``staleness``, ``run_id`` and ``runs``, ``records`` (log records kept),
+        ``damaged`` (log records that fail their checks) and
+        ``read_from_copies`` (the serials of those read instead from the copy
+        their payload array keeps).
     """
 
     async def run() -> dict[str, Any]:
@@ -337,7 +339,8 @@ def _describe(journal: Journal) -> dict[str, Any]:
             for r, history in runs
         ],
         "records": len(journal.records),
-        "damaged": sorted(str(e) for e in journal.damaged.values()),
+        "damaged": [str(journal.damaged[s]) for s in sorted(journal.damaged)],
+        "read_from_copies": sorted(s for s in journal.damaged if s in journal.records),
     }
 
 

@@ -334,7 +334,7 @@ def chaos(
 
     A scheduler (with the dask_ftps preload) and two worker processes train run
     after run. The scheduler, or a worker, is killed every 1-4 s; some
-    schedulers die right before a commit's record or inside a snapshot. After
+    schedulers die right before a log record (a commit's) or inside a snapshot. After
     every scheduler loss the cluster restarts on the same port and the checks
     run with training stopped: committed updates lost 0, applied twice 0,
     recover(store) == live model bit for bit; at the end the model must have
@@ -434,7 +434,10 @@ def _inspect_lines(store: str, info: dict[str, Any], n_rows: int) -> list[str]:
         lines.append(f"  {'version':>7}  worker")
         lines.extend(f"  {r['version']:>7}  {r['worker']}" for r in info["download"])
     if info["damaged"]:
-        lines.append(f"damaged log records (a copy stands in): {len(info['damaged'])}")
+        lines.append(
+            f"damaged log records: {len(info['damaged'])} "
+            f"({len(info['read_from_copies'])} read from their payload arrays' copies)"
+        )
         lines.extend(f"  {d}" for d in info["damaged"])
     return lines
 

@@ -35,7 +35,8 @@ class TrainResult:
     Attributes
     ----------
     version
-        The model version when training ended.
+        The model version when this call returned (for a run found finished:
+        the server's current version).
     minibatches
         Minibatch updates the run consists of (in ``"async"`` mode on a fresh
         server the final version equals it).
@@ -50,6 +51,9 @@ class TrainResult:
     trained
         Whether this call trained: False when it found its run finished (an
         earlier call trained it) and returned that.
+    first_epoch
+        The epoch this call started at (above 0 when it resumed the run; the
+        epochs before it come from the earlier call, as the server stored them).
     """
 
     version: int
@@ -60,6 +64,7 @@ class TrainResult:
     seconds: float = 0.0
     run_name: str = ""
     trained: bool = True
+    first_epoch: int = 0
 
 
 def train(
@@ -181,6 +186,7 @@ async def _train(
             n_shards=n_shards,
             run_name=run_name,
             trained=False,
+            first_epoch=spec.epochs,
         )
     first_epoch = min(epoch for epoch, _ in begun["next"])
     if first_epoch > 0:
@@ -242,6 +248,7 @@ async def _train(
         n_shards=n_shards,
         seconds=time.perf_counter() - start,
         run_name=run_name,
+        first_epoch=first_epoch,
     )
 
 

@@ -365,7 +365,9 @@ def test_a_changed_digit_in_the_newest_record_changes_nothing_and_deletes_nothin
         _, state = start(str(path))
     assert f"log record {head.serial} is damaged" in log.getvalue()
     assert_state(state, expected)
-    assert dask_ftps.inspect(str(path))["updates"] == max(states)[0]
+    info = dask_ftps.inspect(str(path))
+    assert info["updates"] == max(states)[0]
+    assert info["read_from_copies"] == [head.serial] and len(info["damaged"]) == 1
 
     copy = path / head.body.data.key / "zarr.json"
     copy.write_bytes(copy.read_bytes().replace(b'"seq"', b'"sEq"'))

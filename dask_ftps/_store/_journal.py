@@ -915,7 +915,7 @@ async def _substitute_from_payloads(
             record = await _commit_in_payloads(io, folder, serial)
             if record is not None:
                 records[serial] = record
-                error = damaged.pop(serial, None)
+                error = damaged.get(serial)
                 logger.warning(
                     "%s: log record %d is %s; its copy in %s/zarr.json serves",
                     io,
