@@ -43,7 +43,8 @@ def run(
         store = str(folder / "chaos.zarr")
         chaos = run_chaos(ChaosOptions(seconds=seconds, seed=3, store=store), say=print)
         print("\n".join(chaos.lines()))
-        cases = damage_sweep(store, folder, seed=0)
+        # quick: the oldest, newest and one other object of each kind
+        cases = damage_sweep(store, folder, seed=0, per_kind=3 if quick else None)
     by_kind: dict[str, Counter] = {}
     for case in cases:
         by_kind.setdefault(case["kind"], Counter())[case["how"], case["outcome"]] += 1
@@ -51,7 +52,7 @@ def run(
     for kind, counts in sorted(by_kind.items()):
         row: dict[str, Any] = {
             "kind": kind,
-            "objects": sum(counts[DAMAGES[0], o] for o in OUTCOMES),
+            "objects": sum(counts[DAMAGES[0], o] for o in OUTCOMES),  # damaged
         }
         for how in DAMAGES:
             row[how] = " / ".join(str(counts[how, o]) for o in OUTCOMES)
@@ -63,6 +64,7 @@ def run(
     print(f"\n{len(cases)} cases: " + ", ".join(f"{o} {totals[o]}" for o in OUTCOMES))
     payload = {
         "quick": quick,
+        "per_kind": 3 if quick else "all",
         "cpu": cpu_usage(cpu),
         "chaos": {
             "seconds": seconds,

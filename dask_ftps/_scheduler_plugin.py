@@ -248,7 +248,7 @@ class ParameterServer(SchedulerPlugin):
         }
         settings = ServerConfig(
             snapshot_every=self.snapshot_every or config.get("store.snapshot-every"),
-            snapshots_kept=config.get("store.snapshots-kept"),
+            snapshots_kept=max(1, int(config.get("store.snapshots-kept"))),
             offload_threshold=config.get("offload-threshold"),
             wait_timeout=parse_timedelta(config.get("wait-timeout")),
             address=scheduler.address,
@@ -327,7 +327,7 @@ class ParameterServer(SchedulerPlugin):
 
     @_replies_errors
     async def next_step(self, run: object, shard: object) -> dict:
-        return self.server.next_step(
+        return await self.server.next_step(
             field_int("run", run, maximum=MAX_COUNT),
             field_int("shard", shard, maximum=MAX_COUNT),
         )
@@ -437,12 +437,15 @@ class ParameterServer(SchedulerPlugin):
     async def _open_store(
         self, old_server: Server | None, settings: ServerConfig
     ) -> Server:
-        io = resolve(self.store, self.storage_options)
         durable = (
             self.durable if self.durable is not None else config.get("store.durable")
         )
         # Refuse another spec before the old server stops serving.
-        existing = await Journal.read_meta(io)
+        io = resolve(self.store, self.storage_options)
+        try:
+            existing = await Journal.read_meta(io)
+        finally:
+            await io.close()
         if existing is not None:
             existing.check_same(self._given(existing))
         elif self.model is None:
@@ -451,18 +454,23 @@ class ParameterServer(SchedulerPlugin):
             await old_server.retire("replaced")
 
         async def open_journal() -> Journal:
-            journal = await Journal.open_io(io)
-            if journal is None:
-                if self.model is None:
-                    raise FTPSError(
-                        f"the store {io} holds no run to resume: give a model"
-                    )
-                meta = self._meta()
-                journal = await Journal.create_io(
-                    io, meta, self._fresh_state(meta).model
-                )
-            journal.meta.check_same(self._given(journal.meta))
+            io = resolve(self.store, self.storage_options)  # each attempt its own
             io.durable = durable
+            try:
+                journal = await Journal.open_io(io)
+                if journal is None:
+                    if self.model is None:
+                        raise FTPSError(
+                            f"the store {io} holds no run to resume: give a model"
+                        )
+                    meta = self._meta()
+                    journal = await Journal.create_io(
+                        io, meta, self._fresh_state(meta).model
+                    )
+                journal.meta.check_same(self._given(journal.meta))
+            except BaseException:
+                await io.close()
+                raise
             return journal
 
         journal, incarnation, rebuilt = await take_over(
@@ -474,7 +482,7 @@ class ParameterServer(SchedulerPlugin):
             logger.warning(
                 "Recovered %s: incarnation %d -> %d, version %d from the %s at version "
                 "%d plus %d replayed updates in %.3fs; 0 accepted updates lost%s",
-                io,
+                journal.io,
                 previous,
                 incarnation,
                 rebuilt.state.version,
@@ -488,7 +496,7 @@ class ParameterServer(SchedulerPlugin):
                 if not rebuilt.skipped
                 else f"; damaged snapshots passed over: {'; '.join(rebuilt.skipped)}",
             )
-        return Server(rebuilt.state, journal, settings, rebuilt, str(io))
+        return Server(rebuilt.state, journal, settings, rebuilt, str(journal.io))
 
     async def _rebuild(self, journal: Journal) -> Rebuilt:
         """The patent's recovery: the freshest model copy a live worker holds plus

@@ -198,9 +198,12 @@ class Server:
                     raise self._refusal(e) from e
         return {"status": "OK"}
 
-    def next_step(self, run: int, shard: int) -> dict:
-        self.check_healthy()
-        epoch, step = self.state.next_step(run, shard)
+    async def next_step(self, run: int, shard: int) -> dict:
+        """Where a shard goes on: answered between batches, so that a batch being
+        written (which may yet be refused) is never counted as done."""
+        async with self._lock:
+            self.check_healthy()
+            epoch, step = self.state.next_step(run, shard)
         return {"status": "OK", "epoch": epoch, "step": step}
 
     async def pull(
@@ -230,6 +233,20 @@ class Server:
         the model for that step."""
         self.state.check_incarnation(incarnation)
         self.check_healthy()
+        if next_step is not None:  # checked before the update changes anything
+            self.state.get_run(update.key.run)
+            run = self.state.runs[update.key.run]
+            shard = update.key.shard
+            epoch, step = next_step
+            if (
+                shard >= run.spec.n_shards
+                or epoch >= run.spec.epochs
+                or step >= run.spec.steps[shard]
+            ):
+                raise InvalidUpdate(
+                    f"update {update.key.id}: next_step {next_step} is not a step of "
+                    f"shard {shard}"
+                )
         accepted = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((update, accepted))
         version = await accepted
@@ -348,6 +365,21 @@ class Server:
 
     async def _commit_batch(self, batch: list[tuple[Update, asyncio.Future]]) -> None:
         mark = self.state.mark()
+        try:
+            await self._commit_batch_from(mark, batch)
+        except Exception as e:  # a bug: nothing of the batch may stay half-applied
+            self.state.rollback(mark)
+            self._fail(FTPSError(f"the commit loop failed ({e!r}); restart the server"))
+            logger.critical(
+                "The commit loop failed; refusing everything", exc_info=True
+            )
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(type(self._failed)(str(self._failed)))
+
+    async def _commit_batch_from(
+        self, mark: Any, batch: list[tuple[Update, asyncio.Future]]
+    ) -> None:
         accepted: list[tuple[Update, int, asyncio.Future]] = []
         for update, future in batch:
             if future.done():  # the caller went away
@@ -357,10 +389,14 @@ class Server:
                 admission = await self._maybe_offload(self.state.admit, update)
                 model = await self._maybe_offload(self.state.merge, admission)
             except FTPSError as e:  # refused; admit and merge change nothing
-                future.set_exception(e)
+                if not future.done():
+                    future.set_exception(e)
                 continue
             except Exception as e:  # noqa: BLE001 - a payload the checks let by
-                future.set_exception(InvalidUpdate(f"update {update.key.id}: {e!r}"))
+                if not future.done():
+                    future.set_exception(
+                        InvalidUpdate(f"update {update.key.id}: {e!r}")
+                    )
                 continue
             self.state.commit(admission, model)
             accepted.append((update, int(admission.version), future))

@@ -223,6 +223,7 @@ def damage_sweep(
     workdir: str | os.PathLike,
     seed: int = 0,
     hows: tuple[str, ...] = DAMAGES,
+    per_kind: int | None = None,
 ) -> list[dict[str, Any]]:
     """Damage every object of a local store in turn, each way, and classify what
     a rebuild makes of it.
@@ -238,6 +239,9 @@ def damage_sweep(
     - ``"silent"``: anything else (a different model, or a refusal that deleted
       something).
 
+    ``per_kind`` limits the objects damaged of each kind to that many (the
+    oldest, the newest and others evenly between); None damages every one.
+
     Returns one dict per case: ``kind``, ``object``, ``how``, ``done``,
     ``outcome`` and ``error``.
     """
@@ -250,6 +254,9 @@ def damage_sweep(
     rng = np.random.default_rng(seed)
     rows = []
     for kind, paths in store_objects(store).items():
+        if per_kind is not None and len(paths) > per_kind:
+            picks = np.linspace(0, len(paths) - 1, per_kind).round().astype(int)
+            paths = [paths[i] for i in sorted(set(picks))]
         for victim in paths:
             for how in hows:
                 copy = workdir / "damaged.zarr"

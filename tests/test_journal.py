@@ -424,19 +424,34 @@ def test_bad_stores_give_clear_errors(tmp_path):
         dask_ftps.recover(str(empty), storage_options={"anon": True})
 
 
-def test_another_format_version_is_refused(tmp_path):
-    path = tmp_path / "run.zarr"
-    asyncio.run(scenario(str(path)))
-    doc = json.loads((path / "zarr.json").read_text())
-    doc["attributes"]["dask_ftps"]["format_version"] = 1
-    attrs = dict(doc["attributes"]["dask_ftps"])
-    attrs.pop("crc32c")
+def test_a_store_of_format_version_1_is_refused(tmp_path):
+    """A store written by an earlier dask_ftps (format 1: a commit document, no
+    log) is named as such, not taken for an empty or damaged one."""
     from dask_ftps._store._format import canonical, crc32c
 
-    doc["attributes"]["dask_ftps"]["crc32c"] = crc32c(canonical(attrs))
+    path = tmp_path / "old.zarr"
+    (path / "ftps" / "commits").mkdir(parents=True)
+    (path / "ftps" / "commits" / f"{1:016d}").write_text('{"seq": 3}')
+    attrs = RunMeta(MODEL, OPTIMIZER, "async", 0, "x").to_json()
+    attrs["format_version"] = 1
+    doc = {"zarr_format": 3, "node_type": "group", "attributes": {
+        "dask_ftps": {**attrs, "crc32c": crc32c(canonical(attrs))}}}  # fmt: skip
     (path / "zarr.json").write_text(json.dumps(doc))
-    with pytest.raises(StoreFormatError, match="format version 1"):
-        dask_ftps.recover(str(path))
+    for tool in (dask_ftps.recover, dask_ftps.inspect):
+        with pytest.raises(StoreFormatError, match="format version 1"):
+            tool(str(path))
+
+
+def test_a_root_group_that_differs_from_the_log_is_rewritten_from_it(tmp_path):
+    """The log's snapshot records carry the run's description: the root group's
+    zarr.json (for zarr readers) is a copy, and a start repairs it."""
+    path = tmp_path / "run.zarr"
+    states = asyncio.run(scenario(str(path)))
+    original = (path / "zarr.json").read_bytes()
+    (path / "zarr.json").write_bytes(original.replace(b'"async"', b'"sync"'))
+    assert dask_ftps.recover(str(path))[0] == states[max(states)][0]
+    start(str(path))
+    assert (path / "zarr.json").read_bytes() == original
 
 
 @pytest.mark.parametrize("kind", ["path", "file-url", "local-store", "memory-store"])
@@ -465,6 +480,42 @@ def test_resuming_with_another_spec_is_refused(tmp_path):
     other = RunMeta(MODEL, Adam(lr=0.01), "async", 0)
     with pytest.raises(SpecMismatch, match="optimizer"):
         journal.meta.check_same(other)
+
+
+def test_a_snapshot_published_after_newer_commits_leaves_the_version_theirs(tmp_path):
+    """Snapshots are written while commits go on: the log's version, download
+    dataset and the worker-copy bounds are the newest commit's, not the
+    snapshot's (it holds an older version)."""
+    path = str(tmp_path / "run.zarr")
+
+    async def run():
+        state = ParameterServerState(MODEL, OPTIMIZER)
+        journal = await Journal.create(
+            path, RunMeta(MODEL, OPTIMIZER, "async", 0), state.model
+        )
+        await journal.claim(ADDRESS)
+        state.begin_run(SPEC)
+        await journal.record_run(0, "", SPEC, 0)
+        updates = scripted_updates(state, SPEC, 4)
+        await commit(journal, state, updates, 2)
+        model, replay_from, entries = snapshot_point(state)
+        at = journal.head.serial
+        state.record_download("tcp://w:9", state.version)
+        await commit(journal, state, updates, 2)  # newer than the snapshot
+        array = await journal.write_snapshot(model)
+        await journal.publish(
+            array, int(model.version), replay_from, at, entries, (), ADDRESS
+        )
+        assert journal.version == int(state.version) == 4 > model.version
+        assert ("tcp://w:9", 2) in journal.downloads
+        await journal.close()
+        return state
+
+    state = asyncio.run(run())
+    journal, rebuilt = reopen(path)
+    assert journal.version == 4 and ("tcp://w:9", 2) in journal.downloads
+    assert_state(rebuilt, _copy(state))
+    assert dask_ftps.inspect(path)["version"] == 4
 
 
 def test_storage_stays_bounded_over_a_long_run(tmp_path):

@@ -78,6 +78,7 @@ HOSTILE = st.one_of(
     st.binary(max_size=40),
     st.lists(st.integers(-3, 3), max_size=4),
     st.tuples(st.integers(-3, 3), st.text(max_size=3)),
+    st.tuples(st.integers(0, 10**7), st.integers(0, 10**7)),
     st.dictionaries(st.text(max_size=4), st.integers(-3, 3), max_size=3),
     st.just(np.zeros(3, np.float32)),
     st.just(np.int64(1)),
@@ -257,27 +258,38 @@ async def test_a_hostile_worker_field_changes_nothing_and_bricks_nothing(
 
 
 class FullDisk(WrapperStore):
-    """A store that runs out of space for payloads while ``full`` is set."""
+    """A store with no space left under ``part`` while ``full`` is set."""
 
     full = False
+    part = "data/"
 
     def _with_store(self, store):
         return type(self)(store)
 
     async def set(self, key, value, byte_range=None):
-        if FullDisk.full and key.startswith("data/"):
+        if FullDisk.full and key.startswith(FullDisk.part):
             raise OSError(errno.ENOSPC, "No space left on device", key)
         return await self._store.set(key, value)
 
+    async def set_if_not_exists(self, key, value):
+        if FullDisk.full and key.startswith(FullDisk.part):
+            raise OSError(errno.ENOSPC, "No space left on device", key)
+        return await self._store.set_if_not_exists(key, value)
 
+
+@pytest.mark.parametrize("fails", ["payload", "record"])
 @pytest.mark.parametrize("path", ["zarr-store", "local-files"])
 @gen_cluster(client=True)
 async def test_a_full_disk_refuses_the_update_and_counts_nothing(
-    c, s, a, b, tmp_path, monkeypatch, path
+    c, s, a, b, tmp_path, monkeypatch, path, fails
 ):
     """After ENOSPC the refused update is nowhere: not in status(), records(),
-    the model or the store; once there is room again the server goes on."""
+    the model or the store (when its payload array got written but its record
+    did not, the array is removed: nothing can adopt it later); once there is
+    room again the server goes on."""
     where = str(tmp_path / "run.zarr")
+    part = "data/" if fails == "payload" else "ftps/log/"
+    FullDisk.part = part
     store = FullDisk(LocalStore(where)) if path == "zarr-store" else where
     await c.register_plugin(ParameterServer(store, model=MODEL))
     check_reply(await c.scheduler.ftps_begin_run(spec=SPEC), "begin")
@@ -295,7 +307,7 @@ async def test_a_full_disk_refuses_the_update_and_counts_nothing(
     real_write = _io.write_file
 
     def no_space(p, value, **kwargs):
-        if "/data/" in str(p):
+        if f"/{part}" in str(p):
             raise OSError(errno.ENOSPC, "No space left on device", str(p))
         return real_write(p, value, **kwargs)
 
@@ -303,16 +315,66 @@ async def test_a_full_disk_refuses_the_update_and_counts_nothing(
     monkeypatch.setattr(_io, "write_file", no_space)
     with pytest.raises(NotDurable, match="No space left"):
         check_reply(await push(1), "push")
+    FullDisk.full = False
+    monkeypatch.setattr(_io, "write_file", real_write)
     assert snapshot(plugin) == before
     assert await dask_ftps.status(c) == status
     assert await dask_ftps.records(c) == records
     assert dask_ftps.inspect(where)["updates"] == 1
-    FullDisk.full = False
-    monkeypatch.setattr(_io, "write_file", real_write)
+    assert dask_ftps.recover(where)[0] == plugin.state.version == 1  # nothing adopted
     check_reply(await push(1), "push")  # room again: the same update goes in
     assert (await dask_ftps.status(c))["updates"] == 2
     version, _params = dask_ftps.recover(where)
     assert version == plugin.state.version == 2
+
+
+@gen_cluster(client=True)
+async def test_a_start_that_loses_the_race_for_its_claim_reads_the_store_again(
+    c, s, a, b, tmp_path, monkeypatch
+):
+    """Another server writes the log between this start's read and its claim: the
+    claim fails, and the start reads the store again and claims after it."""
+    import dask_ftps._scheduler_plugin as plugin_module
+    from dask_ftps._store import Journal
+
+    store = str(tmp_path / "run.zarr")
+    await c.register_plugin(ParameterServer(store, model=MODEL))
+    await c.register_plugin(ParameterServer(store))  # incarnation 2
+    real_rebuild = plugin_module.rebuild
+    raced = []
+
+    async def rebuild_then_race(journal, **kwargs):
+        rebuilt = await real_rebuild(journal, **kwargs)
+        if not raced:
+            other = await Journal.open(store)
+            raced.append(await other.claim("tcp://10.255.255.1:1"))  # gone at once
+            await other.close()
+        return rebuilt
+
+    monkeypatch.setattr(plugin_module, "rebuild", rebuild_then_race)
+    with captured_logger("dask_ftps._store._ownership", level=logging.WARNING) as log:
+        await c.register_plugin(ParameterServer(store))
+    assert raced == [3]
+    assert "lost a race" in log.getvalue()
+    assert (await dask_ftps.status(c))["incarnation"] == 4
+
+
+@gen_cluster(client=True)
+async def test_a_push_whose_next_step_is_not_a_step_is_refused_before_it_counts(
+    c, s, a, b
+):
+    await c.register_plugin(ParameterServer(model=MODEL, mode="sync"))
+    check_reply(await c.scheduler.ftps_begin_run(spec=SPEC), "begin")
+    plugin = s.plugins["ftps"]
+    before = snapshot(plugin)
+    for next_step in ((10**6, 0), (0, 99), (1, 0)):
+        reply = await c.scheduler.ftps_push(
+            worker="tcp://w:1", update_id="0:0:0:0", grads=ToPickle(good_grads()),
+            incarnation=1, next_step=next_step,
+        )  # fmt: skip
+        with pytest.raises(dask_ftps.InvalidUpdate, match="not a step"):
+            check_reply(reply, "push")
+    assert snapshot(plugin) == before
 
 
 # -- lifecycle ---------------------------------------------------------------------------

@@ -499,6 +499,7 @@ class Snapshot:
     downloads: tuple[tuple[str, int], ...]
     array: ArrayRef
     address: str
+    meta: dict  # the run's description (RunMeta.to_json): the root group's copy
 
     kind: Literal["snapshot"] = field(default="snapshot", init=False)
 
@@ -511,10 +512,13 @@ class Snapshot:
             "downloads": [list(d) for d in self.downloads],
             "array": self.array.to_json(),
             "address": self.address,
+            "meta": self.meta,
         }
 
     @classmethod
     def from_json(cls, d: dict) -> Snapshot:
+        if not isinstance(d["meta"], dict):
+            raise TypeError(f"expected the run's description, got {d['meta']!r}")
         return cls(
             _int(d["version"]),
             _int(d["replay_from"]),
@@ -523,6 +527,7 @@ class Snapshot:
             _downloads(d["downloads"]),
             ArrayRef.from_json(d["array"]),
             _str(d["address"]),
+            d["meta"],
         )
 
 

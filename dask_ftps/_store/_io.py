@@ -105,6 +105,8 @@ class StoreIO:
     """
 
     durable = False
+    #: The writer's token: part of its temporary files' names (local stores).
+    tag = ""
 
     def __init__(self, store: Store, *, read_only: bool = False) -> None:
         self.store = store
@@ -176,8 +178,9 @@ class StoreIO:
         self._check_writable()
         await asyncio.gather(*(self.store.delete_dir(p) for p in prefixes))
 
-    async def remove_partial(self) -> int:
-        """Remove the temporary files a killed writer left; their count."""
+    async def remove_partial(self, writers: set[str]) -> int:
+        """Remove the temporary files killed writers left: untagged ones, and
+        those tagged with one of ``writers``. Their count."""
         return 0
 
     async def close(self) -> None:
@@ -261,7 +264,7 @@ class LocalIO(StoreIO):
         return True
 
     async def exists(self) -> bool:
-        return self.root.is_dir()
+        return await asyncio.to_thread(self.root.is_dir)
 
     async def get(self, key: str) -> bytes | None:
         return await asyncio.to_thread(_read, self.root / key)
@@ -298,9 +301,9 @@ class LocalIO(StoreIO):
         self._check_writable()
         await asyncio.to_thread(_remove_dirs, self.root, prefixes)
 
-    async def remove_partial(self) -> int:
+    async def remove_partial(self, writers: set[str]) -> int:
         self._check_writable()
-        return await asyncio.to_thread(_remove_partial_files, self.root)
+        return await asyncio.to_thread(_remove_partial_files, self.root, writers)
 
     async def close(self) -> None:
         self.closed = True
@@ -316,7 +319,7 @@ class LocalIO(StoreIO):
         folders = set()
         for key, value in objects:
             path = self.root / key
-            write_file(path, value, exclusive=False, durable=self.durable)
+            write_file(path, value, exclusive=False, durable=self.durable, tag=self.tag)
             folders.add(path.parent)
         if self.durable:
             for folder in folders:
@@ -326,7 +329,7 @@ class LocalIO(StoreIO):
     def _create(self, key: str, value: bytes) -> bool:
         path = self.root / key
         try:
-            write_file(path, value, exclusive=True, durable=self.durable)
+            write_file(path, value, exclusive=True, durable=self.durable, tag=self.tag)
         except FileExistsError:
             return False
         if self.durable:
@@ -337,11 +340,14 @@ class LocalIO(StoreIO):
 # -- file operations (module functions: tests wrap them to kill a writer) ---------
 
 
-def write_file(path: Path, value: bytes, *, exclusive: bool, durable: bool) -> None:
-    """Write ``path`` whole: a temporary file renamed (or, exclusive, linked) into
-    place. Raises :class:`FileExistsError` if ``exclusive`` and ``path`` exists."""
+def write_file(
+    path: Path, value: bytes, *, exclusive: bool, durable: bool, tag: str = ""
+) -> None:
+    """Write ``path`` whole: a temporary file ``<name>.<tag>-<uuid>.partial``
+    renamed (or, exclusive, linked) into place. Raises :class:`FileExistsError`
+    if ``exclusive`` and ``path`` exists."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    tmp = path.with_name(f"{path.name}.{tag}-{uuid.uuid4().hex}.partial")
     try:
         with open(tmp, "wb") as f:
             f.write(value)
@@ -393,11 +399,21 @@ def _remove_dirs(root: Path, prefixes: Sequence[str]) -> None:
         remove_path(root / prefix)
 
 
-def _remove_partial_files(root: Path) -> int:
+def partial_tag(name: str) -> str | None:
+    """The writer's tag in a temporary file's name; None for an untagged one (a
+    Zarr store's own, or another program's)."""
+    part = name.removesuffix(".partial").rpartition(".")[2]
+    tag, dash, _ = part.partition("-")
+    return tag if dash else None
+
+
+def _remove_partial_files(root: Path, writers: set[str]) -> int:
     removed = 0
     for folder, _, files in os.walk(root):
         for name in files:
             if name.endswith(".partial"):
-                remove_path(Path(folder, name))
-                removed += 1
+                tag = partial_tag(name)
+                if not tag or tag in writers:
+                    remove_path(Path(folder, name))
+                    removed += 1
     return removed

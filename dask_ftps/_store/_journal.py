@@ -147,8 +147,10 @@ class Journal:
         self.state_layout = Layout.of(meta.optimizer.init_state(params))
         self._lock = asyncio.Lock()
         self._intact_from = self._intact_suffix()
+        self.root_ok = True
+        commits = [r for r in self.records.values() if r.kind == "commit"]
         self._last = max(
-            (r for r in self.records.values() if r.kind in ("commit", "snapshot")),
+            commits or [r for r in self.records.values() if r.kind == "snapshot"],
             key=lambda r: r.serial,
         )
         self._committed = max(
@@ -199,22 +201,19 @@ class Journal:
             s for s in (parse_log_key(LOG_PREFIX + n) for n in names) if s is not None
         )
         data_dirs = _data_dirs(data_names)
-        if raw_root is None:
-            if serials or data_dirs:
-                raise StoreCorrupted(
-                    f"{io}: {ROOT_KEY} is missing, but the store holds a log", ROOT_KEY
-                )
-            if await io.is_empty() or await _only_ftps_objects(io):
-                return None  # nothing yet, or a creation that died at its start
-            raise StoreFormatError(f"{io} holds something that is not a dask_ftps run")
-        meta = parse_root(raw_root)
         if not serials:
             if data_dirs:
                 raise StoreCorrupted(
                     f"{io}: the log ({LOG_PREFIX}) is gone, but commits are stored",
                     LOG_PREFIX,
                 )
-            return None  # a creation that died before its first record
+            if raw_root is not None:
+                parse_root(raw_root)  # another program's, or another format version
+            elif not (await io.is_empty() or await _only_ftps_objects(io)):
+                raise StoreFormatError(
+                    f"{io} holds something that is not a dask_ftps run"
+                )
+            return None  # nothing yet, or a creation that died before its first record
         raws = await io.get_many([log_key(s) for s in serials])
         records: dict[int, Record] = {}
         damaged: dict[int, StoreCorrupted] = {}
@@ -227,6 +226,8 @@ class Journal:
             except StoreCorrupted as e:
                 damaged[serial] = e
         if not records:
+            if raw_root is not None:
+                parse_root(raw_root)  # another program's, or another format version
             raise next(iter(damaged.values()))
         head = max(max(records), max(damaged, default=-1))
         await _substitute_from_payloads(io, records, damaged, data_dirs, head)
@@ -241,15 +242,24 @@ class Journal:
                 adopted.serial,
                 adopted.body.data.key,
             )
+        meta, root_ok = _run_meta(io, records, raw_root)
         journal = cls(io, meta, records, damaged, adopted)
+        journal.root_ok = root_ok
         journal._check_head()
         return journal
 
     @classmethod
     async def read_meta(cls, io: StoreIO) -> RunMeta | None:
-        """The run the root group describes (None if there is none), read alone."""
+        """The run a store holds (None if none): the root group's description,
+        or, if that is missing or damaged, the log's."""
         raw = await io.get(ROOT_KEY)
-        return None if raw is None else parse_root(raw)
+        if raw is not None and await io.list_dir(LOG_PREFIX):
+            try:
+                return parse_root(raw)
+            except StoreCorrupted:
+                pass
+        journal = await cls.open_io(io)
+        return None if journal is None else journal.meta
 
     @classmethod
     async def create(
@@ -274,10 +284,8 @@ class Journal:
                 meta.model, meta.optimizer, meta.mode, meta.staleness, uuid.uuid4().hex
             )
         writer = _token()
-        await io.put(
-            [(ROOT_KEY, root_document(meta))]
-            + [(k, group_document()) for k in GROUP_KEYS]
-        )
+        io.tag = writer
+        await io.put([(k, group_document()) for k in GROUP_KEYS])
         params = meta.model.init_params()
         layouts = Layout.of(params), Layout.of(meta.optimizer.init_state(params))
         array = await _write_snapshot_array(io, initial, writer, layouts, meta.run_id)
@@ -287,10 +295,12 @@ class Journal:
             writer,
             None,
             time.time(),
-            Snapshot(int(initial.version), 0, 0, (), (), array, ""),
+            Snapshot(int(initial.version), 0, 0, (), (), array, "", meta.to_json()),
         )
+        # The first record decides who created the run; only then its root group.
         if not await io.put_new(log_key(0), record.encode()):
             raise Fenced(f"another server created a run in {io} at the same time")
+        await io.put([(ROOT_KEY, root_document(meta))])
         logger.info("Created store %s for %s", io, meta.model)
         journal = cls(io, meta, {0: record}, {})
         return journal
@@ -322,7 +332,8 @@ class Journal:
 
     @property
     def version(self) -> int:
-        """The model version after the last commit (what the server served)."""
+        """The model version after the last commit (what the server served); a
+        snapshot published later holds an older one."""
         return self._last.body.version
 
     @property
@@ -536,8 +547,15 @@ class Journal:
         self.writer, self.incarnation = writer, record.incarnation
         self.claim_serial = record.serial
         self._advance(record)
-        # Before this server writes anything: temporary files are a dead writer's.
-        self._partial_removed = await self.io.remove_partial()
+        self.io.tag = writer
+        # Temporary files of the writers this log knows are dead ones' (a later
+        # owner's, unknown here, are left alone).
+        known = {r.writer for r in self.records.values()}
+        self._partial_removed = await self.io.remove_partial(known - {writer})
+        if not self.root_ok:
+            await self.io.put([(ROOT_KEY, root_document(self.meta))])
+            logger.warning("%s: rewrote %s from the log's copy", self.io, ROOT_KEY)
+            self.root_ok = True
         return record.incarnation
 
     async def commit(
@@ -594,7 +612,19 @@ class Journal:
                 ]
                 return objects, log_key(serial), built["raw"]
 
-            await self._write_record(build, built, serial)
+            try:
+                await self._write_record(build, built, serial)
+            except (Fenced, NotDurable) as e:
+                # Not part of the log: its payload array must not be adopted later
+                # (a refused batch, or a fenced writer's late attempt).
+                try:
+                    await self.io.delete_dirs([folder])
+                except Exception as cleanup:  # noqa: BLE001 - reported
+                    raise FTPSError(
+                        f"{self.io}: commit {serial} was not written ({e}) and its "
+                        f"payload array {folder} cannot be removed ({cleanup!r})"
+                    ) from e
+                raise
             return built["record"]
 
     async def record_run(
@@ -646,7 +676,14 @@ class Journal:
                 elif record.body.stop <= replay_from:
                     break
         body = Snapshot(
-            version, replay_from, first, tuple(runs), tuple(downloads), array, address
+            version,
+            replay_from,
+            first,
+            tuple(runs),
+            tuple(downloads),
+            array,
+            address,
+            self.meta.to_json(),
         )
         return await self._append(body)
 
@@ -740,9 +777,8 @@ class Journal:
     def _advance(self, record: Record) -> None:
         self.records[record.serial] = record
         self.head = record
-        if record.kind in ("commit", "snapshot"):
+        if record.kind == "commit":  # a snapshot's version may be older
             self._last = record
-        if record.kind == "commit":
             self._committed = record.body.stop
 
     def _intact_suffix(self) -> int:
@@ -950,6 +986,37 @@ async def _adoptable(
             continue  # torn or damaged: it was never acknowledged
         return record
     return None
+
+
+def _run_meta(
+    io: StoreIO, records: dict[int, Record], raw_root: bytes | None
+) -> tuple[RunMeta, bool]:
+    """The run's description, from the newest snapshot record (the root group is
+    a copy for zarr readers), and whether the root group agrees with it."""
+    snapshots = sorted(
+        (r for r in records.values() if r.kind == "snapshot"),
+        key=lambda r: r.serial,
+        reverse=True,
+    )
+    if not snapshots:
+        if raw_root is None:
+            raise StoreCorrupted(
+                f"{io}: neither {ROOT_KEY} nor a snapshot record", ROOT_KEY
+            )
+        return parse_root(raw_root), True
+    meta = RunMeta.from_json(snapshots[0].body.meta)
+    try:
+        root = None if raw_root is None else parse_root(raw_root)
+    except (StoreCorrupted, StoreFormatError) as e:
+        logger.warning("%s: %s; the log's copy serves", io, e)
+        return meta, False
+    if root != meta:
+        logger.warning(
+            "%s: %s is %s; the log's copy of the run's description serves",
+            io, ROOT_KEY, "missing" if root is None else "not the log's",
+        )  # fmt: skip
+        return meta, False
+    return meta, True
 
 
 def _previous_commit(records: dict[int, Record], serial: int) -> Record | None:

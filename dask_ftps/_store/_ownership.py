@@ -61,15 +61,10 @@ async def take_over(
         try:
             rebuilt = await rebuild(journal)
             if alive is not None and await alive:
-                await journal.close()
                 raise StoreLocked(
                     f"store {journal.io} is written by incarnation {owner[0]} at "
                     f"{owner[1]}, which is alive"
                 )
-        finally:
-            if alive is not None and not alive.done():
-                alive.cancel()
-        try:
             incarnation = await journal.claim(address)
         except Fenced as e:
             logger.warning(
@@ -77,6 +72,12 @@ async def take_over(
             )
             await journal.close()
             continue
+        except BaseException:
+            await journal.close()
+            raise
+        finally:
+            if alive is not None and not alive.done():
+                alive.cancel()
         logger.info(
             "Claimed %s: incarnation %d%s",
             journal.io,
