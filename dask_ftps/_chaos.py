@@ -40,9 +40,9 @@ logger = logging.getLogger(__name__)
 N_WORKERS = 2
 BATCH_SIZE = 32
 EPOCHS_PER_RUN = 3
-#: What an armed scheduler dies before: the n-th log record it writes (nearly
-#: all are commits: the payload array is written, the record not), or a chunk of
-#: the n-th snapshot since it started (its first is written within 20 versions).
+#: What an armed scheduler dies before: its n-th write or deletion of a log record
+#: (mostly a commit's record, its payload array written; or a trim's deletion),
+#: or a chunk of its n-th snapshot (the first is written within 20 versions).
 AIMS = {
     "record": (r"ftps/log/\d+$", (5, 120)),
     "snapshot": (r"snapshots/v\d+\.\w+/c\.0$", (1, 3)),

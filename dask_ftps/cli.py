@@ -25,6 +25,7 @@ from dask_ftps._demo import (
     run_demo,
 )
 from dask_ftps.models import MLP, Model, SoftmaxRegression
+from dask_ftps.preload import storage_options
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -442,24 +443,11 @@ def _inspect_lines(store: str, info: dict[str, Any], n_rows: int) -> list[str]:
     return lines
 
 
-def _storage_options(ctx: click.Context, param: click.Parameter, value: str | None):
-    """``--storage-options '{"endpoint_url": ...}'`` -> a dict."""
-    if value is None:
-        return None
-    try:
-        options = json.loads(value)
-    except ValueError as e:
-        raise click.BadParameter(f"not JSON: {e}") from None
-    if not isinstance(options, dict):
-        raise click.BadParameter("must be a JSON object, e.g. '{\"anon\": true}'")
-    return options
-
-
 _storage_options_option = click.option(
     "--storage-options",
     metavar="JSON",
     default=None,
-    callback=_storage_options,
+    callback=storage_options,
     help="fsspec options for a URL store, as JSON (endpoint, credentials).",
 )
 

@@ -23,7 +23,8 @@ from dask_ftps._core import MODES
 logger = logging.getLogger(__name__)
 
 
-def _options(ctx: click.Context, param: click.Parameter, value: str | None):
+def storage_options(ctx: click.Context, param: click.Parameter, value: str | None):
+    """A click callback: ``'{"endpoint_url": ...}'`` -> a dict of fsspec options."""
     if value is None:
         return None
     try:
@@ -42,7 +43,7 @@ def _options(ctx: click.Context, param: click.Parameter, value: str | None):
 @click.option(
     "--ftps-storage-options",
     default=None,
-    callback=_options,
+    callback=storage_options,
     help="fsspec options for a URL store, as JSON (endpoint, credentials).",
 )
 @click.option(
