@@ -117,6 +117,15 @@ def _new_store(ctx: click.Context, param: click.Parameter, value: str | None):
     return str(path)
 
 
+_new_store_option = click.option(
+    "--store",
+    metavar="PATH",
+    default=None,
+    callback=_new_store,
+    help="Zarr store of the run (a new path); default: in a fresh temporary directory.",
+)
+
+
 @main.command()
 @click.option(
     "--epochs",
@@ -138,13 +147,7 @@ def _new_store(ctx: click.Context, param: click.Parameter, value: str | None):
     show_default=True,
     help="SIGKILL the scheduler's process about 60% into the run, then restart it.",
 )
-@click.option(
-    "--store",
-    metavar="PATH",
-    default=None,
-    callback=_new_store,
-    help="Zarr store of the run (a new path); default: in a fresh temporary directory.",
-)
+@_new_store_option
 @click.option("--quick", is_flag=True, help="A small run for tests: 3 epochs.")
 @_seed_option
 @_verbose_option
@@ -308,13 +311,7 @@ def _digits_model(hidden: tuple[int, ...], seed: int) -> Model:
 )
 @_seed_option
 @_mode_option
-@click.option(
-    "--store",
-    metavar="PATH",
-    default=None,
-    callback=_new_store,
-    help="Zarr store of the run (a new path); default: in a fresh temporary directory.",
-)
+@_new_store_option
 @click.option(
     "--json",
     "json_path",

@@ -3,9 +3,7 @@ scheduler SIGKILLed and restarted with the preload and storage options."""
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 import time
 
 import numpy as np
@@ -20,8 +18,10 @@ from dask_ftps._processes import Process
 from .test_scheduler_loss import (
     MODEL,
     expected_ids,
+    kill_after,
     scheduler,
     train,
+    train_until_killed,
     wait_for_workers,
     workers,
 )
@@ -80,16 +80,8 @@ def test_an_s3_url_or_store_object_holds_the_run_across_a_scheduler_kill(s3):
         )  # fmt: skip
         assert dask_ftps.status(client)["store"] == url
 
-        def kill_later() -> None:
-            while dask_ftps.status(client)["updates"] < total // 3:
-                time.sleep(0.01)
-            first.send_signal(signal.SIGKILL)
-
-        threading.Thread(target=kill_later, daemon=True).start()
-        with pytest.raises(Exception):  # noqa: B017 - the scheduler is gone
-            train(client)
-        first.wait(30)
-        assert first.returncode == -signal.SIGKILL
+        kill_after(client, first, total // 3)
+        train_until_killed(client, first)
         for _ in range(3):  # any number of times in one process
             before = dask_ftps.inspect(url, storage_options=s3)
         assert 0 < before["updates"] < total

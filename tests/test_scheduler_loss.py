@@ -62,6 +62,25 @@ def train(client: Client):
     )
 
 
+def kill_after(client: Client, proc, updates: int) -> None:
+    """SIGKILL ``proc`` (a scheduler) once its server holds ``updates`` updates."""
+
+    def kill_later() -> None:
+        while dask_ftps.status(client)["updates"] < updates:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+
+    threading.Thread(target=kill_later, daemon=True).start()
+
+
+def train_until_killed(client: Client, proc) -> None:
+    """Call train(); it must fail when the scheduler ``proc`` is SIGKILLed."""
+    with pytest.raises(Exception):  # noqa: B017 - the scheduler is gone
+        train(client)
+    proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+
+
 def expected_ids() -> set[str]:
     steps = [-(-n // BATCH) for n in (674, 673)]
     return {
@@ -106,17 +125,8 @@ def test_scheduler_killed_mid_training_resumes_exactly_once(tmp_path, point):
             )
         )
         if not crash_at:  # an outside SIGKILL once a third of the run is in
-
-            def kill_later() -> None:
-                while dask_ftps.status(client)["updates"] < total // 3:
-                    time.sleep(0.01)
-                first.send_signal(signal.SIGKILL)
-
-            threading.Thread(target=kill_later, daemon=True).start()
-        with pytest.raises(Exception):  # noqa: B017 - the scheduler is gone
-            train(client)
-        first.wait(30)
-        assert first.returncode == -signal.SIGKILL
+            kill_after(client, first, total // 3)
+        train_until_killed(client, first)
         lost = dask_ftps.inspect(store)
         assert 0 < lost["updates"] < total
 
