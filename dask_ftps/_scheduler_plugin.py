@@ -21,6 +21,8 @@ from dask.utils import parse_timedelta
 from distributed.core import error_message
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
+from distributed.protocol.serialize import ToPickle
+from distributed.utils import offload
 
 from dask_ftps import config
 from dask_ftps._core import (
@@ -392,8 +394,6 @@ class ParameterServer(SchedulerPlugin):
 
     @_replies_errors
     async def get_model(self) -> dict:
-        from distributed.protocol.serialize import ToPickle
-
         model = self.server.published
         return {
             "status": "OK",
@@ -501,8 +501,6 @@ class ParameterServer(SchedulerPlugin):
     async def _rebuild(self, journal: Journal) -> Rebuilt:
         """The patent's recovery: the freshest model copy a live worker holds plus
         replay, falling back to the next candidate, then to the snapshot."""
-        from distributed.utils import offload
-
         large = journal.meta.model.n_params() >= config.get("offload-threshold")
         kwargs = {"offload": offload if large else None, **self._limits}
         newest_snapshot = journal.snapshots()[0].body.version

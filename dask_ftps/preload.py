@@ -118,20 +118,20 @@ async def _setup(
 
 
 async def holds_run(store, storage_options: dict | None = None) -> bool:
-    """Whether ``store`` holds a run, read without changing it.
+    """Whether ``store`` holds a run, read without changing it (the root group and
+    a listing of the log; the server's start checks the rest).
 
     Raises
     ------
     StoreCorrupted, StoreFormatError
         If it holds something that is not a run that can be rebuilt.
     """
-    from dask_ftps._store import Journal
+    from dask_ftps._store import Journal, resolve
 
+    io = resolve(store, storage_options, read_only=True)
     try:
-        journal = await Journal.open(store, storage_options, read_only=True)
-    except FileNotFoundError:
-        return False
-    if journal is None:
-        return False
-    await journal.close()
-    return True
+        if not await io.exists():
+            return False
+        return await Journal.read_meta(io) is not None
+    finally:
+        await io.close()

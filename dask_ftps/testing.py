@@ -178,17 +178,13 @@ def damage(path: Path, how: str, rng: np.random.Generator) -> str:
 # -- the damage sweep ----------------------------------------------------------------
 
 
-def _rebuild_offline(path: str, claim: bool) -> tuple[int, dict[str, np.ndarray]]:
-    """The model a store rebuilds to: read only (``recover``), or as a starting
-    server does it (open, rebuild, claim, clean up)."""
+def start_offline(path: str) -> tuple[int, Any]:
+    """What a starting server does to a store, with no cluster: open, rebuild,
+    claim, clean up. Returns ``(incarnation, state)``."""
     import asyncio
 
-    from dask_ftps import recover
     from dask_ftps._recovery import rebuild
     from dask_ftps._store import Journal, take_over
-
-    if not claim:
-        return recover(path)
 
     async def start():
         async def opened():
@@ -200,14 +196,25 @@ def _rebuild_offline(path: str, claim: bool) -> tuple[int, dict[str, np.ndarray]
         async def not_alive(*args):
             return False
 
-        journal, _, state = await take_over(
-            opened, "tcp://damage-sweep:1", not_alive, rebuilt
+        journal, incarnation, state = await take_over(
+            opened, "tcp://dask-ftps-testing:1", not_alive, rebuilt
         )
         await journal.cleanup()
         await journal.close()
-        return int(state.version), state.model.params
+        return incarnation, state
 
     return asyncio.run(start())
+
+
+def _rebuild_offline(path: str, claim: bool) -> tuple[int, dict[str, np.ndarray]]:
+    """The model a store rebuilds to: read only (``recover``), or as a starting
+    server does it (:func:`start_offline`)."""
+    from dask_ftps import recover
+
+    if not claim:
+        return recover(path)
+    _, state = start_offline(path)
+    return int(state.version), state.model.params
 
 
 def _files(root: Path) -> dict[str, bytes]:

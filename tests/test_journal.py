@@ -42,6 +42,7 @@ from dask_ftps.testing import (
     KillingStore,
     damage_sweep,
     kill_at,
+    start_offline,
     store_objects,
 )
 
@@ -155,24 +156,7 @@ async def _not_alive(journal, incarnation, address) -> bool:
     return False
 
 
-def start(path) -> tuple[int, ParameterServerState]:
-    """What a server's start does to a store: open, rebuild, claim, clean up."""
-
-    async def run():
-        async def opened():
-            return await Journal.open(path)
-
-        async def rebuilt(journal):
-            return (await rebuild(journal)).state
-
-        journal, incarnation, state = await take_over(
-            opened, ADDRESS, _not_alive, rebuilt
-        )
-        await journal.cleanup()
-        await journal.close()
-        return incarnation, state
-
-    return asyncio.run(run())
+start = start_offline  # what a server's start does: open, rebuild, claim, clean up
 
 
 # -- crashes at every write ---------------------------------------------------------

@@ -8,7 +8,6 @@ code it protects is removed.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import errno
 import logging
@@ -471,6 +470,18 @@ async def test_a_rebuild_keeps_the_update_count_and_the_download_dataset(
     assert (await dask_ftps.records(c))["download"] == downloads
 
 
+async def _trained_without_optimizer_state(c, s, tmp_path):
+    """A stored run with plain SGD (the workers' copies can stand in for the
+    snapshot): ``(store, journal)`` after one epoch."""
+    store = str(tmp_path / "run.zarr")
+    X_train, _, y_train, _ = digits()
+    await c.register_plugin(
+        ParameterServer(store, model=MLP(64, (16,), 10), optimizer=SGD(lr=0.05))
+    )
+    await dask_ftps.train(c, X_train, y_train, epochs=1, batch_size=32, progress=False)
+    return store, s.plugins["ftps"].journal
+
+
 def _plant(worker, **changes) -> None:
     """Replace the model copy a worker holds by a doctored one."""
     plugin = worker.plugins["ftps"]
@@ -497,13 +508,7 @@ async def test_a_workers_copy_is_used_only_if_the_store_vouches_for_it(
     """The patent's recovery from a worker's model copy checks the copy's run,
     its version against its download row and the last commit, and its bits
     against the checksum that version's commit recorded."""
-    store = str(tmp_path / "run.zarr")
-    X_train, _, y_train, _ = digits()
-    await c.register_plugin(
-        ParameterServer(store, model=MLP(64, (16,), 10), optimizer=SGD(lr=0.05))
-    )
-    await dask_ftps.train(c, X_train, y_train, epochs=1, batch_size=32, progress=False)
-    journal = s.plugins["ftps"].journal
+    store, journal = await _trained_without_optimizer_state(c, s, tmp_path)
     expected_version, expected = await dask_ftps.get_model(c)
     for worker in (a, b):
         _plant(worker, **COPY_DOCTORING[case](worker.plugins["ftps"].latest, journal))
@@ -543,7 +548,6 @@ async def test_sync_mode_has_one_version_live_in_the_store_and_recovered(
     assert dask_ftps.recover(store)[0] == 1
     await c.register_plugin(ParameterServer(store))
     assert (await dask_ftps.status(c))["version"] == 1
-    await asyncio.sleep(0)
 
 
 @gen_cluster(client=True, timeout=120)
@@ -552,13 +556,7 @@ async def test_each_check_of_a_workers_copy_refuses_on_its_own(c, s, a, b, tmp_p
     version outside its bounds, and a version whose bits differ."""
     from dask_ftps._scheduler_plugin import _checked_copy
 
-    store = str(tmp_path / "run.zarr")
-    X_train, _, y_train, _ = digits()
-    await c.register_plugin(
-        ParameterServer(store, model=MLP(64, (16,), 10), optimizer=SGD(lr=0.05))
-    )
-    await dask_ftps.train(c, X_train, y_train, epochs=1, batch_size=32, progress=False)
-    journal = s.plugins["ftps"].journal
+    _, journal = await _trained_without_optimizer_state(c, s, tmp_path)
     version, params = await dask_ftps.get_model(c)
     good = {"status": "OK", "run_id": journal.meta.run_id, "version": version,
             "params": params}  # fmt: skip

@@ -21,7 +21,8 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, NewType
+from functools import cached_property
+from typing import Any, Literal
 
 import google_crc32c
 import numpy as np
@@ -34,8 +35,6 @@ from dask_ftps.optim import Optimizer, optimizer_from_dict
 FORMAT = "dask-ftps"
 FORMAT_VERSION = 2
 
-Serial = NewType("Serial", int)
-
 ROOT_KEY = "zarr.json"
 LOG_PREFIX = "ftps/log/"
 DATA_PREFIX = "data/"
@@ -44,7 +43,6 @@ GROUP_KEYS = ("data/zarr.json", "snapshots/zarr.json")
 SNAPSHOT_CHUNK = 1 << 20  # float32 elements per snapshot chunk
 CHUNK_KEY = "c.0"  # chunk key encoding "default" with separator ".": no folders
 COMMIT_CHUNK_KEY = "c.0.0"
-MAX_WORKER_LENGTH = 512
 
 _SERIAL_DIGITS = 16
 _LOG_KEY = re.compile(rf"^{LOG_PREFIX}(\d{{{_SERIAL_DIGITS}}})$")
@@ -271,7 +269,6 @@ def array_document(
 
 # -- log records ---------------------------------------------------------------------
 
-Kind = Literal["claim", "run", "epoch", "commit", "snapshot", "release"]
 History = tuple[tuple[int, tuple[tuple[str, float | None], ...]], ...]
 
 
@@ -591,12 +588,23 @@ class Record:
 
     def encode(self) -> bytes:
         """The record's object: canonical JSON and its CRC-32C."""
-        return seal(canonical(self.to_json()))
+        return self._canonical + self.crc.to_bytes(4, "little")
+
+    @cached_property
+    def _canonical(self) -> bytes:
+        return canonical(self.to_json())
+
+    @cached_property
+    def crc(self) -> int:
+        """CRC-32C of the record's bytes (the next record's ``prev``)."""
+        return crc32c(self._canonical)
 
     @classmethod
     def decode(cls, raw: bytes, key: str) -> Record:
         body = unseal(raw, key)
-        return cls.from_json(_loads(body, key), key)
+        record = cls.from_json(_loads(body, key), key)
+        record.__dict__["_canonical"] = body  # its bytes as written, checked above
+        return record
 
     @classmethod
     def from_json(cls, d: Any, key: str) -> Record:
@@ -622,10 +630,6 @@ class Record:
             )
         return record
 
-    @property
-    def crc(self) -> int:
-        return crc32c(canonical(self.to_json()))
-
 
 def commit_attributes(record: Record) -> dict:
     """What a commit's payload array keeps in its ``zarr.json``: the commit's
@@ -640,11 +644,25 @@ def record_from_attributes(attrs: dict, key: str) -> Record:
         raise StoreCorrupted(f"{key}: holds no commit record", key) from e
 
 
-def encode_chunk(values: np.ndarray) -> tuple[bytes, int]:
+def new_chunk(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A chunk object's bytes (``4 n`` of data, 4 of CRC) and a float32 view of
+    its data, to be filled in place and then :func:`seal_chunk`'d."""
+    raw = np.empty(4 * n + 4, np.uint8)
+    return raw, raw[:-4].view("<f4")
+
+
+def seal_chunk(raw: np.ndarray) -> int:
+    """Write the CRC-32C of a :func:`new_chunk`'s data into its trailer; return it."""
+    crc = crc32c(raw[:-4])
+    raw[-4:] = np.frombuffer(crc.to_bytes(4, "little"), np.uint8)
+    return crc
+
+
+def encode_chunk(values: np.ndarray) -> tuple[np.ndarray, int]:
     """A chunk object (little-endian float32 and its CRC-32C) and that CRC."""
-    data = np.ascontiguousarray(values, dtype="<f4")
-    crc = crc32c(data.view(np.uint8).reshape(-1))
-    return data.tobytes() + crc.to_bytes(4, "little"), crc
+    raw, data = new_chunk(values.size)
+    data[:] = values.reshape(-1)
+    return raw, seal_chunk(raw)
 
 
 def decode_chunk(raw: bytes, key: str, n: int, crc: int) -> np.ndarray:

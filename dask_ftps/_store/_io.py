@@ -34,8 +34,9 @@ logger = logging.getLogger(__name__)
 _PROTO = default_buffer_prototype()
 
 #: A commit's objects: ``(key, bytes)`` pairs written first (any order), then the
-#: record that makes them part of the log (an exclusive create).
-Objects = list[tuple[str, bytes]]
+#: record that makes them part of the log (an exclusive create). A value may be
+#: any object with the buffer protocol (a chunk is a NumPy byte array).
+Objects = list[tuple[str, Any]]
 Build = Callable[[], tuple[Objects, str, bytes]]
 
 
@@ -250,11 +251,9 @@ class LocalIO(StoreIO):
     """
 
     def __init__(self, root: Path, *, read_only: bool = False) -> None:
+        super().__init__(LocalStore(root, read_only=read_only), read_only=read_only)
         self.root = root
-        self.read_only = read_only
-        self.closed = False
         self.durable = False
-        self.store = LocalStore(root, read_only=read_only)
 
     def __str__(self) -> str:
         return str(self.root)

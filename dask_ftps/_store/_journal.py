@@ -71,12 +71,14 @@ from dask_ftps._store._format import (
     group_document,
     log_key,
     model_crc,
+    new_chunk,
     parse_data_key,
     parse_log_key,
     parse_root,
     parse_snapshot_dir,
     record_from_attributes,
     root_document,
+    seal_chunk,
     snapshot_dir,
 )
 from dask_ftps._store._io import StoreIO, resolve
@@ -306,10 +308,6 @@ class Journal:
         return journal
 
     # -- what the log says -----------------------------------------------------------
-
-    @property
-    def read_only(self) -> bool:
-        return self.io.read_only
 
     def snapshots(self) -> list[Record]:
         """Snapshot records a rebuild can start from, newest first (their replay
@@ -589,10 +587,12 @@ class Journal:
             built: dict[str, Any] = {}
 
             def build():
-                flat = np.empty((len(updates), n), np.float32)
+                chunk, flat = new_chunk(len(updates) * n)  # filled in place: one copy
                 for i, update in enumerate(updates):
-                    self.params_layout.flatten(update.grads, out=flat[i])
-                chunk, crc = encode_chunk(flat)
+                    self.params_layout.flatten(
+                        update.grads, out=flat[i * n : (i + 1) * n]
+                    )
+                crc = seal_chunk(chunk)
                 body = Commit(
                     seq,
                     rows,
