@@ -238,7 +238,8 @@ async def _train(
     finally:
         if bar is not None:
             bar.close()
-        await client.cancel(xs + ys, asynchronous=True)
+        for future in xs + ys:  # our references only: data the caller holds stays
+            future.release()
     final = check_reply(await client.scheduler.ftps_status(), "ftps_status")
     return TrainResult(
         version=final["version"],

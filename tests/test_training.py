@@ -6,6 +6,7 @@ import asyncio
 from collections import Counter, defaultdict
 
 import dask.array as da
+import numpy as np
 import pytest
 from distributed import Nanny
 from distributed.utils_test import async_poll_for, gen_cluster
@@ -113,6 +114,32 @@ async def test_dask_array_input_and_new_run(c, s, a, b):
     assert second.version == 2 * first.minibatches
     ids = [r["update_id"] for r in (await dask_ftps.records(c))["global"]]
     assert len(ids) == len(set(ids)) == 2 * first.minibatches
+
+
+@pytest.mark.parametrize("shard_chunks", [True, False])
+@gen_cluster(client=True, timeout=120)
+async def test_train_leaves_the_callers_persisted_data_alone(c, s, a, b, shard_chunks):
+    """train() drops only its own references: persisted input survives two calls."""
+    X_train, _X_test, y_train, _y_test = digits()
+    # The shards' own chunks make train()'s chunk keys the caller's keys.
+    chunks = tuple(map(len, np.array_split(y_train, 2))) if shard_chunks else 200
+    X, y = c.persist(
+        [
+            da.from_array(X_train, chunks=(chunks, -1)),
+            da.from_array(y_train, chunks=chunks),
+        ]
+    )
+    held = c.futures_of([X, y])
+    await c.register_plugin(
+        ParameterServer(model=SoftmaxRegression(64, 10), optimizer=SGD(lr=0.5))
+    )
+    for name in ("one", "two"):
+        result = await dask_ftps.train(
+            c, X, y, epochs=1, batch_size=64, n_shards=2, progress=False, run_name=name
+        )
+        assert result.trained
+        assert {f.status for f in held} == {"finished"}
+    assert (await c.compute(y.sum())) == y_train.sum()
 
 
 @pytest.mark.parametrize("mode", ["async", "sync"])
