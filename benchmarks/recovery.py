@@ -6,7 +6,8 @@ hosts a :class:`dask_ftps.ParameterServer` on a local Zarr store; a driver pushe
 the scheduler is SIGKILLed right after the U-th update is accepted. A new
 ``dask scheduler --preload dask_ftps.preload --ftps-store STORE`` starts on the
 same port, and the time from its start to ``ftps_get_model`` answering is
-measured, several restarts each. The served model is compared with
+measured, several restarts each, alternately on a new port (the dead owner's
+address is another one, as on a batch system) and on the port of the last one. The served model is compared with
 ``dask_ftps.recover(STORE)`` bit for bit.
 
 Beside it the lower bound: the time to read the snapshot and the replayed
@@ -319,10 +320,15 @@ def measure(point: Point, restarts: int, folder: Path) -> dict[str, Any]:
         first.kill(signal.SIGKILL)  # right after the U-th accepted update
         first.stop()
     committed = dask_ftps.inspect(str(store))
-    runs = [
-        _restart(port, str(store), folder / f"{store.stem}-restart{i}.log")
-        for i in range(restarts)
-    ]
+    # Alternately on a new port (the dead owner's address is another one, as on
+    # a batch system) and again on that port (the same address).
+    runs = []
+    for i in range(restarts):
+        for where in ("new", "same"):
+            if where == "new":
+                port = free_port()
+            r = _restart(port, str(store), folder / f"{store.stem}-{where}{i}.log")
+            runs.append({**r, "where": where})
     offline_version, offline = dask_ftps.recover(str(store))
     exact = all(
         r["version"] == offline_version and _same_bits(r["params"], offline)
@@ -331,9 +337,12 @@ def measure(point: Point, restarts: int, folder: Path) -> dict[str, Any]:
     bound = lower_bound(store, model)
     for r in runs:
         r.pop("params")
-    served = median(r["served_s"] for r in runs)
+    same = [r for r in runs if r["where"] == "same"]
+    served = median(r["served_s"] for r in same)
+    served_new = median(r["served_s"] for r in runs if r["where"] == "new")
     rebuild = median(r["rebuild_s"] for r in runs)
-    after_listen = median(r["after_listen_s"] for r in runs)
+    after_listen = median(r["after_listen_s"] for r in same)
+    read_apply = bound["read_s"] + bound["apply_s"]
     row = {
         "n_params": point.n_params,
         "snapshot_every": point.snapshot_every,
@@ -347,6 +356,7 @@ def measure(point: Point, restarts: int, folder: Path) -> dict[str, Any]:
         "replayed": runs[0]["replayed"],
         "snapshot_version": bound["snapshot_version"],
         "served_s": served,
+        "served_new_s": served_new,
         "listen_s": median(r["listen_s"] for r in runs),
         "after_listen_s": after_listen,
         "rebuild_s": rebuild,
@@ -356,7 +366,8 @@ def measure(point: Point, restarts: int, folder: Path) -> dict[str, Any]:
         "rebuild_over_bound": ratio(rebuild, bound["read_s"]),
         "after_listen_over_bound": ratio(after_listen, bound["read_s"]),
         "served_over_bound": ratio(served, bound["read_s"]),
-        "rebuild_over_read_apply": ratio(rebuild, bound["read_s"] + bound["apply_s"]),
+        "rebuild_over_read_apply": ratio(rebuild, read_apply),
+        "after_listen_over_read_apply": ratio(after_listen, read_apply),
         "push_seconds": pushed["push_seconds"],
         "restarts": runs,
         "lower_bound": bound,
@@ -440,6 +451,7 @@ COLUMNS = (
     Column("replayed", "replayed"),
     Column("read_mb", "read MB", "{:.0f}"),
     Column("served_s", "spawn->served s", "{:.2f}"),
+    Column("served_new_s", "new address s", "{:.2f}"),
     Column("listen_s", "spawn->listen s", "{:.2f}"),
     Column("after_listen_s", "listen->served s", "{:.3f}"),
     Column("rebuild_s", "rebuild s", "{:.3f}"),
@@ -455,11 +467,10 @@ SUMMARY_COLUMNS = (
     Column("case", "case"),
     Column("replayed", "replayed"),
     Column("served_s", "spawn->served s", "{:.2f}"),
-    Column("served_met", "<= 2 s"),
+    Column("served_new_s", "new address s", "{:.2f}"),
+    Column("served_met", "both <= 1 s"),
     Column("after_listen_s", "listen->served s", "{:.3f}"),
-    Column("after_listen_met", "<= 2 s"),
-    Column("rebuild_over_bound", "rebuild/bound", "{:.2f}"),
-    Column("after_listen_over_bound", "listen->served/bound", "{:.2f}"),
+    Column("after_listen_over_read_apply", "listen->served/(read+apply)", "{:.2f}"),
     Column("bound_met", "<= 1.5x"),
 )
 
@@ -483,12 +494,11 @@ def _summary(rows: list[dict]) -> list[dict]:
                 "case": row["case"],
                 "replayed": row["replayed"],
                 "served_s": row["served_s"],
-                "served_met": bool(row["served_s"] <= 2.0),
+                "served_new_s": row["served_new_s"],
+                "served_met": bool(max(row["served_s"], row["served_new_s"]) <= 1.0),
                 "after_listen_s": row["after_listen_s"],
-                "after_listen_met": bool(row["after_listen_s"] <= 2.0),
-                "rebuild_over_bound": row["rebuild_over_bound"],
-                "after_listen_over_bound": row["after_listen_over_bound"],
-                "bound_met": bool(row["after_listen_over_bound"] <= 1.5),
+                "after_listen_over_read_apply": row["after_listen_over_read_apply"],
+                "bound_met": bool(row["after_listen_over_read_apply"] <= 1.5),
             }
         )
     return out

@@ -20,8 +20,10 @@ of b/a and c/b.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,6 @@ from typing import Any
 from distributed import get_worker
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.serialize import ToPickle
-from distributed.utils import sync
 
 from benchmarks._common import (
     Column,
@@ -112,17 +113,31 @@ class EchoServer(SchedulerPlugin):
         }
 
 
-def _echo_loop(model: Any, shard: int, n_steps: int, warmup: int) -> dict:
-    """(a) on a worker: the same messages as a push with ``next_step``."""
-    worker = get_worker()
-    grads = fixed_grads(model, seed=shard)
+def _windowed(send: Any, n_steps: int, warmup: int, inflight: int) -> dict:
+    """Send ``n_steps`` pushes with at most ``inflight`` unanswered, as
+    ``_train_shard`` does; ``send(step)`` returns a future of the reply."""
+    window: deque = deque()
     t0 = time.time()
     for step in range(n_steps):
         if step == warmup:
             t0 = time.time()
-        reply = sync(
-            worker.loop,
-            worker.scheduler.ftps_bench_echo,
+        while len(window) >= inflight:
+            window.popleft().result()
+        window.append(send(step))
+    while window:
+        window.popleft().result()
+    return {"t0": t0, "t1": time.time(), "n": n_steps - warmup}
+
+
+def _echo_loop(
+    model: Any, shard: int, n_steps: int, warmup: int, inflight: int = 1
+) -> dict:
+    """(a) on a worker: the same messages as a push with ``next_step``."""
+    worker = get_worker()
+    grads = fixed_grads(model, seed=shard)
+
+    async def echo(step: int) -> None:
+        reply = await worker.scheduler.ftps_bench_echo(
             worker=worker.address,
             update_id=f"0:0:{shard}:{step}",
             grads=ToPickle(grads),
@@ -133,29 +148,36 @@ def _echo_loop(model: Any, shard: int, n_steps: int, warmup: int) -> dict:
         )
         if reply.get("status") != "OK" or reply["params"] is None:
             raise RuntimeError(f"echo failed: {reply!r}")
-    return {"t0": t0, "t1": time.time(), "n": n_steps - warmup}
+
+    def send(step: int) -> Any:
+        return asyncio.run_coroutine_threadsafe(echo(step), worker.loop.asyncio_loop)
+
+    return _windowed(send, n_steps, warmup, inflight)
 
 
 # -- the parameter server (b, c) -------------------------------------------------------
 
 
-def _ps_loop(model: Any, run: int, shard: int, n_steps: int, warmup: int) -> dict:
+def _ps_loop(
+    model: Any, run: int, shard: int, n_steps: int, warmup: int, inflight: int = 1
+) -> dict:
     """(b), (c) on a worker: pull once, then push with ``next_step`` like
-    ``_train_shard``, with a fixed update instead of a computed gradient."""
+    ``_train_shard`` (the same window of unacknowledged pushes), with a fixed
+    update instead of a computed gradient."""
     from dask_ftps import UpdateKey
     from dask_ftps._worker_plugin import get_worker_plugin
 
     plugin = get_worker_plugin()
     grads = fixed_grads(model, seed=shard)
-    copy = plugin.pull(run, shard, 0, 0)
-    t0 = time.time()
-    for step in range(n_steps):
-        if step == warmup:
-            t0 = time.time()
+    incarnation = plugin.pull(run, shard, 0, 0).incarnation
+
+    def send(step: int) -> Any:
         nxt = (0, step + 1) if step + 1 < n_steps else None
-        got = plugin.push(UpdateKey(run, 0, shard, step), grads, copy.incarnation, nxt)
-        copy = got if got is not None else copy
-    return {"t0": t0, "t1": time.time(), "n": n_steps - warmup}
+        return plugin.push_async(
+            UpdateKey(run, 0, shard, step), grads, incarnation, nxt
+        )
+
+    return _windowed(send, n_steps, warmup, inflight)
 
 
 def _begin_run(client: Any, n_workers: int, n_steps: int, name: str = "") -> int:
@@ -180,18 +202,23 @@ def measure(
     n_workers: int,
 ) -> dict[str, Any]:
     """One timed round of ``variant`` on every worker; updates/s and bytes/s."""
+    from dask import config as dask_config
+
+    import dask_ftps
     from dask_ftps import SGD, ParameterServer
 
     # A worker can be away for a moment (a nanny restarting it): wait for all.
     client.wait_for_workers(n_workers, timeout=120)
     workers = worker_addresses(client)
     store = None
+    # The window train() uses in this mode (the server tells it; the same here).
+    inflight = dask_config.get("ftps.inflight") if mode == "async" else 1
     if variant == "a":
         client.run_on_scheduler(remove_plugin, name=EchoServer.name)
         client.register_plugin(EchoServer(model))
         futures = [
             client.submit(
-                _echo_loop, model, s, n_steps, warmup, workers=[w], pure=False
+                _echo_loop, model, s, n_steps, warmup, inflight, workers=[w], pure=False
             )
             for s, w in enumerate(workers)
         ]
@@ -208,9 +235,18 @@ def measure(
             ),
         )
         run = _begin_run(client, len(workers), n_steps)
+        assert dask_ftps.status(client)["inflight"] == inflight
         futures = [
             client.submit(
-                _ps_loop, model, run, s, n_steps, warmup, workers=[w], pure=False
+                _ps_loop,
+                model,
+                run,
+                s,
+                n_steps,
+                warmup,
+                inflight,
+                workers=[w],
+                pure=False,
             )
             for s, w in enumerate(workers)
         ]

@@ -9,6 +9,7 @@ the :class:`~dask_ftps._server.Server` that :meth:`ParameterServer.start` runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -254,6 +255,8 @@ class ParameterServer(SchedulerPlugin):
             offload_threshold=config.get("offload-threshold"),
             wait_timeout=parse_timedelta(config.get("wait-timeout")),
             address=scheduler.address,
+            inflight=_window(config.get("inflight")),
+            reorder_timeout=parse_timedelta(config.get("reorder-timeout")),
         )
         if self.store is None:
             if old_server is not None:
@@ -386,7 +389,11 @@ class ParameterServer(SchedulerPlugin):
 
     @_replies_errors
     async def status(self) -> dict:
-        reply = self.server.status()
+        server = self.server
+        reply = server.status()
+        # Only async mode computes ahead of what was acknowledged: a sync round
+        # needs the round before it, an ssp bound counts acknowledged clocks.
+        reply["inflight"] = server.config.inflight if reply["mode"] == "async" else 1
         workers = self.scheduler.workers
         reply["workers"] = sorted(workers)
         reply["nthreads"] = sum(ws.nthreads for ws in workers.values())
@@ -546,10 +553,12 @@ class ParameterServer(SchedulerPlugin):
         """Whether ``address`` still runs the server of ``incarnation`` on this store."""
         if address == self.scheduler.address:
             return False  # a server here replaces it, or this scheduler restarted
+        timeout = parse_timedelta(config.get("store.owner-timeout"))
+        if not await _listening(address, timeout):
+            return False  # refused: nothing listens there (distributed would retry)
         try:
             reply = await asyncio.wait_for(
-                self.scheduler.rpc(address).ftps_status(),
-                parse_timedelta(config.get("store.owner-timeout")),
+                self.scheduler.rpc(address).ftps_status(), timeout
             )
         except Exception:  # noqa: BLE001 - unreachable or not ours: not alive
             return False
@@ -623,3 +632,30 @@ def _checked_copy(journal: Journal, reply: object, row_version: int) -> ModelVer
             f"its copy of version {held} differs from the model that version was"
         )
     return ModelVersion(Version(held), params, {})
+
+
+def _window(value: object) -> int:
+    """``ftps.inflight``: a positive integer."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise FTPSError(f"ftps.inflight must be a positive integer, got {value!r}")
+    return value
+
+
+async def _listening(address: str, timeout: float) -> bool:
+    """Whether a TCP ``address`` accepts connections; True for other protocols
+    (asked in full then). A refused connection answers at once: a process that
+    died leaves no listener, and its host says so."""
+    from distributed.comm import parse_address, parse_host_port
+
+    scheme, location = parse_address(address)
+    if scheme not in ("tcp", "tls"):
+        return True
+    host, port = parse_host_port(location)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True

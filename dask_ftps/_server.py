@@ -37,7 +37,7 @@ from dask_ftps._exceptions import (
     WaitTimeout,
 )
 from dask_ftps._recovery import Rebuilt
-from dask_ftps._state import ParameterServerState
+from dask_ftps._state import Mark, ParameterServerState
 from dask_ftps._store import Journal, RunEntry
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ class ServerConfig:
     offload_threshold: int
     wait_timeout: float
     address: str
+    inflight: int = 1  # unacknowledged pushes a shard may have (async mode)
+    reorder_timeout: float = 2.0  # longest a push waits for its predecessor
 
 
 def snapshot_point(
@@ -76,6 +78,22 @@ def snapshot_point(
         for r, (clocks, superseded) in zip(state.runs, runs, strict=True)
     )
     return model, state.updates - open_round, entries
+
+
+#: Batches in the pipeline at once: one being written, one merged behind it.
+PIPELINE_DEPTH = 2
+
+
+@dataclass(frozen=True)
+class _Merged:
+    """A batch merged into the state, waiting to be made durable."""
+
+    generation: int
+    mark: Mark  # the state before it
+    accepted: tuple[tuple[Update, int, asyncio.Future], ...]  # update, version, reply
+    model: ModelVersion  # the model after it
+    downloads: tuple[tuple[str, int], ...]
+    view: dict  # status() once it is durable
 
 
 class Server:
@@ -112,9 +130,18 @@ class Server:
         self.run_id = None if journal is None else journal.meta.run_id
         self.published: ModelVersion = state.model
         self._durable = self._view()
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # held while the state changes
         self._changed = asyncio.Condition()
         self._queue: asyncio.Queue[tuple[Update, asyncio.Future]] = asyncio.Queue()
+        # The pipeline: batches merged into the state, oldest first, not yet
+        # durable; the writer makes them durable in order.
+        self._merged: asyncio.Queue[_Merged] = asyncio.Queue()
+        self._in_flight = 0  # batches being merged, merged or being written
+        self._generation = 0  # bumped when a rollback voids the merged batches
+        self._pauses = 0  # requests waiting for a quiet state: the merger waits
+        self._snapshot_due = False
+        self._queued: dict[tuple[int, int], int] = {}  # (run, shard): next position
+        self._turns = asyncio.Condition()
         self._failed: FTPSError | None = None
         self._snapshot_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -123,14 +150,15 @@ class Server:
             if journal is None
             else journal.snapshots()[0].body.version
         )
-        self._committer = asyncio.create_task(self._commit_loop(), name="ftps-commit")
+        self._committer = asyncio.create_task(self._merge_loop(), name="ftps-merge")
+        self._writer = asyncio.create_task(self._write_loop(), name="ftps-write")
         if journal is not None:
             self._spawn(journal.cleanup(), "ftps-cleanup")
 
     # -- requests ---------------------------------------------------------------
 
     async def begin_run(self, spec: RunSpec, name: str) -> dict:
-        async with self._lock:
+        async with self._quiet():
             self.check_healthy()
             mark = self.state.mark()
             runs = len(self.state.runs)
@@ -184,7 +212,7 @@ class Server:
     async def end_epoch(
         self, run: int, epoch: int, values: dict[str, float | None]
     ) -> dict:
-        async with self._lock:
+        async with self._quiet():
             self.check_healthy()
             state = self.state.get_run(run)
             before = dict(state.history)
@@ -201,7 +229,7 @@ class Server:
     async def next_step(self, run: int, shard: int) -> dict:
         """Where a shard goes on: answered between batches, so that a batch being
         written (which may yet be refused) is never counted as done."""
-        async with self._lock:
+        async with self._quiet():
             self.check_healthy()
             epoch, step = self.state.next_step(run, shard)
         return {"status": "OK", "epoch": epoch, "step": step}
@@ -247,8 +275,12 @@ class Server:
                     f"update {update.key.id}: next_step {next_step} is not a step of "
                     f"shard {shard}"
                 )
+        await self._take_turn(update)
+        self.check_healthy()
         accepted = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((update, accepted))
+        async with self._turns:
+            self._turns.notify_all()
         version = await accepted
         if next_step is None:
             return {"status": "OK", "version": int(version)}
@@ -307,6 +339,8 @@ class Server:
                     f"parameter server incarnation {self.state.incarnation} was {reason}"
                 )
             )
+        async with self._changed:  # what was merged is written (or refused)
+            await self._changed.wait_for(lambda: self._in_flight == 0)
         await self._stop()
         logger.info("Incarnation %d %s", self.state.incarnation, reason)
 
@@ -323,7 +357,7 @@ class Server:
         await self._stop(release=release)
 
     async def _stop(self, release: bool = False) -> None:
-        tasks = [self._committer, *self._tasks]
+        tasks = [self._committer, self._writer, *self._tasks]
         if self._snapshot_task is not None:
             tasks.append(self._snapshot_task)
         for task in tasks:
@@ -333,6 +367,8 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._refuse_queued()
+        while not self._merged.empty():
+            self._refuse([f for _, _, f in self._merged.get_nowait().accepted])
         if self.journal is not None and not self.journal.closed:
             if release:
                 try:
@@ -340,94 +376,225 @@ class Server:
                 except Exception as e:  # noqa: BLE001 - fenced or gone: nothing to say
                     logger.info("No release record written to %s: %r", self.journal, e)
             await self.journal.close()
-        async with self._changed:
-            self._changed.notify_all()
+        await self._wake()
 
-    # -- the commit loop ------------------------------------------------------------
+    # -- the commit pipeline ----------------------------------------------------------
+    #
+    # The merger takes every queued push, admits and merges them into the state
+    # (one batch) and hands the batch to the writer; while the writer makes it
+    # durable, the merger merges the next one. The writer acknowledges batches
+    # strictly in order, each push only once its batch is durable; only durable
+    # models are published. A batch that cannot be made durable rolls the state
+    # back to before it, which voids the batches merged after it (refused too).
 
-    async def _commit_loop(self) -> None:
-        """Apply queued pushes in batches; acknowledge each batch once it is durable."""
+    async def _merge_loop(self) -> None:
+        """Merge queued pushes in batches, at most ``PIPELINE_DEPTH`` ahead."""
         while True:
             batch = [await self._queue.get()]
-            while not self._queue.empty():
-                batch.append(self._queue.get_nowait())
             try:
+                async with self._changed:
+                    await self._changed.wait_for(self._may_merge)
+                while not self._queue.empty():  # what came while the writer wrote
+                    batch.append(self._queue.get_nowait())
                 async with self._lock:
-                    await self._commit_batch(batch)
+                    if self._snapshot_due and self._in_flight == 0:
+                        self._start_snapshot()
+                    self._in_flight += 1
+                    merged = await self._merge_batch(batch)
+                    if merged is not None:
+                        self._merged.put_nowait(merged)
+                    else:
+                        self._in_flight -= 1
             except BaseException:  # stopped (cancelled) with a batch in hand
-                error = self._failed or StaleIncarnation("the parameter server stopped")
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(type(error)(str(error)))
+                self._refuse([f for _, f in batch])
                 raise
-            async with self._changed:
-                self._changed.notify_all()
+            if merged is None:
+                async with self._changed:
+                    self._changed.notify_all()
+            async with self._turns:  # refusals may have given turns back
+                self._turns.notify_all()
 
-    async def _commit_batch(self, batch: list[tuple[Update, asyncio.Future]]) -> None:
+    def _may_merge(self) -> bool:
+        if self._failed is not None:
+            return True  # to refuse the batch
+        if self._pauses or self._in_flight >= PIPELINE_DEPTH:
+            return False
+        return not (self._snapshot_due and self._in_flight)
+
+    async def _merge_batch(
+        self, batch: list[tuple[Update, asyncio.Future]]
+    ) -> _Merged | None:
         mark = self.state.mark()
         try:
-            await self._commit_batch_from(mark, batch)
+            accepted = await self._admit_and_merge(batch)
         except Exception as e:  # a bug: nothing of the batch may stay half-applied
             self.state.rollback(mark)
             self._fail(FTPSError(f"the commit loop failed ({e!r}); restart the server"))
             logger.critical(
                 "The commit loop failed; refusing everything", exc_info=True
             )
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(type(self._failed)(str(self._failed)))
+            self._refuse([f for _, f in batch])
+            return None
+        if not accepted:
+            return None
+        return _Merged(
+            self._generation,
+            mark,
+            tuple(accepted),
+            self.state.model,
+            tuple((str(w), int(v)) for w, v in self.state.downloads),
+            self._view(),
+        )
 
-    async def _commit_batch_from(
-        self, mark: Any, batch: list[tuple[Update, asyncio.Future]]
-    ) -> None:
+    async def _admit_and_merge(
+        self, batch: list[tuple[Update, asyncio.Future]]
+    ) -> list[tuple[Update, int, asyncio.Future]]:
         accepted: list[tuple[Update, int, asyncio.Future]] = []
         for update, future in batch:
             if future.done():  # the caller went away
+                self._queued.pop((update.key.run, update.key.shard), None)
                 continue
             try:
                 self.check_healthy()
                 admission = await self._maybe_offload(self.state.admit, update)
                 model = await self._maybe_offload(self.state.merge, admission)
             except FTPSError as e:  # refused; admit and merge change nothing
-                if not future.done():
-                    future.set_exception(e)
-                continue
+                error: Exception = e
             except Exception as e:  # noqa: BLE001 - a payload the checks let by
-                if not future.done():
-                    future.set_exception(
-                        InvalidUpdate(f"update {update.key.id}: {e!r}")
-                    )
+                error = InvalidUpdate(f"update {update.key.id}: {e!r}")
+            else:
+                self.state.commit(admission, model)
+                accepted.append((update, int(admission.version), future))
                 continue
-            self.state.commit(admission, model)
-            accepted.append((update, int(admission.version), future))
-        if not accepted:
+            # The pushes queued after it from its shard are out of order now.
+            self._queued.pop((update.key.run, update.key.shard), None)
+            if not future.done():
+                future.set_exception(error)
+        return accepted
+
+    async def _write_loop(self) -> None:
+        """Make merged batches durable in order; acknowledge and publish each."""
+        while True:
+            item = await self._merged.get()
+            try:
+                await self._write(item)
+            except BaseException:
+                self._refuse([f for _, _, f in item.accepted])
+                raise
+            finally:
+                self._in_flight -= 1
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _write(self, item: _Merged) -> None:
+        if item.generation != self._generation:
+            self._refuse(
+                [f for _, _, f in item.accepted],
+                NotDurable("an earlier batch could not be made durable"),
+            )
             return
         if self.journal is not None:
             try:
                 await self.journal.commit(
-                    [u for u, _, _ in accepted],
-                    [v for _, v, _ in accepted],
-                    int(self.state.version),
-                    self.state.model.params,
-                    self.state.downloads,
+                    [u for u, _, _ in item.accepted],
+                    [v for _, v, _ in item.accepted],
+                    int(item.model.version),
+                    item.model.params,
+                    item.downloads,
                 )
             except BaseException as e:
-                self.state.rollback(mark)
-                self._journal_failed(e)
+                if not isinstance(e, asyncio.CancelledError):
+                    await self._lock.acquire()  # the merger is not changing the state
+                try:
+                    self.state.rollback(item.mark)
+                    self._generation += 1  # the batches merged after it go too
+                    self._queued.clear()
+                    self._journal_failed(e)
+                finally:
+                    if self._lock.locked() and not isinstance(
+                        e, asyncio.CancelledError
+                    ):
+                        self._lock.release()
                 refusal = self._refusal(e)
-                for _, _, future in accepted:
-                    if not future.done():
-                        future.set_exception(type(refusal)(str(refusal)))
+                self._refuse(
+                    [f for _, _, f in item.accepted], type(refusal)(str(refusal))
+                )
                 if isinstance(e, asyncio.CancelledError):
                     raise
+                await self._wake()
                 return
         self.state.settle()
-        self.published = self.state.model
-        self._durable = self._view()
-        for _, version, future in accepted:
+        self.published = item.model
+        self._durable = item.view
+        for _, version, future in item.accepted:
             if not future.done():
                 future.set_result(version)
-        self._maybe_snapshot()
+        if item.model.version - self._last_snapshot >= self.config.snapshot_every:
+            if self._in_flight == 1 and not self._lock.locked():
+                self._start_snapshot()  # nothing merged past it: the state is durable
+            else:
+                self._snapshot_due = True  # the merger takes it between batches
+
+    @contextlib.asynccontextmanager
+    async def _quiet(self):
+        """Hold the state with nothing in the pipeline: what the state says is
+        durable (for requests that read clocks or write records of their own)."""
+        self._pauses += 1
+        try:
+            while True:
+                async with self._changed:
+                    await self._changed.wait_for(
+                        lambda: self._in_flight == 0 or self._failed is not None
+                    )
+                await self._lock.acquire()
+                if self._in_flight == 0 or self._failed is not None:
+                    break
+                self._lock.release()
+        finally:
+            self._pauses -= 1
+            async with self._changed:
+                self._changed.notify_all()
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    async def _take_turn(self, update: Update) -> None:
+        """Queue ``update`` after its shard's previous step.
+
+        A shard with several pushes in flight sends them on separate connections:
+        they may arrive out of order. A push waits (at most ``reorder_timeout``) until
+        its predecessor is queued; a push further ahead than the window, or one
+        whose predecessor never comes, is queued at once and refused as out of order.
+        """
+        key = update.key
+        if not 0 <= key.run < len(self.state.runs):
+            return  # admit refuses it
+        run = self.state.runs[key.run]
+        spec = run.spec
+        if not (
+            0 <= key.shard < spec.n_shards
+            and key.epoch < spec.epochs
+            and key.step < spec.steps[key.shard]
+        ):
+            return  # admit refuses it
+        position = spec.position(key.epoch, key.step)
+        slot = (key.run, key.shard)
+
+        def turn() -> int:
+            return self._queued.get(slot, run.clocks[key.shard])
+
+        if 0 < position - turn() < self.config.inflight:
+            with contextlib.suppress(TimeoutError):
+                async with self._turns:
+                    await asyncio.wait_for(
+                        self._turns.wait_for(
+                            lambda: self._failed is not None or position <= turn()
+                        ),
+                        self.config.reorder_timeout,
+                    )
+        if position == turn():
+            self._queued[slot] = position + 1
 
     def _journal_failed(self, e: BaseException) -> None:
         if isinstance(e, Fenced):
@@ -457,12 +624,12 @@ class Server:
 
     # -- snapshots --------------------------------------------------------------------
 
-    def _maybe_snapshot(self) -> None:
+    def _start_snapshot(self) -> None:
+        """Snapshot the state now: called only while it holds nothing not durable."""
+        self._snapshot_due = False
         if self.journal is None or (
             self._snapshot_task is not None and not self._snapshot_task.done()
         ):
-            return
-        if self.state.version - self._last_snapshot < self.config.snapshot_every:
             return
         model, replay_from, entries = snapshot_point(self.state)
         self._last_snapshot = int(model.version)
@@ -523,11 +690,25 @@ class Server:
         if self._failed is None:
             self._failed = error
         self._refuse_queued()
+        self._spawn(self._wake(), "ftps-wake")
+
+    async def _wake(self) -> None:
+        """Wake every waiter (to see a failure)."""
+        for condition in (self._changed, self._turns):
+            async with condition:
+                condition.notify_all()
 
     def _refuse_queued(self) -> None:
-        error = self._failed or StaleIncarnation("the parameter server stopped")
         while not self._queue.empty():
-            _, future = self._queue.get_nowait()
+            self._refuse([self._queue.get_nowait()[1]])
+
+    def _refuse(
+        self, futures: list[asyncio.Future], error: FTPSError | None = None
+    ) -> None:
+        """Refuse the pushes of ``futures`` not answered yet."""
+        if error is None:
+            error = self._failed or StaleIncarnation("the parameter server stopped")
+        for future in futures:
             if not future.done():
                 future.set_exception(type(error)(str(error)))
 
@@ -550,10 +731,17 @@ class Server:
             return self.state.ready(run, shard, epoch, step)
 
         timeout = self.config.wait_timeout
+        state = self.state.get_run(run)
+        # A sync round needs the version that closed the round before it; other
+        # modes take whatever is published (published models are durable).
+        target = (
+            state.base_version + state.spec.position(epoch, step)
+            if self.state.mode == "sync"
+            else 0
+        )
         try:
             async with self._changed:
                 await asyncio.wait_for(self._changed.wait_for(ready), timeout)
-                target = self.state.version
                 await asyncio.wait_for(
                     self._changed.wait_for(
                         lambda: self.check_healthy() or self.published.version >= target

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -109,35 +110,52 @@ class FTPSWorkerPlugin(WorkerPlugin):
         next_step: tuple[int, int] | None,
     ) -> ModelCopy | None:
         """Push an update; with ``next_step``, return the model for that step."""
-        have = self.latest
-        reply = self._call(
-            "ftps_push",
-            worker=self.worker.address,
-            update_id=key.id,
-            grads=ToPickle(grads),
-            incarnation=incarnation,
-            next_step=next_step,
-            **self._have(have),
-        )
-        return None if next_step is None else self._keep(reply)
+        return self.push_async(key, grads, incarnation, next_step).result()
+
+    def push_async(
+        self,
+        key: UpdateKey,
+        grads: dict[str, np.ndarray],
+        incarnation: int,
+        next_step: tuple[int, int] | None,
+    ) -> concurrent.futures.Future[ModelCopy | None]:
+        """Send a push and return at once: the future is done once the server
+        accepted it (it is durable then), with the model for ``next_step``."""
+        kwargs = {
+            "worker": self.worker.address,
+            "update_id": key.id,
+            "grads": ToPickle(grads),
+            "incarnation": incarnation,
+            "next_step": next_step,
+            **self._have(self.latest),
+        }
+
+        async def push() -> ModelCopy | None:
+            reply = await self._acall("ftps_push", **kwargs)
+            return None if next_step is None else self._keep(reply)
+
+        return asyncio.run_coroutine_threadsafe(push(), self.worker.loop.asyncio_loop)
 
     # -- internals ------------------------------------------------------------
 
     def _call(self, op: str, **kwargs: Any) -> dict:
+        return sync(self.worker.loop, self._acall, op, **kwargs)
+
+    async def _acall(self, op: str, **kwargs: Any) -> dict:
         """Call the server; a call whose connection broke is sent again."""
         for attempt in range(CALL_ATTEMPTS):
             try:
-                reply = self._send(op, **kwargs)
+                reply = await self._send(op, **kwargs)
                 break
             except OSError as e:  # CommClosedError: the reply may be lost
                 if attempt + 1 == CALL_ATTEMPTS or self.worker.status.name != "running":
                     raise
                 logger.info("%s failed (%r); sending it again", op, e)
-                time.sleep(0.1 * 2**attempt)
+                await asyncio.sleep(0.1 * 2**attempt)
         return check_reply(reply, op)
 
-    def _send(self, op: str, **kwargs: Any) -> dict:
-        return sync(self.worker.loop, getattr(self.worker.scheduler, op), **kwargs)
+    async def _send(self, op: str, **kwargs: Any) -> dict:
+        return await getattr(self.worker.scheduler, op)(**kwargs)
 
     @staticmethod
     def _have(copy: ModelCopy | None) -> dict[str, Any]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import sys
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -215,6 +217,7 @@ async def _train(
                     n_steps=spec.steps[s],
                     seed=seed,
                     device=config.get("device"),
+                    inflight=status.get("inflight", 1),
                     key=f"ftps-train-{run}-{epoch}-{s}-{token}",
                 )
                 for s in range(n_shards)
@@ -286,8 +289,15 @@ def _train_shard(
     n_steps: int,
     seed: int,
     device: str,
+    inflight: int = 1,
 ) -> dict[str, float]:
-    """One shard's minibatch loop for one epoch; runs in a task on a worker."""
+    """One shard's minibatch loop for one epoch; runs in a task on a worker.
+
+    Up to ``inflight`` pushes may be unacknowledged: the next gradient is
+    computed from the newest model received while they are written. A refused
+    push ends the window: the shard waits for the others and goes on from where
+    the server says it stands (what was committed).
+    """
     if mode != "async":
         secede()  # a waiting shard must never hold the thread another shard needs
     plugin = get_worker_plugin()
@@ -309,33 +319,61 @@ def _train_shard(
             return n_steps, None
         return step, plugin.pull(run, shard, epoch, step)
 
+    window: deque[tuple[concurrent.futures.Future, float, int, int]] = deque()
+
+    def settle(until: int) -> Exception | None:
+        """Take replies, oldest first, until at most ``until`` are in flight (and
+        the ones already there); count what was accepted; the first refusal."""
+        nonlocal copy
+        refusal = None
+        while window and (
+            refusal is not None or len(window) > until or window[0][0].done()
+        ):
+            future, loss, correct, n = window.popleft()
+            try:
+                reply = future.result()
+            except (DuplicateUpdate, StaleIncarnation) as e:
+                refusal = refusal or e
+                continue
+            except Exception as e:  # noqa: BLE001 - raised once the window is empty
+                refusal = refusal or e
+                continue
+            if refusal is None and reply is not None:
+                copy = reply
+            stats["loss_sum"] += loss * n
+            stats["correct"] += correct
+            stats["n"] += n
+            stats["computed"] += 1
+        return refusal
+
     step, copy = resume()
     stats["skipped"] = step
     device_version, params = None, None
-    while step < n_steps:
+    while step < n_steps or window:
+        refusal = settle(inflight - 1 if step < n_steps else 0)
+        if isinstance(refusal, DuplicateUpdate):
+            step, copy = resume()  # another attempt of this task got there first
+            continue
+        if isinstance(refusal, StaleIncarnation):
+            step, copy = _resume_after_rebuild(resume, copy.incarnation)
+            continue
+        if refusal is not None:
+            raise refusal
+        if step == n_steps:
+            continue
         if device_version != (copy.server, copy.version):
             params = to_namespace(copy.params, xp)
             device_version = (copy.server, copy.version)
         batch = batches[step]
         loss, grads, correct = model.loss_and_grad(params, X[batch], y[batch])
         nxt = (epoch, step + 1) if step + 1 < n_steps else None
-        try:
-            copy = plugin.push(
-                UpdateKey(run, epoch, shard, step),
-                {k: to_numpy(v) for k, v in grads.items()},
-                copy.incarnation,
-                nxt,
-            )
-        except DuplicateUpdate:
-            step, copy = resume()  # another attempt of this task got there first
-            continue
-        except StaleIncarnation:
-            step, copy = _resume_after_rebuild(resume, copy.incarnation)
-            continue
-        stats["loss_sum"] += float(loss) * len(batch)
-        stats["correct"] += int(correct)
-        stats["n"] += len(batch)
-        stats["computed"] += 1
+        future = plugin.push_async(
+            UpdateKey(run, epoch, shard, step),
+            {k: to_numpy(v) for k, v in grads.items()},
+            copy.incarnation,
+            nxt,
+        )
+        window.append((future, float(loss), int(correct), len(batch)))
         step += 1
     return stats
 

@@ -94,7 +94,7 @@ def expected_ids() -> set[str]:
 POINTS = {
     # where the scheduler dies -> (kill before the n-th matching file, snapshot_every)
     # after a commit's payload array, before its record (the restart adopts it)
-    "during-group-commit": (r"ftps/log/\d+$:90", 1000),
+    "during-group-commit": (r"ftps/log/\d+$:12", 1000),
     "between-commits": (None, 1000),  # an outside SIGKILL at a random moment
     # after the first chunk of the second snapshot since the start
     "during-snapshot": (r"snapshots/v\d+\.\w+/zarr\.json$:3", 40),
