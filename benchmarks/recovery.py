@@ -301,6 +301,29 @@ def _same_bits(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
     )
 
 
+def reference(model: Any, updates: int) -> tuple[int, dict[str, np.ndarray]]:
+    """The model after the same ``updates`` pushes with no failure: a state with
+    no store, in a fresh process (run with :func:`_in_fresh_process`)."""
+    from dask_ftps import SGD, RunSpec, UpdateKey
+    from dask_ftps._core import Update, WorkerId
+    from dask_ftps._state import ParameterServerState
+
+    state = ParameterServerState(model, SGD(lr=LR, momentum=MOMENTUM), mode="async")
+    run = state.begin_run(RunSpec((updates,), batch_size=1, epochs=1))
+    grads = fixed_grads(model)
+    for step in range(updates):
+        state.push(Update(UpdateKey(int(run.run), 0, 0, step), WorkerId("ref"), grads))
+    return int(state.version), state.model.params
+
+
+def _in_fresh_process(func: Any, *args: Any) -> Any:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+        return ex.submit(func, *args).result()
+
+
 # -- one configuration ----------------------------------------------------------------
 
 
@@ -330,10 +353,13 @@ def measure(point: Point, restarts: int, folder: Path) -> dict[str, Any]:
             r = _restart(port, str(store), folder / f"{store.stem}-{where}{i}.log")
             runs.append({**r, "where": where})
     offline_version, offline = dask_ftps.recover(str(store))
+    # The independent check: the committed pushes applied in a fresh process that
+    # never failed (recover() runs the server's own rebuild code).
+    ref_version, ref = _in_fresh_process(reference, model, committed["version"])
     exact = all(
-        r["version"] == offline_version and _same_bits(r["params"], offline)
-        for r in runs
+        r["version"] == ref_version and _same_bits(r["params"], ref) for r in runs
     )
+    recover_exact = offline_version == ref_version and _same_bits(offline, ref)
     bound = lower_bound(store, model)
     for r in runs:
         r.pop("params")
@@ -352,7 +378,10 @@ def measure(point: Point, restarts: int, folder: Path) -> dict[str, Any]:
         "committed": committed["version"],
         "lost": pushed["version"] - committed["version"],
         "version_served": runs[0]["version"],
+        "versions_served": sorted({r["version"] for r in runs}),
+        "reference_version": ref_version,
         "exact": exact,
+        "recover_exact": recover_exact,
         "replayed": runs[0]["replayed"],
         "snapshot_version": bound["snapshot_version"],
         "served_s": served,
@@ -460,6 +489,8 @@ COLUMNS = (
     Column("rebuild_over_bound", "rebuild/bound", "{:.1f}"),
     Column("after_listen_over_bound", "listen->served/bound", "{:.1f}"),
     Column("lost", "lost"),
+    Column("version_served", "served v"),
+    Column("reference_version", "reference v"),
     Column("exact", "exact"),
 )
 

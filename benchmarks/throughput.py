@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -48,6 +49,17 @@ from benchmarks._common import (
     softmax_model,
     worker_addresses,
     write_json,
+)
+from benchmarks._endtoend import (
+    BATCH,
+    COPIES,
+    LR,
+    digits_data,
+    mlp_for,
+    ray_peer,
+    ray_version,
+    run_echo,
+    run_train,
 )
 
 logger = logging.getLogger("benchmarks.throughput")
@@ -294,12 +306,21 @@ def run(
                             )
                         )
                         _print_row(rows[-1])
+    e2e = []
+    with scratch_dir(store_dir, NAME) as stores:
+        for n_workers in config.workers:
+            e2e.extend(_endtoend_rows(config, n_workers, stores))
     elapsed = time.perf_counter() - started
     summary = _summary(rows)
     print()
     print(table(rows))
     print()
     print(summary_table(summary))
+    print()
+    print(format_table(E2E_TITLE, E2E_COLUMNS, e2e))
+    e2e_summary = _e2e_summary(e2e)
+    print()
+    print(format_table("End-to-end targets", E2E_SUMMARY_COLUMNS, e2e_summary))
     payload = {
         "quick": quick,
         "cpu": cpu_usage(cpu),
@@ -314,10 +335,194 @@ def run(
         },
         "results": rows,
         "summary": summary,
+        "endtoend": {
+            "model": "MLP(64, (h,), 10), h = (n_params - 10) // 75",
+            "data": f"scikit-learn digits / 16, {COPIES} copies",
+            "batch_size": BATCH,
+            "optimizer": f"SGD(lr={LR})",
+            "variants": E2E_VARIANTS,
+            "ray": ray_version(),
+            "results": e2e,
+            "summary": e2e_summary,
+        },
         "seconds": elapsed,
     }
     write_json(out, NAME, payload)
     return payload
+
+
+# -- end to end: train() ----------------------------------------------------------
+
+E2E_VARIANTS = {
+    "a": "bare Dask round trip, the same worker loop",
+    "b": "train(), store=None",
+    "c": "train(), Zarr journal",
+    "r": "Ray actor parameter server (keeps nothing)",
+}
+E2E_TITLE = (
+    "End to end: train() updates/s (MLP on digits, batch 64, one shard per worker; "
+    "medians; ratios: median of per-repeat ratios)"
+)
+
+
+def _e2e_modes(config: Config) -> list[tuple[str, int]]:
+    """Each mode at the default window; async also with a window of 4."""
+    from dask import config as dask_config
+
+    default = dask_config.get("ftps.inflight")
+    out = []
+    for mode in config.modes:
+        out.append((mode, default if mode == "async" else 1))
+        if mode == "async" and default != 4:
+            out.append((mode, 4))
+    return out
+
+
+def _endtoend_rows(config: Config, n_workers: int, stores: Path) -> list[dict]:
+    data = digits_data()
+    rows = []
+    peer = ray_peer(n_workers)
+    try:
+        with local_cluster(n_workers) as client:
+            for size in config.sizes:
+                model = mlp_for(size)
+                for mode, window in _e2e_modes(config):
+                    rows.append(
+                        _endtoend_point(
+                            client,
+                            peer,
+                            model,
+                            data,
+                            mode,
+                            window,
+                            n_workers,
+                            config,
+                            stores,
+                        )
+                    )
+                    row = rows[-1]
+                    logger.info(
+                        "end to end %g params, %d workers, %s: %s",
+                        size,
+                        n_workers,
+                        mode,
+                        ", ".join(
+                            f"{v} {row[f'{v}_updates_per_s']:.0f}"
+                            for v in E2E_VARIANTS
+                            if f"{v}_updates_per_s" in row
+                        ),
+                    )
+    finally:
+        if peer is not None:
+            peer.close()
+    return rows
+
+
+def _endtoend_point(
+    client: Any,
+    peer: Any,
+    model: Any,
+    data: tuple,
+    mode: str,
+    inflight: int,
+    n_workers: int,
+    config: Config,
+    stores: Path,
+) -> dict[str, Any]:
+    from dask import config as dask_config
+
+    def once(variant: str, epochs: int) -> dict:
+        if variant == "a":
+            return run_echo(client, model, data, n_workers, epochs, inflight)
+        if variant == "r":
+            return peer.run(model, data, n_workers, epochs, inflight)
+        store = None
+        if variant == "c":
+            store = stores / f"e2e-{time.monotonic_ns()}.zarr"
+        with dask_config.set({"ftps.inflight": inflight}):  # read by the server
+            return run_train(client, model, data, n_workers, epochs, mode, store)
+
+    # Ray's parameter server is asynchronous: no sync column for it.
+    variants = [v for v in E2E_VARIANTS if v != "r" or (peer and mode == "async")]
+    # One epoch of each first: starts Ray's worker processes, warms caches, and
+    # sizes the runs so each lasts about 2 * config.seconds.
+    per_epoch = {v: once(v, 1)["seconds"] for v in variants}["b"]
+    epochs = max(1, round(2 * config.seconds / per_epoch))
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for r in range(config.repeats):
+        k = r % len(variants)
+        for variant in variants[k:] + variants[:k]:  # rotated: none always first
+            runs[variant].append(once(variant, epochs))
+    row: dict[str, Any] = {
+        "n_params": model.n_params(),
+        "workers": n_workers,
+        "mode": mode,
+        "epochs": epochs,
+        "inflight": inflight,
+        "repeats": runs,
+    }
+    for v in variants:
+        row[f"{v}_updates_per_s"] = median(m["updates_per_s"] for m in runs[v])
+
+    def paired(top: str, bottom: str) -> float:
+        if top not in runs or bottom not in runs:
+            return float("nan")
+        return median(
+            ratio(t["updates_per_s"], b["updates_per_s"])
+            for t, b in zip(runs[top], runs[bottom], strict=True)
+        )
+
+    row["c_over_b"] = paired("c", "b")
+    row["b_over_a"] = paired("b", "a")
+    row["c_over_r"] = paired("c", "r")
+    return row
+
+
+E2E_COLUMNS = (
+    Column("n_params", "params", "{:.0e}"),
+    Column("workers", "workers"),
+    Column("mode", "mode"),
+    Column("inflight", "window"),
+    Column("a_updates_per_s", "(a) bare", "{:.0f}"),
+    Column("b_updates_per_s", "(b) memory", "{:.0f}"),
+    Column("c_updates_per_s", "(c) journal", "{:.0f}"),
+    Column("r_updates_per_s", "(r) Ray", "{:.0f}"),
+    Column("c_over_b", "c/b", "{:.2f}"),
+    Column("c_over_r", "c/Ray", "{:.2f}"),
+    Column("b_over_a", "b/a", "{:.2f}"),
+)
+
+E2E_SUMMARY_COLUMNS = (
+    Column("n_params", "params", "{:.0e}"),
+    Column("workers", "workers"),
+    Column("mode", "mode"),
+    Column("c_over_b", "c/b", "{:.2f}"),
+    Column("c_over_b_met", ">= 0.95"),
+    Column("c_over_r", "c/Ray", "{:.2f}"),
+    Column("c_over_r_met", ">= 1.0"),
+    Column("b_over_a", "b/a", "{:.2f}"),
+    Column("b_over_a_met", ">= 0.8"),
+)
+
+
+def _e2e_summary(rows: list[dict]) -> list[dict]:
+    def met(value: float, target: float) -> bool | None:
+        return None if math.isnan(value) else bool(value >= target)
+
+    return [
+        {
+            "n_params": r["n_params"],
+            "workers": r["workers"],
+            "mode": r["mode"],
+            "c_over_b": r["c_over_b"],
+            "c_over_b_met": met(r["c_over_b"], 0.95),
+            "c_over_r": r["c_over_r"],
+            "c_over_r_met": met(r["c_over_r"], 1.0),
+            "b_over_a": r["b_over_a"],
+            "b_over_a_met": met(r["b_over_a"], 0.8),
+        }
+        for r in rows
+    ]
 
 
 def _measure_point(

@@ -410,7 +410,7 @@ class ParameterServer(SchedulerPlugin):
 
     @_replies_errors
     async def records(self) -> dict:
-        return {"status": "OK", **self.server.records()}
+        return {"status": "OK", **(await self.server.records())}
 
     # -- store ----------------------------------------------------------------
 

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,6 +128,7 @@ class Server:
         self.identity = uuid.uuid4().hex
         self.run_id = None if journal is None else journal.meta.run_id
         self.published: ModelVersion = state.model
+        self._offload = state.model_spec.n_params() >= config.offload_threshold
         self._durable = self._view()
         self._lock = asyncio.Lock()  # held while the state changes
         self._changed = asyncio.Condition()
@@ -310,8 +310,9 @@ class Server:
             },
         }
 
-    def records(self) -> dict:
-        records = self.state.records()
+    async def records(self) -> dict:
+        async with self._lock:  # not while a batch is applied off the loop
+            records = self.state.records()
         speculative = self.state.updates - self._durable["updates"]
         if speculative > 0:  # a batch is being written: not accepted yet
             records["global"] = records["global"][:-speculative]
@@ -449,28 +450,48 @@ class Server:
     async def _admit_and_merge(
         self, batch: list[tuple[Update, asyncio.Future]]
     ) -> list[tuple[Update, int, asyncio.Future]]:
-        accepted: list[tuple[Update, int, asyncio.Future]] = []
+        self.check_healthy()
+        live = []
         for update, future in batch:
             if future.done():  # the caller went away
                 self._queued.pop((update.key.run, update.key.shard), None)
-                continue
-            try:
-                self.check_healthy()
-                admission = await self._maybe_offload(self.state.admit, update)
-                model = await self._maybe_offload(self.state.merge, admission)
-            except FTPSError as e:  # refused; admit and merge change nothing
-                error: Exception = e
-            except Exception as e:  # noqa: BLE001 - a payload the checks let by
-                error = InvalidUpdate(f"update {update.key.id}: {e!r}")
             else:
-                self.state.commit(admission, model)
-                accepted.append((update, int(admission.version), future))
+                live.append((update, future))
+        updates = [u for u, _ in live]
+        if self._offload:  # one thread hop for the whole batch
+            outcomes = await offload(self._apply, updates)
+        else:
+            outcomes = self._apply(updates)
+        accepted: list[tuple[Update, int, asyncio.Future]] = []
+        for (update, future), outcome in zip(live, outcomes, strict=True):
+            if isinstance(outcome, int):
+                accepted.append((update, outcome, future))
                 continue
             # The pushes queued after it from its shard are out of order now.
             self._queued.pop((update.key.run, update.key.shard), None)
             if not future.done():
-                future.set_exception(error)
+                future.set_exception(outcome)
         return accepted
+
+    def _apply(self, updates: list[Update]) -> list[int | Exception]:
+        """Admit, merge and commit each update in turn: the version it takes part
+        in, or why it was refused. Runs off the event loop for a large model
+        while the merger holds the lock (nothing else changes the state then)."""
+        outcomes: list[int | Exception] = []
+        state = self.state
+        for update in updates:
+            try:
+                admission = state.admit(update)
+                model = state.merge(admission)
+            except FTPSError as e:  # refused; admit and merge change nothing
+                outcomes.append(e)
+                continue
+            except Exception as e:  # noqa: BLE001 - a payload the checks let by
+                outcomes.append(InvalidUpdate(f"update {update.key.id}: {e!r}"))
+                continue
+            state.commit(admission, model)
+            outcomes.append(int(admission.version))
+        return outcomes
 
     async def _write_loop(self) -> None:
         """Make merged batches durable in order; acknowledge and publish each."""
@@ -716,11 +737,6 @@ class Server:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _maybe_offload(self, func: Callable, *args: Any) -> Any:
-        if self.state.model_spec.n_params() >= self.config.offload_threshold:
-            return await offload(func, *args)
-        return func(*args)
 
     async def _wait_ready(self, run: int, shard: int, epoch: int, step: int) -> None:
         """Wait until the shard may compute ``(epoch, step)`` and what it needs is

@@ -102,16 +102,18 @@ POINTS = {
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("inflight", [1, 4])  # a window of unacknowledged pushes
 @pytest.mark.parametrize("point", sorted(POINTS))
-def test_scheduler_killed_mid_training_resumes_exactly_once(tmp_path, point):
+def test_scheduler_killed_mid_training_resumes_exactly_once(tmp_path, point, inflight):
     crash_at, snapshot_every = POINTS[point]
+    window = {"DASK_FTPS__INFLIGHT": str(inflight)}
     store = str(tmp_path / "run.zarr")
     port = open_port()
     address = f"tcp://127.0.0.1:{port}"
     total = len(expected_ids())
 
     with (
-        scheduler(port, store, crash_at) as first,  # no run yet: no server
+        scheduler(port, store, crash_at, env=window) as first,  # no run: no server
         workers(address),
         Client(address, timeout="60s") as client,
     ):
@@ -130,9 +132,10 @@ def test_scheduler_killed_mid_training_resumes_exactly_once(tmp_path, point):
         lost = dask_ftps.inspect(store)
         assert 0 < lost["updates"] < total
 
-        with scheduler(port, store=store), workers(address):
+        with scheduler(port, store=store, env=window), workers(address):
             wait_for_workers(client, 2)
             status = dask_ftps.status(client)
+            assert status["inflight"] == inflight
             assert status["incarnation"] == 2
             assert status["version"] == lost["version"]  # nothing accepted is lost
             assert status["recovery"]["source"] == "snapshot"

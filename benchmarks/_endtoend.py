@@ -1,0 +1,347 @@
+"""End-to-end training throughput: ``train()`` against the same loop elsewhere.
+
+Every variant trains the same MLP on scikit-learn's digits with minibatches of
+64, one shard per worker process, one task per shard and epoch, and computes
+the same gradients:
+
+- (a) a bare Dask round trip: the minibatch loop of ``train()`` on Dask workers,
+  each gradient sent to a scheduler handler that answers with the model (no
+  merge, nothing kept), with the window ``train()`` uses;
+- (b) ``train()`` on ``ParameterServer(store=None)``;
+- (c) ``train()`` on ``ParameterServer(store)``, the Zarr journal on local disk;
+- (r) Ray's canonical actor parameter server (an actor applies each gradient
+  and returns the weights; remote tasks run the same minibatch loop), when
+  ``ray`` is installed. It keeps nothing: a lost actor loses the model.
+
+Rates are minibatch updates per second of wall time over whole epochs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from distributed import get_worker
+from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.protocol.serialize import ToPickle
+
+logger = logging.getLogger("benchmarks.throughput")
+
+BATCH = 64
+LR = 0.05
+
+
+def mlp_for(n_params: int) -> Any:
+    """An MLP for digits (64 features, 10 classes) with about ``n_params``
+    parameters: one hidden layer of ``(n - 10) / 75`` units."""
+    from dask_ftps.models import MLP
+
+    return MLP(n_features=64, hidden=(max(1, (n_params - 10) // 75),), n_classes=10)
+
+
+#: Copies of digits in the training set: an epoch of one copy is only 28
+#: minibatches, so that the per-epoch work (tasks, epoch records) would weigh as
+#: much as the updates.
+COPIES = 8
+
+
+def digits_data() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits, scaled to [0, 1], ``COPIES`` times over."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = np.tile((X / 16.0).astype(np.float32), (COPIES, 1))
+    return X, np.tile(y.astype(np.int64), COPIES)
+
+
+def shard_batches(n: int, n_shards: int, epoch: int, seed: int = 0) -> list[list]:
+    """Each shard's minibatches in ``epoch`` (rows of the shard), as ``train()``
+    cuts them."""
+    out = []
+    for shard, rows in enumerate(np.array_split(np.arange(n), n_shards)):
+        steps = -(-len(rows) // BATCH)
+        order = np.random.default_rng([seed, epoch, shard]).permutation(len(rows))
+        out.append(np.array_split(order, steps))
+    return out
+
+
+def minibatch_loop(
+    model: Any,
+    X: np.ndarray,
+    y: np.ndarray,
+    batches: list,
+    params: dict,
+    send: Any,
+    inflight: int,
+) -> int:
+    """``train()``'s loop: gradient of each minibatch from the newest model
+    received, ``send(grads)`` a future of the next model, at most ``inflight``
+    unanswered. Returns the number of updates."""
+    window: deque = deque()
+    for batch in batches:
+        while window and (len(window) >= inflight or window[0].done()):
+            params = window.popleft().result()
+        _, grads, _ = model.loss_and_grad(params, X[batch], y[batch])
+        window.append(send(grads))
+    while window:
+        window.popleft().result()
+    return len(batches)
+
+
+# -- (a) the bare Dask round trip ---------------------------------------------------
+
+
+class EchoModel(SchedulerPlugin):
+    """A handler that takes a gradient and answers with the model it holds."""
+
+    name = "ftps-bench-echo-model"
+    idempotent = False
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    async def start(self, scheduler: Any) -> None:
+        self.params = self.model.init_params()
+        scheduler.handlers["ftps_bench_echo_model"] = self.echo
+
+    async def echo(self, grads: dict, worker: str = "") -> dict:
+        return {"status": "OK", "params": ToPickle(self.params)}
+
+
+def echo_shard(
+    X: np.ndarray, y: np.ndarray, model: Any, batches: list, inflight: int
+) -> int:
+    worker = get_worker()
+    params = model.init_params()
+
+    async def call(grads: dict) -> dict:
+        reply = await worker.scheduler.ftps_bench_echo_model(
+            grads=ToPickle(grads), worker=worker.address
+        )
+        return reply["params"]
+
+    def send(grads: dict) -> Any:
+        return asyncio.run_coroutine_threadsafe(call(grads), worker.loop.asyncio_loop)
+
+    return minibatch_loop(model, X, y, batches, params, send, inflight)
+
+
+def run_echo(
+    client: Any, model: Any, data: tuple, n_shards: int, epochs: int, inflight: int
+) -> dict:
+    from benchmarks._common import remove_plugin, worker_addresses
+
+    client.run_on_scheduler(remove_plugin, name=EchoModel.name)
+    client.register_plugin(EchoModel(model))
+    X, y = data
+    parts = np.array_split(np.arange(len(X)), n_shards)
+    workers = worker_addresses(client)
+    xs = [
+        client.scatter(X[p], workers=[w]) for p, w in zip(parts, workers, strict=False)
+    ]
+    ys = [
+        client.scatter(y[p], workers=[w]) for p, w in zip(parts, workers, strict=False)
+    ]
+    t0 = time.perf_counter()
+    updates = 0
+    for epoch in range(epochs):
+        batches = shard_batches(len(X), n_shards, epoch)
+        futures = [
+            client.submit(
+                echo_shard,
+                xs[s],
+                ys[s],
+                model,
+                batches[s],
+                inflight,
+                workers=[workers[s % len(workers)]],
+                pure=False,
+            )
+            for s in range(n_shards)
+        ]
+        updates += sum(client.gather(futures))
+    seconds = time.perf_counter() - t0
+    client.run_on_scheduler(remove_plugin, name=EchoModel.name)
+    return {"updates": updates, "seconds": seconds, "updates_per_s": updates / seconds}
+
+
+# -- (b), (c) train() -------------------------------------------------------------
+
+
+def run_train(
+    client: Any,
+    model: Any,
+    data: tuple,
+    n_shards: int,
+    epochs: int,
+    mode: str,
+    store: Path | None,
+) -> dict:
+    import dask_ftps
+    from benchmarks._common import register_fresh, remove_plugin
+    from dask_ftps import SGD, ParameterServer
+
+    register_fresh(
+        client,
+        ParameterServer(
+            store=None if store is None else str(store),
+            model=model,
+            optimizer=SGD(lr=LR),
+            mode=mode,
+        ),
+    )
+    X, y = data
+    result = dask_ftps.train(
+        client,
+        X,
+        y,
+        epochs=epochs,
+        batch_size=BATCH,
+        n_shards=n_shards,
+        progress=False,
+    )
+    client.run_on_scheduler(remove_plugin)
+    if store is not None:
+        import shutil
+
+        shutil.rmtree(store, ignore_errors=True)
+    updates = result.minibatches
+    return {
+        "updates": updates,
+        "seconds": result.seconds,
+        "updates_per_s": updates / result.seconds,
+        "accuracy": result.history[-1]["accuracy"],
+    }
+
+
+# -- (r) Ray's actor parameter server ------------------------------------------------
+
+
+class RayPeer:
+    """Ray's canonical parameter server: one actor owns the weights and applies
+    each gradient as it arrives (async); ``n_shards`` remote tasks per epoch run
+    the minibatch loop. Started once, reused for every measurement."""
+
+    def __init__(self, n_workers: int) -> None:
+        import ray
+
+        ray.init(
+            num_cpus=n_workers + 1,
+            include_dashboard=False,
+            logging_level=logging.ERROR,
+            log_to_driver=False,
+        )
+        self.ray = ray
+
+        @ray.remote(num_cpus=1)
+        class ParameterServerActor:
+            def __init__(self, model: Any) -> None:
+                from dask_ftps import SGD
+
+                self.model = model
+                self.optimizer = SGD(lr=LR)
+                self.params = model.init_params()
+                self.state = self.optimizer.init_state(self.params)
+                self.version = 0
+
+            def apply(self, grads: dict) -> dict:
+                self.version += 1
+                self.params, self.state = self.optimizer.apply(
+                    self.params, self.state, grads, step=self.version
+                )
+                return self.params
+
+            def get(self) -> dict:
+                return self.params
+
+        @ray.remote(num_cpus=1)
+        def shard(
+            ps: Any, X: np.ndarray, y: np.ndarray, model: Any, batches: list, inflight
+        ) -> int:
+            params = ray.get(ps.get.remote())
+
+            class Reply:
+                def __init__(self, ref: Any) -> None:
+                    self.ref = ref
+
+                def done(self) -> bool:
+                    return bool(ray.wait([self.ref], timeout=0)[0])
+
+                def result(self) -> dict:
+                    return ray.get(self.ref)
+
+            return minibatch_loop(
+                model,
+                X,
+                y,
+                batches,
+                params,
+                lambda grads: Reply(ps.apply.remote(grads)),
+                inflight,
+            )
+
+        self._actor = ParameterServerActor
+        self._shard = shard
+
+    def run(
+        self, model: Any, data: tuple, n_shards: int, epochs: int, inflight: int
+    ) -> dict:
+        ray = self.ray
+        ps = self._actor.remote(model)
+        X, y = data
+        parts = np.array_split(np.arange(len(X)), n_shards)
+        xs = [ray.put(X[p]) for p in parts]
+        ys = [ray.put(y[p]) for p in parts]
+        ray.get(ps.get.remote())  # the actor is up
+        t0 = time.perf_counter()
+        updates = 0
+        for epoch in range(epochs):
+            batches = shard_batches(len(X), n_shards, epoch)
+            updates += sum(
+                ray.get(
+                    [
+                        self._shard.remote(
+                            ps,
+                            xs[s],
+                            ys[s],
+                            model,
+                            batches[s],
+                            inflight,
+                        )
+                        for s in range(n_shards)
+                    ]
+                )
+            )
+        seconds = time.perf_counter() - t0
+        ray.kill(ps)
+        return {
+            "updates": updates,
+            "seconds": seconds,
+            "updates_per_s": updates / seconds,
+        }
+
+    def close(self) -> None:
+        self.ray.shutdown()
+
+
+def ray_peer(n_workers: int) -> RayPeer | None:
+    """The Ray peer, or None when ``ray`` is not installed."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        logger.info("ray is not installed: no Ray column (pip install -e '.[bench]')")
+        return None
+    return RayPeer(n_workers)
+
+
+def ray_version() -> str | None:
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray.__version__

@@ -1,0 +1,235 @@
+"""The commit pipeline and the window of unacknowledged pushes.
+
+The merger merges a batch while the writer makes the one before it durable;
+acknowledgements come in commit order, and a batch that cannot be made durable
+takes the batches merged behind it down with it. Shards in async mode may keep
+``ftps.inflight`` pushes in flight, which may reach the server out of order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import threading
+from collections import Counter
+
+import dask
+import numpy as np
+import pytest
+from distributed import Nanny
+from distributed.protocol.serialize import ToPickle
+from distributed.utils_test import async_poll_for, gen_cluster
+
+import dask_ftps
+from dask_ftps import SGD, InvalidUpdate, NotDurable, ParameterServer
+from dask_ftps._core import check_reply
+from dask_ftps._store import _io
+from dask_ftps.models import MLP, SoftmaxRegression
+
+from .conftest import digits
+
+MODEL = SoftmaxRegression(n_features=4, n_classes=3, seed=0)
+SPEC = {"shard_sizes": [24, 8], "batch_size": 4, "epochs": 1, "seed": 0}  # 6, 2 steps
+
+
+def grads(scale: float) -> dict[str, np.ndarray]:
+    return {
+        k: np.full(v, scale, dtype=np.float32) for k, v in MODEL.param_shapes().items()
+    }
+
+
+def push(c, update_id: str, scale: float = 0.01, **kwargs):
+    return c.scheduler.ftps_push(
+        worker="tcp://w:1",
+        update_id=update_id,
+        grads=ToPickle(grads(scale)),
+        incarnation=1,
+        **kwargs,
+    )
+
+
+def reference(ids_scales: list[tuple[str, float]]) -> dict[str, np.ndarray]:
+    """The model after these pushes on a fresh server with no store."""
+    from dask_ftps._core import Update, UpdateKey, WorkerId
+    from dask_ftps._state import ParameterServerState
+
+    state = ParameterServerState(MODEL, SGD(lr=0.1, momentum=0.5))
+    state.begin_run(dask_ftps.RunSpec.from_dict(SPEC))
+    for update_id, scale in ids_scales:
+        state.push(Update(UpdateKey.parse(update_id), WorkerId("w"), grads(scale)))
+    return state.model.params
+
+
+@pytest.mark.parametrize("store", [False, True])
+@gen_cluster(client=True, config={"ftps.inflight": 4})
+async def test_pushes_that_arrive_out_of_order_are_applied_in_order(
+    c, s, a, b, tmp_path, store
+):
+    """A shard's step 2 and 1 reach the server before its step 0 (separate
+    connections): each waits for its predecessor, all three are applied in
+    step order, and the model is the one of the in-order run."""
+    await c.register_plugin(
+        ParameterServer(
+            str(tmp_path / "run.zarr") if store else None,
+            model=MODEL,
+            optimizer=SGD(lr=0.1, momentum=0.5),
+        )
+    )
+    check_reply(await c.scheduler.ftps_begin_run(spec=SPEC), "begin")
+    server = s.plugins["ftps"].server
+    later = [
+        asyncio.ensure_future(push(c, "0:0:0:2", 0.03)),
+        asyncio.ensure_future(push(c, "0:0:0:1", 0.02)),
+    ]
+    await async_poll_for(lambda: len(server._turns._waiters) == 2, timeout=10)
+    assert server.state.updates == 0  # both wait for step 0
+    first = check_reply(await push(c, "0:0:0:0", 0.01), "push")
+    versions = [check_reply(await f, "push")["version"] for f in later]
+    assert (first["version"], sorted(versions)) == (1, [2, 3])
+    assert [r["update_id"] for r in (await dask_ftps.records(c))["global"]] == [
+        "0:0:0:0",
+        "0:0:0:1",
+        "0:0:0:2",
+    ]
+    expected = reference([("0:0:0:0", 0.01), ("0:0:0:1", 0.02), ("0:0:0:2", 0.03)])
+    _, live = await dask_ftps.get_model(c)
+    assert all(np.array_equal(live[k], expected[k]) for k in expected)
+    if store:
+        version, params = dask_ftps.recover(str(tmp_path / "run.zarr"))
+        assert version == 3
+        assert all(np.array_equal(params[k], expected[k]) for k in expected)
+
+
+@gen_cluster(client=True, config={"ftps.inflight": 4, "ftps.reorder-timeout": "200ms"})
+async def test_a_push_whose_predecessor_never_comes_is_refused_and_changes_nothing(
+    c, s, a, b
+):
+    await c.register_plugin(ParameterServer(model=MODEL))
+    check_reply(await c.scheduler.ftps_begin_run(spec=SPEC), "begin")
+    with pytest.raises(InvalidUpdate, match="out of order"):
+        check_reply(await push(c, "0:0:0:1"), "push")
+    with pytest.raises(InvalidUpdate, match="out of order"):  # beyond the window:
+        check_reply(await push(c, "0:0:0:5"), "push")  # refused without waiting
+    status = await dask_ftps.status(c)
+    assert (status["updates"], status["version"]) == (0, 0)
+    check_reply(await push(c, "0:0:0:0"), "push")  # the shard goes on from step 0
+    check_reply(await push(c, "0:0:0:1"), "push")
+    assert (await dask_ftps.status(c))["updates"] == 2
+
+
+@gen_cluster(client=True, timeout=60)
+async def test_a_batch_refused_while_the_next_is_merged_takes_the_next_down_too(
+    c, s, a, b, tmp_path, monkeypatch
+):
+    """Batch k's write fails (ENOSPC) while batch k+1 is merged behind it: both
+    are refused, the state is as before k, nothing of either is in the store,
+    and the same pushes go in once there is room."""
+    where = str(tmp_path / "run.zarr")
+    await c.register_plugin(
+        ParameterServer(where, model=MODEL, optimizer=SGD(lr=0.1, momentum=0.5))
+    )
+    check_reply(await c.scheduler.ftps_begin_run(spec=SPEC), "begin")
+    server = s.plugins["ftps"].server
+    real_write = _io.write_file
+    entered, release = threading.Event(), threading.Event()
+
+    def blocked_then_full(path, value, **kwargs):
+        if "/data/" in str(path) and not release.is_set():
+            entered.set()
+            release.wait(30)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write(path, value, **kwargs)
+
+    monkeypatch.setattr(_io, "write_file", blocked_then_full)
+    k = asyncio.ensure_future(push(c, "0:0:0:0", 0.01))
+    await async_poll_for(entered.is_set, timeout=10)
+    k1 = asyncio.ensure_future(push(c, "0:0:1:0", 0.02))  # merged behind it
+    await async_poll_for(lambda: server.state.updates == 2, timeout=10)
+    assert server.published.version == 0  # nothing durable: nothing served
+    release.set()
+    with pytest.raises(NotDurable, match="No space left"):
+        check_reply(await k, "push")
+    with pytest.raises(NotDurable, match="earlier batch"):
+        check_reply(await k1, "push")
+    status = await dask_ftps.status(c)
+    assert (status["updates"], status["version"]) == (0, 0)
+    assert server.state.runs[0].clocks == [0, 0]
+    assert dask_ftps.inspect(where)["updates"] == 0
+    monkeypatch.setattr(_io, "write_file", real_write)
+    for update_id, scale in (("0:0:0:0", 0.01), ("0:0:1:0", 0.02)):
+        check_reply(await push(c, update_id, scale), "push")
+    expected = reference([("0:0:0:0", 0.01), ("0:0:1:0", 0.02)])
+    version, params = dask_ftps.recover(where)
+    assert version == 2
+    assert all(np.array_equal(params[k], expected[k]) for k in expected)
+
+
+@gen_cluster(client=True, timeout=120, config={"ftps.inflight": 4})
+async def test_train_with_a_window_applies_every_minibatch_once(c, s, a, b, tmp_path):
+    X_train, X_test, y_train, y_test = digits()
+    store = str(tmp_path / "run.zarr")
+    await c.register_plugin(
+        ParameterServer(store, model=MLP(64, (32,), 10), optimizer=SGD(lr=0.1))
+    )
+    assert (await dask_ftps.status(c))["inflight"] == 4
+    result = await dask_ftps.train(
+        c,
+        X_train,
+        y_train,
+        epochs=12,
+        batch_size=32,
+        progress=False,
+        validation=(X_test, y_test),
+    )
+    ids = [r["update_id"] for r in (await dask_ftps.records(c))["global"]]
+    assert len(ids) == len(set(ids)) == result.minibatches == result.version
+    # Each shard's updates are in step order.
+    for shard in range(result.n_shards):
+        mine = [i for i in ids if i.split(":")[2] == str(shard)]
+        keys = [tuple(map(int, i.split(":"))) for i in mine]
+        assert keys == sorted(keys)
+    # Staler gradients than with a window of 1, and still a model that learned.
+    assert result.history[-1]["val_accuracy"] > 0.8
+    version, params = dask_ftps.recover(store)
+    _, live = await dask_ftps.get_model(c)
+    assert version == result.version
+    assert all(np.array_equal(live[k], params[k]) for k in params)
+
+
+@gen_cluster(
+    client=True,
+    Worker=Nanny,
+    nthreads=[("127.0.0.1", 1)] * 2,
+    timeout=180,
+    config={"ftps.inflight": 4},
+)
+async def test_a_worker_killed_with_pushes_in_flight_loses_and_repeats_nothing(
+    c, s, a, b
+):
+    """SIGKILL a worker process while its shard has pushes in flight: its task
+    runs again elsewhere from the shard's last committed step."""
+    X_train, _, y_train, _ = digits()
+    await c.register_plugin(
+        ParameterServer(model=MLP(64, (32,), 10), optimizer=SGD(lr=0.1))
+    )
+    training = asyncio.ensure_future(
+        dask_ftps.train(c, X_train, y_train, epochs=4, batch_size=16, progress=False)
+    )
+    await async_poll_for(
+        lambda: s.plugins["ftps"].server.state.updates > 60, timeout=60
+    )
+    a.process.process.kill()
+    result = await training
+    ids = [r["update_id"] for r in (await dask_ftps.records(c))["global"]]
+    assert Counter(ids).most_common(1)[0][1] == 1
+    assert len(ids) == result.minibatches == result.version
+
+
+@pytest.mark.parametrize("inflight", [0, -1, "4", True])
+@gen_cluster(client=True, nthreads=[])
+async def test_a_bad_window_setting_is_a_clear_error(c, s, inflight):
+    with (
+        dask.config.set({"ftps.inflight": inflight}),
+        pytest.raises(Exception, match=r"ftps\.inflight must be a positive integer"),
+    ):
+        await c.register_plugin(ParameterServer(model=MODEL))
