@@ -4,6 +4,7 @@
 
     FTPSError
     ├── InvalidUpdate (ValueError)        a malformed push: id, names, shapes, values
+    │   └── OutOfOrder                    not its shard's next step
     ├── InvalidRequest (ValueError)       a request with bad arguments
     ├── DuplicateUpdate                   an update id accepted before
     ├── StaleIncarnation                  a message from another server incarnation
@@ -11,6 +12,7 @@
     ├── NotRegistered (RuntimeError)      no ParameterServer on the scheduler
     ├── WaitTimeout (TimeoutError)        a pull waited too long for its round
     ├── NotDurable                        an update that could not be made durable
+    │   └── Voided                        undone with an earlier batch: push it again
     ├── StoreLocked                       another live server writes the store
     │   └── Fenced                        this server was replaced: it writes no more
     └── StoreError
@@ -37,6 +39,14 @@ class DuplicateUpdate(FTPSError):
     """An update id that the parameter server has already accepted."""
 
 
+class OutOfOrder(InvalidUpdate):
+    """An update that is not its shard's next step (its predecessor is missing).
+
+    A shard with pushes in flight gets it when one of them was lost or refused:
+    its task asks the server where the shard stands and goes on from there.
+    """
+
+
 class StaleIncarnation(FTPSError):
     """A message from an older (or another) parameter-server incarnation."""
 
@@ -58,6 +68,11 @@ class NotDurable(FTPSError):
 
     Nothing of it was applied: the server's state is as before the push.
     """
+
+
+class Voided(NotDurable):
+    """An update merged behind a batch that could not be made durable: undone
+    with that batch, through no fault of its own. Pushing it again is safe."""
 
 
 class StoreLocked(FTPSError):

@@ -28,11 +28,13 @@ from dask_ftps._core import (
     WorkerId,
 )
 from dask_ftps._exceptions import (
+    DuplicateUpdate,
     Fenced,
     FTPSError,
     InvalidUpdate,
     NotDurable,
     StaleIncarnation,
+    Voided,
     WaitTimeout,
 )
 from dask_ftps._recovery import Rebuilt
@@ -340,8 +342,7 @@ class Server:
                     f"parameter server incarnation {self.state.incarnation} was {reason}"
                 )
             )
-        async with self._changed:  # what was merged is written (or refused)
-            await self._changed.wait_for(lambda: self._in_flight == 0)
+        await self._drain()
         await self._stop()
         logger.info("Incarnation %d %s", self.state.incarnation, reason)
 
@@ -355,7 +356,19 @@ class Server:
                 release = self.journal is not None
             else:
                 release = False
+        await self._drain()
         await self._stop(release=release)
+
+    async def _drain(self, timeout: float = 30.0) -> None:
+        """Wait (a while) until what was merged is written or refused."""
+        with contextlib.suppress(TimeoutError):
+            async with self._changed:
+                await asyncio.wait_for(
+                    self._changed.wait_for(
+                        lambda: self._in_flight == 0 or self._writer.done()
+                    ),
+                    timeout,
+                )
 
     async def _stop(self, release: bool = False) -> None:
         tasks = [self._committer, self._writer, *self._tasks]
@@ -370,6 +383,7 @@ class Server:
         self._refuse_queued()
         while not self._merged.empty():
             self._refuse([f for _, _, f in self._merged.get_nowait().accepted])
+            self._in_flight -= 1
         if self.journal is not None and not self.journal.closed:
             if release:
                 try:
@@ -400,12 +414,16 @@ class Server:
                 async with self._lock:
                     if self._snapshot_due and self._in_flight == 0:
                         self._start_snapshot()
+                    self.state.settle()  # trims rows the writer made durable
                     self._in_flight += 1
-                    merged = await self._merge_batch(batch)
+                    merged = None
+                    try:
+                        merged = await self._merge_batch(batch)
+                    finally:
+                        if merged is None:
+                            self._in_flight -= 1
                     if merged is not None:
                         self._merged.put_nowait(merged)
-                    else:
-                        self._in_flight -= 1
             except BaseException:  # stopped (cancelled) with a batch in hand
                 self._refuse([f for _, f in batch])
                 raise
@@ -425,6 +443,9 @@ class Server:
     async def _merge_batch(
         self, batch: list[tuple[Update, asyncio.Future]]
     ) -> _Merged | None:
+        if self._failed is not None:  # retired, closed or failed: refuse quietly
+            self._refuse([f for _, f in batch])
+            return None
         mark = self.state.mark()
         try:
             accepted = await self._admit_and_merge(batch)
@@ -450,7 +471,6 @@ class Server:
     async def _admit_and_merge(
         self, batch: list[tuple[Update, asyncio.Future]]
     ) -> list[tuple[Update, int, asyncio.Future]]:
-        self.check_healthy()
         live = []
         for update, future in batch:
             if future.done():  # the caller went away
@@ -467,8 +487,9 @@ class Server:
             if isinstance(outcome, int):
                 accepted.append((update, outcome, future))
                 continue
-            # The pushes queued after it from its shard are out of order now.
-            self._queued.pop((update.key.run, update.key.shard), None)
+            if not isinstance(outcome, DuplicateUpdate):
+                # The pushes queued after it from its shard are out of order now.
+                self._queued.pop((update.key.run, update.key.shard), None)
             if not future.done():
                 future.set_exception(outcome)
         return accepted
@@ -499,19 +520,27 @@ class Server:
             item = await self._merged.get()
             try:
                 await self._write(item)
-            except BaseException:
+            except asyncio.CancelledError:
                 self._refuse([f for _, _, f in item.accepted])
                 raise
+            except Exception as e:  # a bug: refuse everything, never hang a push
+                self._fail(FTPSError(f"the writer failed ({e!r}); restart the server"))
+                logger.critical("The writer failed; refusing everything", exc_info=True)
+                self._refuse([f for _, _, f in item.accepted])
             finally:
                 self._in_flight -= 1
             async with self._changed:
                 self._changed.notify_all()
 
     async def _write(self, item: _Merged) -> None:
-        if item.generation != self._generation:
+        if item.generation != self._generation:  # undone with a batch before it
             self._refuse(
                 [f for _, _, f in item.accepted],
-                NotDurable("an earlier batch could not be made durable"),
+                self._failed
+                or Voided(
+                    "an earlier batch could not be made durable: this update was "
+                    "undone with it; push it again"
+                ),
             )
             return
         if self.journal is not None:
@@ -536,21 +565,20 @@ class Server:
                         e, asyncio.CancelledError
                     ):
                         self._lock.release()
-                refusal = self._refusal(e)
-                self._refuse(
-                    [f for _, _, f in item.accepted], type(refusal)(str(refusal))
-                )
                 if isinstance(e, asyncio.CancelledError):
-                    raise
+                    raise  # the loop refuses the batch with the reason it stopped
+                self._refuse([f for _, _, f in item.accepted], self._refusal(e))
                 await self._wake()
                 return
-        self.state.settle()
         self.published = item.model
         self._durable = item.view
         for _, version, future in item.accepted:
             if not future.done():
                 future.set_result(version)
-        if item.model.version - self._last_snapshot >= self.config.snapshot_every:
+        if (
+            item.model.version - self._last_snapshot >= self.config.snapshot_every
+            and self._failed is None
+        ):
             if self._in_flight == 1 and not self._lock.locked():
                 self._start_snapshot()  # nothing merged past it: the state is durable
             else:
@@ -573,8 +601,7 @@ class Server:
                 self._lock.release()
         finally:
             self._pauses -= 1
-            async with self._changed:
-                self._changed.notify_all()
+            self._spawn(self._wake(), "ftps-wake")  # no await here: the lock is held
         try:
             yield
         finally:
@@ -748,16 +775,20 @@ class Server:
 
         timeout = self.config.wait_timeout
         state = self.state.get_run(run)
-        # A sync round needs the version that closed the round before it; other
-        # modes take whatever is published (published models are durable).
-        target = (
-            state.base_version + state.spec.position(epoch, step)
-            if self.state.mode == "sync"
-            else 0
-        )
         try:
             async with self._changed:
                 await asyncio.wait_for(self._changed.wait_for(ready), timeout)
+                # A sync round needs the version that closed the round before it;
+                # ssp, what made it ready to be durable (the clocks include merged
+                # batches); async takes whatever is published (always durable).
+                mode = self.state.mode
+                target = (
+                    state.base_version + state.spec.position(epoch, step)
+                    if mode == "sync"
+                    else self.state.version
+                    if mode == "ssp"
+                    else 0
+                )
                 await asyncio.wait_for(
                     self._changed.wait_for(
                         lambda: self.check_healthy() or self.published.version >= target

@@ -36,6 +36,7 @@ from dask_ftps._exceptions import (
     DuplicateUpdate,
     InvalidRequest,
     InvalidUpdate,
+    OutOfOrder,
     StaleIncarnation,
 )
 from dask_ftps.models import Model
@@ -309,7 +310,7 @@ class ParameterServerState:
         if position < clock:
             raise DuplicateUpdate(f"update {key.id} was already accepted")
         if position > clock:
-            raise InvalidUpdate(
+            raise OutOfOrder(
                 f"update {key.id} out of order: shard {key.shard} is at "
                 f"{run.next_step(key.shard)} (epoch, step)"
             )
@@ -384,10 +385,10 @@ class ParameterServerState:
 
     def rollback(self, mark: Mark) -> None:
         """Undo every push and run begun since ``mark`` (they were not made durable)."""
+        for _ in range(self.updates - mark.updates):  # one row per update since
+            self.global_rows.pop()
         self.updates = mark.updates
         self.model = mark.model
-        while len(self.global_rows) > mark.global_rows:
-            self.global_rows.pop()
         del self.runs[mark.runs :]
         for run, clocks, superseded in zip(
             self.runs, mark.clocks, mark.superseded, strict=True

@@ -18,7 +18,13 @@ from distributed import secede
 
 from dask_ftps import config
 from dask_ftps._core import RunSpec, UpdateKey, check_reply
-from dask_ftps._exceptions import DuplicateUpdate, FTPSError, StaleIncarnation
+from dask_ftps._exceptions import (
+    DuplicateUpdate,
+    FTPSError,
+    OutOfOrder,
+    StaleIncarnation,
+    Voided,
+)
 from dask_ftps._worker_plugin import get_worker_plugin
 from dask_ftps._xp import gpu_available, to_namespace, to_numpy
 from dask_ftps.models import Model, model_from_dict
@@ -332,7 +338,7 @@ def _train_shard(
             future, loss, correct, n = window.popleft()
             try:
                 reply = future.result()
-            except (DuplicateUpdate, StaleIncarnation) as e:
+            except (DuplicateUpdate, StaleIncarnation, OutOfOrder, Voided) as e:
                 refusal = refusal or e
                 continue
             except Exception as e:  # noqa: BLE001 - raised once the window is empty
@@ -351,8 +357,11 @@ def _train_shard(
     device_version, params = None, None
     while step < n_steps or window:
         refusal = settle(inflight - 1 if step < n_steps else 0)
-        if isinstance(refusal, DuplicateUpdate):
-            step, copy = resume()  # another attempt of this task got there first
+        if isinstance(refusal, (DuplicateUpdate, OutOfOrder, Voided)):
+            # Another attempt got there first, a push in flight was lost, or one
+            # was undone with a batch that could not be made durable: go on from
+            # where the server says the shard stands.
+            step, copy = resume()
             continue
         if isinstance(refusal, StaleIncarnation):
             step, copy = _resume_after_rebuild(resume, copy.incarnation)

@@ -21,7 +21,14 @@ from distributed.protocol.serialize import ToPickle
 from distributed.utils_test import async_poll_for, gen_cluster
 
 import dask_ftps
-from dask_ftps import SGD, InvalidUpdate, NotDurable, ParameterServer
+from dask_ftps import (
+    SGD,
+    InvalidUpdate,
+    NotDurable,
+    ParameterServer,
+    StaleIncarnation,
+    Voided,
+)
 from dask_ftps._core import check_reply
 from dask_ftps._store import _io
 from dask_ftps.models import MLP, SoftmaxRegression
@@ -117,51 +124,104 @@ async def test_a_push_whose_predecessor_never_comes_is_refused_and_changes_nothi
     assert (await dask_ftps.status(c))["updates"] == 2
 
 
-@gen_cluster(client=True, timeout=60)
-async def test_a_batch_refused_while_the_next_is_merged_takes_the_next_down_too(
-    c, s, a, b, tmp_path, monkeypatch
-):
-    """Batch k's write fails (ENOSPC) while batch k+1 is merged behind it: both
-    are refused, the state is as before k, nothing of either is in the store,
-    and the same pushes go in once there is room."""
-    where = str(tmp_path / "run.zarr")
-    await c.register_plugin(
-        ParameterServer(where, model=MODEL, optimizer=SGD(lr=0.1, momentum=0.5))
-    )
-    check_reply(await c.scheduler.ftps_begin_run(spec=SPEC), "begin")
-    server = s.plugins["ftps"].server
+def blocking_writes(monkeypatch, then_raise: bool):
+    """Make the next payload write wait for ``release``; then fail it with ENOSPC
+    (``then_raise``) or let it through."""
     real_write = _io.write_file
     entered, release = threading.Event(), threading.Event()
 
-    def blocked_then_full(path, value, **kwargs):
-        if "/data/" in str(path) and not release.is_set():
+    def blocked(path, value, **kwargs):
+        if "/data/" in str(path) and not entered.is_set():
             entered.set()
             release.wait(30)
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            if then_raise:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real_write(path, value, **kwargs)
 
-    monkeypatch.setattr(_io, "write_file", blocked_then_full)
-    k = asyncio.ensure_future(push(c, "0:0:0:0", 0.01))
+    monkeypatch.setattr(_io, "write_file", blocked)
+    return entered, release
+
+
+@pytest.mark.parametrize("memory_rows", [100_000, 2])  # 2: rows trimmed meanwhile
+@gen_cluster(client=True, timeout=60)
+async def test_a_batch_refused_while_the_next_is_merged_takes_the_next_down_too(
+    c, s, a, b, tmp_path, monkeypatch, memory_rows
+):
+    """Batch k's write fails (ENOSPC) while batch k+1 is merged behind it: both
+    are refused (k+1 as Voided: push it again), the state and the records are as
+    before k, nothing of either is in the store, and the same pushes go in once
+    there is room."""
+    where = str(tmp_path / "run.zarr")
+    from dask_ftps import config
+
+    retention = {**config.get("retention"), "memory-rows": memory_rows}
+    with dask.config.set({"ftps.retention": retention}):
+        await c.register_plugin(
+            ParameterServer(where, model=MODEL, optimizer=SGD(lr=0.1, momentum=0.5))
+        )
+    check_reply(await c.scheduler.ftps_begin_run(spec=SPEC), "begin")
+    server = s.plugins["ftps"].server
+    done = [("0:0:0:0", 0.01), ("0:0:0:1", 0.02), ("0:0:0:2", 0.03)]
+    for update_id, scale in done:
+        check_reply(await push(c, update_id, scale), "push")
+    rows_before = (await dask_ftps.records(c))["global"]
+    assert rows_before[-1]["update_id"] == "0:0:0:2"
+    real_write = _io.write_file
+    entered, release = blocking_writes(monkeypatch, then_raise=True)
+    k = asyncio.ensure_future(push(c, "0:0:0:3", 0.04))
     await async_poll_for(entered.is_set, timeout=10)
-    k1 = asyncio.ensure_future(push(c, "0:0:1:0", 0.02))  # merged behind it
-    await async_poll_for(lambda: server.state.updates == 2, timeout=10)
-    assert server.published.version == 0  # nothing durable: nothing served
+    k1 = asyncio.ensure_future(push(c, "0:0:1:0", 0.05))  # merged behind it
+    await async_poll_for(lambda: server.state.updates == 5, timeout=10)
+    assert server.published.version == 3  # nothing more is durable: not served
     release.set()
     with pytest.raises(NotDurable, match="No space left"):
         check_reply(await k, "push")
-    with pytest.raises(NotDurable, match="earlier batch"):
+    with pytest.raises(Voided, match="earlier batch"):
         check_reply(await k1, "push")
     status = await dask_ftps.status(c)
-    assert (status["updates"], status["version"]) == (0, 0)
-    assert server.state.runs[0].clocks == [0, 0]
-    assert dask_ftps.inspect(where)["updates"] == 0
+    assert (status["updates"], status["version"]) == (3, 3)
+    assert server.state.runs[0].clocks == [3, 0]
+    # No row of a refused update; with 2 rows kept in memory, older ones go.
+    rows = (await dask_ftps.records(c))["global"]
+    assert rows and rows == rows_before[-len(rows) :]
+    assert dask_ftps.inspect(where)["updates"] == 3
     monkeypatch.setattr(_io, "write_file", real_write)
-    for update_id, scale in (("0:0:0:0", 0.01), ("0:0:1:0", 0.02)):
+    for update_id, scale in (("0:0:0:3", 0.04), ("0:0:1:0", 0.05)):
         check_reply(await push(c, update_id, scale), "push")
-    expected = reference([("0:0:0:0", 0.01), ("0:0:1:0", 0.02)])
+    expected = reference([*done, ("0:0:0:3", 0.04), ("0:0:1:0", 0.05)])
     version, params = dask_ftps.recover(where)
-    assert version == 2
+    assert version == 5
     assert all(np.array_equal(params[k], expected[k]) for k in expected)
+
+
+@gen_cluster(client=True, timeout=60)
+async def test_a_fenced_batch_refuses_the_batch_behind_it_as_stale(
+    c, s, a, b, tmp_path, monkeypatch
+):
+    """Another server claims the store while batch k is being written and k+1
+    is merged behind it: both get StaleIncarnation (their tasks wait for the
+    new server), and so does everything after."""
+    from dask_ftps._store import Journal
+
+    where = str(tmp_path / "run.zarr")
+    await c.register_plugin(ParameterServer(where, model=MODEL))
+    check_reply(await c.scheduler.ftps_begin_run(spec=SPEC), "begin")
+    server = s.plugins["ftps"].server
+    entered, release = blocking_writes(monkeypatch, then_raise=False)
+    k = asyncio.ensure_future(push(c, "0:0:0:0"))
+    await async_poll_for(entered.is_set, timeout=10)
+    k1 = asyncio.ensure_future(push(c, "0:0:1:0"))
+    await async_poll_for(lambda: server.state.updates == 2, timeout=10)
+    other = await Journal.open(where)
+    await other.claim("tcp://10.255.255.1:1")
+    await other.close()
+    release.set()
+    for pushed in (k, k1):
+        with pytest.raises(StaleIncarnation):
+            check_reply(await pushed, "push")
+    with pytest.raises(StaleIncarnation):
+        check_reply(await push(c, "0:0:0:0"), "push")
+    assert dask_ftps.inspect(where)["updates"] == 0
 
 
 @gen_cluster(client=True, timeout=120, config={"ftps.inflight": 4})
@@ -194,6 +254,39 @@ async def test_train_with_a_window_applies_every_minibatch_once(c, s, a, b, tmp_
     _, live = await dask_ftps.get_model(c)
     assert version == result.version
     assert all(np.array_equal(live[k], params[k]) for k in params)
+
+
+@gen_cluster(
+    client=True,
+    timeout=120,
+    config={"ftps.inflight": 4, "ftps.reorder-timeout": "5ms"},
+)
+async def test_a_push_delayed_past_the_reorder_timeout_only_costs_a_resume(c, s, a, b):
+    """Every 7th push reaches the server 50 ms late, so the pushes behind it give
+    up waiting and are refused as OutOfOrder: the task resumes where the server
+    says its shard stands, and every minibatch is applied once."""
+    X_train, _, y_train, _ = digits()
+    await c.register_plugin(ParameterServer(model=MLP(64, (16,), 10)))
+    sent = Counter()
+    for worker in (a, b):
+        plugin = worker.plugins["ftps"]
+
+        async def late(op, _send=plugin._send, **kwargs):
+            if op == "ftps_push":
+                sent["pushes"] += 1
+                if sent["pushes"] % 7 == 0:
+                    sent["late"] += 1
+                    await asyncio.sleep(0.05)
+            return await _send(op, **kwargs)
+
+        plugin._send = late
+    result = await dask_ftps.train(
+        c, X_train, y_train, epochs=2, batch_size=32, progress=False
+    )
+    ids = [r["update_id"] for r in (await dask_ftps.records(c))["global"]]
+    assert sent["late"] > 3
+    assert sent["pushes"] > result.minibatches  # some were refused and sent again
+    assert len(ids) == len(set(ids)) == result.minibatches == result.version
 
 
 @gen_cluster(
