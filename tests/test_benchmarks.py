@@ -165,3 +165,15 @@ def test_plots(out, tmp_path):
         if (out / f"{name}.json").exists():
             assert png in names
             assert (tmp_path / "img" / png).stat().st_size > 1000
+
+
+def test_versus_quick_against_this_checkout(out):
+    """The old-against-new script, with this checkout on both sides."""
+    from benchmarks._common import REPO_ROOT
+    from benchmarks.versus import run
+
+    doc = run(REPO_ROOT, quick=True, out=str(out))
+    (row,) = doc["results"]
+    assert all(positive(row[k]) for k in ("old_b", "old_c", "new_b", "new_c"))
+    assert {r["code"] for r in doc["runs"]} == {"old", "new"}
+    assert load(out, "versus")["results"] == doc["results"]
