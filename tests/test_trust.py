@@ -430,11 +430,11 @@ async def test_a_push_whose_reply_is_lost_is_sent_again_and_applied_once(c, s, a
 
         # Each worker counts its own pushes: a push sent again is the next one
         # and goes through (one shared count could lose every attempt of one).
-        async def flaky(op, _send=send, _mine=Counter(), **kwargs):
+        async def flaky(op, _send=send, _mine=worker.address, **kwargs):
             reply = await _send(op, **kwargs)
             if op == "ftps_push":
-                _mine["pushes"] += 1
-                if _mine["pushes"] % 3 == 0:
+                lost[_mine] += 1
+                if lost[_mine] % 3 == 0:
                     lost["lost"] += 1
                     raise CommClosedError("the reply was lost")
             return reply
