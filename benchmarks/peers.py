@@ -156,11 +156,20 @@ def fit_ftps(
     if killer is not None:
         killer.stop()
         version = dask_ftps.status(client)["version"]
+        # Counted from the global dataset: every minibatch of every epoch's run
+        # once (each epoch is a run of its own: another seed).
+        ids = [r["update_id"] for r in dask_ftps.records(client)["global"]]
+        expected = len(fit.timeline) * per_epoch
+        duplicated = len(ids) - len(set(ids))
+        lost = expected - len(set(ids))
         fit.kill = {
             **killer.report(),
             "completed": True,
-            "exactly_once": version == len(fit.timeline) * per_epoch,
-            "lost": "nothing: the re-run task skips the updates the server holds",
+            "exactly_once": version == expected and lost == 0 and duplicated == 0,
+            "lost_updates": lost,
+            "duplicated_updates": duplicated,
+            "lost": f"{lost} of {expected} updates lost, {duplicated} applied twice "
+            "(counted in the global dataset)",
         }
     return fit
 
@@ -485,6 +494,8 @@ def _kill_row(fit: Fit, fits: list[Fit]) -> dict:
         "same_model": kill.get("same_model_as_without_kill"),
         "exactly_once": kill.get("exactly_once"),
         "lost": kill.get("lost"),
+        "lost_updates": kill.get("lost_updates"),
+        "duplicated_updates": kill.get("duplicated_updates"),
     }
 
 

@@ -118,6 +118,8 @@ def test_peers_quick(out, stores):
     kills = {r["system"]: r for r in doc["kills"]}
     assert kills["dask_ftps"]["completed"] is True
     assert kills["dask_ftps"]["exactly_once"] is True
+    assert kills["dask_ftps"]["lost_updates"] == 0
+    assert kills["dask_ftps"]["duplicated_updates"] == 0
     assert kills["sklearn MLP"]["completed"] is False
 
 
