@@ -96,10 +96,11 @@ def minibatch_loop(
 # -- (a) the bare Dask round trip ---------------------------------------------------
 
 
-class EchoModel(SchedulerPlugin):
-    """A handler that takes a gradient and answers with the model it holds."""
+class EchoServer(SchedulerPlugin):
+    """(a): a handler with the push signature that answers with the model it
+    holds (no merge, nothing kept); both throughput tables use it."""
 
-    name = "ftps-bench-echo-model"
+    name = "ftps-bench-echo"
     idempotent = False
 
     def __init__(self, model: Any) -> None:
@@ -107,10 +108,26 @@ class EchoModel(SchedulerPlugin):
 
     async def start(self, scheduler: Any) -> None:
         self.params = self.model.init_params()
-        scheduler.handlers["ftps_bench_echo_model"] = self.echo
+        scheduler.handlers["ftps_bench_echo"] = self.echo
 
-    async def echo(self, grads: dict, worker: str = "") -> dict:
-        return {"status": "OK", "params": ToPickle(self.params)}
+    async def echo(
+        self,
+        worker: str,
+        update_id: str,
+        grads: dict,
+        incarnation: int,
+        next_step: tuple[int, int] | None = None,
+        have_version: int = -1,
+        have_server: str | None = None,
+    ) -> dict:
+        return {
+            "status": "OK",
+            "server": "echo",
+            "store": None,
+            "incarnation": incarnation,
+            "version": have_version + 1,
+            "params": ToPickle(self.params),
+        }
 
 
 def echo_shard(
@@ -120,8 +137,14 @@ def echo_shard(
     params = model.init_params()
 
     async def call(grads: dict) -> dict:
-        reply = await worker.scheduler.ftps_bench_echo_model(
-            grads=ToPickle(grads), worker=worker.address
+        reply = await worker.scheduler.ftps_bench_echo(
+            worker=worker.address,
+            update_id="0:0:0:0",
+            grads=ToPickle(grads),
+            incarnation=1,
+            next_step=(0, 1),
+            have_version=-1,
+            have_server="echo",
         )
         return reply["params"]
 
@@ -136,8 +159,8 @@ def run_echo(
 ) -> dict:
     from benchmarks._common import remove_plugin, worker_addresses
 
-    client.run_on_scheduler(remove_plugin, name=EchoModel.name)
-    client.register_plugin(EchoModel(model))
+    client.run_on_scheduler(remove_plugin, name=EchoServer.name)
+    client.register_plugin(EchoServer(model))
     X, y = data
     parts = np.array_split(np.arange(len(X)), n_shards)
     workers = worker_addresses(client)
@@ -166,7 +189,7 @@ def run_echo(
         ]
         updates += sum(client.gather(futures))
     seconds = time.perf_counter() - t0
-    client.run_on_scheduler(remove_plugin, name=EchoModel.name)
+    client.run_on_scheduler(remove_plugin, name=EchoServer.name)
     return {"updates": updates, "seconds": seconds, "updates_per_s": updates / seconds}
 
 

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from distributed import get_worker
-from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.serialize import ToPickle
 
 from benchmarks._common import (
@@ -54,6 +53,7 @@ from benchmarks._endtoend import (
     BATCH,
     COPIES,
     LR,
+    EchoServer,
     digits_data,
     mlp_for,
     ray_peer,
@@ -90,39 +90,6 @@ class Config:
 
 
 # -- the bare round trip (a) ---------------------------------------------------------
-
-
-class EchoServer(SchedulerPlugin):
-    """(a): a handler with the push signature that answers a same-size model."""
-
-    name = "ftps-bench-echo"
-    idempotent = False
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-
-    async def start(self, scheduler: Any) -> None:
-        self.params = self.model.init_params()
-        scheduler.handlers["ftps_bench_echo"] = self.echo
-
-    async def echo(
-        self,
-        worker: str,
-        update_id: str,
-        grads: dict,
-        incarnation: int,
-        next_step: tuple[int, int] | None = None,
-        have_version: int = -1,
-        have_server: str | None = None,
-    ) -> dict:
-        return {
-            "status": "OK",
-            "server": "echo",
-            "store": None,
-            "incarnation": incarnation,
-            "version": have_version + 1,
-            "params": ToPickle(self.params),
-        }
 
 
 def _windowed(send: Any, n_steps: int, warmup: int, inflight: int) -> dict:
