@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dask_ftps._core import check_reply
+from dask_ftps._exceptions import NotRegistered
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -62,3 +63,26 @@ async def _status(client: Client) -> dict:
     reply = check_reply(await client.scheduler.ftps_status(), "ftps_status")
     reply.pop("status")
     return reply
+
+
+def _hosts_server(dask_scheduler) -> bool:
+    """On the scheduler: whether a ParameterServer's handlers are there."""
+    return "ftps_status" in dask_scheduler.handlers
+
+
+async def require_server(client: Client) -> None:
+    """Raise :class:`NotRegistered` unless the scheduler hosts a parameter server,
+    without calling a handler it lacks (the scheduler would log a traceback)."""
+    try:
+        hosted = await client.run_on_scheduler(_hosts_server, asynchronous=True)
+    except Exception as e:
+        raise NotRegistered(
+            f"cannot ask the scheduler for a parameter server ({e!r}): is dask_ftps "
+            "installed where the scheduler runs?"
+        ) from e
+    if not hosted:
+        raise NotRegistered(
+            "the scheduler hosts no parameter server: register a "
+            "dask_ftps.ParameterServer first (client.register_plugin(...) or dask "
+            "scheduler --preload dask_ftps.preload)"
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import numbers
 import sys
 import time
 import uuid
@@ -17,6 +18,7 @@ from dask.utils import parse_timedelta
 from distributed import secede
 
 from dask_ftps import config
+from dask_ftps._client import require_server
 from dask_ftps._core import RunSpec, UpdateKey, check_reply
 from dask_ftps._exceptions import (
     DuplicateUpdate,
@@ -158,12 +160,16 @@ async def _train(
     progress: bool | None,
     run_name: str,
 ) -> TrainResult:
-    status = check_reply(await client.scheduler.ftps_status(), "ftps_status")
-    model = model_from_dict(status["model"])
-    X, y = _as_dask(X, y, model)
-    n_samples = X.shape[0]
+    _check_settings(epochs=epochs, batch_size=batch_size, seed=seed)
     if not isinstance(run_name, str):
         raise TypeError(f"run_name must be a string, got {type(run_name).__name__}")
+    await require_server(client)
+    status = check_reply(await client.scheduler.ftps_status(), "ftps_status")
+    model = model_from_dict(status["model"])
+    local = not any(hasattr(a, "dask") for a in (X, y))  # NumPy-like input
+    X, y = _as_dask(X, y, model)
+    await _check_values(client, X, y, model, local)  # before the server sees a thing
+    n_samples = X.shape[0]
     if n_shards is None:
         n_shards = await _known_run_shards(
             client, run_name, n_samples, batch_size, epochs, seed
@@ -410,6 +416,46 @@ def _namespace(device: str):
 
         return cupy
     return np
+
+
+def _check_settings(**settings: object) -> None:
+    """``epochs`` and ``batch_size`` positive integers, ``seed`` a non-negative one."""
+    for name, value in settings.items():
+        least = 0 if name == "seed" else 1
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an integer, got {value!r:.40}")
+        if value < least:
+            raise ValueError(f"{name} must be at least {least}, got {value}")
+
+
+async def _check_values(
+    client: Client, X: da.Array, y: da.Array, model: Model, local: bool
+) -> None:
+    """Refuse data the run would fail on half-way: no samples, NaN or infinite
+    features, labels outside the model's classes. One pass over the data, here
+    for NumPy input (``local``) and on the cluster for Dask input, before any
+    update is sent."""
+    import dask
+    import dask.array as da
+
+    if X.shape[0] == 0:
+        raise ValueError("X has no samples: there is nothing to train on")
+    checks = [da.isfinite(X).all(), y.min(), y.max()]
+    if local:
+        finite, low, high = dask.compute(*checks, scheduler="sync")
+    else:
+        finite, low, high = await client.gather(
+            client.compute(checks), asynchronous=True
+        )
+    if not finite:
+        raise ValueError("X holds NaN or infinite values: impute or drop them first")
+    n_classes = model.n_classes
+    if low < 0 or high >= n_classes:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"y holds the label {bad}, but the server's model has {n_classes} classes: "
+            f"labels must be integers in [0, {n_classes})"
+        )
 
 
 def _as_dask(X: Any, y: Any, model: Model) -> tuple[da.Array, da.Array]:

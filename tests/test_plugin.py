@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import numpy as np
 import pytest
 from distributed import Worker
 from distributed.protocol.serialize import ToPickle
-from distributed.utils_test import gen_cluster
+from distributed.utils_test import captured_logger, gen_cluster
 
 import dask_ftps
 from dask_ftps import (
@@ -85,10 +86,15 @@ async def test_register_installs_handlers_and_worker_plugin(c, s, a, b):
 async def test_unregistered_server_is_a_clear_error(c, s, a, b):
     with pytest.raises(NotRegistered, match=r"register a dask_ftps\.ParameterServer"):
         await dask_ftps.status(c)
-    with pytest.raises(NotRegistered):
+    # train() asks first: the scheduler logs no "No handler" traceback for it.
+    with (
+        captured_logger("distributed.core", level=logging.WARNING) as log,
+        pytest.raises(NotRegistered, match="hosts no parameter server"),
+    ):
         await dask_ftps.train(
             c, np.zeros((8, 4)), np.zeros(8, int), epochs=1, batch_size=4
         )
+    assert "No handler" not in log.getvalue()
 
 
 @gen_cluster(client=True)

@@ -249,3 +249,46 @@ def test_a_run_is_found_by_name_and_settings_whatever_its_shards() -> None:
     assert named is not run and run.superseded  # (run was unfinished)
     assert state.find_run("", 300, 20, 2, 0) is None
     assert state.find_run("more", 300, 20, 2, 0) is named
+
+
+def _bad_inputs():
+    X, _, y, _ = digits()
+    X, y = X[:200], y[:200]
+    nan, inf, label, negative = X.copy(), X.copy(), y.copy(), y.copy()
+    nan[17, 3] = np.nan
+    inf[5, 0] = np.inf
+    label[42] = 10  # the model has 10 classes
+    negative[0] = -1
+    ok = {"epochs": 1, "batch_size": 32}
+    return {
+        "nan": ((nan, y), ok, ValueError, "NaN or infinite"),
+        "inf": ((inf, y), ok, ValueError, "NaN or infinite"),
+        "label-too-big": ((X, label), ok, ValueError, "label 10"),
+        "label-negative": ((X, negative), ok, ValueError, "label -1"),
+        "empty": ((X[:0], y[:0]), ok, ValueError, "no samples"),
+        "batch-size-0": ((X, y), {**ok, "batch_size": 0}, ValueError, "batch_size"),
+        "batch-size-float": ((X, y), {**ok, "batch_size": 1.5}, TypeError, "batch"),
+        "epochs-0": ((X, y), {**ok, "epochs": 0}, ValueError, "epochs"),
+        "epochs-str": ((X, y), {**ok, "epochs": "3"}, TypeError, "epochs"),
+        "seed-negative": ((X, y), {**ok, "seed": -1}, ValueError, "seed"),
+    }
+
+
+@pytest.mark.parametrize("dask_input", [False, True])
+@pytest.mark.parametrize("case", sorted(_bad_inputs()))
+@gen_cluster(client=True, timeout=60)
+async def test_bad_input_is_refused_on_the_client_before_any_update(
+    c, s, a, b, case, dask_input
+):
+    """Data or settings the run would fail on half-way are refused with a clear
+    error before the server sees anything: no run begun, no update applied."""
+    (X, y), kwargs, error, match = _bad_inputs()[case]
+    if dask_input:
+        X, y = da.from_array(X, chunks=(64, -1)), da.from_array(y, chunks=64)
+    await c.register_plugin(
+        ParameterServer(model=SoftmaxRegression(64, 10), optimizer=SGD(lr=0.5))
+    )
+    with pytest.raises(error, match=match):
+        await dask_ftps.train(c, X, y, progress=False, **kwargs)
+    status = await dask_ftps.status(c)
+    assert (status["runs"], status["updates"], status["version"]) == (0, 0, 0)
