@@ -23,6 +23,7 @@ from dask_ftps._core import RunSpec, UpdateKey, check_reply
 from dask_ftps._exceptions import (
     DuplicateUpdate,
     FTPSError,
+    InvalidRequest,
     OutOfOrder,
     StaleIncarnation,
     Voided,
@@ -425,7 +426,7 @@ def _check_settings(**settings: object) -> None:
         if not isinstance(value, numbers.Integral) or isinstance(value, bool):
             raise TypeError(f"{name} must be an integer, got {value!r:.40}")
         if value < least:
-            raise ValueError(f"{name} must be at least {least}, got {value}")
+            raise InvalidRequest(f"{name} must be at least {least}, got {value}")
 
 
 async def _check_values(
@@ -439,7 +440,7 @@ async def _check_values(
     import dask.array as da
 
     if X.shape[0] == 0:
-        raise ValueError("X has no samples: there is nothing to train on")
+        raise InvalidRequest("X has no samples: there is nothing to train on")
     checks = [da.isfinite(X).all(), y.min(), y.max()]
     if local:
         finite, low, high = dask.compute(*checks, scheduler="sync")
@@ -448,11 +449,13 @@ async def _check_values(
             client.compute(checks), asynchronous=True
         )
     if not finite:
-        raise ValueError("X holds NaN or infinite values: impute or drop them first")
+        raise InvalidRequest(
+            "X holds NaN or infinite values: impute or drop them first"
+        )
     n_classes = model.n_classes
     if low < 0 or high >= n_classes:
         bad = low if low < 0 else high
-        raise ValueError(
+        raise InvalidRequest(
             f"y holds the label {bad}, but the server's model has {n_classes} classes: "
             f"labels must be integers in [0, {n_classes})"
         )
