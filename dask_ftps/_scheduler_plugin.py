@@ -265,6 +265,21 @@ class ParameterServer(SchedulerPlugin):
         else:
             server = await self._open_store(old_server, settings)
         self._server = server
+        server.on_event = self._log_event
+        if server.rebuilt is not None and (server.journal and server.journal.committed):
+            rebuilt = server.rebuilt
+            self._log_event(
+                {
+                    "action": "recovered",
+                    "incarnation": server.state.incarnation,
+                    "version": int(server.state.version),
+                    "source": rebuilt.source,
+                    "start_version": rebuilt.start_version,
+                    "replayed": rebuilt.replayed,
+                    "seconds": rebuilt.seconds,
+                    "skipped": list(rebuilt.skipped),
+                }
+            )
         self.model = server.state.model_spec
         scheduler.handlers.update(self._handlers)
         # Idempotent: a server replacing another may use the workers' model copies
@@ -504,6 +519,10 @@ class ParameterServer(SchedulerPlugin):
                 else f"; damaged snapshots passed over: {'; '.join(rebuilt.skipped)}",
             )
         return Server(rebuilt.state, journal, settings, rebuilt, str(journal.io))
+
+    def _log_event(self, event: dict) -> None:
+        """An event on the scheduler's ``ftps`` topic (``client.get_events("ftps")``)."""
+        self.scheduler.log_event("ftps", event)
 
     async def _rebuild(self, journal: Journal) -> Rebuilt:
         """The patent's recovery: the freshest model copy a live worker holds plus

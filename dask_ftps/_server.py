@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +131,9 @@ class Server:
         self.identity = uuid.uuid4().hex
         self.run_id = None if journal is None else journal.meta.run_id
         self.published: ModelVersion = state.model
+        #: Called with a dict for each run started, snapshot and refusal (the
+        #: plugin logs them as events on the scheduler's ``ftps`` topic).
+        self.on_event: Callable[[dict], None] | None = None
         self._offload = state.model_spec.n_params() >= config.offload_threshold
         self._durable = self._view()
         self._lock = asyncio.Lock()  # held while the state changes
@@ -176,6 +180,16 @@ class Server:
                     self._journal_failed(e)
                     raise self._refusal(e) from e
             self._durable = self._view()
+        if created:
+            self._event(
+                action="run-started",
+                run=int(run.run),
+                name=name,
+                shards=spec.n_shards,
+                epochs=spec.epochs,
+                minibatches=spec.minibatches,
+                base_version=int(run.base_version),
+            )
         logger.info(
             "Run %d%s: %d shards, %d epochs, %d minibatches, from version %d "
             "(%d accepted%s)",
@@ -644,7 +658,16 @@ class Server:
         if position == turn():
             self._queued[slot] = position + 1
 
+    def _event(self, **event: Any) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(event)
+            except Exception:  # an event is never worth a failure
+                logger.debug("Event %s not logged", event, exc_info=True)
+
     def _journal_failed(self, e: BaseException) -> None:
+        if not isinstance(e, asyncio.CancelledError):
+            self._event(action="refused", reason=f"{type(e).__name__}: {e}")
         if isinstance(e, Fenced):
             self._fail(StaleIncarnation(f"this server was fenced off: {e}"))
             logger.error("%s; refusing every request from now on", e)
@@ -721,10 +744,12 @@ class Server:
         except Exception:
             logger.exception("Snapshot of version %d failed", model.version)
             return
+        seconds = time.perf_counter() - t0
+        self._event(action="snapshot", version=int(model.version), seconds=seconds)
         logger.info(
             "Snapshot of version %d in %.3fs; trimmed %s",
             model.version,
-            time.perf_counter() - t0,
+            seconds,
             trimmed,
         )
 

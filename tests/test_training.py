@@ -292,3 +292,54 @@ async def test_bad_input_is_refused_on_the_client_before_any_update(
         await dask_ftps.train(c, X, y, progress=False, **kwargs)
     status = await dask_ftps.status(c)
     assert (status["runs"], status["updates"], status["version"]) == (0, 0, 0)
+
+
+@gen_cluster(client=True, timeout=120)
+async def test_runs_snapshots_recoveries_and_refusals_are_events_on_the_ftps_topic(
+    c, s, a, b, tmp_path, monkeypatch
+):
+    import errno
+
+    from dask_ftps._store import _io
+
+    store = str(tmp_path / "run.zarr")
+    X_train, _, y_train, _ = digits()
+    await c.register_plugin(
+        ParameterServer(store, model=SoftmaxRegression(64, 10), snapshot_every=10)
+    )
+    result = await dask_ftps.train(
+        c, X_train, y_train, epochs=1, batch_size=64, progress=False
+    )
+
+    def actions():
+        return [msg["action"] for _, msg in s.get_events("ftps")]
+
+    await async_poll_for(lambda: "snapshot" in actions(), timeout=10)
+    started = [m for _, m in s.get_events("ftps") if m["action"] == "run-started"]
+    assert started == [
+        {
+            "action": "run-started",
+            "run": 0,
+            "name": "",
+            "shards": result.n_shards,
+            "epochs": 1,
+            "minibatches": result.minibatches,
+            "base_version": 0,
+        }
+    ]
+    await c.register_plugin(ParameterServer(store))  # a rebuild from the store
+    (recovered,) = [m for _, m in s.get_events("ftps") if m["action"] == "recovered"]
+    assert recovered["version"] == result.version
+    assert recovered["incarnation"] == 2
+
+    def no_space(path, value, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(_io, "write_file", no_space)
+    with pytest.raises(dask_ftps.FTPSError):
+        await dask_ftps.train(
+            c, X_train, y_train, epochs=1, batch_size=64, progress=False, run_name="x"
+        )
+    refused = [m for _, m in s.get_events("ftps") if m["action"] == "refused"]
+    assert refused and "No space left" in refused[0]["reason"]
+    assert [m for _, m in await c.get_events("ftps")]  # the client sees them too
