@@ -156,7 +156,7 @@ class Server:
             if journal is None
             else journal.snapshots()[0].body.version
         )
-        self._committer = asyncio.create_task(self._merge_loop(), name="ftps-merge")
+        self._merger = asyncio.create_task(self._merge_loop(), name="ftps-merge")
         self._writer = asyncio.create_task(self._write_loop(), name="ftps-write")
         if journal is not None:
             self._spawn(journal.cleanup(), "ftps-cleanup")
@@ -362,7 +362,7 @@ class Server:
 
     async def close(self) -> None:
         """Stop serving and say in the store that nobody writes it any more."""
-        if self._committer.done() and (self.journal is None or self.journal.closed):
+        if self._merger.done() and (self.journal is None or self.journal.closed):
             return
         async with self._lock:
             if self._failed is None:
@@ -385,7 +385,7 @@ class Server:
                 )
 
     async def _stop(self, release: bool = False) -> None:
-        tasks = [self._committer, self._writer, *self._tasks]
+        tasks = [self._merger, self._writer, *self._tasks]
         if self._snapshot_task is not None:
             tasks.append(self._snapshot_task)
         for task in tasks:
@@ -429,15 +429,15 @@ class Server:
                     if self._snapshot_due and self._in_flight == 0:
                         self._start_snapshot()
                     self.state.settle()  # trims rows the writer made durable
-                    self._in_flight += 1
+                    self._in_flight += 1  # counted while merging: not quiet
                     merged = None
                     try:
                         merged = await self._merge_batch(batch)
                     finally:
                         if merged is None:
                             self._in_flight -= 1
-                    if merged is not None:
-                        self._merged.put_nowait(merged)
+                        else:
+                            self._merged.put_nowait(merged)
             except BaseException:  # stopped (cancelled) with a batch in hand
                 self._refuse([f for _, f in batch])
                 raise
@@ -566,21 +566,14 @@ class Server:
                     item.model.params,
                     item.downloads,
                 )
-            except BaseException as e:
-                if not isinstance(e, asyncio.CancelledError):
-                    await self._lock.acquire()  # the merger is not changing the state
-                try:
+            except asyncio.CancelledError:
+                raise  # stopping: the loop refuses the batch with the reason
+            except Exception as e:  # noqa: BLE001 - any failure: refused, rolled back
+                async with self._lock:  # the merger is not changing the state
                     self.state.rollback(item.mark)
                     self._generation += 1  # the batches merged after it go too
                     self._queued.clear()
                     self._journal_failed(e)
-                finally:
-                    if self._lock.locked() and not isinstance(
-                        e, asyncio.CancelledError
-                    ):
-                        self._lock.release()
-                if isinstance(e, asyncio.CancelledError):
-                    raise  # the loop refuses the batch with the reason it stopped
                 self._refuse([f for _, _, f in item.accepted], self._refusal(e))
                 await self._wake()
                 return

@@ -345,10 +345,7 @@ def _train_shard(
             future, loss, correct, n = window.popleft()
             try:
                 reply = future.result()
-            except (DuplicateUpdate, StaleIncarnation, OutOfOrder, Voided) as e:
-                refusal = refusal or e
-                continue
-            except Exception as e:  # noqa: BLE001 - raised once the window is empty
+            except Exception as e:  # noqa: BLE001 - handled once the window is empty
                 refusal = refusal or e
                 continue
             if refusal is None and reply is not None:

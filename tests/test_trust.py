@@ -393,7 +393,7 @@ async def test_a_replaced_or_closed_server_stops_its_tasks_and_closes_its_store(
     check_reply(reply, "push")
     old = s.plugins["ftps"].server
     await c.register_plugin(ParameterServer(store))
-    assert old._committer.done()
+    assert old._merger.done()
     assert old._snapshot_task is None or old._snapshot_task.done()
     assert all(t.done() for t in old._tasks)
     assert old.journal.closed
@@ -401,7 +401,7 @@ async def test_a_replaced_or_closed_server_stops_its_tasks_and_closes_its_store(
         old.check_healthy()
     new = s.plugins["ftps"].server
     await s.plugins["ftps"].close()
-    assert new._committer.done() and new.journal.closed
+    assert new._merger.done() and new.journal.closed
     assert "ftps_push" not in s.handlers
     # A clean close says so in the store: the next start need not ask the old
     # owner whether it is alive.
