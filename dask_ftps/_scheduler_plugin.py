@@ -281,6 +281,11 @@ class ParameterServer(SchedulerPlugin):
                 }
             )
         self.model = server.state.model_spec
+        if old is not None and old is not self:
+            # This server replaces the one registered before (retired above):
+            # drop it here, so that distributed does not warn of an overwrite.
+            logger.info("Replacing the registered parameter server %r", self.name)
+            del scheduler.plugins[self.name]
         scheduler.handlers.update(self._handlers)
         # Idempotent: a server replacing another may use the workers' model copies
         # in its recovery (copies are tagged with the server that sent them).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -80,6 +81,22 @@ async def test_register_installs_handlers_and_worker_plugin(c, s, a, b):
     await s.plugins["ftps"].close()
     assert "ftps_push" not in s.handlers
     await s.plugins["ftps"].close()  # idempotent
+
+
+@gen_cluster(client=True)
+async def test_registering_again_replaces_without_a_warning(c, s, a, b):
+    await c.register_plugin(ParameterServer(model=MODEL, mode="async"))
+    first = s.plugins["ftps"]
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        captured_logger("dask_ftps._scheduler_plugin", level=logging.INFO) as log,
+    ):
+        warnings.simplefilter("always")
+        await c.register_plugin(ParameterServer(model=MODEL, mode="sync"))
+    assert not [w for w in caught if "already contains a plugin" in str(w.message)]
+    assert "Replacing the registered parameter server" in log.getvalue()
+    assert s.plugins["ftps"] is not first
+    assert (await dask_ftps.status(c))["mode"] == "sync"
 
 
 @gen_cluster(client=True)
