@@ -347,6 +347,7 @@ class ParameterServerState:
             model.opt_state,
             grads,
             step=int(admission.version),
+            epoch=admission.update.key.epoch,
             inplace=inplace,
         )
         return ModelVersion(admission.version, params, opt_state)

@@ -16,6 +16,9 @@ __all__ = ["SGD", "Adam", "Optimizer", "optimizer_from_dict"]
 
 Arrays = dict[str, np.ndarray]
 
+#: Learning-rate schedules: the rate an update of epoch ``e`` is merged with.
+SCHEDULES = ("constant", "exponential", "inverse")
+
 _REGISTRY: dict[str, type[Optimizer]] = {}
 
 
@@ -36,15 +39,32 @@ def _check_float(
     object.__setattr__(obj, name, v)
 
 
+def _check_schedule(obj: Any) -> None:
+    if obj.schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {obj.schedule!r}")
+    if obj.schedule == "exponential":
+        _check_float(obj, "decay", 0.0, 1.0, lo_open=True, hi_open=False)
+    else:
+        _check_float(obj, "decay", 0.0, math.inf, lo_open=False, hi_open=True)
+
+
 @dataclass(frozen=True)
 class Optimizer(ABC):
     """Abstract optimizer spec.
 
     ``apply`` never mutates its inputs: it returns new dicts of new arrays, so
     readers may keep using the old parameters concurrently.
+
+    Every optimizer has a learning rate ``lr`` and a schedule over the epochs of
+    a run: ``schedule="constant"`` (``lr``), ``"exponential"``
+    (``lr * decay ** epoch``) or ``"inverse"`` (``lr / (1 + decay * epoch)``).
+    The epoch is the one in the update's id, so a replay merges each update
+    with the rate it was merged with live.
     """
 
     kind: ClassVar[str] = ""
+    # Every subclass has the fields lr, schedule and decay (last, with defaults,
+    # so that positional arguments keep their meaning).
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -62,10 +82,29 @@ class Optimizer(ABC):
         g: np.ndarray,
         slots: list[np.ndarray],
         step: int,
+        lr: float,
         inplace: bool = False,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Return the new parameter and new slots for one tensor; with
         ``inplace``, ``p`` and ``slots`` may be overwritten (same bits)."""
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of an update of epoch ``epoch`` (0-based).
+
+        Parameters
+        ----------
+        epoch : int
+            The epoch in the update's id.
+
+        Returns
+        -------
+        float
+        """
+        if self.schedule == "exponential":
+            return self.lr * self.decay**epoch
+        if self.schedule == "inverse":
+            return self.lr / (1.0 + self.decay * epoch)
+        return self.lr
 
     def init_state(self, params: Arrays) -> Arrays:
         """Return the initial optimizer state (zeros) for ``params``.
@@ -93,6 +132,7 @@ class Optimizer(ABC):
         grads: dict[str, Any],
         step: int,
         *,
+        epoch: int = 0,
         inplace: bool = False,
     ) -> tuple[Arrays, Arrays]:
         """Apply one update.
@@ -107,6 +147,8 @@ class Optimizer(ABC):
             Gradients, same keys and shapes as ``params``.
         step : int
             1-based index of this update.
+        epoch : int, default 0
+            The epoch of the update (its id's), for the learning-rate schedule.
         inplace : bool, default False
             Allow writing into the writable arrays of ``params`` and ``state``
             (a replay, where nobody holds the intermediate models). The bits are
@@ -122,6 +164,9 @@ class Optimizer(ABC):
             raise ValueError(f"step must be an int, got {step!r}")  # noqa: TRY004
         if step < 1:
             raise ValueError(f"step must be >= 1, got {step}")
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral):
+            raise ValueError(f"epoch must be an int, got {epoch!r}")  # noqa: TRY004
+        lr = self.lr_at(int(epoch))
         if set(grads) != set(params):
             raise ValueError(
                 f"grads keys {sorted(grads)} do not match params {sorted(params)}"
@@ -143,17 +188,22 @@ class Optimizer(ABC):
             g = g.astype(p.dtype, copy=False)
             slots = [np.asarray(state[f"{x}/{name}"]) for x in self._state_prefixes()]
             reuse = inplace and all(a.flags.writeable for a in (p, *slots))
-            new_p, new_slots = self._update(p, g, slots, int(step), reuse)
+            new_p, new_slots = self._update(p, g, slots, int(step), lr, reuse)
             new_params[name] = new_p
             for prefix, s in zip(self._state_prefixes(), new_slots, strict=True):
                 new_state[f"{prefix}/{name}"] = s
         return new_params, new_state
 
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-serialisable description (see ``optimizer_from_dict``)."""
-        return {"kind": self.kind} | {
-            f.name: getattr(self, f.name) for f in fields(self)
-        }
+        """Return a JSON-serialisable description (see ``optimizer_from_dict``).
+
+        A constant rate is described without ``schedule`` and ``decay``, as
+        before schedules existed: stores written either way read the same.
+        """
+        d = {"kind": self.kind} | {f.name: getattr(self, f.name) for f in fields(self)}
+        if d["schedule"] == "constant" and d["decay"] == 0.0:
+            del d["schedule"], d["decay"]
+        return d
 
 
 def _float_dtype(p: Any) -> np.dtype:
@@ -174,14 +224,22 @@ class SGD(Optimizer):
         Learning rate (> 0).
     momentum : float, default 0.0
         Momentum coefficient in ``[0, 1)``.
+    schedule : {"constant", "exponential", "inverse"}, default "constant"
+        How the rate changes over a run's epochs (see :class:`Optimizer`).
+    decay : float, default 0.0
+        The schedule's factor: in ``(0, 1]`` for ``"exponential"``, ``>= 0`` for
+        ``"inverse"``.
     """
 
     lr: float
     momentum: float = 0.0
+    schedule: str = "constant"
+    decay: float = 0.0
 
     def __post_init__(self) -> None:
         _check_float(self, "lr", 0.0, math.inf, lo_open=True, hi_open=True)
         _check_float(self, "momentum", 0.0, 1.0, lo_open=False, hi_open=True)
+        _check_schedule(self)
 
     def _state_prefixes(self) -> tuple[str, ...]:
         return ("velocity",) if self.momentum > 0 else ()
@@ -192,6 +250,7 @@ class SGD(Optimizer):
         g: np.ndarray,
         slots: list[np.ndarray],
         step: int,
+        lr: float,
         inplace: bool = False,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         if inplace:  # the same operations, in the same order, into p and v
@@ -200,12 +259,12 @@ class SGD(Optimizer):
                 v *= self.momentum
                 v += g
                 g = v
-            p -= self.lr * g
+            p -= lr * g
             return p, slots
         if not slots:
-            return p - self.lr * g, []
+            return p - lr * g, []
         v = self.momentum * slots[0] + g
-        return p - self.lr * v, [v]
+        return p - lr * v, [v]
 
 
 @dataclass(frozen=True)
@@ -220,18 +279,26 @@ class Adam(Optimizer):
         Moment decay rates in ``[0, 1)``.
     eps : float, default 1e-8
         Denominator offset (> 0).
+    schedule : {"constant", "exponential", "inverse"}, default "constant"
+        How the rate changes over a run's epochs (see :class:`Optimizer`).
+    decay : float, default 0.0
+        The schedule's factor: in ``(0, 1]`` for ``"exponential"``, ``>= 0`` for
+        ``"inverse"``.
     """
 
     lr: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
+    schedule: str = "constant"
+    decay: float = 0.0
 
     def __post_init__(self) -> None:
         _check_float(self, "lr", 0.0, math.inf, lo_open=True, hi_open=True)
         _check_float(self, "beta1", 0.0, 1.0, lo_open=False, hi_open=True)
         _check_float(self, "beta2", 0.0, 1.0, lo_open=False, hi_open=True)
         _check_float(self, "eps", 0.0, math.inf, lo_open=True, hi_open=True)
+        _check_schedule(self)
 
     def _state_prefixes(self) -> tuple[str, ...]:
         return ("m", "v")
@@ -242,13 +309,14 @@ class Adam(Optimizer):
         g: np.ndarray,
         slots: list[np.ndarray],
         step: int,
+        lr: float,
         inplace: bool = False,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         m = self.beta1 * slots[0] + (1.0 - self.beta1) * g
         v = self.beta2 * slots[1] + (1.0 - self.beta2) * (g * g)
         m_hat = m / (1.0 - self.beta1**step)
         v_hat = v / (1.0 - self.beta2**step)
-        return p - self.lr * m_hat / (np.sqrt(v_hat) + self.eps), [m, v]
+        return p - lr * m_hat / (np.sqrt(v_hat) + self.eps), [m, v]
 
 
 def optimizer_from_dict(d: dict[str, Any]) -> Optimizer:

@@ -7,7 +7,13 @@ import pytest
 
 from dask_ftps.optim import SGD, Adam, Optimizer, optimizer_from_dict
 
-OPTIMIZERS = [SGD(lr=0.1), SGD(lr=0.05, momentum=0.9), Adam(lr=0.01)]
+OPTIMIZERS = [
+    SGD(lr=0.1),
+    SGD(lr=0.05, momentum=0.9),
+    Adam(lr=0.01),
+    SGD(lr=0.1, momentum=0.5, schedule="exponential", decay=0.5),
+    Adam(lr=0.01, schedule="inverse", decay=1.0),
+]
 
 
 def _problem(seed: int = 0):
@@ -187,6 +193,11 @@ def test_to_dict_round_trip(opt: Optimizer) -> None:
         lambda: Adam(beta1=1.0),
         lambda: Adam(beta2=-0.5),
         lambda: Adam(eps=0.0),
+        lambda: SGD(lr=0.1, schedule="cosine"),
+        lambda: SGD(lr=0.1, schedule="exponential", decay=0.0),
+        lambda: SGD(lr=0.1, schedule="exponential", decay=1.5),
+        lambda: Adam(schedule="inverse", decay=-1.0),
+        lambda: Adam(schedule="inverse", decay=float("nan")),
     ],
 )
 def test_bad_hyper_parameters_raise(make) -> None:
@@ -214,3 +225,39 @@ def test_apply_rejects_bad_inputs() -> None:
         opt.apply(params, {}, grads[0], step=1)
     with pytest.raises(ValueError, match="shape"):
         opt.apply(params, state, {**grads[0], "b": np.zeros(5, np.float32)}, step=1)
+
+
+@pytest.mark.parametrize(
+    ("opt", "rates"),
+    [
+        (SGD(lr=0.1), [0.1, 0.1, 0.1]),
+        (SGD(lr=0.1, schedule="exponential", decay=0.5), [0.1, 0.05, 0.025]),
+        (Adam(lr=0.1, schedule="inverse", decay=1.0), [0.1, 0.05, 0.1 / 3]),
+    ],
+    ids=repr,
+)
+def test_schedule_rates(opt: Optimizer, rates: list[float]) -> None:
+    assert [opt.lr_at(e) for e in range(3)] == pytest.approx(rates, rel=1e-12)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_an_update_is_merged_with_its_epochs_rate(momentum: float) -> None:
+    """The scheduled optimizer at epoch e gives the bits of a constant one at
+    the rate of epoch e, in place or not."""
+    params, grads = _problem()
+    scheduled = SGD(lr=0.1, momentum=momentum, schedule="exponential", decay=0.5)
+    constant = SGD(lr=0.025, momentum=momentum)
+    for inplace in (False, True):
+        got = scheduled.apply(
+            _copy(params),
+            scheduled.init_state(params),
+            grads[0],
+            step=1,
+            epoch=2,
+            inplace=inplace,
+        )
+        want = constant.apply(_copy(params), constant.init_state(params), grads[0], 1)
+        for name in params:
+            np.testing.assert_array_equal(got[0][name], want[0][name])
+    with pytest.raises(ValueError, match="epoch must be an int"):
+        scheduled.apply(params, scheduled.init_state(params), grads[0], 1, epoch=1.5)

@@ -103,9 +103,9 @@ async def test_server_replaced_mid_training_applies_every_minibatch_once(
     """The PS state is lost while workers live: tasks meet a new incarnation, ask
     where their shard stands and go on."""
     store = str(tmp_path / "run.zarr")
-    await c.register_plugin(
-        ParameterServer(store, model=MODEL, optimizer=SGD(lr=0.05, momentum=0.5))
-    )
+    # A schedule: the replay must merge each update with its epoch's rate.
+    optimizer = SGD(lr=0.05, momentum=0.5, schedule="exponential", decay=0.7)
+    await c.register_plugin(ParameterServer(store, model=MODEL, optimizer=optimizer))
     training = asyncio.ensure_future(train(c, epochs=3))
     await async_poll_for(
         lambda: s.plugins["ftps"].state.updates > 60, timeout=30, period=0.001
