@@ -66,8 +66,14 @@ class RunState:
         return self.spec.epochs * self.spec.rounds_per_epoch
 
     @property
+    def stopped(self) -> bool:
+        """Whether ``train()`` stopped the run early (early stopping, a callback):
+        an epoch's record says ``stopped``."""
+        return any(values.get("stopped") for values in self.history.values())
+
+    @property
     def finished(self) -> bool:
-        return all(c >= self.end for c in self.clocks)
+        return self.stopped or all(c >= self.end for c in self.clocks)
 
     @property
     def accepted(self) -> int:
@@ -301,6 +307,8 @@ class ParameterServerState:
         spec = run.spec
         if run.superseded:
             raise InvalidUpdate(f"update {key.id}: run {key.run} was superseded")
+        if run.stopped:
+            raise InvalidUpdate(f"update {key.id}: run {key.run} was stopped early")
         if key.shard >= spec.n_shards or key.epoch >= spec.epochs:
             raise InvalidUpdate(f"update {key.id}: no such epoch or shard in the run")
         if key.step >= spec.steps[key.shard]:

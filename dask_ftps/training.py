@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import numbers
 import sys
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from dask.utils import parse_timedelta
 from distributed import secede
+from distributed.client import FutureCancelledError
 
 from dask_ftps import config
 from dask_ftps._client import require_server
@@ -50,11 +53,12 @@ class TrainResult:
         the server's current version).
     minibatches
         Minibatch updates the run consists of (in ``"async"`` mode on a fresh
-        server the final version equals it).
+        server the final version equals it; fewer when it stopped early).
     history
         One dict per epoch: ``loss`` and ``accuracy`` of the training
         minibatches, ``val_loss`` and ``val_accuracy`` when ``validation`` was
-        given, and ``seconds``.
+        given, and ``seconds``; the last one holds ``stopped: 1.0`` when the run
+        stopped early.
     run
         The run number on the server.
     run_name
@@ -77,6 +81,17 @@ class TrainResult:
     trained: bool = True
     first_epoch: int = 0
 
+    @property
+    def stopped_early(self) -> bool:
+        """Whether the run ended before its last epoch (early stopping or a
+        callback)."""
+        return bool(self.history and self.history[-1].get("stopped"))
+
+
+#: ``callback(epoch, record) -> bool | None``: called after every epoch with
+#: the epoch's history record; a true return stops the run.
+Callback = Callable[[int, dict[str, float]], Any]
+
 
 def train(
     client: Client,
@@ -90,6 +105,10 @@ def train(
     validation: tuple[Any, Any] | None = None,
     progress: bool | None = None,
     run_name: str = "",
+    class_weight: Any = None,
+    early_stopping: int | None = None,
+    tol: float = 1e-4,
+    callbacks: Sequence[Callback] = (),
 ) -> TrainResult:
     """Train the model of the registered :class:`~dask_ftps.ParameterServer`.
 
@@ -103,16 +122,24 @@ def train(
     The call is idempotent: a run is known by ``run_name`` and its settings
     (number of samples, ``batch_size``, ``epochs``, ``seed``). The same call
     again resumes that run if it was interrupted, and returns it untouched if
-    it finished (``TrainResult.trained`` is False then). To train more on top
-    of a finished run, give another ``run_name``.
+    it finished or stopped early (``TrainResult.trained`` is False then). To
+    train more on top of a finished run, give another ``run_name``.
+
+    Everything is checked here, before the server sees a thing: shapes, NaN
+    and infinite values, empty data, labels outside the model's classes, the
+    settings. NumPy (and SciPy sparse, pandas) input is scattered to the
+    workers in one piece per shard, not embedded in the task graph.
 
     Parameters
     ----------
     client
         A client of the cluster whose scheduler hosts the server.
     X, y
-        Features (n_samples, n_features) and integer class labels, NumPy or
-        Dask arrays.
+        Features (n_samples, n_features) and integer class labels in
+        ``[0, n_classes)``: NumPy arrays, SciPy sparse matrices (X), pandas
+        objects, Dask arrays (chunk sizes are computed when unknown) or Dask
+        DataFrames/Series. :class:`~dask_ftps.FTPSClassifier` takes labels of
+        any type.
     epochs, batch_size
         Passes over the data, and the most samples per minibatch: each shard
         is cut into ``ceil(len(shard) / batch_size)`` near-equal minibatches.
@@ -125,27 +152,118 @@ def train(
     validation
         ``(X_val, y_val)`` scored after every epoch.
     progress
-        Show a progress bar; default: when standard error is a terminal.
+        Show a progress bar (updates, and the epoch); default: when standard
+        error is a terminal.
     run_name
         Names the run: another name starts another run on the current model.
+    class_weight
+        ``None`` (every sample weighs 1), ``"balanced"`` (class ``c`` weighs
+        ``n_samples / (n_present_classes * count(c))``), or a mapping from
+        class to weight (classes left out weigh 1). Each sample's loss is
+        multiplied by its class's weight.
+    early_stopping
+        Stop when ``val_loss`` has not improved by more than ``tol`` for this
+        many epochs in a row (needs ``validation``). The run is then finished:
+        the same call again returns it.
+    tol
+        The least improvement of ``val_loss`` that counts, for
+        ``early_stopping``.
+    callbacks
+        Called after every epoch as ``callback(epoch, record)`` with a copy of
+        the epoch's history record; one that returns a true value stops the
+        run there, as ``early_stopping`` does.
 
     Returns
     -------
     TrainResult
+
+    Raises
+    ------
+    InvalidRequest
+        For bad data or settings (nothing is sent to the server).
+    NotRegistered
+        If the scheduler hosts no parameter server.
     """
     return client.sync(
         _train,
         client,
         X,
         y,
-        epochs=epochs,
-        batch_size=batch_size,
-        seed=seed,
-        n_shards=n_shards,
+        settings=_Settings(
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            n_shards=n_shards,
+            progress=progress,
+            run_name=run_name,
+            class_weight=class_weight,
+            early_stopping=early_stopping,
+            tol=tol,
+            callbacks=tuple(callbacks),
+        ),
         validation=validation,
-        progress=progress,
-        run_name=run_name,
     )
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """:func:`train`'s keyword arguments, checked by :meth:`check`."""
+
+    epochs: int
+    batch_size: int
+    seed: int
+    n_shards: int | None
+    progress: bool | None
+    run_name: str
+    class_weight: Any
+    early_stopping: int | None
+    tol: float
+    callbacks: tuple[Callback, ...]
+
+    def check(self, validation: object) -> None:
+        _check_settings(epochs=self.epochs, batch_size=self.batch_size, seed=self.seed)
+        if not isinstance(self.run_name, str):
+            raise TypeError(
+                f"run_name must be a string, got {type(self.run_name).__name__}"
+            )
+        if self.early_stopping is not None:
+            _check_settings(early_stopping=self.early_stopping)
+            if validation is None:
+                raise InvalidRequest(
+                    "early_stopping watches val_loss: give validation=(X_val, y_val)"
+                )
+        if (
+            isinstance(self.tol, bool)
+            or not isinstance(self.tol, numbers.Real)
+            or not np.isfinite(self.tol)
+            or self.tol < 0
+        ):
+            raise InvalidRequest(f"tol must be a finite number >= 0, got {self.tol!r}")
+        for callback in self.callbacks:
+            if not callable(callback):
+                raise TypeError(f"callbacks must be callables, got {callback!r:.60}")
+
+
+@dataclass
+class _Stopper:
+    """Early stopping on ``val_loss``: epochs in a row without an improvement
+    of more than ``tol``."""
+
+    patience: int | None
+    tol: float
+    best: float = float("inf")
+    waited: int = 0
+
+    def update(self, record: dict[str, float]) -> bool:
+        """Take an epoch's record; whether the run should stop."""
+        if self.patience is None:
+            return False
+        loss = record.get("val_loss")
+        if loss is not None and np.isfinite(loss) and loss < self.best - self.tol:
+            self.best, self.waited = loss, 0
+        else:
+            self.waited += 1
+        return self.waited >= self.patience
 
 
 async def _train(
@@ -153,33 +271,33 @@ async def _train(
     X: Any,
     y: Any,
     *,
-    epochs: int,
-    batch_size: int,
-    seed: int,
-    n_shards: int | None,
+    settings: _Settings,
     validation: tuple[Any, Any] | None,
-    progress: bool | None,
-    run_name: str,
 ) -> TrainResult:
-    _check_settings(epochs=epochs, batch_size=batch_size, seed=seed)
-    if not isinstance(run_name, str):
-        raise TypeError(f"run_name must be a string, got {type(run_name).__name__}")
+    settings.check(validation)
+    epochs, batch_size, seed = settings.epochs, settings.batch_size, settings.seed
+    run_name = settings.run_name
     await require_server(client)
     status = check_reply(await client.scheduler.ftps_status(), "ftps_status")
     model = model_from_dict(status["model"])
-    local = not any(hasattr(a, "dask") for a in (X, y))  # NumPy-like input
-    X, y = _as_dask(X, y, model)
-    await _check_values(client, X, y, model, local)  # before the server sees a thing
-    n_samples = X.shape[0]
+    data = await _Data.of(client, X, y, model)
+    counts = await data.check(client, model)  # before the server sees a thing
+    weights = _class_weights(settings.class_weight, counts)
+    val = None if validation is None else await _validation(client, validation, model)
+    n_samples = data.n_samples
+    n_shards = settings.n_shards
     if n_shards is None:
         n_shards = await _known_run_shards(
             client, run_name, n_samples, batch_size, epochs, seed
         )
     if n_shards is None:
-        n_batches = n_samples // batch_size if isinstance(batch_size, int) else 1
-        n_shards = max(1, min(status["nthreads"], n_batches))
-    if not isinstance(n_shards, int) or not 1 <= n_shards <= n_samples:
-        raise ValueError(
+        n_shards = max(1, min(status["nthreads"], n_samples // batch_size))
+    if (
+        isinstance(n_shards, bool)
+        or not isinstance(n_shards, int)
+        or not 1 <= n_shards <= n_samples
+    ):
+        raise InvalidRequest(
             f"n_shards must be an integer in [1, {n_samples}]: {n_shards!r}"
         )
     sizes = tuple(len(part) for part in np.array_split(np.arange(n_samples), n_shards))
@@ -189,7 +307,9 @@ async def _train(
         "ftps_begin_run",
     )
     run = begun["run"]
-    if begun["finished"]:
+    recorded = list(begun["history"])
+    stopped = bool(recorded and recorded[-1].get("stopped"))
+    if begun["finished"] and (stopped or len(recorded) >= epochs):
         logger.info(
             "Run %d (%r) is finished: returning it, nothing trained", run, run_name
         )
@@ -203,27 +323,32 @@ async def _train(
             trained=False,
             first_epoch=spec.epochs,
         )
-    first_epoch = min(epoch for epoch, _ in begun["next"])
+    # An epoch whose updates were all committed but whose record was not (the
+    # driver died in between) is run again: its tasks find nothing left to push,
+    # and its record is taken now (without training loss: that was lost).
+    first_epoch = min(min(epoch for epoch, _ in begun["next"]), len(recorded))
     if first_epoch > 0:
         logger.info("Resuming run %d at epoch %d", run, first_epoch)
+    history = recorded[:first_epoch]
+    stopper = _Stopper(settings.early_stopping, float(settings.tol))
+    for record in history:  # a resumed run goes on counting where it was
+        stopper.update(record)
 
-    X = X.rechunk({0: sizes, 1: -1})
-    y = y.rechunk({0: sizes})
-    xs = client.compute(list(X.to_delayed().ravel()))
-    ys = client.compute(list(y.to_delayed().ravel()))
-    val = None if validation is None else _as_numpy(validation, model)
-    bar = _progress_bar(progress, spec.minibatches, run)
+    shards = await data.shards(client, sizes)
+    bar = _progress_bar(settings.progress, spec.minibatches, run)
     token = uuid.uuid4().hex[:8]
-    history = list(begun["history"])[:first_epoch]
     start = time.perf_counter()
     try:
         for epoch in range(first_epoch, epochs):
             t0 = time.perf_counter()
-            futures = [
-                client.submit(
+            if bar is not None:
+                bar.set_description(f"ftps run {run} epoch {epoch + 1}/{epochs}")
+
+            def submit(s: int, attempt: int, epoch: int = epoch):
+                return client.submit(
                     _train_shard,
-                    xs[s],
-                    ys[s],
+                    shards.xs[s],
+                    shards.ys[s],
                     model=model,
                     mode=status["mode"],
                     first=UpdateKey(run, epoch, s, 0),
@@ -231,31 +356,51 @@ async def _train(
                     seed=seed,
                     device=config.get("device"),
                     inflight=status.get("inflight", 1),
-                    key=f"ftps-train-{run}-{epoch}-{s}-{token}",
+                    class_weight=weights,
+                    key=f"ftps-train-{run}-{epoch}-{s}-{token}-{attempt}",
                 )
-                for s in range(n_shards)
-            ]
-            stats = await _gather_with_progress(client, futures, bar)
-            history.append(
-                await _epoch_record(client, model, stats, val, time.perf_counter() - t0)
+
+            stats = await _run_epoch(client, submit, shards, n_shards, bar)
+            record = await _epoch_record(
+                client, model, stats, val, time.perf_counter() - t0
             )
+            stop = stopper.update(record)
+            if stop:
+                logger.info(
+                    "Run %d: val_loss has not improved by more than %g for %d "
+                    "epochs: stopping after epoch %d",
+                    run,
+                    stopper.tol,
+                    stopper.patience,
+                    epoch,
+                )
+            for callback in settings.callbacks:
+                if callback(epoch, dict(record)):
+                    logger.info(
+                        "Run %d: a callback stops it after epoch %d", run, epoch
+                    )
+                    stop = True
+            if stop and epoch + 1 < epochs:
+                record["stopped"] = 1.0
+            history.append(record)
             check_reply(
                 await client.scheduler.ftps_end_epoch(
-                    run=run, epoch=epoch, values=history[-1]
+                    run=run, epoch=epoch, values=record
                 ),
                 "ftps_end_epoch",
             )
-            logger.info("Run %d epoch %d: %s", run, epoch, history[-1])
+            logger.info("Run %d epoch %d: %s", run, epoch, record)
             if bar is not None:
                 bar.set_postfix(
-                    {k: f"{v:.3f}" for k, v in history[-1].items() if k != "seconds"}
+                    {k: f"{v:.3f}" for k, v in record.items() if k != "seconds"}
                 )
+            if record.get("stopped"):
+                break
         await _update_bar(client, bar)
     finally:
         if bar is not None:
             bar.close()
-        for future in xs + ys:  # our references only: data the caller holds stays
-            future.release()
+        shards.release()
     final = check_reply(await client.scheduler.ftps_status(), "ftps_status")
     return TrainResult(
         version=final["version"],
@@ -303,6 +448,7 @@ def _train_shard(
     seed: int,
     device: str,
     inflight: int = 1,
+    class_weight: np.ndarray | None = None,
 ) -> dict[str, float]:
     """One shard's minibatch loop for one epoch; runs in a task on a worker.
 
@@ -316,9 +462,18 @@ def _train_shard(
     plugin = get_worker_plugin()
     run, epoch, shard = first.run, first.epoch, first.shard
     xp = _namespace(device)
-    X = to_namespace({"X": np.asarray(X, dtype=np.float32)}, xp)["X"]
+    sparse = _is_sparse(X)  # kept sparse; each minibatch is made dense
+    if sparse:
+        X = X.tocsr().astype(np.float32)
+    else:
+        X = to_namespace({"X": np.asarray(X, dtype=np.float32)}, xp)["X"]
     y = to_namespace({"y": np.asarray(y, dtype=np.int64)}, xp)["y"]
-    order = np.random.default_rng([seed, epoch, shard]).permutation(len(X))
+    weight = (
+        None
+        if class_weight is None
+        else to_namespace({"w": np.asarray(class_weight, dtype=np.float32)}, xp)["w"]
+    )
+    order = np.random.default_rng([seed, epoch, shard]).permutation(X.shape[0])
     batches = np.array_split(order, n_steps)  # near-equal: no tiny last minibatch
     stats = {"loss_sum": 0.0, "correct": 0, "n": 0, "computed": 0, "skipped": 0}
 
@@ -378,7 +533,13 @@ def _train_shard(
             params = to_namespace(copy.params, xp)
             device_version = (copy.server, copy.version)
         batch = batches[step]
-        loss, grads, correct = model.loss_and_grad(params, X[batch], y[batch])
+        xb = X[batch]
+        if sparse:
+            xb = to_namespace({"X": xb.toarray()}, xp)["X"]
+        yb = y[batch]
+        loss, grads, correct = model.loss_and_grad(
+            params, xb, yb, None if weight is None else weight[yb]
+        )
         nxt = (epoch, step + 1) if step + 1 < n_steps else None
         future = plugin.push_async(
             UpdateKey(run, epoch, shard, step),
@@ -426,69 +587,275 @@ def _check_settings(**settings: object) -> None:
             raise InvalidRequest(f"{name} must be at least {least}, got {value}")
 
 
-async def _check_values(
-    client: Client, X: da.Array, y: da.Array, model: Model, local: bool
-) -> None:
-    """Refuse data the run would fail on half-way: no samples, NaN or infinite
-    features, labels outside the model's classes. One pass over the data, here
-    for NumPy input (``local``) and on the cluster for Dask input, before any
-    update is sent."""
+def _is_sparse(a: Any) -> bool:
+    """A SciPy sparse matrix or array (without importing SciPy)."""
+    return hasattr(a, "tocsr") and hasattr(a, "nnz")
+
+
+def _is_dask_collection(a: Any) -> bool:
+    return hasattr(a, "__dask_graph__")
+
+
+def _local(a: Any, name: str, dtype: Any = None) -> Any:
+    """NumPy (or SciPy sparse, for X) from array-likes such as pandas objects."""
+    if _is_sparse(a) and name == "X":
+        return a.tocsr()
+    if _is_sparse(a):
+        raise InvalidRequest("y must be dense: a 1-D array of labels")
+    try:
+        return np.asarray(a, dtype=dtype)
+    except (TypeError, ValueError) as e:
+        raise InvalidRequest(f"{name} cannot be read as numbers: {e}") from None
+
+
+async def _known_chunks(client: Client, a: da.Array) -> da.Array:
+    """``a`` with the row counts of its chunks known (computed on the cluster
+    when they are not, as ``compute_chunk_sizes()`` would, without blocking)."""
     import dask
     import dask.array as da
 
-    if X.shape[0] == 0:
-        raise InvalidRequest("X has no samples: there is nothing to train on")
-    checks = [da.isfinite(X).all(), y.min(), y.max()]
-    if local:
-        finite, low, high = dask.compute(*checks, scheduler="sync")
-    else:
-        finite, low, high = await client.gather(
-            client.compute(checks), asynchronous=True
-        )
-    if not finite:
-        raise InvalidRequest(
-            "X holds NaN or infinite values: impute or drop them first"
-        )
-    n_classes = model.n_classes
-    if low < 0 or high >= n_classes:
-        bad = low if low < 0 else high
-        raise InvalidRequest(
-            f"y holds the label {bad}, but the server's model has {n_classes} classes: "
-            f"labels must be integers in [0, {n_classes})"
-        )
+    if not any(np.isnan(c) for c in a.chunks[0]):
+        return a
+    if a.ndim == 2 and any(np.isnan(c) for c in a.chunks[1]):
+        raise InvalidRequest("X needs a known number of columns")
+    blocks = a.to_delayed().ravel() if a.ndim == 1 else a.to_delayed()[:, 0]
+    futures = client.compute([dask.delayed(len)(b) for b in blocks])
+    lengths = tuple(await client.gather(futures, asynchronous=True))
+    chunks = (lengths,) if a.ndim == 1 else (lengths, *a.chunks[1:])
+    return da.Array(a.dask, a.name, chunks, dtype=a.dtype, meta=a._meta)
 
 
-def _as_dask(X: Any, y: Any, model: Model) -> tuple[da.Array, da.Array]:
+@dataclass(frozen=True)
+class _Data:
+    """``train()``'s input, either local (NumPy, SciPy sparse) or Dask arrays."""
+
+    X: Any
+    y: Any
+    local: bool
+
+    @classmethod
+    async def of(cls, client: Client, X: Any, y: Any, model: Model) -> _Data:
+        """Read ``X`` and ``y``; check their shapes against each other and the
+        model."""
+        if X is None or y is None:
+            raise InvalidRequest("train() needs both X and y")
+        lazy = [_is_dask_collection(a) for a in (X, y)]
+        if any(lazy):
+            X = await _as_dask_array(client, X, "X")
+            y = await _as_dask_array(client, y, "y")
+            data = cls(X, y, local=False)
+        else:
+            data = cls(_local(X, "X"), _local(y, "y"), local=True)
+        X, y = data.X, data.y
+        if X.ndim != 2 or y.ndim != 1:
+            raise InvalidRequest(
+                f"X must be 2-D and y 1-D, got {X.ndim}-D and {y.ndim}-D"
+            )
+        if X.shape[0] != y.shape[0]:
+            raise InvalidRequest(f"X has {X.shape[0]} rows but y has {y.shape[0]}")
+        if X.shape[0] == 0:
+            raise InvalidRequest("X has no samples: there is nothing to train on")
+        if X.shape[1] != model.n_features:
+            raise InvalidRequest(
+                f"X has {X.shape[1]} features, the server's model expects "
+                f"{model.n_features}"
+            )
+        if np.dtype(X.dtype).kind not in "biuf":
+            raise InvalidRequest(f"X must hold real numbers, not {X.dtype}")
+        if np.dtype(y.dtype).kind not in "iu":
+            raise InvalidRequest(
+                f"y must hold integer class labels, not {y.dtype} (FTPSClassifier "
+                "encodes labels of any type)"
+            )
+        return data
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.X.shape[0])
+
+    async def check(self, client: Client, model: Model) -> np.ndarray:
+        """Refuse data the run would fail on half-way: NaN or infinite features,
+        labels outside the model's classes. One pass over the data, here for
+        local input and on the cluster for Dask input, before any update is
+        sent. Returns the count of each class."""
+        n_classes = model.n_classes
+        if self.local:
+            values = self.X.data if _is_sparse(self.X) else self.X
+            finite = bool(np.isfinite(values).all())
+            low, high = int(self.y.min()), int(self.y.max())
+            counts = None
+            if low >= 0 and high < n_classes:
+                counts = np.bincount(self.y, minlength=n_classes)
+        else:
+            import dask.array as da
+
+            y = self.y
+            checks = [
+                da.isfinite(self.X).all(),
+                y.min(),
+                y.max(),
+                da.bincount(da.clip(y, 0, n_classes - 1), minlength=n_classes),
+            ]
+            finite, low, high, counts = await client.gather(
+                client.compute(checks), asynchronous=True
+            )
+        if not finite:
+            raise InvalidRequest(
+                "X holds NaN or infinite values: impute or drop them first"
+            )
+        if low < 0 or high >= n_classes:
+            bad = low if low < 0 else high
+            raise InvalidRequest(
+                f"y holds the label {bad}, but the server's model has {n_classes} "
+                f"classes: labels must be integers in [0, {n_classes})"
+            )
+        return np.asarray(counts)
+
+    async def shards(self, client: Client, sizes: tuple[int, ...]) -> _Shards:
+        """Futures of each shard's X and y: local input is scattered (one piece
+        per shard, not embedded in a graph), Dask input computed in place."""
+        if self.local:
+            bounds = np.cumsum((0, *sizes))
+            parts = [(self.X[a:b], self.y[a:b]) for a, b in itertools.pairwise(bounds)]
+            shards = _Shards([], [], parts)
+            for s in range(len(parts)):
+                await shards.scatter(client, s)
+            return shards
+        X = self.X.rechunk({0: sizes, 1: -1})
+        y = self.y.rechunk({0: sizes})
+        xs = client.compute(list(X.to_delayed().ravel()))
+        ys = client.compute(list(y.to_delayed().ravel()))
+        return _Shards(xs, ys, None)
+
+
+@dataclass
+class _Shards:
+    """Futures of the shards' X and y. Dask recomputes a lost chunk of a Dask
+    input; a scattered shard (``parts``: local input) lost with its worker is
+    scattered again from the caller's data."""
+
+    xs: list
+    ys: list
+    parts: list[tuple[Any, Any]] | None
+
+    def lost(self, s: int) -> bool:
+        if self.parts is None:
+            return False
+        return any(f.status != "finished" for f in (self.xs[s], self.ys[s]))
+
+    async def scatter(self, client: Client, s: int) -> None:
+        """Scatter shard ``s`` (again, if its futures exist)."""
+        X, y = self.parts[s]
+        x_future, y_future = await client.scatter([X, y], hash=False)
+        if s < len(self.xs):
+            self.xs[s].release()
+            self.ys[s].release()
+            self.xs[s], self.ys[s] = x_future, y_future
+        else:
+            self.xs.append(x_future)
+            self.ys.append(y_future)
+
+    def release(self) -> None:
+        """Drop our references (data the caller holds stays)."""
+        for future in self.xs + self.ys:
+            future.release()
+
+
+async def _as_dask_array(client: Client, a: Any, name: str) -> da.Array:
+    """A Dask array with known chunk sizes from a Dask collection (a DataFrame or
+    Series too) or an in-memory array-like."""
     import dask.array as da  # here, not at import: the scheduler preload stays light
 
-    X = X if isinstance(X, da.Array) else da.from_array(np.asarray(X))
-    y = y if isinstance(y, da.Array) else da.from_array(np.asarray(y))
-    if X.ndim != 2 or y.ndim != 1:
-        raise ValueError(f"X must be 2-D and y 1-D, got {X.ndim}-D and {y.ndim}-D")
-    if any(np.isnan(c) for c in X.chunks[0] + y.chunks[0]):
-        raise ValueError("X and y need known chunk sizes: call compute_chunk_sizes()")
-    if X.shape[0] != y.shape[0]:
-        raise ValueError(f"X has {X.shape[0]} rows but y has {y.shape[0]}")
-    if X.shape[1] != model.n_features:
-        raise ValueError(
-            f"X has {X.shape[1]} features, the server's model expects {model.n_features}"
+    if hasattr(a, "to_dask_array"):  # a Dask DataFrame or Series
+        a = a.to_dask_array()
+    elif not isinstance(a, da.Array):
+        if _is_dask_collection(a):
+            raise InvalidRequest(
+                f"{name} is a {type(a).__name__}: give a Dask array or DataFrame"
+            )
+        local = _local(a, name)
+        if _is_sparse(local):
+            local = local.toarray()  # beside Dask input, it is small
+        a = da.from_array(local)
+    return await _known_chunks(client, a)
+
+
+def _class_weights(class_weight: Any, counts: np.ndarray) -> np.ndarray | None:
+    """The weight of each class, from ``train()``'s ``class_weight``."""
+    if class_weight is None:
+        return None
+    n_classes = len(counts)
+    if isinstance(class_weight, str):
+        if class_weight != "balanced":
+            raise InvalidRequest(
+                f"class_weight must be None, 'balanced' or a mapping, got "
+                f"{class_weight!r}"
+            )
+        present = counts > 0
+        weights = np.ones(n_classes)
+        weights[present] = counts.sum() / (present.sum() * counts[present])
+        return weights.astype(np.float32)
+    if not isinstance(class_weight, Mapping):
+        raise InvalidRequest(
+            f"class_weight must be None, 'balanced' or a mapping of class to weight, "
+            f"got {type(class_weight).__name__}"
         )
-    if y.dtype.kind not in "iu":
-        raise ValueError(f"y must hold integer class labels, not {y.dtype}")
-    return X, y
+    weights = np.ones(n_classes, dtype=np.float32)
+    for label, weight in class_weight.items():
+        if (
+            isinstance(label, bool)
+            or not isinstance(label, numbers.Integral)
+            or not 0 <= label < n_classes
+        ):
+            raise InvalidRequest(
+                f"class_weight names the class {label!r}: classes are integers in "
+                f"[0, {n_classes})"
+            )
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, numbers.Real)
+            or not np.isfinite(weight)
+            or weight < 0
+        ):
+            raise InvalidRequest(
+                f"class_weight[{label}] must be a finite number >= 0, got {weight!r}"
+            )
+        weights[int(label)] = weight
+    return weights
 
 
-def _as_numpy(
-    validation: tuple[Any, Any], model: Model
+async def _validation(
+    client: Client, validation: Any, model: Model
 ) -> tuple[np.ndarray, np.ndarray]:
-    Xv, yv = (
-        np.asarray(a.compute() if hasattr(a, "compute") else a) for a in validation
-    )
-    if Xv.ndim != 2 or Xv.shape[1] != model.n_features or len(Xv) != len(yv):
-        raise ValueError(
-            f"validation must be (X, y) with {model.n_features} features and one label "
-            f"per row, got shapes {Xv.shape} and {yv.shape}"
+    """``(X_val, y_val)`` in memory, checked against the model."""
+    if not isinstance(validation, tuple | list) or len(validation) != 2:
+        raise InvalidRequest("validation must be a pair (X_val, y_val)")
+    arrays = []
+    for a, name in zip(validation, ("X_val", "y_val"), strict=True):
+        if hasattr(a, "to_dask_array"):
+            a = a.to_dask_array()
+        if _is_dask_collection(a):
+            a = await client.compute(a)
+        a = _local(a, name)
+        arrays.append(a.toarray() if _is_sparse(a) else a)
+    Xv, yv = arrays
+    if (
+        Xv.ndim != 2
+        or yv.ndim != 1
+        or Xv.shape[1] != model.n_features
+        or len(Xv) != len(yv)
+        or len(yv) == 0
+    ):
+        raise InvalidRequest(
+            f"validation must be (X, y) with {model.n_features} features and one "
+            f"label per row, got shapes {Xv.shape} and {yv.shape}"
         )
+    if yv.dtype.kind not in "iu" or yv.min() < 0 or yv.max() >= model.n_classes:
+        raise InvalidRequest(
+            f"validation labels must be integers in [0, {model.n_classes})"
+        )
+    if not np.isfinite(Xv).all():
+        raise InvalidRequest("validation X holds NaN or infinite values")
     return Xv.astype(np.float32), yv.astype(np.int64)
 
 
@@ -529,13 +896,58 @@ async def _update_bar(client: Client, bar) -> None:
         bar.update((status["run"] or {}).get("accepted", 0) - bar.n)
 
 
-async def _gather_with_progress(client: Client, futures: list, bar) -> list:
-    gathered = asyncio.ensure_future(client.gather(futures, asynchronous=True))
+async def _run_epoch(
+    client: Client, submit: Callable[[int, int], Any], shards: _Shards, n: int, bar
+) -> list[dict[str, float]]:
+    """Run each shard's task of an epoch until all have finished.
+
+    A task that fails because its scattered shard was lost with its worker is
+    submitted again at once (the others may wait for it: a sync round) on the
+    shard scattered again: it goes on where the server says the shard stands.
+    Any other failure is raised.
+    """
+
+    async def outcome(future) -> tuple[bool, Any]:
+        try:
+            return True, await future
+        except Exception as e:  # noqa: BLE001 - raised below unless data was lost
+            return False, e
+
+    futures = {s: submit(s, 0) for s in range(n)}
+    tasks = {s: asyncio.ensure_future(outcome(f)) for s, f in futures.items()}
+    stats: dict[int, dict[str, float]] = {}
+    attempts = 0
     try:
-        while True:
-            done, _ = await asyncio.wait({gathered}, timeout=0.5)
+        while tasks:
+            await asyncio.wait(
+                tasks.values(), timeout=0.5, return_when=asyncio.FIRST_COMPLETED
+            )
             await _update_bar(client, bar)
-            if done:
-                return gathered.result()
+            for s, task in list(tasks.items()):
+                if not task.done():
+                    continue
+                ok, value = task.result()
+                del tasks[s]
+                if ok:
+                    stats[s] = value
+                    continue
+                lost = shards.lost(s) or (
+                    shards.parts is not None and isinstance(value, FutureCancelledError)
+                )
+                if not lost or attempts >= _MAX_RESUBMITS * n:
+                    raise value
+                attempts += 1
+                logger.warning(
+                    "Shard %d's data was lost with its worker: scattering it again", s
+                )
+                await shards.scatter(client, s)
+                futures[s] = submit(s, attempts)
+                tasks[s] = asyncio.ensure_future(outcome(futures[s]))
     finally:
-        gathered.cancel()  # interrupted (Ctrl-C): no gather left unretrieved
+        for task in tasks.values():  # interrupted (Ctrl-C): nothing left running
+            task.cancel()
+    return [stats[s] for s in range(n)]
+
+
+#: Resubmissions per shard of an epoch whose scattered data was lost.
+_MAX_RESUBMITS = 3

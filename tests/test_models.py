@@ -45,6 +45,42 @@ def test_gradient_matches_finite_differences(model: Model) -> None:
 
 
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: m.kind)
+def test_weighted_gradient_matches_finite_differences(model: Model) -> None:
+    X, y = _data()
+    weight = np.random.default_rng(2).uniform(0.1, 3.0, size=len(y))
+    params = {k: v.astype(np.float64) for k, v in model.init_params().items()}
+    loss, grads, _ = model.loss_and_grad(params, X, y, sample_weight=weight)
+    plain, _, _ = model.loss_and_grad(params, X, y)
+    assert loss != pytest.approx(plain)
+    h = 1e-6
+    for name, p in params.items():
+        idx = np.unravel_index(p.size // 2, p.shape)
+        plus = {k: v.copy() for k, v in params.items()}
+        minus = {k: v.copy() for k, v in params.items()}
+        plus[name][idx] += h
+        minus[name][idx] -= h
+        num = (
+            model.loss_and_grad(plus, X, y, sample_weight=weight)[0]
+            - model.loss_and_grad(minus, X, y, sample_weight=weight)[0]
+        ) / (2 * h)
+        ana = grads[name][idx]
+        assert abs(num - ana) / max(abs(num) + abs(ana), 1e-6) < 1e-5, name
+
+
+@pytest.mark.parametrize("model", MODELS, ids=lambda m: m.kind)
+def test_unit_weights_give_the_unweighted_bits(model: Model) -> None:
+    X, y = _data()
+    params = model.init_params()
+    plain = model.loss_and_grad(params, X, y)
+    ones = model.loss_and_grad(params, X, y, sample_weight=np.ones(len(y)))
+    assert ones[0] == pytest.approx(plain[0], rel=1e-6)
+    for name in params:
+        np.testing.assert_allclose(ones[1][name], plain[1][name], rtol=1e-6)
+    with pytest.raises(ValueError, match="sample_weight must have shape"):
+        model.loss_and_grad(params, X, y, sample_weight=np.ones(3))
+
+
+@pytest.mark.parametrize("model", MODELS, ids=lambda m: m.kind)
 def test_loss_and_grad_float32_outputs(model: Model) -> None:
     X, y = _data()
     params = model.init_params()

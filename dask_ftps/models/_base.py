@@ -28,7 +28,9 @@ def _freeze_int(obj: Any, name: str, minimum: int) -> None:
     object.__setattr__(obj, name, _check_int(name, getattr(obj, name), minimum))
 
 
-def _softmax_xent(logits: Any, y: Any, xp: Any) -> tuple[Any, Any, Any]:
+def _softmax_xent(
+    logits: Any, y: Any, xp: Any, weight: Any = None
+) -> tuple[Any, Any, Any]:
     """Mean softmax cross-entropy, its gradient wrt logits, and hit count.
 
     Parameters
@@ -39,11 +41,13 @@ def _softmax_xent(logits: Any, y: Any, xp: Any) -> tuple[Any, Any, Any]:
         Labels in ``[0, k)``.
     xp : module
         Array namespace.
+    weight : array, shape (n,), optional
+        Per-row weights: the loss is ``sum(weight * row_loss) / n``.
 
     Returns
     -------
     loss : 0-d array
-        Mean cross-entropy.
+        Mean (weighted) cross-entropy.
     dlogits : array, shape (n, k)
         Gradient of ``loss`` wrt ``logits``.
     n_correct : 0-d array
@@ -53,9 +57,13 @@ def _softmax_xent(logits: Any, y: Any, xp: Any) -> tuple[Any, Any, Any]:
     rows = xp.arange(n)
     z = logits - logits.max(axis=1, keepdims=True)
     logp = z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))
-    loss = -logp[rows, y].sum() / n
     dlogits = xp.exp(logp)
     dlogits[rows, y] -= 1
+    if weight is None:
+        loss = -logp[rows, y].sum() / n
+    else:
+        loss = -(weight * logp[rows, y]).sum() / n
+        dlogits *= weight[:, None]
     dlogits /= n
     n_correct = (logits.argmax(axis=1) == y).sum()
     return loss, dlogits, n_correct
@@ -151,7 +159,7 @@ class Model(ABC):
         return X
 
     def loss_and_grad(
-        self, params: dict[str, Any], X: Any, y: Any
+        self, params: dict[str, Any], X: Any, y: Any, sample_weight: Any = None
     ) -> tuple[float, dict[str, Any], int]:
         """Mean softmax cross-entropy over a batch and its gradient.
 
@@ -164,11 +172,14 @@ class Model(ABC):
             Features, cast to the parameter dtype.
         y : array of int, shape (n,)
             Labels in ``[0, n_classes)``.
+        sample_weight : array, shape (n,), optional
+            Non-negative row weights (for example a class weight per label): the
+            loss is ``sum(sample_weight * row_loss) / n``.
 
         Returns
         -------
         loss : float
-            Mean cross-entropy.
+            Mean (weighted) cross-entropy.
         grads : dict of str to array
             Same names, shapes and dtypes as ``params``.
         n_correct : int
@@ -188,8 +199,17 @@ class Model(ABC):
         n_classes = ws[-1].shape[1]
         if int(y.min()) < 0 or int(y.max()) >= n_classes:
             raise ValueError(f"labels must lie in [0, {n_classes})")
+        weight = None
+        if sample_weight is not None:
+            weight = xp.asarray(sample_weight, dtype=X.dtype)
+            if weight.shape != (n,):
+                raise ValueError(
+                    f"sample_weight must have shape ({n},), got {tuple(weight.shape)}"
+                )
         acts = _dense_forward(ws, bs, X, xp)
-        loss, dlogits, n_correct = _softmax_xent(acts[-1], y.astype(xp.int64), xp)
+        loss, dlogits, n_correct = _softmax_xent(
+            acts[-1], y.astype(xp.int64), xp, weight
+        )
         dws, dbs = _dense_backward(ws, acts[:-1], dlogits)
         grads = {}
         for (wn, bn), dw, db in zip(self._layers(), dws, dbs, strict=True):
