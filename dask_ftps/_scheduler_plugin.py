@@ -24,8 +24,9 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 from distributed.protocol.serialize import ToPickle
 from distributed.utils import offload
+from tornado.ioloop import PeriodicCallback
 
-from dask_ftps import config
+from dask_ftps import _dashboard, _metrics, config
 from dask_ftps._core import (
     MAX_COUNT,
     MAX_EPOCHS,
@@ -43,6 +44,7 @@ from dask_ftps._core import (
     field_step,
     field_str,
 )
+from dask_ftps._dashboard import Tracker
 from dask_ftps._exceptions import (
     FTPSError,
     InvalidRequest,
@@ -64,6 +66,9 @@ if TYPE_CHECKING:
     from distributed import Scheduler
 
 logger = logging.getLogger(__name__)
+
+#: The scheduler's periodic callback that samples the server for the dashboard.
+_SAMPLER = "ftps-dashboard"
 
 
 def _replies_errors(handler: Callable[..., Awaitable[dict]]):
@@ -287,6 +292,7 @@ class ParameterServer(SchedulerPlugin):
             logger.info("Replacing the registered parameter server %r", self.name)
             del scheduler.plugins[self.name]
         scheduler.handlers.update(self._handlers)
+        await self._start_dashboard(old if isinstance(old, ParameterServer) else None)
         # Idempotent: a server replacing another may use the workers' model copies
         # in its recovery (copies are tagged with the server that sent them).
         await scheduler.register_worker_plugin(
@@ -310,8 +316,54 @@ class ParameterServer(SchedulerPlugin):
         for op, handler in self._handlers.items():
             if handlers.get(op) == handler:
                 del handlers[op]
+        self._stop_dashboard()
         if self._server is not None:
             await self._server.close()
+
+    # -- the dashboard page and the metrics (dask_ftps._dashboard, _metrics) ------
+
+    _tracker: Tracker | None = None
+    _sampler: PeriodicCallback | None = None
+
+    async def _start_dashboard(self, old: ParameterServer | None) -> None:
+        """Serve ``/ftps`` and the metrics of this server, in place of ``old``'s."""
+        for previous in (old, self):  # self: started again
+            if previous is not None:
+                previous._stop_dashboard()
+        try:
+            self._tracker = Tracker(self.server)
+            await self._tracker.refresh()  # a rebuilt run's shards at once
+            _dashboard.install(self.scheduler)
+            _metrics.attach(self)
+        except Exception:  # the server serves without its page
+            logger.warning("The /ftps page and metrics are not served", exc_info=True)
+            self._stop_dashboard()
+            return
+        self._sampler = PeriodicCallback(
+            self._refresh_dashboard, _dashboard.SAMPLE_INTERVAL * 1000
+        )
+        self.scheduler.periodic_callbacks[_SAMPLER] = self._sampler
+        self._sampler.start()
+
+    def _stop_dashboard(self) -> None:
+        """Leave ``/ftps`` answering "no parameter server" and the metrics out."""
+        if self._sampler is not None:
+            self._sampler.stop()
+            callbacks = self.scheduler.periodic_callbacks
+            if callbacks.get(_SAMPLER) is self._sampler:
+                del callbacks[_SAMPLER]
+            self._sampler = None
+        self._tracker = None
+        _metrics.detach(self)
+
+    async def _refresh_dashboard(self) -> None:
+        tracker = self._tracker
+        if tracker is None or tracker.server.stopped:
+            return
+        try:
+            await tracker.refresh()
+        except Exception:  # a missed sample is no failure
+            logger.debug("The dashboard's sample failed", exc_info=True)
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
         if self._server is not None:

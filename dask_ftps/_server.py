@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import uuid
@@ -25,6 +26,7 @@ from dask_ftps._core import (
     ModelVersion,
     RunSpec,
     Update,
+    UpdateId,
     Version,
     WorkerId,
 )
@@ -240,6 +242,7 @@ class Server:
                     state.history = before
                     self._journal_failed(e)
                     raise self._refusal(e) from e
+            self._durable = self._view()  # a run stopped early is finished now
         return {"status": "OK"}
 
     async def next_step(self, run: int, shard: int) -> dict:
@@ -333,6 +336,31 @@ class Server:
         if speculative > 0:  # a batch is being written: not accepted yet
             records["global"] = records["global"][:-speculative]
         return records
+
+    @property
+    def accepted(self) -> int:
+        """Updates accepted so far (with a journal: durable in it)."""
+        return int(self._durable["updates"])
+
+    @property
+    def stopped(self) -> bool:
+        """Whether :meth:`retire` or :meth:`close` stopped this server."""
+        return self._merger.done()
+
+    async def durable_rows(
+        self, start: int
+    ) -> tuple[int, list[tuple[UpdateId, WorkerId, Version]]]:
+        """The global dataset's durable rows from number ``start`` on (counted
+        from the server's first update), and the number of the first one given:
+        above ``start`` where older rows were trimmed from memory."""
+        async with self._lock:  # not while a batch is applied off the loop
+            rows = self.state.global_rows
+            offset = self.state.updates - len(rows)  # rows trimmed before these
+            first = max(start, offset)
+            end = self.accepted
+            if end <= first:
+                return first, []
+            return first, list(itertools.islice(rows, first - offset, end - offset))
 
     def forget_worker(self, worker: str) -> None:
         self.state.forget_worker(WorkerId(worker))

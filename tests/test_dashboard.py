@@ -1,0 +1,407 @@
+"""The ``/ftps`` dashboard page, its JSON view and the Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Awaitable, Callable
+
+import pytest
+from distributed.utils_test import gen_cluster
+from tornado.httpclient import AsyncHTTPClient
+
+import dask_ftps
+from dask_ftps import SGD, ParameterServer
+from dask_ftps._core import check_reply
+from dask_ftps._dashboard import NO_SERVER, FTPSPage, Sample, _rules
+from dask_ftps.models import SoftmaxRegression
+
+from .conftest import digits
+from .test_plugin import MODEL, SPEC, push
+
+#: The module to list in ``distributed.scheduler.http.routes``.
+ROUTES = "dask_ftps._dashboard"
+
+
+async def fetch(port: int, path: str) -> tuple[int, str, str]:
+    """``(code, content type, body)`` of a GET on the scheduler's HTTP server."""
+    response = await AsyncHTTPClient().fetch(
+        f"http://127.0.0.1:{port}/{path.lstrip('/')}", raise_error=False
+    )
+    return (
+        response.code,
+        response.headers.get("Content-Type", ""),
+        response.body.decode(),
+    )
+
+
+async def view(port: int, prefix: str = "/") -> dict:
+    code, kind, body = await fetch(port, prefix + "ftps/status.json")
+    assert code == 200, body
+    assert kind.startswith("application/json")
+    return json.loads(body)
+
+
+async def metrics(port: int) -> dict[str, list]:
+    """The ``dask_ftps_*`` samples of ``/metrics``: ``{name: [(labels, value)]}``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    code, _, body = await fetch(port, "/metrics")
+    assert code == 200
+    out: dict[str, list] = {}
+    families = [
+        f
+        for f in text_string_to_metric_families(body)
+        if f.name.startswith("dask_ftps")
+    ]
+    names = [f.name for f in families]
+    assert len(names) == len(set(names)), names  # one collector
+    for family in families:
+        for sample in family.samples:
+            if sample.name.startswith("dask_ftps"):
+                out.setdefault(sample.name, []).append((sample.labels, sample.value))
+    assert "dask_scheduler_workers" in body  # distributed's own metrics are there too
+    return out
+
+
+def page_routes(s) -> int:
+    return sum(
+        1
+        for target, _ in _rules(s.http_application)
+        if isinstance(target, type) and issubclass(target, FTPSPage)
+    )
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float) -> None:
+    """Poll ``check`` until it holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.2)
+
+
+@gen_cluster(client=True, timeout=240)
+async def test_status_json_and_metrics_follow_training(c, s, a, b, tmp_path):
+    """While train() runs, the JSON view and /metrics move; a server registered
+    again shows its recovery without a second route or collector; after close()
+    the page answers "no parameter server"."""
+    store = str(tmp_path / "run.zarr")
+    port = s.http_server.port
+    X_train, _, y_train, _ = digits()
+    await c.register_plugin(
+        ParameterServer(
+            store,
+            model=SoftmaxRegression(64, 10),
+            optimizer=SGD(lr=0.1),
+            snapshot_every=25,
+        )
+    )
+    assert page_routes(s) == 1
+    code, kind, body = await fetch(port, "/ftps")
+    assert code == 200 and kind.startswith("text/html") and "ftps/status.json" in body
+    code, _, sitemap = await fetch(port, "/sitemap.json")
+    assert "/ftps" in json.loads(sitemap)["paths"]
+
+    enough = threading.Event()  # set once the test saw what it needs: train() stops
+    training = asyncio.ensure_future(
+        dask_ftps.train(
+            c,
+            X_train,
+            y_train,
+            epochs=1000,
+            batch_size=16,
+            progress=False,
+            callbacks=[lambda epoch, record: enough.is_set()],
+        )
+    )
+    versions: list[int] = []
+    rates: list[float] = []
+    scraped: list[float] = []
+
+    async def moving() -> bool:
+        assert not training.done(), training.result()  # still training
+        v = await view(port)
+        assert v["status"] == "OK"
+        if v["version"] > (versions[-1] if versions else 0):
+            versions.append(v["version"])
+        if v["updates_per_second"]:
+            rates.append(v["updates_per_second"])
+        m = await metrics(port)
+        if m and m["dask_ftps_version"][0][1] > (scraped[-1] if scraped else 0):
+            scraped.append(m["dask_ftps_version"][0][1])
+        return (
+            len(versions) >= 3
+            and len(scraped) >= 3
+            and bool(rates)
+            and all(sh["staleness"] is not None for sh in v["shards"])
+        )
+
+    await wait_until(moving, timeout=120)
+    v = await view(port)
+    m = await metrics(port)
+    enough.set()
+    result = await training
+    assert result.stopped_early
+
+    assert v["mode"] == "async" and v["incarnation"] == 1 and v["store"]
+    assert v["model"] == "SoftmaxRegression"
+    assert len(v["shards"]) == result.n_shards == 3  # a thread each
+    for shard in v["shards"]:
+        assert 0 <= shard["staleness"] <= v["version"]
+        assert shard["lag"] >= 0
+    assert v["journal"]["records"] > 0 and v["journal"]["bytes"] > 0
+    assert v["recovery"] is None  # a new store: nothing to recover
+    actions = [e["action"] for e in v["events"]]  # the newest, newest first
+    assert "snapshot" in actions and set(actions) <= {"run-started", "snapshot"}
+    times = [e["time"] for e in v["events"]]
+    assert times == sorted(times, reverse=True)
+    assert len(v["history"]) >= 2
+    assert {labels["shard"] for labels, _ in m["dask_ftps_shard_lag"]} == {
+        "0",
+        "1",
+        "2",
+    }
+    assert m["dask_ftps_updates_total"][0][1] > 0
+    assert m["dask_ftps_incarnation"][0][1] == 1
+    assert m["dask_ftps_journal_records"][0][1] > 0
+    (info,) = m["dask_ftps_info"]
+    assert info[0]["mode"] == "async"
+
+    # A server registered again rebuilds from the store: the same page shows it.
+    await c.register_plugin(ParameterServer(store))
+    assert page_routes(s) == 1
+    v = await view(port)
+    assert v["incarnation"] == 2
+    assert v["version"] == result.version
+    recovery = v["recovery"]
+    assert recovery["source"] in {"snapshot", a.address, b.address}
+    # async: one version per update, from the start version on
+    assert recovery["start_version"] + recovery["replayed"] == result.version
+    assert recovery["seconds"] >= 0
+    assert v["events"][0]["action"] == "recovered"
+    m = await metrics(port)
+    assert m["dask_ftps_incarnation"][0][1] == 2
+    assert m["dask_ftps_version"][0][1] == result.version
+    assert "dask_ftps_recovery_seconds" in m
+
+    await s.plugins["ftps"].close()
+    assert await view(port) == {"status": NO_SERVER}
+    code, _, body = await fetch(port, "/ftps")
+    assert code == 200 and "<h1>Parameter server</h1>" in body
+    assert await metrics(port) == {}
+    assert dask_ftps._metrics._COLLECTOR is None  # unregistered
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_staleness_lag_and_rate_as_defined(c, s, a):
+    """Staleness is the version minus the version the shard's last update took
+    part in; lag, the steps behind the fastest shard."""
+    port = s.http_server.port
+    await c.register_plugin(ParameterServer(model=MODEL, mode="async"))
+    check_reply(await c.scheduler.ftps_begin_run(spec=SPEC), "begin")  # 2 shards
+    v = await view(port)
+    assert v["version"] == 0 and v["updates"] == 0 and v["journal"] is None
+    assert [(sh["staleness"], sh["lag"]) for sh in v["shards"]] == [(None, 0)] * 2
+    await push(c, "0:0:0:0")  # version 1
+    await push(c, "0:0:1:0")  # version 2
+    await push(c, "0:0:0:1")  # version 3: shard 0 is done with its epoch
+    v = await view(port)
+    assert v["version"] == 3 and v["updates"] == 3
+    assert [(sh["staleness"], sh["lag"]) for sh in v["shards"]] == [(0, 0), (1, 1)]
+    assert [(sh["epoch"], sh["step"]) for sh in v["shards"]] == [(1, 0), (0, 1)]
+    m = await metrics(port)
+    assert sorted(
+        (lab["shard"], val) for lab, val in m["dask_ftps_shard_staleness"]
+    ) == [
+        ("0", 0.0),
+        ("1", 1.0),
+    ]
+    assert m["dask_ftps_updates_total"] == [({}, 3.0)]
+    tracker = s.plugins["ftps"]._tracker
+
+    async def rated() -> bool:
+        await tracker.refresh()
+        return tracker.rate() is not None
+
+    await wait_until(rated, timeout=10)
+    assert tracker.rate() >= 0
+    # Samples are the rate's basis: three updates between two samples one
+    # second apart are three per second.
+    tracker.samples.clear()
+    tracker.samples.extend(
+        [
+            Sample(100.0, 3, 3),
+            Sample(101.0, 6, 6),
+        ]
+    )
+    assert tracker.rate() == pytest.approx(3.0)
+
+
+@gen_cluster(
+    client=True,
+    nthreads=[("127.0.0.1", 1)],
+    config={
+        "distributed.scheduler.http.routes": [
+            "distributed.http.scheduler.prometheus",
+            "distributed.http.health",
+            ROUTES,
+        ]
+    },
+    scheduler_kwargs={"http_prefix": "/dask"},
+)
+async def test_routes_listed_in_config_under_a_prefix(c, s, a):
+    """Listed in distributed.scheduler.http.routes, the page is there from the
+    scheduler's start (under its prefix); a server adds no second route, and a
+    server registered again (memory only) is shown in place of the first."""
+    port = s.http_server.port
+    assert page_routes(s) == 1
+    assert await view(port, "/dask/") == {"status": NO_SERVER}
+    await c.register_plugin(ParameterServer(model=MODEL))
+    check_reply(await c.scheduler.ftps_begin_run(spec=SPEC), "begin")
+    await push(c, "0:0:0:0")
+    assert (await view(port, "/dask/"))["version"] == 1
+    await c.register_plugin(ParameterServer(model=MODEL))  # a fresh one: version 0
+    assert page_routes(s) == 1
+    v = await view(port, "/dask/")
+    assert (v["version"], v["shards"], v["store"]) == (0, [], None)
+    plugin = s.plugins["ftps"]
+    await c.unregister_scheduler_plugin("ftps")  # not closed, but not the server
+    assert await view(port, "/dask/") == {"status": NO_SERVER}
+    await plugin.close()
+    code, _, _ = await fetch(port, "/ftps")
+    assert code == 404  # only under the prefix
+
+
+# -- a real browser -------------------------------------------------------------------
+
+
+def _require(what: str, found: object) -> None:
+    """Skip without ``what``, unless on CI (which installs it): fail there."""
+    if found:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is missing (CI installs it)")
+    pytest.skip(f"{what} is missing")
+
+
+def _int(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+@pytest.mark.slow
+def test_page_in_a_headless_browser_follows_training(loop):
+    """Chromium shows /ftps of a cluster of processes while train() runs: the
+    version on the page moves; after close() it says "no parameter server"."""
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.options import Options
+        from selenium.webdriver.chrome.service import Service
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.wait import WebDriverWait
+    except ImportError:
+        webdriver = None
+    _require("selenium", webdriver)
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    _require("chromium", chromium)
+    chromedriver = shutil.which("chromedriver")
+    _require("chromedriver", chromedriver)
+
+    from distributed import Client, LocalCluster
+
+    X_train, _, y_train, _ = digits()
+    enough = threading.Event()
+    outcome: list = []
+
+    def train(client: Client) -> None:
+        try:
+            outcome.append(
+                dask_ftps.train(
+                    client,
+                    X_train,
+                    y_train,
+                    epochs=1000,
+                    batch_size=16,
+                    progress=False,
+                    callbacks=[lambda epoch, record: enough.is_set()],
+                )
+            )
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            outcome.append(e)
+
+    options = Options()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address="127.0.0.1:0",
+            loop=loop,
+        ) as cluster,
+        Client(cluster, loop=loop) as client,
+    ):
+        client.register_plugin(
+            ParameterServer(model=SoftmaxRegression(64, 10), optimizer=SGD(lr=0.1))
+        )
+        url = f"http://127.0.0.1:{cluster.scheduler.http_server.port}/ftps"
+        trainer = threading.Thread(target=train, args=(client,), daemon=True)
+        trainer.start()
+        driver = None
+        try:
+            # Selenium Manager is never asked: the driver's path is given.
+            driver = webdriver.Chrome(
+                service=Service(executable_path=chromedriver), options=options
+            )
+            driver.get(url)
+            wait = WebDriverWait(driver, 120, poll_frequency=0.25)
+
+            def shown(element_id: str) -> str:
+                return driver.find_element(By.ID, element_id).text
+
+            first = wait.until(lambda _: _int(shown("version")) or None)  # above 0
+            later = wait.until(
+                lambda _: (v := _int(shown("version"))) is not None and v > first and v
+            )
+            assert not outcome, outcome  # train() was running all along
+            assert later > first
+            wait.until(lambda _: (_float(shown("rate")) or 0) > 0)
+            rows = driver.find_elements(By.CSS_SELECTOR, "#shards tbody tr")
+            assert len(rows) == 2
+            assert shown("mode") == "async"
+            assert shown("store") == "memory only"
+            assert "run-started" in shown("events")
+            enough.set()
+            trainer.join(timeout=180)
+            assert not trainer.is_alive()
+            (result,) = outcome
+            assert not isinstance(result, BaseException), result
+            wait.until(lambda _: _int(shown("version")) == result.version)
+
+            async def close(dask_scheduler) -> None:
+                await dask_scheduler.plugins["ftps"].close()
+
+            client.run_on_scheduler(close)
+            wait.until(lambda _: shown("state") == NO_SERVER)
+            assert shown("version") == ""
+        finally:
+            enough.set()
+            if driver is not None:
+                driver.quit()
+            trainer.join(timeout=180)
