@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from dask_ftps import config  # noqa: F401  (loads the ftps.* defaults)
 from dask_ftps._client import get_model, records, status
 from dask_ftps._core import ModelVersion, RunSpec, UpdateKey
@@ -30,10 +32,14 @@ from dask_ftps._worker_plugin import FTPSWorkerPlugin
 from dask_ftps.optim import SGD, Adam
 from dask_ftps.training import TrainResult, train
 
+if TYPE_CHECKING:
+    from dask_ftps._estimator import FTPSClassifier
+
 __all__ = [
     "SGD",
     "Adam",
     "DuplicateUpdate",
+    "FTPSClassifier",
     "FTPSError",
     "FTPSWorkerPlugin",
     "Fenced",
@@ -63,3 +69,13 @@ __all__ = [
     "status",
     "train",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # scikit-learn is imported on first use only: a scheduler that hosts the
+    # server (and recovers it) does not pay for it at start-up.
+    if name == "FTPSClassifier":
+        from dask_ftps._estimator import FTPSClassifier
+
+        return FTPSClassifier
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
