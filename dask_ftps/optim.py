@@ -275,8 +275,10 @@ class Adam(Optimizer):
     ----------
     lr : float, default 1e-3
         Learning rate (> 0).
-    beta1, beta2 : float, default 0.9, 0.999
-        Moment decay rates in ``[0, 1)``.
+    beta1 : float, default 0.9
+        Decay rate of the first moment, in ``[0, 1)``.
+    beta2 : float, default 0.999
+        Decay rate of the second moment, in ``[0, 1)``.
     eps : float, default 1e-8
         Denominator offset (> 0).
     schedule : {"constant", "exponential", "inverse"}, default "constant"

@@ -61,6 +61,10 @@ class TrainResult:
         stopped early.
     run
         The run number on the server.
+    n_shards
+        The number of data shards of the run.
+    seconds
+        Wall time of this call's training (0.0 when it found the run finished).
     run_name
         The name the run was started with.
     trained

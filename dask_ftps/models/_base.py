@@ -168,11 +168,11 @@ class Model(ABC):
         params : dict of str to array
             Parameters (NumPy or CuPy). Computation uses their float dtype
             (float32 normally; float64 params give float64 math).
-        X : array, shape (n, n_features)
+        X : array of shape (n, n_features)
             Features, cast to the parameter dtype.
-        y : array of int, shape (n,)
+        y : array of int of shape (n,)
             Labels in ``[0, n_classes)``.
-        sample_weight : array, shape (n,), optional
+        sample_weight : array of shape (n,), optional
             Non-negative row weights (for example a class weight per label): the
             loss is ``sum(sample_weight * row_loss) / n``.
 
