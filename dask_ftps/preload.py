@@ -58,6 +58,13 @@ def storage_options(ctx: click.Context, param: click.Parameter, value: str | Non
     help="fsync every write of a local store.",
 )
 @click.option(
+    "--ftps-snapshot-every",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Versions between snapshots (default: ftps.store.snapshot-every); give "
+    "what the first ParameterServer(snapshot_every=...) gave.",
+)
+@click.option(
     "--ftps-require-run",
     is_flag=True,
     help="Refuse to start when the store holds no run to resume.",
@@ -68,6 +75,7 @@ def dask_setup(
     ftps_storage_options: dict | None,
     ftps_mode: str | None,
     ftps_durable: bool | None,
+    ftps_snapshot_every: int | None,
     ftps_require_run: bool,
 ):
     """Register a ParameterServer that resumes the store's run, if it holds one."""
@@ -78,6 +86,7 @@ def dask_setup(
         ftps_mode,
         ftps_durable,
         ftps_require_run,
+        ftps_snapshot_every,
     )
 
 
@@ -88,6 +97,7 @@ async def _setup(
     mode: str | None,
     durable: bool | None,
     require_run: bool,
+    snapshot_every: int | None = None,
 ) -> None:
     from dask_ftps._exceptions import StoreError
     from dask_ftps._scheduler_plugin import ParameterServer
@@ -111,7 +121,11 @@ async def _setup(
     # so does the scheduler's.
     scheduler.add_plugin(
         ParameterServer(
-            store=store, storage_options=storage_options, mode=mode, durable=durable
+            store=store,
+            storage_options=storage_options,
+            mode=mode,
+            durable=durable,
+            snapshot_every=snapshot_every,
         )
     )
     logger.info("dask_ftps preload: parameter server on %s", store)

@@ -64,7 +64,9 @@ def assert_exactly_once(ids: list[str]) -> None:
     assert len(ids) == TOTAL, set(ids) - expected_ids()
 
 
-def cluster_options(store: str, tmp_path, port: int = 0) -> dict:
+def cluster_options(
+    store: str, tmp_path, port: int = 0, snapshot_every: int | None = None
+) -> dict:
     """``LocalCluster`` keywords: jobs of one core (one worker process behind a
     nanny); the scheduler on 127.0.0.1 with the dask_ftps preload on ``store``
     (a server at start if the store holds a run). JSON, for the driver script."""
@@ -81,7 +83,16 @@ def cluster_options(store: str, tmp_path, port: int = 0) -> dict:
             "dashboard": False,
             "dashboard_address": None,
             "preload": ["dask_ftps.preload"],
-            "preload_argv": [["--ftps-store", store, "--ftps-mode", "async"]],
+            "preload_argv": [
+                [
+                    "--ftps-store",
+                    store,
+                    "--ftps-mode",
+                    "async",
+                    *([] if snapshot_every is None else ["--ftps-snapshot-every"]),
+                    *([] if snapshot_every is None else [str(snapshot_every)]),
+                ]
+            ],
         },
     }
 
@@ -258,6 +269,7 @@ with LocalCluster(**settings["cluster"]) as cluster, Client(cluster) as client:
                 settings["store"],
                 model=model_from_dict(settings["model"]),
                 optimizer=optimizer_from_dict(settings["optimizer"]),
+                snapshot_every=settings["snapshot_every"],
             )
         )
     status = dask_ftps.status(client)
@@ -273,9 +285,6 @@ with LocalCluster(**settings["cluster"]) as cluster, Client(cluster) as client:
     ids = [row["update_id"] for row in dask_ftps.records(client)["global"]]
     report("done", result=asdict(result), version=version, ids=ids)
 '''
-
-
-SNAPSHOT_EVERY = "DASK_FTPS__STORE__SNAPSHOT_EVERY"
 
 
 def reported(driver: Process, event: str) -> dict | None:
@@ -317,17 +326,20 @@ def test_a_lost_driver_is_restarted_on_the_store_and_resumes_the_run(tmp_path):
             "store": store,
             "data": str(tmp_path / "digits.npz"),
             "jobs": JOBS,
-            "cluster": cluster_options(store, tmp_path, free_port()),
+            # No snapshot but the first, so the store keeps every commit's rows:
+            # the first driver's server is told so, and the preload's (the
+            # restart's) by its --ftps-snapshot-every.
+            "cluster": cluster_options(
+                store, tmp_path, free_port(), snapshot_every=2 * TOTAL
+            ),
+            "snapshot_every": 2 * TOTAL,
             "model": MODEL.to_dict(),
             "optimizer": OPTIMIZER.to_dict(),
             "train": {"epochs": EPOCHS, "batch_size": BATCH, "progress": False},
         }
         (out / "settings.json").write_text(json.dumps(settings))
         args = [sys.executable, str(script), str(out / "settings.json"), str(out)]
-        # No snapshot but the first, so the store keeps every commit's rows. The
-        # config, not ParameterServer(snapshot_every=...): the preload's server
-        # (the restart) takes it from there.
-        return Process(args, out / "log", {SNAPSHOT_EVERY: str(2 * TOTAL)})
+        return Process(args, out / "log")
 
     def serving(proc: Process) -> dict:
         def up() -> bool:
