@@ -85,8 +85,8 @@ async def _push_updates(address: str, model: Any, store: str, point: Point) -> d
     from distributed import Client
     from distributed.protocol.serialize import ToPickle
 
-    from dask_ftps import SGD, ParameterServer, RunSpec
-    from dask_ftps._core import check_reply
+    from dask_ftps import SGD, ParameterServer
+    from dask_ftps._core import RunSpec, check_reply
 
     async with Client(address, asynchronous=True, timeout="60s") as client:
         await client.register_plugin(
@@ -304,8 +304,8 @@ def _same_bits(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
 def reference(model: Any, updates: int) -> tuple[int, dict[str, np.ndarray]]:
     """The model after the same ``updates`` pushes with no failure: a state with
     no store, in a fresh process (run with :func:`_in_fresh_process`)."""
-    from dask_ftps import SGD, RunSpec, UpdateKey
-    from dask_ftps._core import Update, WorkerId
+    from dask_ftps import SGD, UpdateKey
+    from dask_ftps._core import RunSpec, Update, WorkerId
     from dask_ftps._state import ParameterServerState
 
     state = ParameterServerState(model, SGD(lr=LR, momentum=MOMENTUM), mode="async")

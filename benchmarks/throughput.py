@@ -162,8 +162,7 @@ def _ps_loop(
 def _begin_run(client: Any, n_workers: int, n_steps: int, name: str = "") -> int:
     """A run of ``n_steps`` per worker; runs are known by name and spec, so one
     more of the same spec needs another ``name``."""
-    from dask_ftps import RunSpec
-    from dask_ftps._core import check_reply
+    from dask_ftps._core import RunSpec, check_reply
 
     spec = RunSpec((n_steps,) * n_workers, batch_size=1, epochs=1, seed=0)
     reply = client.sync(client.scheduler.ftps_begin_run, spec=spec.to_dict(), name=name)

@@ -1,4 +1,9 @@
-"""dask_ftps: a fault-tolerant parameter server for training classifiers on Dask."""
+"""dask_ftps: a fault-tolerant parameter server for training classifiers on Dask.
+
+``__all__`` lists what users use; the internals (the state machine
+``dask_ftps._state.ParameterServerState``, the worker plugin, message types)
+stay importable from their modules.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from dask_ftps import config  # noqa: F401  (loads the ftps.* defaults)
 from dask_ftps._client import get_model, records, status
-from dask_ftps._core import ModelVersion, RunSpec, UpdateKey
+from dask_ftps._core import UpdateKey
 from dask_ftps._exceptions import (
     DuplicateUpdate,
     Fenced,
@@ -27,8 +32,6 @@ from dask_ftps._exceptions import (
 )
 from dask_ftps._recovery import inspect, recover
 from dask_ftps._scheduler_plugin import ParameterServer
-from dask_ftps._state import ParameterServerState
-from dask_ftps._worker_plugin import FTPSWorkerPlugin
 from dask_ftps.optim import SGD, Adam
 from dask_ftps.training import TrainResult, train
 
@@ -41,17 +44,13 @@ __all__ = [
     "DuplicateUpdate",
     "FTPSClassifier",
     "FTPSError",
-    "FTPSWorkerPlugin",
     "Fenced",
     "InvalidRequest",
     "InvalidUpdate",
-    "ModelVersion",
     "NotDurable",
     "NotRegistered",
     "OutOfOrder",
     "ParameterServer",
-    "ParameterServerState",
-    "RunSpec",
     "SpecMismatch",
     "StaleIncarnation",
     "StoreCorrupted",

@@ -29,7 +29,7 @@ from dask_ftps import (
     StaleIncarnation,
     Voided,
 )
-from dask_ftps._core import check_reply
+from dask_ftps._core import RunSpec, check_reply
 from dask_ftps._store import _io
 from dask_ftps.models import MLP, SoftmaxRegression
 
@@ -61,7 +61,7 @@ def reference(ids_scales: list[tuple[str, float]]) -> dict[str, np.ndarray]:
     from dask_ftps._state import ParameterServerState
 
     state = ParameterServerState(MODEL, SGD(lr=0.1, momentum=0.5))
-    state.begin_run(dask_ftps.RunSpec.from_dict(SPEC))
+    state.begin_run(RunSpec.from_dict(SPEC))
     for update_id, scale in ids_scales:
         state.push(Update(UpdateKey.parse(update_id), WorkerId("w"), grads(scale)))
     return state.model.params
