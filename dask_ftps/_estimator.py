@@ -18,6 +18,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from dask_ftps._client import get_model
+from dask_ftps._core import MODES
 from dask_ftps._exceptions import FTPSError
 from dask_ftps._scheduler_plugin import ParameterServer
 from dask_ftps.models import MLP, Model, SoftmaxRegression
@@ -40,8 +41,13 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
     the cluster's scheduler (replacing the one there) and runs
     :func:`~dask_ftps.train`; the trained parameters are then copied into the
     estimator, so that ``predict`` runs locally (lazily, on Dask input) and the
-    fitted estimator pickles without the cluster. Labels may be of any type:
-    they are encoded with :class:`~sklearn.preprocessing.LabelEncoder`.
+    fitted estimator pickles without the cluster (unless ``client`` is a
+    ``Client`` object: give an address or None then). Labels may be of any
+    type: they are encoded with :class:`~sklearn.preprocessing.LabelEncoder`.
+
+    The settings and NumPy input are checked before the cluster is touched;
+    NaN or Inf in Dask input is found on the cluster before any update, but
+    after the fresh server replaced the one there.
 
     Parameters
     ----------
@@ -60,7 +66,8 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
         Heavy-ball momentum of ``"sgd"``.
     lr_schedule : {"constant", "exponential", "inverse"}, default "constant"
         The learning rate of epoch ``e``: ``lr``, ``lr * lr_decay ** e`` or
-        ``lr / (1 + lr_decay * e)``.
+        ``lr / (1 + lr_decay * e)``. Each ``partial_fit`` call is a run of one
+        epoch, its epoch 0: the schedule does not advance between calls.
     lr_decay : float, default 0.0
         The schedule's factor (in ``(0, 1]`` for ``"exponential"``).
     mode : {"sync", "async", "ssp"}, default "sync"
@@ -81,9 +88,12 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
         The least improvement of the validation loss that counts.
     store : str, os.PathLike, zarr Store or None, default None
         A Zarr journal for the server: a fit interrupted by a lost scheduler is
-        resumed by the same fit on the same store (the store holds one model:
-        another model or optimizer on it is refused with
-        :class:`~dask_ftps.SpecMismatch`).
+        resumed by the same fit (same data size, settings and integer
+        ``random_state``) on the same store; a fit with other data or
+        ``epochs`` trains on top of the stored model. The store holds one
+        model: another model (``random_state=None`` draws another one),
+        optimizer or mode on it is refused with :class:`~dask_ftps.SpecMismatch`.
+        Give a search (``GridSearchCV``) no store: its clones would share it.
     client : distributed.Client, str or None, default None
         The cluster: a client, a scheduler address, or None for the current
         default client, else a local in-process cluster of two single-thread
@@ -110,7 +120,8 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
         The model spec.
     history_ : list of dict
         One record per epoch: ``loss``, ``accuracy`` (and ``val_loss``,
-        ``val_accuracy`` with ``early_stopping``), ``seconds``.
+        ``val_accuracy`` with ``early_stopping``), ``seconds``; the last holds
+        ``stopped: 1.0`` when training stopped early.
     loss_curve_ : list of float
         The training loss of each epoch.
     n_iter_ : int
@@ -224,6 +235,11 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
         -------
         self : FTPSClassifier
         """
+        if self.early_stopping:
+            raise ValueError(
+                "partial_fit does not support early_stopping=True: each call is "
+                "one epoch"
+            )
         first = not hasattr(self, "params_")
         if first and classes is None:
             raise ValueError("classes must be given on the first call to partial_fit")
@@ -409,6 +425,20 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
         ):
             raise ValueError(f"validation_fraction must be in (0, 1), got {fraction!r}")
         self._optimizer()  # its own checks of lr, momentum and the schedule
+        for name in ("epochs", "batch_size", "n_iter_no_change"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Integral)
+                or value < 1
+            ):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        tol = self.tol
+        if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol >= 0:
+            raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        self._class_weight()  # labels it names are among classes_
 
     # -- predicting ---------------------------------------------------------------
 

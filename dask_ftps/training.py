@@ -138,15 +138,19 @@ def train(
     ----------
     client
         A client of the cluster whose scheduler hosts the server.
-    X, y
-        Features (n_samples, n_features) and integer class labels in
-        ``[0, n_classes)``: NumPy arrays, SciPy sparse matrices (X), pandas
-        objects, Dask arrays (chunk sizes are computed when unknown) or Dask
-        DataFrames/Series. :class:`~dask_ftps.FTPSClassifier` takes labels of
-        any type.
-    epochs, batch_size
-        Passes over the data, and the most samples per minibatch: each shard
-        is cut into ``ceil(len(shard) / batch_size)`` near-equal minibatches.
+    X
+        Features, shape (n_samples, n_features): a NumPy array, SciPy sparse
+        matrix, pandas DataFrame, Dask array (chunk sizes are computed when
+        unknown) or Dask DataFrame.
+    y
+        Integer class labels in ``[0, n_classes)``, shape (n_samples,): NumPy,
+        pandas or Dask. :class:`~dask_ftps.FTPSClassifier` takes labels of any
+        type.
+    epochs
+        Passes over the data.
+    batch_size
+        The most samples per minibatch: each shard is cut into
+        ``ceil(len(shard) / batch_size)`` near-equal minibatches.
     seed
         Seed of the minibatch order.
     n_shards

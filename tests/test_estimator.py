@@ -178,6 +178,8 @@ def test_partial_fit_goes_on_and_refuses_a_replaced_server():
     assert clf.n_iter_ == 2 and clf.version_ > first
     with pytest.raises(ValueError, match="not among classes_"):
         clf.partial_fit(Xtr, np.full(len(ytr), 7))
+    with pytest.raises(ValueError, match="does not support early_stopping"):
+        FTPSClassifier(early_stopping=True).partial_fit(Xtr, ytr, classes=[0, 1, 2])
     FTPSClassifier(epochs=1).fit(Xtr, ytr)  # replaces the cluster's server
     with pytest.raises(FTPSError, match="no longer holds this estimator's model"):
         clf.partial_fit(Xtr, ytr)
@@ -210,8 +212,9 @@ def test_bad_input_fails_before_the_server_is_touched(client, X, match):
     assert (after["version"], after["runs"]) == (before["version"], before["runs"])
 
 
-def test_bad_parameters_are_clear_errors():
+def test_bad_parameters_are_clear_errors(client):
     Xtr, _, ytr, _ = split(load_iris)
+    FTPSClassifier(epochs=1).fit(Xtr, ytr)
     for params, match in [
         ({"hidden_layer_sizes": (0,)}, "hidden_layer_sizes"),
         ({"optimizer": "rmsprop"}, "optimizer must be"),
@@ -219,10 +222,19 @@ def test_bad_parameters_are_clear_errors():
         ({"lr_schedule": "cosine"}, "schedule must be"),
         ({"early_stopping": True, "validation_fraction": 1.5}, "validation_fraction"),
         ({"batch_size": 0}, "batch_size must be"),
+        ({"epochs": 2.5}, "epochs must be"),
+        ({"n_iter_no_change": 0}, "n_iter_no_change must be"),
+        ({"tol": float("nan")}, "tol must be"),
         ({"mode": "hogwild"}, "mode must be"),
+        ({"class_weight": {"w": 1.0}}, "names labels not in the data"),
+        ({"class_weight": [1.0, 2.0]}, "class_weight must be"),
     ]:
+        before = dask_ftps.status(client)
         with pytest.raises(ValueError, match=match):
             FTPSClassifier(**params).fit(Xtr, ytr)
+        # Refused before the cluster is touched: the server there is the same.
+        after = dask_ftps.status(client)
+        assert after == before
     with pytest.raises(TypeError, match="client must be"):
         FTPSClassifier(client=3).fit(Xtr, ytr)
 
