@@ -939,8 +939,18 @@ async def _run_epoch(
                 if ok:
                     stats[s] = value
                     continue
-                lost = shards.lost(s) or (
-                    shards.parts is not None and isinstance(value, FutureCancelledError)
+                # The scheduler, not a worker, was lost: nothing to scatter to;
+                # the caller calls train() again once a scheduler serves.
+                gone = client.status != "running" or (
+                    isinstance(value, FutureCancelledError)
+                    and value.reason == "scheduler-connection-lost"
+                )
+                lost = not gone and (
+                    shards.lost(s)
+                    or (
+                        shards.parts is not None
+                        and isinstance(value, FutureCancelledError)
+                    )
                 )
                 if not lost or attempts >= _MAX_RESUBMITS * n:
                     raise value
