@@ -233,14 +233,15 @@ def run_chaos(options: ChaosOptions, say: Say = print) -> ChaosReport:
     """Train under random kills for ``options.seconds``; see the module docstring."""
     from distributed import Client
 
-    from dask_ftps._demo import accuracy, load_digits
+    from dask_ftps._data import load
+    from dask_ftps._demo import accuracy
     from dask_ftps.models import MLP
 
     t_start = time.perf_counter()
     rng = np.random.default_rng(options.seed)
     folder = Path(tempfile.mkdtemp(prefix="dask-ftps-chaos-"))
     store = options.store or str(folder / "chaos.zarr")
-    data = load_digits()
+    data = load(scale=False).split  # digits in [0, 1], unstandardised
     model = MLP(n_features=64, hidden=(32,), n_classes=10, seed=options.seed)
     report = ChaosReport(options)
     say(f"chaos: {options.seconds:.0f} s, seed {options.seed}, mode {options.mode}; "

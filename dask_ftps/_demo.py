@@ -32,6 +32,7 @@ import click
 import numpy as np
 
 import dask_ftps
+from dask_ftps._data import Dataset, load
 from dask_ftps.models import MLP, Model
 
 if TYPE_CHECKING:
@@ -41,7 +42,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 N_WORKERS = 2
-BATCH_SIZE = 32
+# The demo's model and settings: on the digits plus their shifted copies (see
+# dask_ftps._data.load), an MLP learns what LogisticRegression cannot.
+HIDDEN = (256,)
+BATCH_SIZE = 64
+LR = 0.05
+MOMENTUM = 0.9
+EPOCHS = 8
 WORKER_KILL_AT = 0.3
 SCHEDULER_KILL_AT = 0.6
 READY = "dask-ftps-demo-cluster "
@@ -56,21 +63,6 @@ class DemoError(Exception):
 
 
 # -- data and scores -------------------------------------------------------------
-
-
-def load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """scikit-learn's bundled digits, scaled to [0, 1]: a stratified 75/25 split.
-
-    Returns
-    -------
-    X_train, X_test, y_train, y_test
-    """
-    from sklearn.datasets import load_digits as load
-    from sklearn.model_selection import train_test_split
-
-    X, y = load(return_X_y=True)
-    X = (X / 16).astype(np.float32)
-    return train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
 
 
 def accuracy(model: Model, params: dict[str, np.ndarray], X, y) -> float:
@@ -404,20 +396,13 @@ class Killer(threading.Thread):
 class DemoOptions:
     """What ``dask-ftps demo`` was asked for."""
 
-    epochs: int = 20
+    epochs: int = EPOCHS
     mode: str = "async"
     kill_worker: bool = True
     kill_scheduler: bool = True
     store: str | None = None
     seed: int = 0
-
-
-@dataclass(frozen=True)
-class Data:
-    X_train: np.ndarray
-    X_test: np.ndarray
-    y_train: np.ndarray
-    y_test: np.ndarray
+    shifted: bool = True  # train on the images and their shifted copies
 
 
 @dataclass(frozen=True)
@@ -496,6 +481,21 @@ class DemoReport:
     result: dask_ftps.TrainResult
     checks: Checks
     wall: float
+    sklearn_samples: int = 0  # training rows LogisticRegression was fit on (0: all)
+
+    @property
+    def margin(self) -> float:
+        """The MLP's test accuracy minus LogisticRegression's."""
+        return self.ftps_accuracy - self.sklearn_accuracy
+
+    def verdict(self) -> str:
+        """Whether the MLP beat LogisticRegression, in words."""
+        margin = round(self.margin, 4)
+        if margin > 0:
+            return f"the MLP beats it by {margin:.4f}"
+        if margin == 0:
+            return "a tie: the MLP does NOT beat it"
+        return f"the MLP does NOT beat it: {-margin:.4f} below"
 
     def failures(self) -> list[str]:
         """The checks that failed; empty when the demo proved its point."""
@@ -546,13 +546,18 @@ def run_demo(options: DemoOptions, say: Say = print) -> DemoReport:
         If a cluster does not start or a killer fails.
     """
     start = time.perf_counter()
-    data = Data(*load_digits())
-    model = MLP(n_features=64, hidden=(128,), n_classes=10, seed=options.seed)
+    data = load(shifted=options.shifted)
+    model = MLP(
+        n_features=data.n_features,
+        hidden=HIDDEN,
+        n_classes=data.n_classes,
+        seed=options.seed,
+    )
     workdir = Path(tempfile.mkdtemp(prefix="dask-ftps-demo-"))
     store = options.store or str(workdir / "digits.zarr")
     say(
-        f"digits: {len(data.X_train)} train / {len(data.X_test)} test samples; "
-        f"{model.n_params()} parameters; mode {options.mode}; {options.epochs} epochs"
+        f"{data.describe()}; {model.n_params()} parameters; mode {options.mode}; "
+        f"{options.epochs} epochs of minibatches of {BATCH_SIZE}"
     )
     say(f"store: {store}; cluster logs: {workdir}")
     port = _free_port()
@@ -566,7 +571,7 @@ def run_demo(options: DemoOptions, say: Say = print) -> DemoReport:
                 dask_ftps.ParameterServer(
                     store,
                     model=model,
-                    optimizer=dask_ftps.SGD(lr=0.05, momentum=0.5),
+                    optimizer=dask_ftps.SGD(lr=LR, momentum=MOMENTUM),
                     mode=options.mode,
                 )
             )
@@ -587,9 +592,15 @@ def run_demo(options: DemoOptions, say: Say = print) -> DemoReport:
         mode=options.mode,
         store=store,
         ftps_accuracy=accuracy(model, params, data.X_test, data.y_test),
+        # Fit on the original images alone: with the shifted copies it scores
+        # lower (0.92 against 0.97) and takes seconds longer.
         sklearn_accuracy=sklearn_accuracy(
-            data.X_train, data.X_test, data.y_train, data.y_test
+            data.X_train[: data.n_original],
+            data.X_test,
+            data.y_train[: data.n_original],
+            data.y_test,
         ),
+        sklearn_samples=data.n_original,
         attempt=attempt,
         recovery=recovery,
         result=result,
@@ -645,7 +656,9 @@ def _say_cluster(cluster: ClusterProcess, n: int, seconds: float, say: Say) -> N
     )
 
 
-def _train(client: Client, data: Data, options: DemoOptions) -> dask_ftps.TrainResult:
+def _train(
+    client: Client, data: Dataset, options: DemoOptions
+) -> dask_ftps.TrainResult:
     return dask_ftps.train(
         client,
         data.X_train,
@@ -661,7 +674,7 @@ def _train(client: Client, data: Data, options: DemoOptions) -> dask_ftps.TrainR
 def _first_attempt(
     client: Client,
     cluster: ClusterProcess,
-    data: Data,
+    data: Dataset,
     options: DemoOptions,
     say: Say,
 ) -> Attempt:
@@ -844,10 +857,16 @@ def _accuracy_rows(report: DemoReport) -> list[tuple[str, str]]:
     layers = "-".join(
         str(n) for n in (model.n_features, *model.hidden, model.n_classes)
     )
+    fit_on = (
+        f" (fit on the {report.sklearn_samples} original images)"
+        if report.sklearn_samples
+        else ""
+    )
     return [
         ("model", "test accuracy"),
         (f"FTPS MLP {layers} ({report.mode})", f"{report.ftps_accuracy:.4f}"),
-        ("sklearn LogisticRegression", f"{report.sklearn_accuracy:.4f}"),
+        ("sklearn LogisticRegression", f"{report.sklearn_accuracy:.4f}{fit_on}"),
+        ("MLP vs LogisticRegression", report.verdict()),
     ]
 
 

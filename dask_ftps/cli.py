@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,19 +13,22 @@ from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
+from click.core import ParameterSource
 
 import dask_ftps
 from dask_ftps._core import MODES
+from dask_ftps._data import DataError, Dataset
+from dask_ftps._data import load as load_data
+from dask_ftps._demo import EPOCHS as DEMO_EPOCHS
 from dask_ftps._demo import (
     DemoError,
     DemoOptions,
     accuracy,
     format_history,
-    load_digits,
     report_lines,
     run_demo,
 )
-from dask_ftps.models import MLP, Model, SoftmaxRegression
+from dask_ftps.models import MLP, Model, SoftmaxRegression, model_from_dict
 from dask_ftps.preload import storage_options
 
 if TYPE_CHECKING:
@@ -40,32 +44,6 @@ def _setup_logging(verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
-
-
-@contextmanager
-def _cluster(scheduler: str | None, n_workers: int) -> Iterator[Client]:
-    """A client of ``scheduler``, or of a fresh process-based LocalCluster."""
-    from distributed import Client, LocalCluster
-
-    if scheduler is not None:
-        with Client(scheduler) as client:
-            click.echo(f"Connected to {scheduler}")
-            yield client
-        return
-    with (
-        LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=":0",
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        click.echo(
-            f"LocalCluster: {n_workers} worker processes x 1 thread; "
-            f"dashboard {cluster.dashboard_link}"
-        )
-        yield client
 
 
 def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str):
@@ -93,6 +71,14 @@ _seed_option = click.option(
 )
 _verbose_option = click.option(
     "-v", "--verbose", is_flag=True, help="Log at INFO level (default WARNING)."
+)
+
+_storage_options_option = click.option(
+    "--storage-options",
+    metavar="JSON",
+    default=None,
+    callback=storage_options,
+    help="fsspec options for a URL store, as JSON (endpoint, credentials).",
 )
 
 
@@ -130,7 +116,7 @@ _new_store_option = click.option(
 @click.option(
     "--epochs",
     type=click.IntRange(min=1),
-    default=20,
+    default=DEMO_EPOCHS,
     show_default=True,
     help="Passes over the training set.",
 )
@@ -148,7 +134,11 @@ _new_store_option = click.option(
     help="SIGKILL the scheduler's process about 60% into the run, then restart it.",
 )
 @_new_store_option
-@click.option("--quick", is_flag=True, help="A small run for tests: 3 epochs.")
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="A small run for tests: 3 epochs on the original images alone.",
+)
 @_seed_option
 @_verbose_option
 def demo(
@@ -163,17 +153,22 @@ def demo(
 ) -> None:
     """Train on digits while a worker and the scheduler are SIGKILLed.
 
-    Starts a LocalCluster of two worker processes in a child process, hosts the
+    Trains an MLP (64-256-10) on scikit-learn's digits, standardised, each
+    training image with four copies shifted by one pixel. Starts a
+    LocalCluster of two worker processes in a child process, hosts the
     parameter server in its scheduler with a local Zarr store, and trains. A
     worker is killed about 30% into the run, and the cluster's process (the
     scheduler) about 60% in. A new cluster on the same port rebuilds the run
     from the store, and training resumes. The report checks that no accepted
     update was lost and that every minibatch was applied exactly once, and
-    compares the test accuracy with scikit-learn's LogisticRegression.
+    compares the test accuracy with scikit-learn's LogisticRegression on the
+    same split (fit on the original training images: the shifted copies make
+    it worse) and says whether the MLP beat it.
     """
     _setup_logging(verbose)
     options = DemoOptions(
         epochs=3 if quick else epochs,
+        shifted=not quick,
         mode=mode,
         kill_worker=kill_worker,
         kill_scheduler=kill_scheduler,
@@ -191,13 +186,302 @@ def demo(
 
 # -- train -----------------------------------------------------------------------
 
+#: Most parameters a model of ``dask-ftps train`` may have (4 GB per float32 copy).
+MAX_PARAMS = 10**9
+#: The options ``train`` leaves to a running server it trains on.
+_SERVER_OPTIONS = ("hidden", "lr", "momentum", "mode")
+
+
+def _store_path(ctx: click.Context, param: click.Parameter, value: str | None):
+    """``--store``: a URL as given; a local path made absolute (the scheduler
+    may run in another folder)."""
+    if value is None or ("://" in value and not value.startswith("file://")):
+        return value
+    return str(Path(value.removeprefix("file://")).expanduser().resolve())
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line (its type when it has none)."""
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+def _output_folder(output: str | None) -> Path | None:
+    """``--output``: create the folder and check that it can be written, before
+    any training."""
+    if output is None:
+        return None
+    folder = Path(output).expanduser()
+    probe = folder / f".dask-ftps-write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise click.ClickException(
+            f"cannot write to the output folder {folder}: {e.strerror or _one_line(e)}"
+        ) from None
+    return folder
+
+
+def _check_store(store: str, storage_options: dict | None) -> bool:
+    """Whether ``store`` holds a run; a damaged or foreign store is refused here,
+    before a cluster starts."""
+    from zarr.core.sync import sync
+
+    from dask_ftps.preload import holds_run
+
+    try:
+        return sync(holds_run(store, storage_options))
+    except (dask_ftps.FTPSError, OSError, ValueError, TypeError) as e:
+        raise click.ClickException(
+            f"cannot use the store {store}: {_one_line(e)}"
+        ) from None
+
+
+def _connect(address: str, timeout: float) -> Client:
+    from distributed import Client
+
+    try:
+        return Client(address, timeout=timeout)
+    except (OSError, TimeoutError, ValueError, TypeError) as e:
+        raise click.ClickException(
+            f"cannot connect to the scheduler {address!r} within {timeout:g} s: "
+            f"{_one_line(e)}"
+        ) from None
+
+
+@contextmanager
+def _cluster(
+    scheduler: str | None, n_workers: int, timeout: float = 30.0
+) -> Iterator[Client]:
+    """A client of ``scheduler``, or of a fresh process-based LocalCluster."""
+    from distributed import LocalCluster
+
+    if scheduler is not None:
+        with _connect(scheduler, timeout) as client:
+            click.echo(f"Connected to {scheduler}")
+            yield client
+        return
+    with (
+        LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+        ) as cluster,
+        _connect(cluster.scheduler_address, timeout) as client,
+    ):
+        click.echo(
+            f"LocalCluster: {n_workers} worker processes x 1 thread; "
+            f"dashboard {cluster.dashboard_link}"
+        )
+        yield client
+
+
+def _make_model(hidden: tuple[int, ...], data: Dataset, seed: int) -> Model:
+    n_features, n_classes = data.n_features, data.n_classes
+    if not hidden:
+        model: Model = SoftmaxRegression(
+            n_features=n_features, n_classes=n_classes, seed=seed
+        )
+    else:
+        model = MLP(
+            n_features=n_features, hidden=hidden, n_classes=n_classes, seed=seed
+        )
+    if model.n_params() > MAX_PARAMS:
+        raise click.BadParameter(
+            f"{_layers(model)} would have {model.n_params():.3g} parameters, more "
+            f"than {MAX_PARAMS:.0e}: give narrower layers",
+            param_hint="'--hidden'",
+        )
+    return model
+
+
+def _layers(model: Model) -> str:
+    """``MLP 64-128-10``."""
+    hidden = getattr(model, "hidden", ())
+    sizes = "-".join(str(n) for n in (model.n_features, *hidden, model.n_classes))
+    return f"{type(model).__name__} {sizes}"
+
+
+def _same_store(mine: str, running: str) -> bool:
+    if "://" in mine or "://" in running:
+        return mine.rstrip("/") == running.rstrip("/")
+    return os.path.realpath(mine) == os.path.realpath(running)
+
+
+def _hosts_server(client: Client) -> bool:
+    from dask_ftps._client import _hosts_server as hosted
+
+    try:
+        return client.run_on_scheduler(hosted)
+    except Exception as e:  # noqa: BLE001 - whatever the scheduler answered
+        raise click.ClickException(
+            f"cannot ask the scheduler for a parameter server ({_one_line(e)}): is "
+            "dask_ftps installed where the scheduler runs?"
+        ) from None
+
+
+def _server_to_register(
+    ctx: click.Context,
+    client: Client,
+    data: Dataset,
+    server: dask_ftps.ParameterServer,
+    replace: bool,
+) -> dask_ftps.ParameterServer | None:
+    """The server to register, or None to train on the one the scheduler hosts.
+
+    A server that journals to a store is never replaced without ``--replace``:
+    ``train`` trains on it when its model fits the data, and refuses otherwise.
+    """
+    if not _hosts_server(client):
+        return server
+    status = dask_ftps.status(client)
+    running = status.get("store")
+    if running is None:
+        click.echo(
+            f"Replacing the scheduler's in-memory parameter server (version "
+            f"{status['version']})"
+        )
+        return server
+    if replace:
+        click.echo(
+            f"--replace: replacing the parameter server that journals to {running}"
+        )
+        return server
+    if server.store is not None and not _same_store(server.store, running):
+        raise click.ClickException(
+            f"the scheduler's parameter server journals to {running}; refusing to "
+            f"replace it with one on {server.store}: leave out --store to train on it, "
+            "or pass --replace"
+        )
+    model = model_from_dict(status["model"])
+    if (model.n_features, model.n_classes) != (data.n_features, data.n_classes):
+        raise click.ClickException(
+            f"the scheduler's parameter server journals to {running} and its model "
+            f"({_layers(model)}) takes {model.n_features} features and "
+            f"{model.n_classes} classes, but the data has {data.n_features} features "
+            f"and {data.n_classes} classes: refusing to replace it (pass --replace to)"
+        )
+    click.echo(
+        f"Training on the scheduler's parameter server: {_layers(model)}, store "
+        f"{running}, version {status['version']}, mode {status['mode']}"
+    )
+    given = [
+        f"--{name}"
+        for name in _SERVER_OPTIONS
+        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+    ]
+    if given:
+        click.echo(
+            f"  ({', '.join(given)} ignored: the server keeps its own; --replace "
+            "registers a new server)"
+        )
+    return None
+
+
+def _label_lines(data: Dataset, most: int = 10) -> list[str]:
+    """The label mapping, unless the labels are their own codes (0, 1, ...)."""
+    labels = data.labels()
+    if labels == list(range(len(labels))):
+        return []
+    pairs = [f"{code}={label}" for code, label in enumerate(labels[:most])]
+    more = f", ... ({len(labels)} classes)" if len(labels) > most else ""
+    return [f"labels of {data.target!r} (code=label): {', '.join(pairs)}{more}"]
+
+
+def _save_output(
+    folder: Path,
+    data: Dataset,
+    model: Model,
+    version: int,
+    params: dict[str, np.ndarray],
+    result: dask_ftps.TrainResult,
+    scores: dict[str, float],
+    store: str | None,
+) -> list[Path]:
+    """``params.npz`` (numpy.savez) and ``model.json`` (model, labels, scaling)."""
+    params_path, meta_path = folder / "params.npz", folder / "model.json"
+    meta = {
+        "model": model.to_dict(),
+        "version": version,
+        "classes": data.labels(),
+        "target": data.target,
+        "features": list(data.features),
+        "scaler": None
+        if data.mean is None
+        else {"mean": data.mean.tolist(), "scale": data.scale.tolist()},
+        "data": data.source,
+        "store": store,
+        "run": result.run,
+        "run_name": result.run_name,
+        **scores,
+        "history": result.history,
+    }
+    try:
+        np.savez(params_path, **params)
+        meta_path.write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
+    except OSError as e:
+        raise click.ClickException(
+            f"cannot write to the output folder {folder}: {e.strerror or _one_line(e)}"
+        ) from None
+    return [params_path, meta_path]
+
+
+def _train_or_fail(client: Client, data: Dataset, **kwargs: Any):
+    """:func:`dask_ftps.train`, its user-caused errors as one line."""
+    import concurrent.futures
+
+    validation = (data.X_test, data.y_test) if len(data.X_test) else None
+    try:
+        return dask_ftps.train(
+            client, data.X_train, data.y_train, validation=validation, **kwargs
+        )
+    except dask_ftps.FTPSError as e:
+        raise click.ClickException(f"training failed: {_one_line(e)}") from None
+    except (OSError, TimeoutError, concurrent.futures.CancelledError) as e:
+        raise click.ClickException(
+            f"training stopped, the scheduler was lost or closed: "
+            f"{type(e).__name__}: {_one_line(e)}"
+        ) from None
+
 
 @main.command()
+@click.argument("data_file", metavar="[DATA]", required=False)
+@click.option(
+    "--target",
+    metavar="COLUMN",
+    default=None,
+    help="Label column of a .csv/.parquet DATA; default: the last column.",
+)
+@click.option(
+    "--test-size",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.25,
+    show_default=True,
+    help="Share held out (stratified) to report test accuracy; 0: none.",
+)
+@click.option(
+    "--scale/--no-scale",
+    default=True,
+    show_default=True,
+    help="Standardise the features (scikit-learn's StandardScaler, fit on the "
+    "training rows).",
+)
 @click.option(
     "--scheduler",
     metavar="ADDRESS",
     default=None,
     help="Scheduler to use (e.g. tcp://host:8786); default: a fresh LocalCluster.",
+)
+@click.option(
+    "--connect-timeout",
+    metavar="SECONDS",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="How long to try to reach --scheduler.",
 )
 @click.option(
     "--n-workers",
@@ -243,9 +527,42 @@ def demo(
     help="SGD momentum.",
 )
 @_seed_option
+@click.option(
+    "--store",
+    metavar="URL",
+    default=None,
+    callback=_store_path,
+    help="Journal the server to this Zarr store (path or fsspec URL); a store "
+    "that holds this model's run resumes it.",
+)
+@_storage_options_option
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Register a new server even over a running one that journals to a store.",
+)
+@click.option(
+    "--run-name",
+    default="",
+    help="Name of the run: another name trains more on top of a finished run.",
+)
+@click.option(
+    "-o",
+    "--output",
+    metavar="DIR",
+    default=None,
+    help="Save params.npz and model.json (labels, scaling, scores) in this folder.",
+)
 @_verbose_option
+@click.pass_context
 def train(
+    ctx: click.Context,
+    data_file: str | None,
+    target: str | None,
+    test_size: float,
+    scale: bool,
     scheduler: str | None,
+    connect_timeout: float,
     n_workers: int,
     mode: str,
     epochs: int,
@@ -254,48 +571,96 @@ def train(
     lr: float,
     momentum: float,
     seed: int,
+    store: str | None,
+    storage_options: dict | None,
+    replace: bool,
+    run_name: str,
+    output: str | None,
     verbose: bool,
 ) -> None:
-    """Train an MLP (or softmax regression) on the digits data set.
+    """Train an MLP (or softmax regression) on DATA, by default on digits.
 
-    Registers a new parameter server on the scheduler (replacing any one it
-    hosts), trains, and prints the per-epoch history and the test accuracy.
+    DATA is a .npz file with arrays X (samples x features) and y (labels), or a
+    .csv or .parquet table whose --target column holds the labels (default: the
+    last column) and whose other columns, all numeric, are the features. Labels
+    of any type are encoded as 0, 1, ... (scikit-learn's LabelEncoder); the
+    mapping is printed and saved with --output. Without DATA: scikit-learn's
+    digits.
+
+    Registers a parameter server on the scheduler (with --store, journalled to
+    a Zarr store), trains, and prints the per-epoch history and the test
+    accuracy. A server the scheduler already hosts is replaced if it keeps its
+    model in memory only; one that journals to a store is trained on when its
+    model fits the data, and never replaced without --replace.
     """
     _setup_logging(verbose)
-    X_train, X_test, y_train, y_test = load_digits()
-    model = _digits_model(hidden, seed)
-    with _cluster(scheduler, n_workers) as client:
-        client.register_plugin(
-            dask_ftps.ParameterServer(
-                model=model,
-                optimizer=dask_ftps.SGD(lr=lr, momentum=momentum),
-                mode=mode,
-            )
+    try:
+        data = load_data(data_file, target=target, test_size=test_size, scale=scale)
+    except DataError as e:
+        raise click.ClickException(str(e)) from None
+    folder = _output_folder(output)
+    model = _make_model(hidden, data, seed)
+    try:
+        server = dask_ftps.ParameterServer(
+            store,
+            model=model,
+            optimizer=dask_ftps.SGD(lr=lr, momentum=momentum),
+            mode=mode,
+            storage_options=storage_options,
         )
-        result = dask_ftps.train(
+    except (TypeError, ValueError) as e:
+        raise click.ClickException(_one_line(e)) from None
+    if store is not None and _check_store(store, storage_options):
+        click.echo(f"The store {store} holds a run: the server resumes it")
+    click.echo(data.describe())
+    for line in _label_lines(data):
+        click.echo(line)
+    with _cluster(scheduler, n_workers, connect_timeout) as client:
+        to_register = _server_to_register(ctx, client, data, server, replace)
+        if to_register is not None:
+            try:
+                client.register_plugin(to_register)
+            except (dask_ftps.FTPSError, OSError, ValueError, TypeError) as e:
+                raise click.ClickException(
+                    f"cannot start the parameter server: {_one_line(e)}"
+                ) from None
+        result = _train_or_fail(
             client,
-            X_train,
-            y_train,
+            data,
             epochs=epochs,
             batch_size=batch_size,
             seed=seed,
-            validation=(X_test, y_test),
+            run_name=run_name,
         )
+        status = dask_ftps.status(client)
         version, params = dask_ftps.get_model(client)
+    model = model_from_dict(status["model"])
     for line in format_history(result.history):
         click.echo(line)
-    score = accuracy(model, params, X_test, y_test)
-    click.echo(
-        f"{type(model).__name__}: test accuracy {score:.4f} at model version "
-        f"{version}; {result.minibatches} minibatches in {result.seconds:.1f} s "
+    if not result.trained:
+        click.echo(
+            f"Run {result.run} ({run_name!r}) was already finished on this server: "
+            "nothing trained (--run-name NAME trains more on top of it)"
+        )
+    scores = {"train_accuracy": accuracy(model, params, data.X_train, data.y_train)}
+    if len(data.X_test):
+        scores["test_accuracy"] = accuracy(model, params, data.X_test, data.y_test)
+    which = "test" if len(data.X_test) else "training"
+    speed = (
+        f"; {result.minibatches} minibatches in {result.seconds:.1f} s "
         f"({result.minibatches / result.seconds:.1f} updates/s)"
+        if result.trained and result.seconds > 0
+        else ""
     )
-
-
-def _digits_model(hidden: tuple[int, ...], seed: int) -> Model:
-    if not hidden:
-        return SoftmaxRegression(n_features=64, n_classes=10, seed=seed)
-    return MLP(n_features=64, hidden=hidden, n_classes=10, seed=seed)
+    click.echo(
+        f"{type(model).__name__}: {which} accuracy {scores[f'{which}_accuracy']:.4f} "
+        f"at model version {version}{speed}"
+    )
+    if folder is not None:
+        saved = _save_output(
+            folder, data, model, version, params, result, scores, status.get("store")
+        )
+        click.echo(f"Saved {', '.join(str(p) for p in saved)}")
 
 
 # -- chaos -----------------------------------------------------------------------
@@ -438,15 +803,6 @@ def _inspect_lines(store: str, info: dict[str, Any], n_rows: int) -> list[str]:
         )
         lines.extend(f"  {d}" for d in info["damaged"])
     return lines
-
-
-_storage_options_option = click.option(
-    "--storage-options",
-    metavar="JSON",
-    default=None,
-    callback=storage_options,
-    help="fsspec options for a URL store, as JSON (endpoint, credentials).",
-)
 
 
 @main.command()

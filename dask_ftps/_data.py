@@ -1,0 +1,442 @@
+"""The one data loader of the command line: digits, or a ``.npz``, ``.csv`` or
+``.parquet`` file, checked, label-encoded, split and scaled.
+
+Every problem with the data raises :class:`DataError` with a one-line message
+that names the file and what to change.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DIGITS = "digits"
+#: Random state of the train/test split: every command splits a data set alike.
+SPLIT_SEED = 0
+#: Suffixes :func:`load` reads (a ``.csv`` may also be compressed, e.g. ``.csv.gz``).
+SUFFIXES = (".npz", ".csv", ".parquet")
+_COMPRESSION = (".gz", ".bz2", ".xz", ".zip", ".zst")
+_SHIFTS = ((1, 0), (-1, 0), (0, 1), (0, -1))
+
+
+class DataError(ValueError):
+    """The data cannot be trained on; the message is one line that says why."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A classification data set ready for :func:`dask_ftps.train`.
+
+    Attributes
+    ----------
+    X_train, X_test
+        float32 features, (n, n_features); ``X_test`` has no rows without a test split.
+    y_train, y_test
+        int64 class codes in ``[0, n_classes)``.
+    classes
+        The original label of each code: ``classes[code]``.
+    features
+        The feature (column) names.
+    target
+        The name of the label column (``"y"`` for a ``.npz``, ``"digit"``).
+    source
+        The file read, or ``"digits"``.
+    mean, scale
+        The :class:`~sklearn.preprocessing.StandardScaler` applied to the
+        features (fit on the training rows), or None when unscaled.
+    n_original
+        Training rows before the shifted copies of :func:`load`'s ``shifted``
+        were added: ``X_train[:n_original]`` are the original rows.
+    """
+
+    X_train: np.ndarray
+    X_test: np.ndarray
+    y_train: np.ndarray
+    y_test: np.ndarray
+    classes: np.ndarray
+    features: tuple[str, ...]
+    target: str
+    source: str
+    mean: np.ndarray | None = None
+    scale: np.ndarray | None = None
+    n_original: int = 0
+
+    @property
+    def n_features(self) -> int:
+        return self.X_train.shape[1]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def split(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(X_train, X_test, y_train, y_test)``."""
+        return self.X_train, self.X_test, self.y_train, self.y_test
+
+    def labels(self) -> list[Any]:
+        """The original labels as JSON-ready Python values, in code order."""
+        return [_plain(v) for v in self.classes]
+
+    def describe(self) -> str:
+        """One line: where the data came from and its shape."""
+        test = f" / {len(self.X_test)} test" if len(self.X_test) else " (no test split)"
+        shifted = (
+            f" ({self.n_original} images + {len(self.X_train) - self.n_original} "
+            "shifted copies)"
+            if self.n_original < len(self.X_train)
+            else ""
+        )
+        scaled = "standardised" if self.mean is not None else "unscaled"
+        return (
+            f"{self.source}: {len(self.X_train)} train{shifted}{test} samples, "
+            f"{self.n_features} features ({scaled}), {self.n_classes} classes "
+            f"of {self.target!r}"
+        )
+
+
+def load(
+    path: str | Path | None = None,
+    *,
+    target: str | None = None,
+    test_size: float = 0.25,
+    scale: bool = True,
+    shifted: bool = False,
+) -> Dataset:
+    """Load, check, encode, split and scale a classification data set.
+
+    Parameters
+    ----------
+    path
+        A ``.npz`` file with arrays ``X`` (n, n_features) and ``y`` (n,), or a
+        ``.csv`` / ``.parquet`` table; default: scikit-learn's bundled digits
+        (8x8 images, pixels scaled to [0, 1]).
+    target
+        The label column of a table; default: its last column. The other
+        columns are the features, and must be numeric.
+    test_size
+        Share of the samples held out for testing (a stratified split with
+        random state :data:`SPLIT_SEED`); 0: no test split.
+    scale
+        Standardise the features (zero mean, unit variance) with a
+        :class:`~sklearn.preprocessing.StandardScaler` fit on the training rows.
+    shifted
+        Digits only: add four copies of every training image shifted by one
+        pixel (up, down, left, right), for five times the training rows.
+
+    Returns
+    -------
+    Dataset
+        Labels of any type (strings too) are encoded with scikit-learn's
+        :class:`~sklearn.preprocessing.LabelEncoder`: ``classes`` maps them back.
+
+    Raises
+    ------
+    DataError
+        If the file is missing, unreadable or malformed, the target is not a
+        column, a feature is not numeric or holds NaN/infinite values, or there
+        are too few samples or classes.
+    """
+    if not 0 <= test_size < 1:
+        raise DataError(f"the test size must be in [0, 1), got {test_size}")
+    if path is None:
+        if target is not None:
+            raise DataError("a target column applies to a .csv or .parquet file")
+        X, y, features, target_name, source = *_digits(), DIGITS
+    else:
+        if shifted:
+            raise DataError("shifted copies are made of the digits images only")
+        X, y, features, target_name = read_file(path, target=target)
+        source = str(path)
+    _check_features(X, features, source)
+    codes, classes = _encode(y, target_name, source)
+    X_train, X_test, y_train, y_test = _split(X, codes, test_size, source)
+    n_original = len(X_train)
+    if shifted:
+        X_train, y_train = _shift_images(X_train, y_train)
+    mean = std = None
+    if scale:
+        from sklearn.preprocessing import StandardScaler
+
+        scaler = StandardScaler().fit(X_train)
+        mean, std = scaler.mean_, scaler.scale_
+        X_train = scaler.transform(X_train)
+        if len(X_test):
+            X_test = scaler.transform(X_test)
+    X_train, X_test = (_float32(a, source) for a in (X_train, X_test))
+    return Dataset(
+        X_train=X_train,
+        X_test=X_test,
+        y_train=y_train.astype(np.int64),
+        y_test=y_test.astype(np.int64),
+        classes=classes,
+        features=tuple(features),
+        target=target_name,
+        source=source,
+        mean=mean,
+        scale=std,
+        n_original=n_original,
+    )
+
+
+# -- reading -----------------------------------------------------------------------
+
+
+def read_file(
+    path: str | Path, *, target: str | None = None
+) -> tuple[np.ndarray, np.ndarray, list[str], str]:
+    """Read ``path``: ``(X, y, feature names, target name)``, unchecked values.
+
+    Raises
+    ------
+    DataError
+        If the file is missing, unreadable, of another type or malformed.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path} is a folder: give a {', '.join(SUFFIXES)} file")
+    kind = _kind(path)
+    if kind == ".npz":
+        if target is not None:
+            raise DataError(
+                f"{path}: a .npz file holds arrays X and y; a target column "
+                "applies to .csv and .parquet files"
+            )
+        return _read_npz(path)
+    frame = _read_table(path, kind)
+    return _split_columns(frame, target, path)
+
+
+def _kind(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSION:
+        suffixes = suffixes[:-1]
+        if suffixes and suffixes[-1] == ".csv":
+            return ".csv"
+    if suffixes and suffixes[-1] in SUFFIXES:
+        return suffixes[-1]
+    raise DataError(
+        f"{path}: unknown data file type {''.join(path.suffixes) or '(no suffix)'!r}: "
+        f"give a .npz (arrays X and y), .csv or .parquet file"
+    )
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], str]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            names = set(npz.files)
+            missing = [k for k in ("X", "y") if k not in names]
+            if missing:
+                held = ", ".join(sorted(names)) or "nothing"
+                raise DataError(
+                    f"{path} holds {held}; it needs the arrays X (samples x "
+                    "features) and y (labels)"
+                )
+            X, y = npz["X"], npz["y"]
+    except DataError:
+        raise
+    except Exception as e:  # any failure to read is the file's
+        raise DataError(f"cannot read {path} as a .npz file: {_first_line(e)}") from e
+    if X.ndim != 2:
+        raise DataError(
+            f"{path}: X must be 2-D (samples x features), got shape {X.shape}"
+        )
+    if y.ndim != 1:
+        raise DataError(f"{path}: y must be 1-D (one label per sample), got {y.shape}")
+    if len(X) != len(y):
+        raise DataError(f"{path}: X has {len(X)} rows but y has {len(y)} labels")
+    if X.dtype.kind not in "biuf":
+        raise DataError(
+            f"{path}: X must hold numbers, not {X.dtype}: encode the features first"
+        )
+    return X, y, [f"x{i}" for i in range(X.shape[1])], "y"
+
+
+def _read_table(path: Path, kind: str):
+    try:
+        import pandas as pd
+    except ImportError:
+        raise DataError(
+            f"reading {kind} files needs pandas: pip install pandas"
+        ) from None
+    try:
+        if kind == ".csv":
+            return pd.read_csv(path)
+        return pd.read_parquet(path)
+    except ImportError:
+        raise DataError(
+            "reading .parquet files needs pyarrow: pip install pyarrow"
+        ) from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path} is empty") from None
+    except Exception as e:  # any failure to parse is the file's
+        what = "CSV" if kind == ".csv" else "Parquet"
+        raise DataError(f"cannot read {path} as {what}: {_first_line(e)}") from e
+
+
+def _split_columns(frame, target: str | None, path: Path):
+    columns = [str(c) for c in frame.columns]
+    frame.columns = columns
+    if not columns or len(frame) == 0:
+        raise DataError(f"{path} holds no data rows")
+    if target is None:
+        target = columns[-1]
+    elif target not in columns:
+        raise DataError(
+            f"{path} has no column {target!r}; its columns: {_names(columns)}"
+        )
+    features = [c for c in columns if c != target]
+    if not features:
+        raise DataError(f"{path} has no feature columns besides the target {target!r}")
+    bad = [
+        f"{c!r} ({frame[c].dtype})"
+        for c in features
+        if frame[c].dtype.kind not in "biuf"
+    ]
+    if bad:
+        raise DataError(
+            f"{path}: features must be numeric; non-numeric columns: {_names(bad)} "
+            f"(encode or drop them; the label column is {target!r}, --target picks "
+            "another)"
+        )
+    labels = frame[target]
+    missing = int(labels.isna().sum())
+    if missing:
+        raise DataError(
+            f"{path}: the target column {target!r} has {missing} missing values: "
+            "drop those rows first"
+        )
+    X = frame[features].to_numpy(dtype=np.float64, na_value=np.nan)
+    return X, labels.to_numpy(), features, target
+
+
+# -- checks, encoding, split -------------------------------------------------------
+
+
+def _check_features(X: np.ndarray, features: list[str], source: str) -> None:
+    X = np.asarray(X, dtype=np.float64)
+    if X.shape[1] == 0:
+        raise DataError(f"{source}: X has no features")
+    bad = ~np.isfinite(X)
+    if bad.any():
+        counts = bad.sum(axis=0)
+        where = [f"{features[i]} ({counts[i]})" for i in np.flatnonzero(counts)]
+        raise DataError(
+            f"{source}: {int(bad.sum())} missing (NaN) or infinite feature values, "
+            f"in {_names(where)}: impute or drop them first"
+        )
+
+
+def _encode(y: np.ndarray, target: str, source: str) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.preprocessing import LabelEncoder
+
+    y = np.asarray(y)
+    if y.dtype.kind == "f":
+        if not np.isfinite(y).all():
+            raise DataError(
+                f"{source}: the labels {target!r} hold NaN or infinite values: drop "
+                "those rows first"
+            )
+        if not np.array_equal(y, np.round(y)):
+            example = y[np.flatnonzero(y != np.round(y))[0]]
+            raise DataError(
+                f"{source}: the labels {target!r} hold non-integer numbers such as "
+                f"{example:g}: a classifier needs class labels (is it a regression "
+                "target? --target picks another column)"
+            )
+        y = y.astype(np.int64)
+    try:
+        encoder = LabelEncoder().fit(y)
+    except TypeError as e:
+        raise DataError(
+            f"{source}: the labels {target!r} mix types ({_first_line(e)}): make "
+            "them all strings or all numbers"
+        ) from e
+    classes = encoder.classes_
+    if len(classes) < 2:
+        only = f" ({_plain(classes[0])!r})" if len(classes) else ""
+        raise DataError(
+            f"{source}: the labels {target!r} hold a single class{only}: a classifier "
+            "needs at least 2"
+        )
+    return encoder.transform(y), classes
+
+
+def _split(X: np.ndarray, y: np.ndarray, test_size: float, source: str):
+    n, k = len(y), int(y.max()) + 1
+    if test_size == 0:
+        return X, X[:0], y, y[:0]
+    n_test = math.ceil(test_size * n)  # scikit-learn's rounding
+    counts = np.bincount(y)
+    if n - n_test < k or n_test < k or counts.min() < 2:
+        raise DataError(
+            f"{source}: too few samples for a stratified {test_size:g} test split: "
+            f"{n} samples, {k} classes, the rarest has {counts.min()} (each class "
+            "needs 2, and each side one per class); give more data, another "
+            "--test-size, or --test-size 0"
+        )
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(
+        X, y, test_size=test_size, random_state=SPLIT_SEED, stratify=y
+    )
+
+
+def _shift_images(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``X`` (8x8 images as rows) and four copies shifted by one pixel, blanks filled."""
+    side = math.isqrt(X.shape[1])
+    images = X.reshape(-1, side, side)
+    copies = [images]
+    for dy, dx in _SHIFTS:
+        shifted = np.zeros_like(images)
+        rows = slice(max(dy, 0), side + min(dy, 0))
+        cols = slice(max(dx, 0), side + min(dx, 0))
+        src_rows = slice(max(-dy, 0), side + min(-dy, 0))
+        src_cols = slice(max(-dx, 0), side + min(-dx, 0))
+        shifted[:, rows, cols] = images[:, src_rows, src_cols]
+        copies.append(shifted)
+    return np.concatenate(copies).reshape(-1, side * side), np.tile(y, len(copies))
+
+
+def _float32(X: np.ndarray, source: str) -> np.ndarray:
+    out = np.asarray(X, dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise DataError(
+            f"{source}: feature values too large for float32 (over 3.4e38): rescale "
+            "them first"
+        )
+    return out
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray, list[str], str]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return data.data / 16, data.target, list(data.feature_names), "digit"
+
+
+# -- text ---------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """A NumPy scalar as a plain Python (JSON-ready) value."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _names(items: list[str], most: int = 8) -> str:
+    shown = ", ".join(items[:most])
+    return shown if len(items) <= most else f"{shown}, ... ({len(items)} in all)"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
