@@ -180,17 +180,16 @@ def measure(
     n_workers: int,
 ) -> dict[str, Any]:
     """One timed round of ``variant`` on every worker; updates/s and bytes/s."""
-    from dask import config as dask_config
-
     import dask_ftps
     from dask_ftps import SGD, ParameterServer
+    from dask_ftps import config as ftps_config
 
     # A worker can be away for a moment (a nanny restarting it): wait for all.
     client.wait_for_workers(n_workers, timeout=120)
     workers = worker_addresses(client)
     store = None
     # The window train() uses in this mode (the server tells it; the same here).
-    inflight = dask_config.get("ftps.inflight") if mode == "async" else 1
+    inflight = ftps_config.get("inflight") if mode == "async" else 1
     if variant == "a":
         client.run_on_scheduler(remove_plugin, name=EchoServer.name)
         client.register_plugin(EchoServer(model))
@@ -333,9 +332,9 @@ E2E_TITLE = (
 
 def _e2e_modes(config: Config) -> list[tuple[str, int]]:
     """Each mode at the default window; async also with a window of 4."""
-    from dask import config as dask_config
+    from dask_ftps import config as ftps_config
 
-    default = dask_config.get("ftps.inflight")
+    default = ftps_config.get("inflight")
     out = []
     for mode in config.modes:
         out.append((mode, default if mode == "async" else 1))

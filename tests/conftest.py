@@ -5,6 +5,9 @@ import functools
 import os
 import time
 
+# Before distributed.utils_test: its helpers reset dask's config to what it held
+# when it was imported, so jobqueue's defaults must be there by then.
+import dask_jobqueue  # noqa: F401
 import numpy as np
 import pytest
 from distributed.utils_test import cleanup, loop, loop_in_thread  # noqa: F401
