@@ -211,8 +211,10 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
         self : FTPSClassifier
         """
         X, y = self._validate_training_data(X, y, reset=True)
-        self._encode_classes(y, classes=None)
-        return self._fit(X, y, first=True, epochs=self.epochs)
+        with _client_for(self.client) as client:
+            X, y = _known_lengths(client, X, y)
+            self._encode_classes(client, y, classes=None)
+            return self._fit(client, X, y, first=True, epochs=self.epochs)
 
     def partial_fit(self, X: Any, y: Any, classes: Any = None) -> FTPSClassifier:
         """Train one epoch on ``X`` and ``y`` on top of the model so far.
@@ -244,14 +246,16 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
         if first and classes is None:
             raise ValueError("classes must be given on the first call to partial_fit")
         X, y = self._validate_training_data(X, y, reset=first)
-        if first:
-            self._encode_classes(y, classes=classes)
-        unseen = np.setdiff1d(np.unique(_compute(y)), self.classes_)
-        if len(unseen):
-            raise ValueError(
-                f"y holds labels that are not among classes_: {unseen.tolist()}"
-            )
-        return self._fit(X, y, first=first, epochs=1)
+        with _client_for(self.client) as client:
+            X, y = _known_lengths(client, X, y)
+            if first:
+                self._encode_classes(client, y, classes=classes)
+            unseen = np.setdiff1d(_labels(client, y), self.classes_)
+            if len(unseen):
+                raise ValueError(
+                    f"y holds labels that are not among classes_: {unseen.tolist()}"
+                )
+            return self._fit(client, X, y, first=first, epochs=1)
 
     def _validate_training_data(self, X: Any, y: Any, reset: bool):
         if y is None:
@@ -268,8 +272,10 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
             ):
                 self.feature_names_in_ = np.asarray(columns, dtype=object)
             X, y = _dask_array(X), _dask_array(y)
-            if X.ndim != 2:
-                raise ValueError(f"Expected a 2-D X, got {X.ndim}-D")
+            if X.ndim != 2 or y.ndim != 1:
+                raise ValueError(
+                    f"Expected a 2-D X and a 1-D y, got {X.ndim}-D and {y.ndim}-D"
+                )
             _check_features(self, X.shape[1], reset)
             return X, y
         X, y = validate_data(
@@ -283,14 +289,14 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
         check_classification_targets(y)
         return X, y
 
-    def _encode_classes(self, y: Any, classes: Any) -> None:
+    def _encode_classes(self, client: Client, y: Any, classes: Any) -> None:
         encoder = LabelEncoder()
         if classes is not None:
             encoder.fit(np.asarray(classes))
         elif _is_dask(y):
-            import dask.array as da
-
-            encoder.fit(_compute(da.unique(y)))
+            labels = _labels(client, y)
+            check_classification_targets(labels)  # continuous labels are refused
+            encoder.fit(labels)
         else:
             encoder.fit(y)
         if len(encoder.classes_) < 2:
@@ -310,7 +316,9 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
             )
         return self._encoder.transform(y).astype(np.int64)
 
-    def _fit(self, X: Any, y: Any, first: bool, epochs: int) -> FTPSClassifier:
+    def _fit(
+        self, client: Client, X: Any, y: Any, first: bool, epochs: int
+    ) -> FTPSClassifier:
         """Train ``epochs`` on a fresh server (``first``) or on this estimator's."""
         self._check_params()
         y = self._encode(y)
@@ -319,7 +327,7 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
         validation = None
         if self.early_stopping:
             X, y, validation = _hold_out(X, y, self.validation_fraction, seed)
-        with _client_for(self.client) as client:
+        with _FITTING:  # one server per scheduler: fits in threads take turns
             if first:
                 model = self._model(seed)
                 client.register_plugin(
@@ -526,8 +534,27 @@ def _dask_array(a: Any):
     return da.from_array(np.asarray(a))
 
 
-def _compute(a: Any) -> np.ndarray:
-    return np.asarray(a.compute() if _is_dask(a) else a)
+def _labels(client: Client, y: Any) -> np.ndarray:
+    """The distinct labels of ``y``, computed on ``client``'s cluster for Dask."""
+    if not _is_dask(y):
+        return np.unique(np.asarray(y))
+    import dask.array as da
+
+    return np.asarray(client.compute(da.unique(y)).result())
+
+
+def _known_lengths(client: Client, X: Any, y: Any) -> tuple[Any, Any]:
+    """Dask ``X`` and ``y`` with known chunk lengths, the same for both (computed
+    on ``client``'s cluster when unknown, as for a Dask DataFrame)."""
+    if not _is_dask(X):
+        return X, y
+    from dask_ftps.training import _known_chunks
+
+    X = client.sync(_known_chunks, client, X)
+    y = client.sync(_known_chunks, client, y)
+    if X.shape[0] != y.shape[0]:
+        raise ValueError(f"X has {X.shape[0]} rows but y has {y.shape[0]}")
+    return X, y.rechunk({0: X.chunks[0]})
 
 
 def _dense(block: Any) -> np.ndarray:
@@ -572,6 +599,7 @@ def _hold_out(X: Any, y: Any, fraction: float, seed: int):
 
 
 _LOCK = threading.Lock()
+_FITTING = threading.Lock()  # held by a fit from registering its server to the end
 _LOCAL: list[Client] = []  # the local cluster's client, started on first use
 
 

@@ -233,13 +233,13 @@ class Server:
         async with self._quiet():
             self.check_healthy()
             state = self.state.get_run(run)
-            before = dict(state.history)
+            before = (dict(state.history), state.stopped)
             self.state.record_epoch(run, epoch, values)
             if self.journal is not None:
                 try:
                     await self.journal.record_epoch(run, epoch, values)
                 except BaseException as e:
-                    state.history = before
+                    state.history, state.stopped = before
                     self._journal_failed(e)
                     raise self._refusal(e) from e
             self._durable = self._view()  # a run stopped early is finished now

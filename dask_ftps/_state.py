@@ -60,16 +60,21 @@ class RunState:
     superseded: bool = False
     name: str = ""
     history: dict[int, dict[str, float | None]] = field(default_factory=dict)
+    #: Whether ``train()`` stopped the run early (early stopping, a callback):
+    #: an epoch's record says ``stopped``; kept by :meth:`record` and restores.
+    stopped: bool = False
+
+    def __post_init__(self) -> None:
+        self.stopped = any(values.get("stopped") for values in self.history.values())
+
+    def record(self, epoch: int, values: dict[str, float | None]) -> None:
+        """Keep an epoch's record (and whether it stops the run)."""
+        self.history[epoch] = dict(values)
+        self.stopped = self.stopped or bool(values.get("stopped"))
 
     @property
     def end(self) -> int:
         return self.spec.epochs * self.spec.rounds_per_epoch
-
-    @property
-    def stopped(self) -> bool:
-        """Whether ``train()`` stopped the run early (early stopping, a callback):
-        an epoch's record says ``stopped``."""
-        return any(values.get("stopped") for values in self.history.values())
 
     @property
     def finished(self) -> bool:
@@ -234,7 +239,7 @@ class ParameterServerState:
         state = self.get_run(run)
         if not isinstance(epoch, int) or not 0 <= epoch < state.spec.epochs:
             raise InvalidRequest(f"run {run} has no epoch {epoch!r}")
-        state.history[epoch] = dict(values)
+        state.record(epoch, values)
 
     def get_run(self, run: object) -> RunState:
         if not isinstance(run, int) or not 0 <= run < len(self.runs):
@@ -307,8 +312,6 @@ class ParameterServerState:
         spec = run.spec
         if run.superseded:
             raise InvalidUpdate(f"update {key.id}: run {key.run} was superseded")
-        if run.stopped:
-            raise InvalidUpdate(f"update {key.id}: run {key.run} was stopped early")
         if key.shard >= spec.n_shards or key.epoch >= spec.epochs:
             raise InvalidUpdate(f"update {key.id}: no such epoch or shard in the run")
         if key.step >= spec.steps[key.shard]:
@@ -317,6 +320,8 @@ class ParameterServerState:
         clock = run.clocks[key.shard]
         if position < clock:
             raise DuplicateUpdate(f"update {key.id} was already accepted")
+        if run.stopped:
+            raise InvalidUpdate(f"update {key.id}: run {key.run} was stopped early")
         if position > clock:
             raise OutOfOrder(
                 f"update {key.id} out of order: shard {key.shard} is at "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import itertools
 import logging
 import numbers
@@ -383,7 +384,12 @@ async def _train(
                     epoch,
                 )
             for callback in settings.callbacks:
-                if callback(epoch, dict(record)):
+                # In a thread: the callback may use the blocking client API (this
+                # runs on the client's event loop); an async one is awaited.
+                verdict = await asyncio.to_thread(callback, epoch, dict(record))
+                if inspect.isawaitable(verdict):
+                    verdict = await verdict
+                if verdict:
                     logger.info(
                         "Run %d: a callback stops it after epoch %d", run, epoch
                     )
@@ -881,11 +887,22 @@ async def _epoch_record(
     }
     if val is not None:
         reply = check_reply(await client.scheduler.ftps_get_model(), "ftps_get_model")
-        loss, _, correct = model.loss_and_grad(reply["params"], *val)
-        record["val_loss"] = float(loss)
-        record["val_accuracy"] = correct / len(val[1])
+        loss, accuracy = await asyncio.to_thread(_score, model, reply["params"], *val)
+        record["val_loss"] = loss
+        record["val_accuracy"] = accuracy
     record["seconds"] = seconds
     return record
+
+
+def _score(
+    model: Model, params: dict[str, np.ndarray], X: np.ndarray, y: np.ndarray
+) -> tuple[float, float]:
+    """Mean cross-entropy (unweighted) and accuracy of ``params`` on ``(X, y)``:
+    a forward pass, off the event loop."""
+    proba = np.asarray(model.predict_proba(params, X), dtype=np.float64)
+    p = proba[np.arange(len(y)), y]
+    loss = float(-np.log(np.maximum(p, np.finfo(np.float64).tiny)).mean())
+    return loss, float((proba.argmax(axis=1) == y).mean())
 
 
 def _progress_bar(progress: bool | None, total: int, run: int):
@@ -962,8 +979,10 @@ async def _run_epoch(
                 futures[s] = submit(s, attempts)
                 tasks[s] = asyncio.ensure_future(outcome(futures[s]))
     finally:
-        for task in tasks.values():  # interrupted (Ctrl-C): nothing left running
-            task.cancel()
+        if tasks:  # a failure or an interruption (Ctrl-C): nothing left running
+            for task in tasks.values():
+                task.cancel()
+            await client.cancel([futures[s] for s in tasks], asynchronous=True)
     return [stats[s] for s in range(n)]
 
 

@@ -135,6 +135,17 @@ def test_pandas_dask_dataframe_categorical_and_sparse_input():
     )
     assert frame.classes_.tolist() == ["setosa", "versicolor", "virginica"]
     assert frame.feature_names_in_.tolist() == X.columns.tolist()
+    # Early stopping holds out a share of a Dask DataFrame (chunks unknown).
+    held = FTPSClassifier(epochs=3, early_stopping=True, random_state=0).fit(
+        dd.from_pandas(X, npartitions=3), dd.from_pandas(y, npartitions=3)
+    )
+    assert all("val_loss" in r for r in held.history_)
+    # Continuous Dask labels are refused as scikit-learn refuses NumPy ones.
+    with pytest.raises(ValueError, match="Unknown label type"):
+        FTPSClassifier().fit(
+            da.from_array(X.to_numpy(), chunks=50),
+            da.from_array(np.linspace(0, 1, len(X)), chunks=50),
+        )
     assert frame.score(X, y) > 0.85
 
     sparse_clf = FTPSClassifier(epochs=20, random_state=0)
@@ -258,3 +269,23 @@ def test_an_address_as_client(client):
     clf = FTPSClassifier(epochs=5, client=client.scheduler.address, random_state=0)
     clf.fit(Xtr, ytr)
     assert dask_ftps.status(client)["version"] == clf.version_
+
+
+def test_a_callback_may_use_the_blocking_client_api(client):
+    """Callbacks run in a thread, not on the client's event loop: the blocking
+    API works in them, and an async callback is awaited."""
+    Xtr, _, ytr, _ = split(load_iris)
+    versions = []
+
+    def watch(epoch, record):
+        version, _ = dask_ftps.get_model(client)
+        versions.append((epoch, version))
+
+    async def stop_at_second(epoch, record):
+        return epoch == 1
+
+    FTPSClassifier(epochs=4, callbacks=[watch, stop_at_second], random_state=0).fit(
+        StandardScaler().fit_transform(Xtr), ytr
+    )
+    assert [e for e, _ in versions] == [0, 1]
+    assert 0 < versions[0][1] < versions[1][1]

@@ -9,10 +9,18 @@ import logging
 import dask.array as da
 import numpy as np
 import pytest
+from distributed.protocol.serialize import ToPickle
 from distributed.utils_test import captured_logger, gen_cluster
 
 import dask_ftps
-from dask_ftps import SGD, InvalidRequest, ParameterServer
+from dask_ftps import (
+    SGD,
+    DuplicateUpdate,
+    InvalidRequest,
+    InvalidUpdate,
+    ParameterServer,
+)
+from dask_ftps._core import check_reply
 from dask_ftps._server import Server
 from dask_ftps.models import SoftmaxRegression
 from dask_ftps.training import _class_weights
@@ -58,6 +66,22 @@ async def test_early_stopping_ends_the_run_and_the_same_call_returns_it(c, s, a,
     assert result.version == len(rows) < result.minibatches
     status = await dask_ftps.status(c)
     assert status["run"]["finished"]
+
+    # A push of a later epoch is refused; one accepted before is a duplicate.
+    grads = {k: np.zeros(v, np.float32) for k, v in MODEL.param_shapes().items()}
+    for update_id, refusal in [
+        ("0:3:0:0", InvalidUpdate),
+        ("0:0:0:0", DuplicateUpdate),
+    ]:
+        reply = await c.scheduler.ftps_push(
+            worker="tcp://test:1",
+            update_id=update_id,
+            grads=ToPickle(grads),
+            incarnation=1,
+        )
+        with pytest.raises(refusal, match=r"stopped early|already accepted"):
+            check_reply(reply, "ftps_push")
+    assert (await dask_ftps.status(c))["version"] == result.version
 
     again = await dask_ftps.train(c, X, y, progress=False, **kwargs)
     assert not again.trained and again.stopped_early
