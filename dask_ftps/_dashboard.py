@@ -82,6 +82,8 @@ RATE_WINDOW = 10.0
 HISTORY = 120
 #: Shards of the current run the view lists (and the metrics label).
 MAX_SHARDS = 256
+#: Rows of the global dataset a new tracker reads back (a rebuilt run's shards).
+INITIAL_ROWS = 4096
 #: Events of the ``ftps`` topic the view lists, newest first.
 EVENTS = 8
 
@@ -154,7 +156,9 @@ class Tracker:
     def __init__(self, server: Server) -> None:
         self.server = server
         self.samples: deque[Sample] = deque(maxlen=HISTORY)
-        self._next_row = 0  # global-dataset rows read so far
+        # Global-dataset rows read so far: a rebuilt run's last rows only, so
+        # that the first refresh (in the plugin's start) costs little.
+        self._next_row = max(0, server.accepted - INITIAL_ROWS)
         self._run = -1  # the run whose shards _last follows
         self._last: dict[int, int] = {}  # shard: version of its last update
         self._version = int(server.published.version)  # when the rows were read
@@ -303,7 +307,7 @@ async def status_view(scheduler: Scheduler) -> dict:
     tracker = current_tracker(scheduler)
     if tracker is None:
         return {"status": NO_SERVER}
-    await tracker.refresh()
+    await tracker.refresh()  # the rows since the last one: cheap
     return tracker.view(scheduler)
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from dask_ftps._exceptions import InvalidRequest
+
 logger = logging.getLogger(__name__)
 
 DIGITS = "digits"
@@ -26,7 +28,7 @@ _COMPRESSION = (".gz", ".bz2", ".xz", ".zip", ".zst")
 _SHIFTS = ((1, 0), (-1, 0), (0, 1), (0, -1))
 
 
-class DataError(ValueError):
+class DataError(InvalidRequest):
     """The data cannot be trained on; the message is one line that says why."""
 
 

@@ -360,7 +360,11 @@ class Server:
             end = self.accepted
             if end <= first:
                 return first, []
-            return first, list(itertools.islice(rows, first - offset, end - offset))
+            # From the end, where the rows asked for are (no walk from the start)
+            behind = self.state.updates - end  # rows being written: not durable
+            tail = list(itertools.islice(reversed(rows), behind, behind + end - first))
+            tail.reverse()
+            return first, tail
 
     def forget_worker(self, worker: str) -> None:
         self.state.forget_worker(WorkerId(worker))

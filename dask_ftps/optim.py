@@ -46,6 +46,10 @@ def _check_schedule(obj: Any) -> None:
         _check_float(obj, "decay", 0.0, 1.0, lo_open=True, hi_open=False)
     else:
         _check_float(obj, "decay", 0.0, math.inf, lo_open=False, hi_open=True)
+    if (obj.schedule, obj.decay) in (("exponential", 1.0), ("inverse", 0.0)):
+        # The same rate every epoch: the constant schedule, stored as such.
+        object.__setattr__(obj, "schedule", "constant")
+        object.__setattr__(obj, "decay", 0.0)
 
 
 @dataclass(frozen=True)

@@ -261,3 +261,8 @@ def test_an_update_is_merged_with_its_epochs_rate(momentum: float) -> None:
             np.testing.assert_array_equal(got[0][name], want[0][name])
     with pytest.raises(ValueError, match="epoch must be an int"):
         scheduled.apply(params, scheduled.init_state(params), grads[0], 1, epoch=1.5)
+
+
+def test_a_schedule_that_never_changes_the_rate_is_the_constant_one() -> None:
+    assert SGD(lr=0.1, schedule="inverse", decay=0.0) == SGD(lr=0.1)
+    assert Adam(schedule="exponential", decay=1.0).to_dict() == Adam().to_dict()
