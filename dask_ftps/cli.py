@@ -362,7 +362,7 @@ def _server_to_register(
             f"the scheduler's parameter server journals to {running} and its model "
             f"({_layers(model)}) takes {model.n_features} features and "
             f"{model.n_classes} classes, but the data has {data.n_features} features "
-            f"and {data.n_classes} classes: refusing to replace it (pass --replace to)"
+            f"and {data.n_classes} classes: refusing to replace it (--replace replaces it)"
         )
     click.echo(
         f"Training on the scheduler's parameter server: {_layers(model)}, store "
