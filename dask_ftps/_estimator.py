@@ -23,7 +23,7 @@ from dask_ftps._exceptions import FTPSError
 from dask_ftps._scheduler_plugin import ParameterServer
 from dask_ftps.models import MLP, Model, SoftmaxRegression
 from dask_ftps.optim import SGD, Adam, Optimizer
-from dask_ftps.training import train
+from dask_ftps.training import _known_chunks, dask_array, is_dask_collection, train
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -263,7 +263,7 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
                 f"{type(self).__name__} requires y to be passed, but the target y "
                 "is None"
             )
-        if _is_dask(X) or _is_dask(y):
+        if is_dask_collection(X) or is_dask_collection(y):
             columns = getattr(X, "columns", None)
             if (
                 reset
@@ -271,7 +271,7 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
                 and all(isinstance(c, str) for c in columns)
             ):
                 self.feature_names_in_ = np.asarray(columns, dtype=object)
-            X, y = _dask_array(X), _dask_array(y)
+            X, y = dask_array(X, "X"), dask_array(y, "y")
             if X.ndim != 2 or y.ndim != 1:
                 raise ValueError(
                     f"Expected a 2-D X and a 1-D y, got {X.ndim}-D and {y.ndim}-D"
@@ -293,7 +293,7 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
         encoder = LabelEncoder()
         if classes is not None:
             encoder.fit(np.asarray(classes))
-        elif _is_dask(y):
+        elif is_dask_collection(y):
             labels = _labels(client, y)
             check_classification_targets(labels)  # continuous labels are refused
             encoder.fit(labels)
@@ -308,7 +308,7 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
         self.classes_ = encoder.classes_
 
     def _encode(self, y: Any) -> Any:
-        if _is_dask(y):
+        if is_dask_collection(y):
             classes = self.classes_
             return y.map_blocks(
                 lambda b: np.searchsorted(classes, b).astype(np.int64),
@@ -464,8 +464,8 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
         """
         check_is_fitted(self, "params_")
         model, params = self.model_, self._params64
-        if _is_dask(X):
-            X = _dask_array(X)
+        if is_dask_collection(X):
+            X = dask_array(X, "X")
             _check_features(self, X.shape[1], reset=False)
             X = X.rechunk({1: -1})
             return X.map_blocks(
@@ -506,7 +506,7 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
         """
         proba = self.predict_proba(X)
         classes = self.classes_
-        if _is_dask(proba):
+        if is_dask_collection(proba):
             return proba.map_blocks(
                 lambda p: classes[p.argmax(axis=1)],
                 dtype=classes.dtype,
@@ -518,25 +518,9 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
 # -- helpers ----------------------------------------------------------------------
 
 
-def _is_dask(a: Any) -> bool:
-    return hasattr(a, "__dask_graph__")
-
-
-def _dask_array(a: Any):
-    import dask.array as da
-
-    if hasattr(a, "to_dask_array"):  # a Dask DataFrame or Series
-        return a.to_dask_array()
-    if isinstance(a, da.Array):
-        return a
-    if _is_dask(a):
-        raise TypeError(f"expected a Dask array or DataFrame, got {type(a).__name__}")
-    return da.from_array(np.asarray(a))
-
-
 def _labels(client: Client, y: Any) -> np.ndarray:
     """The distinct labels of ``y``, computed on ``client``'s cluster for Dask."""
-    if not _is_dask(y):
+    if not is_dask_collection(y):
         return np.unique(np.asarray(y))
     import dask.array as da
 
@@ -546,10 +530,8 @@ def _labels(client: Client, y: Any) -> np.ndarray:
 def _known_lengths(client: Client, X: Any, y: Any) -> tuple[Any, Any]:
     """Dask ``X`` and ``y`` with known chunk lengths, the same for both (computed
     on ``client``'s cluster when unknown, as for a Dask DataFrame)."""
-    if not _is_dask(X):
+    if not is_dask_collection(X):
         return X, y
-    from dask_ftps.training import _known_chunks
-
     X = client.sync(_known_chunks, client, X)
     y = client.sync(_known_chunks, client, y)
     if X.shape[0] != y.shape[0]:
@@ -582,7 +564,7 @@ def _check_features(estimator: FTPSClassifier, n_features: int, reset: bool) -> 
 def _hold_out(X: Any, y: Any, fraction: float, seed: int):
     """``(X_train, y_train, (X_val, y_val))``: a stratified split of NumPy input,
     a random one of Dask input."""
-    if _is_dask(X) or _is_dask(y):
+    if is_dask_collection(X) or is_dask_collection(y):
         import dask.array as da
 
         rng = da.random.default_rng(seed)

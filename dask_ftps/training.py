@@ -606,7 +606,8 @@ def _is_sparse(a: Any) -> bool:
     return hasattr(a, "tocsr") and hasattr(a, "nnz")
 
 
-def _is_dask_collection(a: Any) -> bool:
+def is_dask_collection(a: Any) -> bool:
+    """Whether ``a`` is a Dask collection (array, DataFrame, ...)."""
     return hasattr(a, "__dask_graph__")
 
 
@@ -653,10 +654,10 @@ class _Data:
         model."""
         if X is None or y is None:
             raise InvalidRequest("train() needs both X and y")
-        lazy = [_is_dask_collection(a) for a in (X, y)]
+        lazy = [is_dask_collection(a) for a in (X, y)]
         if any(lazy):
-            X = await _as_dask_array(client, X, "X")
-            y = await _as_dask_array(client, y, "y")
+            X = await _known_chunks(client, dask_array(X, "X"))
+            y = await _known_chunks(client, dask_array(y, "y"))
             data = cls(X, y, local=False)
         else:
             data = cls(_local(X, "X"), _local(y, "y"), local=True)
@@ -775,23 +776,23 @@ class _Shards:
             future.release()
 
 
-async def _as_dask_array(client: Client, a: Any, name: str) -> da.Array:
-    """A Dask array with known chunk sizes from a Dask collection (a DataFrame or
-    Series too) or an in-memory array-like."""
+def dask_array(a: Any, name: str) -> da.Array:
+    """A Dask array from a Dask array, DataFrame or Series, or an in-memory
+    array-like (chunk sizes possibly unknown: see :func:`_known_chunks`)."""
     import dask.array as da  # here, not at import: the scheduler preload stays light
 
     if hasattr(a, "to_dask_array"):  # a Dask DataFrame or Series
-        a = a.to_dask_array()
-    elif not isinstance(a, da.Array):
-        if _is_dask_collection(a):
-            raise InvalidRequest(
-                f"{name} is a {type(a).__name__}: give a Dask array or DataFrame"
-            )
-        local = _local(a, name)
-        if _is_sparse(local):
-            local = local.toarray()  # beside Dask input, it is small
-        a = da.from_array(local)
-    return await _known_chunks(client, a)
+        return a.to_dask_array()
+    if isinstance(a, da.Array):
+        return a
+    if is_dask_collection(a):
+        raise InvalidRequest(
+            f"{name} is a {type(a).__name__}: give a Dask array or DataFrame"
+        )
+    local = _local(a, name)
+    if _is_sparse(local):
+        local = local.toarray()  # beside Dask input, it is small
+    return da.from_array(local)
 
 
 def _class_weights(class_weight: Any, counts: np.ndarray) -> np.ndarray | None:
@@ -848,7 +849,7 @@ async def _validation(
     for a, name in zip(validation, ("X_val", "y_val"), strict=True):
         if hasattr(a, "to_dask_array"):
             a = a.to_dask_array()
-        if _is_dask_collection(a):
+        if is_dask_collection(a):
             a = await client.compute(a)
         a = _local(a, name)
         arrays.append(a.toarray() if _is_sparse(a) else a)
