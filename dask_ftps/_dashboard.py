@@ -163,12 +163,6 @@ class Tracker:
         self._last: dict[int, int] = {}  # shard: version of its last update
         self._version = int(server.published.version)  # when the rows were read
         self._record_bytes: dict[int, int] = {}  # journal_size()'s cache
-        # Whether the server rebuilt a run its store held (as the plugin's
-        # "recovered" event says); read before the server accepts anything.
-        journal = server.journal
-        self.recovered = server.rebuilt is not None and bool(
-            journal is not None and journal.committed
-        )
 
     async def refresh(self) -> None:
         """Read the rows made durable since the last call and take a sample."""
@@ -282,7 +276,7 @@ class Tracker:
             "shards": self.shards(),
             "journal": None if journal is None else dataclasses.asdict(journal),
             "snapshots": status["snapshots"],
-            "recovery": status["recovery"] if self.recovered else None,
+            "recovery": status["recovery"] if server.recovered else None,
             "history": [[round(s.time - t0, 3), s.version] for s in self.samples],
             "events": [] if scheduler is None else _events(scheduler),
         }

@@ -23,7 +23,15 @@ from dask_ftps._exceptions import FTPSError
 from dask_ftps._scheduler_plugin import ParameterServer
 from dask_ftps.models import MLP, Model, SoftmaxRegression
 from dask_ftps.optim import SGD, Adam, Optimizer
-from dask_ftps.training import _known_chunks, dask_array, is_dask_collection, train
+from dask_ftps.training import (
+    _check_settings,
+    _class_weights,
+    _known_chunks,
+    _Settings,
+    dask_array,
+    is_dask_collection,
+    train,
+)
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -433,20 +441,28 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
         ):
             raise ValueError(f"validation_fraction must be in (0, 1), got {fraction!r}")
         self._optimizer()  # its own checks of lr, momentum and the schedule
-        for name in ("epochs", "batch_size", "n_iter_no_change"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, numbers.Integral)
-                or value < 1
-            ):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        tol = self.tol
-        if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol >= 0:
-            raise ValueError(f"tol must be a number >= 0, got {tol!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        self._class_weight()  # labels it names are among classes_
+        # train()'s own checks of its settings and the class weights, here: before
+        # the cluster's server is replaced, as ValueErrors (scikit-learn's way).
+        settings = _Settings(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            seed=0,
+            n_shards=None,
+            progress=None,
+            run_name="",
+            class_weight=self._class_weight(),
+            early_stopping=self.n_iter_no_change,
+            tol=self.tol,
+            callbacks=tuple(self.callbacks or ()),
+        )
+        try:
+            _check_settings(n_iter_no_change=self.n_iter_no_change)
+            settings.check(validation=())
+            _class_weights(settings.class_weight, np.ones(len(self.classes_)))
+        except TypeError as e:
+            raise ValueError(str(e)) from None
 
     # -- predicting ---------------------------------------------------------------
 

@@ -53,7 +53,7 @@ from dask_ftps._exceptions import (
     StaleIncarnation,
 )
 from dask_ftps._recovery import Rebuilt, rebuild
-from dask_ftps._server import Server, ServerConfig
+from dask_ftps._server import Server, ServerConfig, rebuilt_summary
 from dask_ftps._state import ParameterServerState, check_worker
 from dask_ftps._store import Journal, RunMeta, resolve, take_over
 from dask_ftps._store._format import model_crc
@@ -271,18 +271,13 @@ class ParameterServer(SchedulerPlugin):
             server = await self._open_store(old_server, settings)
         self._server = server
         server.on_event = self._log_event
-        if server.rebuilt is not None and (server.journal and server.journal.committed):
-            rebuilt = server.rebuilt
+        if server.recovered:
             self._log_event(
                 {
                     "action": "recovered",
                     "incarnation": server.state.incarnation,
                     "version": int(server.state.version),
-                    "source": rebuilt.source,
-                    "start_version": rebuilt.start_version,
-                    "replayed": rebuilt.replayed,
-                    "seconds": rebuilt.seconds,
-                    "skipped": list(rebuilt.skipped),
+                    **rebuilt_summary(server.rebuilt),
                 }
             )
         self.model = server.state.model_spec

@@ -129,6 +129,11 @@ class Server:
         self.journal = journal
         self.config = config
         self.rebuilt = rebuilt
+        #: Whether this server rebuilt a run its store held (set at the start,
+        #: before it accepts anything).
+        self.recovered = rebuilt is not None and bool(
+            journal is not None and journal.committed
+        )
         self.description = description
         self.identity = uuid.uuid4().hex
         self.run_id = None if journal is None else journal.meta.run_id
@@ -318,15 +323,7 @@ class Server:
             "snapshots": []
             if self.journal is None
             else sorted(r.body.version for r in self.journal.snapshots()),
-            "recovery": None
-            if rebuilt is None
-            else {
-                "source": rebuilt.source,
-                "start_version": rebuilt.start_version,
-                "replayed": rebuilt.replayed,
-                "seconds": rebuilt.seconds,
-                "skipped": list(rebuilt.skipped),
-            },
+            "recovery": None if rebuilt is None else rebuilt_summary(rebuilt),
         }
 
     async def records(self) -> dict:
@@ -460,7 +457,9 @@ class Server:
                 async with self._lock:
                     if self._snapshot_due and self._in_flight == 0:
                         self._start_snapshot()
-                    self.state.settle()  # trims rows the writer made durable
+                    # Trims rows the writer made durable, never those of batches
+                    # still being written (a failed write rolls them back).
+                    self.state.settle(keep=self.state.updates - self.accepted)
                     self._in_flight += 1  # counted while merging: not quiet
                     merged = None
                     try:
@@ -866,3 +865,14 @@ class Server:
             "version": int(model.version),
             "params": ToPickle(model.params) if fresh else None,
         }
+
+
+def rebuilt_summary(rebuilt: Rebuilt) -> dict:
+    """What a rebuild did, as ``status()`` and the "recovered" event say it."""
+    return {
+        "source": rebuilt.source,
+        "start_version": rebuilt.start_version,
+        "replayed": rebuilt.replayed,
+        "seconds": rebuilt.seconds,
+        "skipped": list(rebuilt.skipped),
+    }

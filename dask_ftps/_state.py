@@ -106,7 +106,6 @@ class Mark:
 
     updates: int
     model: ModelVersion
-    global_rows: int
     runs: int
     superseded: tuple[bool, ...]
     clocks: tuple[tuple[int, ...], ...]
@@ -389,7 +388,6 @@ class ParameterServerState:
         return Mark(
             self.updates,
             self.model,
-            len(self.global_rows),
             len(self.runs),
             tuple(r.superseded for r in self.runs),
             tuple(tuple(r.clocks) for r in self.runs),
@@ -415,9 +413,10 @@ class ParameterServerState:
             for w, entries in mark.gradients.items()
         }
 
-    def settle(self) -> None:
-        """Keep the newest ``memory_rows`` global rows in memory (after a commit)."""
-        while len(self.global_rows) > self.memory_rows:
+    def settle(self, keep: int = 0) -> None:
+        """Keep the newest ``memory_rows`` global rows in memory (after a commit),
+        and at least the newest ``keep`` (rows a :meth:`rollback` may yet undo)."""
+        while len(self.global_rows) > max(self.memory_rows, keep):
             self.global_rows.popleft()
 
     def push(self, update: Update) -> Admission:

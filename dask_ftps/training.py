@@ -433,11 +433,6 @@ async def _known_run_shards(
 ) -> int | None:
     """The shard count of the run this call would resume or return, if any: a
     run keeps its shards even when the cluster has other workers now."""
-    if not all(
-        isinstance(v, int) and not isinstance(v, bool)
-        for v in (batch_size, epochs, seed)
-    ):
-        return None  # refused with a clear error when the run is begun
     found = check_reply(
         await client.scheduler.ftps_find_run(
             name=name,
@@ -694,13 +689,10 @@ class _Data:
         local input and on the cluster for Dask input, before any update is
         sent. Returns the count of each class."""
         n_classes = model.n_classes
-        if self.local:
-            values = self.X.data if _is_sparse(self.X) else self.X
-            finite = bool(np.isfinite(values).all())
-            low, high = int(self.y.min()), int(self.y.max())
-            counts = None
-            if low >= 0 and high < n_classes:
-                counts = np.bincount(self.y, minlength=n_classes)
+        if self.local:  # in a thread: not on the client's event loop
+            finite, low, high, counts = await asyncio.to_thread(
+                _local_checks, self.X, self.y, n_classes
+            )
         else:
             import dask.array as da
 
@@ -732,15 +724,25 @@ class _Data:
         if self.local:
             bounds = np.cumsum((0, *sizes))
             parts = [(self.X[a:b], self.y[a:b]) for a, b in itertools.pairwise(bounds)]
-            shards = _Shards([], [], parts)
-            for s in range(len(parts)):
-                await shards.scatter(client, s)
-            return shards
+            futures = await client.scatter(  # one round trip for all
+                [part for pair in parts for part in pair], hash=False
+            )
+            return _Shards(list(futures[0::2]), list(futures[1::2]), parts)
         X = self.X.rechunk({0: sizes, 1: -1})
         y = self.y.rechunk({0: sizes})
         xs = client.compute(list(X.to_delayed().ravel()))
         ys = client.compute(list(y.to_delayed().ravel()))
         return _Shards(xs, ys, None)
+
+
+def _local_checks(X: Any, y: np.ndarray, n_classes: int) -> tuple:
+    """``(finite, lowest label, highest label, class counts)`` of local input."""
+    finite = bool(np.isfinite(X.data if _is_sparse(X) else X).all())
+    low, high = int(y.min()), int(y.max())
+    counts = None
+    if low >= 0 and high < n_classes:
+        counts = np.bincount(y, minlength=n_classes)
+    return finite, low, high, counts
 
 
 @dataclass
@@ -759,16 +761,12 @@ class _Shards:
         return any(f.status != "finished" for f in (self.xs[s], self.ys[s]))
 
     async def scatter(self, client: Client, s: int) -> None:
-        """Scatter shard ``s`` (again, if its futures exist)."""
+        """Scatter shard ``s`` again (its futures were lost)."""
         X, y = self.parts[s]
         x_future, y_future = await client.scatter([X, y], hash=False)
-        if s < len(self.xs):
-            self.xs[s].release()
-            self.ys[s].release()
-            self.xs[s], self.ys[s] = x_future, y_future
-        else:
-            self.xs.append(x_future)
-            self.ys.append(y_future)
+        self.xs[s].release()
+        self.ys[s].release()
+        self.xs[s], self.ys[s] = x_future, y_future
 
     def release(self) -> None:
         """Drop our references (data the caller holds stays)."""
@@ -847,10 +845,8 @@ async def _validation(
         raise InvalidRequest("validation must be a pair (X_val, y_val)")
     arrays = []
     for a, name in zip(validation, ("X_val", "y_val"), strict=True):
-        if hasattr(a, "to_dask_array"):
-            a = a.to_dask_array()
         if is_dask_collection(a):
-            a = await client.compute(a)
+            a = await client.compute(dask_array(a, name))
         a = _local(a, name)
         arrays.append(a.toarray() if _is_sparse(a) else a)
     Xv, yv = arrays
