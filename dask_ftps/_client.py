@@ -70,17 +70,27 @@ def _hosts_server(dask_scheduler) -> bool:
     return "ftps_status" in dask_scheduler.handlers
 
 
-async def require_server(client: Client) -> None:
-    """Raise :class:`NotRegistered` unless the scheduler hosts a parameter server,
-    without calling a handler it lacks (the scheduler would log a traceback)."""
+async def hosts_server(client: Client) -> bool:
+    """Whether the scheduler hosts a parameter server, asked without calling a
+    handler it may lack (the scheduler would log a traceback).
+
+    Raises
+    ------
+    NotRegistered
+        If the scheduler cannot be asked (dask_ftps not installed there).
+    """
     try:
-        hosted = await client.run_on_scheduler(_hosts_server, asynchronous=True)
+        return await client.run_on_scheduler(_hosts_server, asynchronous=True)
     except Exception as e:
         raise NotRegistered(
             f"cannot ask the scheduler for a parameter server ({e!r}): is dask_ftps "
             "installed where the scheduler runs?"
         ) from e
-    if not hosted:
+
+
+async def require_server(client: Client) -> None:
+    """Raise :class:`NotRegistered` unless the scheduler hosts a parameter server."""
+    if not await hosts_server(client):
         raise NotRegistered(
             "the scheduler hosts no parameter server: register a "
             "dask_ftps.ParameterServer first (client.register_plugin(...) or dask "

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from dask_ftps._exceptions import InvalidRequest
+from dask_ftps._exceptions import InvalidRequest, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], str]:
     except DataError:
         raise
     except Exception as e:  # any failure to read is the file's
-        raise DataError(f"cannot read {path} as a .npz file: {_first_line(e)}") from e
+        raise DataError(f"cannot read {path} as a .npz file: {one_line(e)}") from e
     if X.ndim != 2:
         raise DataError(
             f"{path}: X must be 2-D (samples x features), got shape {X.shape}"
@@ -282,7 +282,7 @@ def _read_table(path: Path, kind: str):
         raise DataError(f"{path} is empty") from None
     except Exception as e:  # any failure to parse is the file's
         what = "CSV" if kind == ".csv" else "Parquet"
-        raise DataError(f"cannot read {path} as {what}: {_first_line(e)}") from e
+        raise DataError(f"cannot read {path} as {what}: {one_line(e)}") from e
 
 
 def _split_columns(frame, target: str | None, path: Path):
@@ -360,7 +360,7 @@ def _encode(y: np.ndarray, target: str, source: str) -> tuple[np.ndarray, np.nda
         encoder = LabelEncoder().fit(y)
     except TypeError as e:
         raise DataError(
-            f"{source}: the labels {target!r} mix types ({_first_line(e)}): make "
+            f"{source}: the labels {target!r} mix types ({one_line(e)}): make "
             "them all strings or all numbers"
         ) from e
     classes = encoder.classes_
@@ -437,8 +437,3 @@ def _plain(value: Any) -> Any:
 def _names(items: list[str], most: int = 8) -> str:
     shown = ", ".join(items[:most])
     return shown if len(items) <= most else f"{shown}, ... ({len(items)} in all)"
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

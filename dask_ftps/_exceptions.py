@@ -106,3 +106,9 @@ class StoreCorrupted(StoreError):
 
     def __reduce__(self):
         return type(self), (str(self), self.key)
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (its type's name when it has none)."""
+    text = " ".join(str(e).split())
+    return text or type(e).__name__

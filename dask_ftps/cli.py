@@ -28,6 +28,7 @@ from dask_ftps._demo import (
     report_lines,
     run_demo,
 )
+from dask_ftps._exceptions import one_line
 from dask_ftps.models import MLP, Model, SoftmaxRegression, model_from_dict
 from dask_ftps.preload import storage_options
 
@@ -200,12 +201,6 @@ def _store_path(ctx: click.Context, param: click.Parameter, value: str | None):
     return str(Path(value.removeprefix("file://")).expanduser().resolve())
 
 
-def _one_line(e: BaseException) -> str:
-    """An exception's message on one line (its type when it has none)."""
-    text = " ".join(str(e).split())
-    return text or type(e).__name__
-
-
 def _output_folder(output: str | None) -> Path | None:
     """``--output``: create the folder and check that it can be written, before
     any training."""
@@ -219,7 +214,7 @@ def _output_folder(output: str | None) -> Path | None:
         probe.unlink()
     except OSError as e:
         raise click.ClickException(
-            f"cannot write to the output folder {folder}: {e.strerror or _one_line(e)}"
+            f"cannot write to the output folder {folder}: {e.strerror or one_line(e)}"
         ) from None
     return folder
 
@@ -235,7 +230,7 @@ def _check_store(store: str, storage_options: dict | None) -> bool:
         return sync(holds_run(store, storage_options))
     except (dask_ftps.FTPSError, OSError, ValueError, TypeError) as e:
         raise click.ClickException(
-            f"cannot use the store {store}: {_one_line(e)}"
+            f"cannot use the store {store}: {one_line(e)}"
         ) from None
 
 
@@ -247,7 +242,7 @@ def _connect(address: str, timeout: float) -> Client:
     except (OSError, TimeoutError, ValueError, TypeError) as e:
         raise click.ClickException(
             f"cannot connect to the scheduler {address!r} within {timeout:g} s: "
-            f"{_one_line(e)}"
+            f"{one_line(e)}"
         ) from None
 
 
@@ -312,15 +307,12 @@ def _same_store(mine: str, running: str) -> bool:
 
 
 def _hosts_server(client: Client) -> bool:
-    from dask_ftps._client import _hosts_server as hosted
+    from dask_ftps._client import hosts_server
 
     try:
-        return client.run_on_scheduler(hosted)
-    except Exception as e:  # noqa: BLE001 - whatever the scheduler answered
-        raise click.ClickException(
-            f"cannot ask the scheduler for a parameter server ({_one_line(e)}): is "
-            "dask_ftps installed where the scheduler runs?"
-        ) from None
+        return client.sync(hosts_server, client)
+    except dask_ftps.NotRegistered as e:
+        raise click.ClickException(one_line(e)) from None
 
 
 def _server_to_register(
@@ -424,7 +416,7 @@ def _save_output(
         meta_path.write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
     except OSError as e:
         raise click.ClickException(
-            f"cannot write to the output folder {folder}: {e.strerror or _one_line(e)}"
+            f"cannot write to the output folder {folder}: {e.strerror or one_line(e)}"
         ) from None
     return [params_path, meta_path]
 
@@ -439,11 +431,11 @@ def _train_or_fail(client: Client, data: Dataset, **kwargs: Any):
             client, data.X_train, data.y_train, validation=validation, **kwargs
         )
     except dask_ftps.FTPSError as e:
-        raise click.ClickException(f"training failed: {_one_line(e)}") from None
+        raise click.ClickException(f"training failed: {one_line(e)}") from None
     except (OSError, TimeoutError, concurrent.futures.CancelledError) as e:
         raise click.ClickException(
             f"training stopped, the scheduler was lost or closed: "
-            f"{type(e).__name__}: {_one_line(e)}"
+            f"{type(e).__name__}: {one_line(e)}"
         ) from None
 
 
@@ -609,7 +601,7 @@ def train(
             storage_options=storage_options,
         )
     except (TypeError, ValueError) as e:
-        raise click.ClickException(_one_line(e)) from None
+        raise click.ClickException(one_line(e)) from None
     if store is not None and _check_store(store, storage_options):
         click.echo(f"The store {store} holds a run: the server resumes it")
     click.echo(data.describe())
@@ -622,7 +614,7 @@ def train(
                 client.register_plugin(to_register)
             except (dask_ftps.FTPSError, OSError, ValueError, TypeError) as e:
                 raise click.ClickException(
-                    f"cannot start the parameter server: {_one_line(e)}"
+                    f"cannot start the parameter server: {one_line(e)}"
                 ) from None
         result = _train_or_fail(
             client,
