@@ -9,4 +9,13 @@ See ``docs/benchmarks.md`` for the measured results and how to read them.
 
 from __future__ import annotations
 
-BENCHMARKS = ("throughput", "recovery", "failures", "peers", "storage", "damage")
+BENCHMARKS = (
+    "throughput",
+    "recovery",
+    "failures",
+    "peers",
+    "storage",
+    "damage",
+    "factored",
+    "gpu",
+)

@@ -201,11 +201,42 @@ def plot_storage(doc: dict, img: Path) -> Path:
     return _save(fig, img, "storage_size.png")
 
 
+def plot_factored(doc: dict, img: Path) -> Path:
+    """Bytes per update and updates/s against the batch, per layer size."""
+    plt = _pyplot()
+    rows = doc["results"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for m in sorted({r["m"] for r in rows}):
+        mine = sorted((r for r in rows if r["m"] == m), key=lambda r: r["batch"])
+        xs = [r["batch"] for r in mine]
+        for fmt, style in (("dense", "--"), ("factored", "-")):
+            label = f"{m}x{m} {fmt}"
+            left.plot(
+                xs, [r[fmt]["bytes_per_update"] / 2**20 for r in mine], style,
+                marker="o", label=label,
+            )  # fmt: skip
+            right.plot(
+                xs, [r[fmt]["updates_per_s"] for r in mine], style, marker="o",
+                label=label,
+            )  # fmt: skip
+    for ax, ylabel in ((left, "MiB per update"), (right, "updates/s (2 workers)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("minibatch size B")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    left.set_title("Payload: B(m+n) vs m x n numbers")
+    right.set_title("Push throughput, journal on")
+    right.legend(fontsize=7, ncol=2)
+    return _save(fig, img, "factored.png")
+
+
 PLOTS = {
     "throughput": plot_throughput,
     "recovery": plot_recovery,
     "failures": plot_failures,
     "storage": plot_storage,
+    "factored": plot_factored,
 }
 
 

@@ -30,6 +30,7 @@ from dask_ftps._exceptions import (
     Voided,
     WaitTimeout,
 )
+from dask_ftps._factored import Factored
 from dask_ftps._recovery import inspect, recover
 from dask_ftps._scheduler_plugin import ParameterServer
 from dask_ftps.optim import SGD, Adam
@@ -44,6 +45,7 @@ __all__ = [
     "DuplicateUpdate",
     "FTPSClassifier",
     "FTPSError",
+    "Factored",
     "Fenced",
     "InvalidRequest",
     "InvalidUpdate",

@@ -1,4 +1,10 @@
-"""Flat float32 vectors for parameter dicts: one Zarr chunk per update or snapshot."""
+"""Flat float32 vectors for parameter dicts: one Zarr chunk per update or snapshot.
+
+An update's row is its arrays in the layout's order; a weight sent factored
+(:class:`~dask_ftps.Factored`) takes its two factors' place, ``u`` then ``v``.
+A row's :data:`RowFormat` says which entries are factored and with how many
+samples, which is all a reader needs to cut the row again.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,13 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from dask_ftps._factored import Factored
+
+#: ``(batch, indices)``: the entries at ``indices`` (of the layout's names) are
+#: factored, each with ``batch`` samples; ``(0, ())`` is a dense row.
+RowFormat = tuple[int, tuple[int, ...]]
+DENSE: RowFormat = (0, ())
 
 
 @dataclass(frozen=True)
@@ -23,22 +36,64 @@ class Layout:
     def size(self) -> int:
         return sum(math.prod(s) for s in self.shapes)
 
-    def flatten(self, arrays: dict[str, np.ndarray], out: np.ndarray | None = None):
-        """Pack ``arrays`` into a new (or the given) float32 vector."""
-        flat = np.empty(self.size, np.float32) if out is None else out
+    def row_format(self, arrays: dict) -> RowFormat:
+        """The format of an update's row (its factored entries share a batch)."""
+        factored = tuple(
+            i for i, name in enumerate(self.names) if isinstance(arrays[name], Factored)
+        )
+        return (arrays[self.names[factored[0]]].batch, factored) if factored else DENSE
+
+    def row_size(self, fmt: RowFormat = DENSE) -> int:
+        """Values in a row of format ``fmt``.
+
+        Raises
+        ------
+        ValueError
+            If ``fmt`` names entries that are not matrices, or is malformed.
+        """
+        batch, factored = fmt
+        if factored and (
+            batch < 1
+            or list(factored) != sorted(set(factored))
+            or not all(0 <= i < len(self.shapes) for i in factored)
+            or any(len(self.shapes[i]) != 2 for i in factored)
+        ):
+            raise ValueError(f"row format {fmt!r} does not fit the layout")
+        return sum(
+            batch * sum(shape) if i in factored else math.prod(shape)
+            for i, shape in enumerate(self.shapes)
+        )
+
+    def flatten(self, arrays: dict, out: np.ndarray | None = None) -> np.ndarray:
+        """Pack ``arrays`` (factored entries as their factors) into a new (or the
+        given) float32 vector of :meth:`row_size` values."""
+        fmt = self.row_format(arrays)
+        flat = np.empty(self.row_size(fmt), np.float32) if out is None else out
         offset = 0
-        for name, shape in zip(self.names, self.shapes, strict=True):
-            n = math.prod(shape)
-            flat[offset : offset + n] = np.asarray(arrays[name]).reshape(-1)
-            offset += n
+        for name in self.names:
+            a = arrays[name]
+            for part in (a.u, a.v) if isinstance(a, Factored) else (a,):
+                part = np.asarray(part)
+                flat[offset : offset + part.size] = part.reshape(-1)
+                offset += part.size
         return flat
 
-    def unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
-        """Views of ``flat`` with the layout's names and shapes."""
-        out = {}
+    def unflatten(self, flat: np.ndarray, fmt: RowFormat = DENSE) -> dict:
+        """Views of ``flat`` with the layout's names and shapes (factored entries
+        of ``fmt`` as :class:`~dask_ftps.Factored` views)."""
+        batch, factored = fmt
+        out: dict = {}
         offset = 0
-        for name, shape in zip(self.names, self.shapes, strict=True):
-            n = math.prod(shape)
-            out[name] = flat[offset : offset + n].reshape(shape)
-            offset += n
+        for i, (name, shape) in enumerate(zip(self.names, self.shapes, strict=True)):
+            if i in factored:
+                m, n = shape
+                u = flat[offset : offset + batch * m].reshape(batch, m)
+                offset += batch * m
+                v = flat[offset : offset + batch * n].reshape(batch, n)
+                offset += batch * n
+                out[name] = Factored(u, v)
+            else:
+                size = math.prod(shape)
+                out[name] = flat[offset : offset + size].reshape(shape)
+                offset += size
         return out

@@ -10,6 +10,7 @@ recorded: a store that disagrees is reported, never served.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -287,7 +288,9 @@ def inspect(store: Any, storage_options: dict | None = None) -> dict[str, Any]:
         retained global-dataset rows: ``update_id``, ``worker``, ``version``),
         ``download`` (rows ``worker``, ``version``), ``first_row`` (the oldest
         retained row), the run's ``model``, ``optimizer``, ``mode``,
-        ``staleness``, ``run_id`` and ``runs``, ``records`` (log records kept),
+        ``staleness``, ``run_id`` and ``runs``, ``payload_bytes`` (of the
+        retained updates' payloads) and ``factored_updates`` (how many of them
+        hold factored layers), ``records`` (log records kept),
         ``damaged`` (log records that fail their checks) and
         ``read_from_copies`` (the serials of those read instead from the copy
         their payload array keeps).
@@ -338,6 +341,10 @@ def _describe(journal: Journal) -> dict[str, Any]:
             }
             for r, history in runs
         ],
+        "payload_bytes": sum(4 * math.prod(r.body.data.shape) for r in commits),
+        "factored_updates": sum(
+            bool(f[1]) for r in commits for f in r.body.data.formats
+        ),
         "records": len(journal.records),
         "damaged": [str(journal.damaged[s]) for s in sorted(journal.damaged)],
         "read_from_copies": sorted(s for s in journal.damaged if s in journal.records),

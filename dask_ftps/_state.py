@@ -39,6 +39,7 @@ from dask_ftps._exceptions import (
     OutOfOrder,
     StaleIncarnation,
 )
+from dask_ftps._factored import Factored, densify, update_nbytes
 from dask_ftps.models import Model
 from dask_ftps.optim import Optimizer
 
@@ -186,6 +187,7 @@ class ParameterServerState:
         self.global_rows = deque(self.global_rows)
         self._shapes = self.model_spec.param_shapes()
         self._dtypes = {k: v.dtype for k, v in self.model.params.items()}
+        self._dense_nbytes = sum(v.nbytes for v in self.model.params.values())
 
     # -- runs ---------------------------------------------------------------
 
@@ -327,7 +329,7 @@ class ParameterServerState:
                 f"{run.next_step(key.shard)} (epoch, step)"
             )
         if check:
-            self._check_grads(key.id, update.grads)
+            self._check_grads(key.id, update.grads, spec.batch_size)
 
         if self.mode != "sync":
             return Admission(update, Version(self.version + 1), (update,))
@@ -352,7 +354,7 @@ class ParameterServerState:
         """
         if not admission.merge:
             return None
-        grads = _mean([u.grads for u in admission.merge])
+        grads = _mean([densify(u.grads) for u in admission.merge])
         model = self.model
         params, opt_state = self.optimizer.apply(
             model.params,
@@ -371,10 +373,9 @@ class ParameterServerState:
         run = self.runs[key.run]
         self.updates += 1
         self.global_rows.append((key.id, update.worker, admission.version))
-        entries = self.gradients.setdefault(
-            update.worker, deque(maxlen=self.gradient_entries)
-        )
-        entries.append((key.id, update.grads))
+        entries = self.gradients.setdefault(update.worker, deque())
+        entries.append((key.id, update.grads, update_nbytes(update.grads)))
+        self._retain(entries)
         run.clocks[key.shard] = run.advance(key.shard, key.epoch, key.step)
         position = run.spec.position(key.epoch, key.step)
         if model is not None:
@@ -408,10 +409,16 @@ class ParameterServerState:
             run.clocks = list(clocks)
             run.superseded = superseded
         self.pending = mark.pending
-        self.gradients = {
-            w: deque(entries, maxlen=self.gradient_entries)
-            for w, entries in mark.gradients.items()
-        }
+        self.gradients = {w: deque(entries) for w, entries in mark.gradients.items()}
+
+    def _retain(self, entries: deque) -> None:
+        """Keep a worker's newest payloads that fit in ``gradient_entries`` dense
+        payloads' bytes (patent claim 9, counted by real size): factored payloads
+        are smaller, so more of them fit. The newest is always kept."""
+        budget = self.gradient_entries * self._dense_nbytes
+        total = sum(entry[2] for entry in entries)
+        while len(entries) > 1 and total > budget:
+            total -= entries.popleft()[2]
 
     def settle(self, keep: int = 0) -> None:
         """Keep the newest ``memory_rows`` global rows in memory (after a commit),
@@ -473,6 +480,7 @@ class ParameterServerState:
             "global_rows": len(self.global_rows),
             "download_rows": len(self.downloads),
             "gradient_entries": sum(len(d) for d in self.gradients.values()),
+            "gradient_bytes": sum(e[2] for d in self.gradients.values() for e in d),
         }
 
     def records(self) -> dict[str, list[dict]]:
@@ -485,7 +493,7 @@ class ParameterServerState:
             "download": [{"worker": w, "version": int(v)} for w, v in self.downloads],
         }
 
-    def _check_grads(self, update_id: str, grads: object) -> None:
+    def _check_grads(self, update_id: str, grads: object, max_batch: int) -> None:
         if not isinstance(grads, dict):
             raise InvalidUpdate(f"update {update_id}: grads must be a dict of arrays")
         unknown = sorted(set(grads) - set(self._shapes), key=str)
@@ -495,8 +503,12 @@ class ParameterServerState:
                 f"update {update_id}: unknown parameter names {unknown}, "
                 f"missing {missing}"
             )
+        batches = set()
         for name, shape in self._shapes.items():
             g = grads[name]
+            if isinstance(g, Factored):
+                batches.add(self._check_factors(update_id, name, g, max_batch))
+                continue
             if not isinstance(g, np.ndarray):
                 raise InvalidUpdate(
                     f"update {update_id}: {name} is a {type(g).__name__}, "
@@ -509,6 +521,54 @@ class ParameterServerState:
                 )
             if not np.isfinite(g).all():
                 raise InvalidUpdate(f"update {update_id}: {name} holds NaN or Inf")
+        if len(batches) > 1:
+            raise InvalidUpdate(
+                f"update {update_id}: its factors hold {sorted(batches)} samples: "
+                "one minibatch has one number of samples"
+            )
+
+    def _check_factors(
+        self, update_id: str, name: str, g: Factored, max_batch: int
+    ) -> int:
+        """A factored weight update: two finite float32 matrices ``(B, m)`` and
+        ``(B, n)`` with ``1 <= B <= max_batch`` whose product cannot overflow;
+        return ``B``."""
+        shape, dtype = self._shapes[name], self._dtypes[name]
+        if len(shape) != 2 or dtype != np.float32:
+            raise InvalidUpdate(
+                f"update {update_id}: {name} is not a float32 matrix: it cannot be "
+                "sent factored"
+            )
+        u, v = getattr(g, "u", None), getattr(g, "v", None)
+        if type(g) is not Factored or not all(
+            isinstance(f, np.ndarray) and f.ndim == 2 and f.dtype == dtype
+            for f in (u, v)
+        ):
+            raise InvalidUpdate(
+                f"update {update_id}: the factors of {name} must be two 2-d "
+                f"{dtype} NumPy arrays"
+            )
+        if u.shape[1] != shape[0] or v.shape[1] != shape[1] or u.shape[0] != v.shape[0]:
+            raise InvalidUpdate(
+                f"update {update_id}: {name} of shape {shape} has factors of shapes "
+                f"{u.shape} and {v.shape}; expected (B, {shape[0]}) and (B, {shape[1]})"
+            )
+        batch = u.shape[0]
+        if not 1 <= batch <= max_batch:
+            raise InvalidUpdate(
+                f"update {update_id}: the factors of {name} hold {batch} samples; a "
+                f"minibatch of the run holds 1 to {max_batch}"
+            )
+        if not (np.isfinite(u).all() and np.isfinite(v).all()):
+            raise InvalidUpdate(f"update {update_id}: {name} holds NaN or Inf")
+        # |u.T @ v| <= batch * max|u| * max|v|: the float32 product is finite.
+        bound = batch * float(np.abs(u).max()) * float(np.abs(v).max())
+        if not bound <= float(np.finfo(np.float32).max):
+            raise InvalidUpdate(
+                f"update {update_id}: the product of the factors of {name} may "
+                "overflow float32"
+            )
+        return batch
 
 
 def check_worker(worker: object, error: type[Exception] = InvalidUpdate) -> str:

@@ -13,7 +13,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["array_namespace", "gpu_available", "to_namespace", "to_numpy"]
+__all__ = ["DEVICES", "array_namespace", "gpu_available", "to_namespace", "to_numpy"]
+
+#: Values of ``ftps.device``: where workers compute gradients.
+DEVICES: tuple[str, ...] = ("auto", "cpu", "gpu")
 
 
 def _cupy_if_loaded() -> ModuleType | None:

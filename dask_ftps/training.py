@@ -32,8 +32,9 @@ from dask_ftps._exceptions import (
     StaleIncarnation,
     Voided,
 )
+from dask_ftps._factored import UPDATE_FORMATS, to_host
 from dask_ftps._worker_plugin import get_worker_plugin
-from dask_ftps._xp import gpu_available, to_namespace, to_numpy
+from dask_ftps._xp import DEVICES, gpu_available, to_namespace
 from dask_ftps.models import Model, model_from_dict
 
 if TYPE_CHECKING:
@@ -284,6 +285,7 @@ async def _train(
     validation: tuple[Any, Any] | None,
 ) -> TrainResult:
     settings.check(validation)
+    device, update_format = _device_settings()
     epochs, batch_size, seed = settings.epochs, settings.batch_size, settings.seed
     run_name = settings.run_name
     await require_server(client)
@@ -363,7 +365,8 @@ async def _train(
                     first=UpdateKey(run, epoch, s, 0),
                     n_steps=spec.steps[s],
                     seed=seed,
-                    device=config.get("device"),
+                    device=device,
+                    update_format=update_format,
                     inflight=status.get("inflight", 1),
                     class_weight=weights,
                     key=f"ftps-train-{run}-{epoch}-{s}-{token}-{attempt}",
@@ -456,6 +459,7 @@ def _train_shard(
     n_steps: int,
     seed: int,
     device: str,
+    update_format: str = "auto",
     inflight: int = 1,
     class_weight: np.ndarray | None = None,
 ) -> dict[str, float]:
@@ -547,12 +551,16 @@ def _train_shard(
             xb = to_namespace({"X": xb.toarray()}, xp)["X"]
         yb = y[batch]
         loss, grads, correct = model.loss_and_grad(
-            params, xb, yb, None if weight is None else weight[yb]
+            params,
+            xb,
+            yb,
+            None if weight is None else weight[yb],
+            update_format=update_format,
         )
         nxt = (epoch, step + 1) if step + 1 < n_steps else None
         future = plugin.push_async(
             UpdateKey(run, epoch, shard, step),
-            {k: to_numpy(v) for k, v in grads.items()},
+            to_host(grads),  # only the update leaves the device
             copy.incarnation,
             nxt,
         )
@@ -579,11 +587,30 @@ def _resume_after_rebuild(resume, incarnation: int):
 
 
 def _namespace(device: str):
+    """The array module a worker computes with for ``ftps.device``: CuPy on a
+    GPU (``"gpu"``, or ``"auto"`` where one is usable), else NumPy."""
     if device == "gpu" or (device == "auto" and gpu_available()):
-        import cupy
-
+        try:
+            import cupy
+        except ImportError as e:
+            raise FTPSError(
+                "ftps.device is 'gpu' but CuPy does not import on this worker "
+                f"({e}); install dask_ftps[gpu] or set ftps.device to 'auto'"
+            ) from e
         return cupy
     return np
+
+
+def _device_settings() -> tuple[str, str]:
+    """``ftps.device`` and ``ftps.update-format``, checked on the client."""
+    device, update_format = config.get("device"), config.get("update-format")
+    if device not in DEVICES:
+        raise InvalidRequest(f"ftps.device must be one of {DEVICES}, got {device!r}")
+    if update_format not in UPDATE_FORMATS:
+        raise InvalidRequest(
+            f"ftps.update-format must be one of {UPDATE_FORMATS}, got {update_format!r}"
+        )
+    return device, update_format
 
 
 def _check_settings(**settings: object) -> None:

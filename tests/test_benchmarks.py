@@ -151,6 +151,68 @@ def test_damage_quick(out, stores):
             "snapshot"} <= kinds  # fmt: skip
 
 
+def test_factored_quick(out, stores):
+    """Dense and factored pushes of a 256 x 256 layer: factored payloads hold
+    B(m+n) numbers, and the journal writes that much per update."""
+    from benchmarks import factored
+
+    factored.run(quick=True, out=str(out), store_dir=stores)
+    rows = {r["batch"]: r for r in load(out, "factored")["results"]}
+    assert set(rows) == {16, 64}
+    for batch, row in rows.items():
+        m = row["m"]
+        assert row["dense"]["bytes_per_update"] == 4 * (m * m + m)
+        assert row["factored"]["bytes_per_update"] == 4 * (batch * 2 * m + m)
+        assert row["pays"] == (batch * 2 * m < m * m)
+        # The journal's payload arrays: what was sent, and a CRC and metadata.
+        for fmt in ("dense", "factored"):
+            sent = row[fmt]["bytes_per_update"]
+            assert sent <= row[fmt]["journal_bytes_per_update"] < 1.2 * sent + 2048
+        assert positive(row["dense"]["updates_per_s"])
+        assert positive(row["factored"]["updates_per_s"])
+    assert rows[16]["bytes_ratio"] < rows[64]["bytes_ratio"] < 1
+
+
+def test_gpu_check_script_runs_its_cpu_part(out, tmp_path):
+    """benchmarks/gpu_check.sh in this environment (no install), small sizes: the
+    GPU tests skip here, NumPy is measured, and the table comes last."""
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks._common import REPO_ROOT
+
+    env = {
+        **os.environ,
+        "FTPS_GPU_INSTALL": "0",
+        "FTPS_GPU_QUICK": "1",
+        "FTPS_GPU_OUT": str(out),
+        "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+    }
+    done = subprocess.run(
+        ["bash", str(REPO_ROOT / "benchmarks" / "gpu_check.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    doc = load(out, "gpu")
+    assert {(r["device"], r["format"]) for r in doc["gradient"]} >= {
+        ("cpu", "dense"),
+        ("cpu", "factored"),
+    }
+    assert all(positive(r["seconds"]) for r in doc["gradient"])
+    assert all(positive(r["updates_per_s"]) for r in doc["runs"])
+    if doc["gpu"] == "none":
+        assert doc["agreement"] == []
+    else:
+        assert all(a["ok"] for a in doc["agreement"]), doc["agreement"]
+    last = done.stdout.rstrip().splitlines()
+    assert "runs, factored (updates/s)" in last[-1]  # the table is the last output
+
+
 def test_plots(out, tmp_path):
     pytest.importorskip("matplotlib")
     from benchmarks.plots import make_plots
@@ -162,6 +224,7 @@ def test_plots(out, tmp_path):
         "recovery": "recovery_vs_size.png",
         "failures": "accuracy_vs_time.png",
         "storage": "storage_size.png",
+        "factored": "factored.png",
     }
     for name, png in expected.items():
         if (out / f"{name}.json").exists():

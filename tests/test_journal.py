@@ -7,6 +7,7 @@ real SIGKILLs of a forked child.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import multiprocessing
@@ -56,18 +57,27 @@ SNAPSHOT_AFTER = (2, 5)  # after these batches: snapshot, then trim
 ADDRESS = "tcp://scheduler:1"
 
 
-def scripted_updates(state: ParameterServerState, spec: RunSpec, n: int):
-    """Deterministic digits minibatch updates, computed from the live model."""
+def scripted_updates(
+    state: ParameterServerState, spec: RunSpec, n: int, formats=("dense",)
+):
+    """Deterministic digits minibatch updates, computed from the live model, in
+    the update formats ``formats`` in turn."""
     X, _, y, _ = digits()
-    parts = np.array_split(np.arange(len(X)), spec.n_shards)
-    for _ in range(n):
+    bounds = np.cumsum((0, *spec.shard_sizes))  # the spec's shards
+    parts = [np.arange(a, b) for a, b in itertools.pairwise(bounds)]
+    for i in range(n):
         run = state.runs[-1]
         shard = min(range(spec.n_shards), key=lambda s: (run.clocks[s], s))
         epoch, step = run.next_step(shard)
         rows = parts[shard][
             np.array_split(np.arange(len(parts[shard])), spec.steps[shard])[step]
         ]
-        _, grads, _ = MODEL.loss_and_grad(state.model.params, X[rows], y[rows])
+        _, grads, _ = MODEL.loss_and_grad(
+            state.model.params,
+            X[rows],
+            y[rows],
+            update_format=formats[i % len(formats)],
+        )
         yield Update(UpdateKey(run.run, epoch, shard, step), f"tcp://w{shard}:1", grads)
 
 
@@ -288,7 +298,8 @@ def test_a_commit_whose_record_was_lost_is_adopted_from_its_payload_array(tmp_pa
 
 async def extend(path: str):
     """A new owner's claim, an epoch's history, a new run and its commits after
-    the snapshots: a store that holds every kind of record. Returns its state."""
+    the snapshots (one of factored and dense rows): a store that holds every kind
+    of record. Returns its state."""
     journal = await Journal.open(path)
     state = (await rebuild(journal)).state
     await journal.claim("tcp://second:1")
@@ -297,7 +308,7 @@ async def extend(path: str):
     spec = RunSpec((300, 300), batch_size=50, epochs=1)
     run = state.begin_run(spec, "more")
     await journal.record_run(int(run.run), "more", spec, int(run.base_version))
-    updates = scripted_updates(state, spec, 4)
+    updates = scripted_updates(state, spec, 4, formats=("dense", "factored"))
     await commit(journal, state, updates, 1)
     await commit(journal, state, updates, 3)
     await journal.close()

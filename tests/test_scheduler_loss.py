@@ -105,6 +105,25 @@ POINTS = {
 @pytest.mark.parametrize("inflight", [1, 4])  # a window of unacknowledged pushes
 @pytest.mark.parametrize("point", sorted(POINTS))
 def test_scheduler_killed_mid_training_resumes_exactly_once(tmp_path, point, inflight):
+    killed_and_resumed(tmp_path, point, inflight, MODEL)
+
+
+#: W0 is 64 x 256: 32-sample minibatches send it as 32 * (64 + 256) numbers.
+FACTORED = MLP(n_features=64, hidden=(256,), n_classes=10, seed=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", sorted(POINTS))
+def test_scheduler_killed_with_factored_updates_replays_bit_for_bit(tmp_path, point):
+    """The journal holds W0's updates as factors; the restart multiplies them out
+    again, in the same bits: its model equals what the old server served."""
+    info = killed_and_resumed(tmp_path, point, 1, FACTORED)
+    assert info["factored_updates"] == len(info["global"]) > 0
+
+
+def killed_and_resumed(tmp_path, point: str, inflight: int, model: MLP) -> dict:
+    """Train, SIGKILL the scheduler at ``point``, restart it on the same port,
+    train again; check exactly once and the same bits; return ``inspect``."""
     crash_at, snapshot_every = POINTS[point]
     window = {"DASK_FTPS__INFLIGHT": str(inflight)}
     store = str(tmp_path / "run.zarr")
@@ -121,7 +140,7 @@ def test_scheduler_killed_mid_training_resumes_exactly_once(tmp_path, point, inf
         client.register_plugin(
             ParameterServer(
                 store,
-                model=MODEL,
+                model=model,
                 optimizer=SGD(lr=0.05, momentum=0.5),
                 snapshot_every=snapshot_every,
             )
@@ -155,6 +174,7 @@ def test_scheduler_killed_mid_training_resumes_exactly_once(tmp_path, point, inf
             assert version == offline_version == total
             for name, value in params.items():
                 np.testing.assert_array_equal(offline[name], value)
+            return info
 
 
 def test_preload_requiring_a_run_refuses_to_start_without_one(tmp_path):

@@ -105,7 +105,7 @@ def _snapshot(state: ParameterServerState) -> dict:
             for r in state.runs
         ],
         "gradients": {
-            w: [(uid, _bytes(g)) for uid, g in entries]
+            w: [(uid, _bytes(g)) for uid, g, _ in entries]
             for w, entries in state.gradients.items()
         },
         "pending": {
@@ -814,9 +814,9 @@ def test_gradient_dataset_keeps_newest_entries_per_worker() -> None:
         update = _update(state, UpdateKey(*key))
         pushed[update.key.id] = _bytes(update.grads)
         state.push(update)
-    w0 = [(uid, _bytes(g)) for uid, g in state.gradients["w0"]]
+    w0 = [(uid, _bytes(g)) for uid, g, _ in state.gradients["w0"]]
     assert w0 == [("0:0:0:2", pushed["0:0:0:2"]), ("0:0:0:3", pushed["0:0:0:3"])]
-    w1 = [(uid, _bytes(g)) for uid, g in state.gradients["w1"]]
+    w1 = [(uid, _bytes(g)) for uid, g, _ in state.gradients["w1"]]
     assert w1 == [("0:0:1:0", pushed["0:0:1:0"])]
     assert state.summary()["gradient_entries"] == 3
     assert len(state.global_rows) == 5  # the global dataset keeps every row

@@ -29,11 +29,12 @@ import numpy as np
 
 from dask_ftps._core import RunSpec
 from dask_ftps._exceptions import SpecMismatch, StoreCorrupted, StoreFormatError
+from dask_ftps._layout import RowFormat
 from dask_ftps.models import Model, model_from_dict
 from dask_ftps.optim import Optimizer, optimizer_from_dict
 
 FORMAT = "dask-ftps"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: payload rows may hold factored updates
 
 ROOT_KEY = "zarr.json"
 LOG_PREFIX = "ftps/log/"
@@ -384,21 +385,41 @@ class EpochEnded:
 
 @dataclass(frozen=True)
 class DataRef:
-    """A commit's payload array: ``(len(rows), n_params)`` float32, one chunk."""
+    """A commit's payload array, float32 in one chunk.
+
+    Dense rows only (``formats`` empty): ``(len(rows), n_params)``, row *i* the
+    *i*-th update. Otherwise ``(1, total)``: the rows one after the other, row
+    *i* of format ``formats[i]`` (see :mod:`dask_ftps._layout`), so that a
+    factored update takes the room of its factors only.
+    """
 
     key: str  # the array's folder
     shape: tuple[int, int]
     crc: int  # of the chunk's data bytes (the chunk's own trailer repeats it)
+    formats: tuple[RowFormat, ...] = ()
 
     def to_json(self) -> dict:
-        return {"key": self.key, "shape": list(self.shape), "crc": self.crc}
+        d = {"key": self.key, "shape": list(self.shape), "crc": self.crc}
+        if self.formats:
+            d["formats"] = [[b, list(f)] for b, f in self.formats]
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> DataRef:
         shape = tuple(_int(s) for s in d["shape"])
         if len(shape) != 2:
             raise ValueError(f"bad payload shape {shape}")
-        return cls(_str(d["key"]), shape, _int(d["crc"]))
+        formats = tuple(
+            (_int(b), tuple(_int(i) for i in f)) for b, f in d.get("formats", ())
+        )
+        if formats and shape[0] != 1:
+            raise ValueError(f"bad payload shape {shape} for rows of several formats")
+        return cls(_str(d["key"]), shape, _int(d["crc"]), formats)
+
+    @property
+    def rows(self) -> int:
+        """The number of updates it holds."""
+        return len(self.formats) if self.formats else self.shape[0]
 
 
 @dataclass(frozen=True)
@@ -438,7 +459,7 @@ class Commit:
     def from_json(cls, d: dict) -> Commit:
         rows = tuple(_row(r) for r in d["rows"])
         data = DataRef.from_json(d["data"])
-        if not rows or data.shape[0] != len(rows):
+        if not rows or data.rows != len(rows):
             raise ValueError(f"{len(rows)} rows for a payload of shape {data.shape}")
         return cls(
             _int(d["seq"]),

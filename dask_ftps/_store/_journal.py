@@ -22,6 +22,7 @@ it, so a deleted record changes nothing.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import os
@@ -42,7 +43,7 @@ from dask_ftps._exceptions import (
     StoreCorrupted,
     StoreFormatError,
 )
-from dask_ftps._layout import Layout
+from dask_ftps._layout import DENSE, Layout
 from dask_ftps._store._format import (
     COMMIT_CHUNK_KEY,
     DATA_PREFIX,
@@ -439,7 +440,7 @@ class Journal:
         groups = [
             wanted[i : i + REPLAY_GROUP] for i in range(0, len(wanted), REPLAY_GROUP)
         ]
-        payloads: dict[int, np.ndarray] = {}
+        payloads: dict[int, list[np.ndarray]] = {}
         reading = (
             asyncio.ensure_future(self._read_payloads(groups[0])) if groups else None
         )
@@ -451,7 +452,7 @@ class Journal:
                     yield record.body
                 if record.kind != "commit" or record.body.stop <= snap.replay_from:
                     continue
-                grads: np.ndarray | None = None
+                grads: list[np.ndarray] | None = None
                 if needs_payload(record):
                     if serial not in payloads:
                         payloads.update(await reading)
@@ -470,7 +471,7 @@ class Journal:
     def _event(
         self,
         record: Record,
-        payloads: np.ndarray | None,
+        payloads: list[np.ndarray] | None,
         replay_from: int,
         payloads_after: int,
     ) -> CommittedUpdates:
@@ -480,7 +481,10 @@ class Journal:
             if commit.seq + i < replay_from:
                 continue
             grads = (
-                self.params_layout.unflatten(payloads[i])
+                self.params_layout.unflatten(
+                    payloads[i],
+                    commit.data.formats[i] if commit.data.formats else DENSE,
+                )
                 if payloads is not None and version > payloads_after
                 else {}
             )
@@ -490,7 +494,10 @@ class Journal:
             versions.append(version)
         return CommittedUpdates(record, tuple(updates), tuple(versions))
 
-    async def _read_payloads(self, records: list[Record]) -> dict[int, np.ndarray]:
+    async def _read_payloads(
+        self, records: list[Record]
+    ) -> dict[int, list[np.ndarray]]:
+        """Each commit's payload rows, checked against the record and the model."""
         keys = [f"{r.body.data.key}/{COMMIT_CHUNK_KEY}" for r in records]
         raws = await self.io.get_many(keys)
         out = {}
@@ -500,15 +507,35 @@ class Journal:
                 raise StoreCorrupted(
                     f"{key}: the payload of commit {record.serial} is missing", key
                 )
-            if data.shape[1] != self.params_layout.size:
+            sizes = self._row_sizes(data, key)
+            values = decode_chunk(raw, key, data.shape[0] * data.shape[1], data.crc)
+            bounds = np.cumsum([0, *sizes])
+            out[record.serial] = [
+                values[start:stop] for start, stop in itertools.pairwise(bounds)
+            ]
+        return out
+
+    def _row_sizes(self, data: DataRef, key: str) -> list[int]:
+        """The sizes of a payload array's rows; :class:`StoreCorrupted` if they do
+        not add up to the array or do not fit the model."""
+        layout = self.params_layout
+        if not data.formats:
+            if data.shape[1] != layout.size:
                 raise StoreCorrupted(
-                    f"{key}: {data.shape[1]} parameters, the model has "
-                    f"{self.params_layout.size}",
+                    f"{key}: {data.shape[1]} parameters, the model has {layout.size}",
                     key,
                 )
-            values = decode_chunk(raw, key, data.shape[0] * data.shape[1], data.crc)
-            out[record.serial] = values.reshape(data.shape)
-        return out
+            return [layout.size] * data.shape[0]
+        try:
+            sizes = [layout.row_size(f) for f in data.formats]
+        except ValueError as e:
+            raise StoreCorrupted(f"{key}: {e}", key) from e
+        if sum(sizes) != data.shape[1]:
+            raise StoreCorrupted(
+                f"{key}: {data.shape[1]} values, its rows' formats need {sum(sizes)}",
+                key,
+            )
+        return sizes
 
     # -- the single writer --------------------------------------------------------
 
@@ -582,30 +609,34 @@ class Journal:
                 for u, v in zip(updates, versions, strict=True)
             )
             seq = self.committed
-            n = self.params_layout.size
+            layout = self.params_layout
             folder = data_dir(serial, writer)
             built: dict[str, Any] = {}
 
             def build():
-                chunk, flat = new_chunk(len(updates) * n)  # filled in place: one copy
-                for i, update in enumerate(updates):
-                    self.params_layout.flatten(
-                        update.grads, out=flat[i * n : (i + 1) * n]
-                    )
+                formats = [layout.row_format(u.grads) for u in updates]
+                sizes = [layout.row_size(f) for f in formats]
+                if any(f != DENSE for f in formats):
+                    shape = (1, sum(sizes))  # rows one after the other
+                else:
+                    shape, formats = (len(updates), layout.size), []
+                chunk, flat = new_chunk(sum(sizes))  # filled in place: one copy
+                offset = 0
+                for update, size in zip(updates, sizes, strict=True):
+                    layout.flatten(update.grads, out=flat[offset : offset + size])
+                    offset += size
                 crc = seal_chunk(chunk)
                 body = Commit(
                     seq,
                     rows,
                     int(version),
-                    model_crc(params, self.params_layout.names),
+                    model_crc(params, layout.names),
                     tuple((str(w), int(v)) for w, v in downloads),
-                    DataRef(folder, (len(updates), n), crc),
+                    DataRef(folder, shape, crc, tuple(formats)),
                 )
                 record = self._record(serial, body)
                 built["record"], built["raw"] = record, record.encode()
-                meta = array_document(
-                    (len(updates), n), (len(updates), n), commit_attributes(record)
-                )
+                meta = array_document(shape, shape, commit_attributes(record))
                 objects = [
                     (f"{folder}/{COMMIT_CHUNK_KEY}", chunk),
                     (f"{folder}/zarr.json", meta),

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from dask_ftps._factored import Factored, use_factors
 from dask_ftps._xp import array_namespace
 
 _REGISTRY: dict[str, type[Model]] = {}
@@ -86,14 +87,18 @@ def _dense_forward(ws: list[Any], bs: list[Any], X: Any, xp: Any) -> list[Any]:
 
 
 def _dense_backward(
-    ws: list[Any], acts: list[Any], dlogits: Any
+    ws: list[Any], acts: list[Any], dlogits: Any, factored: frozenset[int] = frozenset()
 ) -> tuple[list[Any], list[Any]]:
-    """Back-propagate ``dlogits`` through the stack of :func:`_dense_forward`."""
+    """Back-propagate ``dlogits`` through the stack of :func:`_dense_forward`.
+
+    The weight gradient of a layer in ``factored`` is its two factors (the
+    layer's input and the error at its output), not their product.
+    """
     dws: list[Any] = [None] * len(ws)
     dbs: list[Any] = [None] * len(ws)
     g = dlogits
     for i in range(len(ws) - 1, -1, -1):
-        dws[i] = acts[i].T @ g
+        dws[i] = Factored(acts[i], g) if i in factored else acts[i].T @ g
         dbs[i] = g.sum(axis=0)
         if i > 0:
             g = (g @ ws[i].T) * (acts[i] > 0)
@@ -159,7 +164,13 @@ class Model(ABC):
         return X
 
     def loss_and_grad(
-        self, params: dict[str, Any], X: Any, y: Any, sample_weight: Any = None
+        self,
+        params: dict[str, Any],
+        X: Any,
+        y: Any,
+        sample_weight: Any = None,
+        *,
+        update_format: str = "dense",
     ) -> tuple[float, dict[str, Any], int]:
         """Mean softmax cross-entropy over a batch and its gradient.
 
@@ -175,13 +186,19 @@ class Model(ABC):
         sample_weight : array of shape (n,), optional
             Non-negative row weights (for example a class weight per label): the
             loss is ``sum(sample_weight * row_loss) / n``.
+        update_format : {"dense", "auto", "factored"}, default "dense"
+            How weight gradients are returned: as arrays, as
+            :class:`~dask_ftps.Factored` where its two factors are smaller than
+            the matrix (``n * (fan_in + fan_out) < fan_in * fan_out``), or
+            factored for every float32 weight matrix.
 
         Returns
         -------
         loss : float
             Mean (weighted) cross-entropy.
-        grads : dict of str to array
-            Same names, shapes and dtypes as ``params``.
+        grads : dict of str to array or Factored
+            Same names, shapes and dtypes as ``params`` (a factored weight's
+            ``dense()`` has them).
         n_correct : int
             Number of rows whose predicted class equals ``y``.
         """
@@ -210,10 +227,23 @@ class Model(ABC):
         loss, dlogits, n_correct = _softmax_xent(
             acts[-1], y.astype(xp.int64), xp, weight
         )
-        dws, dbs = _dense_backward(ws, acts[:-1], dlogits)
+        factored = frozenset(
+            i
+            for i, W in enumerate(ws)
+            if use_factors(update_format, n, tuple(W.shape), W.dtype)
+        )
+        dws, dbs = _dense_backward(ws, acts[:-1], dlogits, factored)
         grads = {}
         for (wn, bn), dw, db in zip(self._layers(), dws, dbs, strict=True):
-            grads[wn] = xp.ascontiguousarray(dw.astype(params[wn].dtype, copy=False))
+            dtype = params[wn].dtype
+            grads[wn] = (
+                Factored(
+                    xp.ascontiguousarray(dw.u.astype(dtype, copy=False)),
+                    xp.ascontiguousarray(dw.v.astype(dtype, copy=False)),
+                )
+                if isinstance(dw, Factored)
+                else xp.ascontiguousarray(dw.astype(dtype, copy=False))
+            )
             grads[bn] = db.astype(params[bn].dtype, copy=False)
         ordered = {k: grads[k] for k in self.param_shapes()}
         return float(loss), ordered, int(n_correct)

@@ -1,0 +1,211 @@
+"""Factored dense-layer updates (patent claim 11) and their fixed-bits product.
+
+For one sample, the gradient of a dense layer's ``m x n`` weights is the outer
+product of the layer's input (``m`` numbers) and the error at its output (``n``
+numbers); for a minibatch of ``B`` samples it is ``U.T @ V`` with ``U`` of shape
+``(B, m)`` and ``V`` of shape ``(B, n)``. A worker sends those two factors
+instead of the ``m * n`` products when ``B * (m + n) < m * n``
+(``ftps.update-format``), and the parameter server multiplies them out.
+
+Replay must rebuild the served model bit for bit, on whatever machine and BLAS
+it runs. A float32 matrix product does not promise that: its bits depend on
+how the BLAS orders the sums (blocking, threads, SIMD width, FMA). So
+:func:`product` computes ``U.T @ V`` in a way whose every step is exact or
+elementwise: each factor is split into two slices of ``beta`` bits on a grid
+fixed per column (the column's largest magnitude), so that every product of
+slices is a sum of integers below ``2**53`` in float64, which any BLAS computes
+exactly, in any order; the two slice products are added elementwise and
+rounded once to float32. The result is the same bits everywhere, and closer to
+the exact product than a float32 GEMM (the slices drop only what lies more than
+``2 * beta`` bits, about 42, below a column's largest value).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from dask_ftps._xp import to_numpy
+
+__all__ = [
+    "UPDATE_FORMATS",
+    "Factored",
+    "densify",
+    "factor_pays",
+    "product",
+    "to_host",
+    "update_nbytes",
+    "use_factors",
+]
+
+UpdateFormat = Literal["auto", "dense", "factored"]
+#: Values of ``ftps.update-format``: factors where smaller, never, or always.
+UPDATE_FORMATS: tuple[str, ...] = ("auto", "dense", "factored")
+
+#: float64 elements of each partial product (rows of the result at a time).
+_BLOCK_ELEMENTS = 1 << 21
+
+
+@dataclass(frozen=True)
+class Factored:
+    """The update of an ``m x n`` weight matrix as the product ``u.T @ v``.
+
+    Parameters
+    ----------
+    u : array of shape (B, m)
+        The layer's inputs of the minibatch's ``B`` samples.
+    v : array of shape (B, n)
+        The loss gradient at the layer's outputs of the same samples.
+    """
+
+    u: Any
+    v: Any
+
+    @property
+    def batch(self) -> int:
+        """``B``, the number of samples (rows of both factors)."""
+        return int(self.u.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The shape of the weight matrix this updates: ``(m, n)``."""
+        return (int(self.u.shape[1]), int(self.v.shape[1]))
+
+    @property
+    def size(self) -> int:
+        """Numbers sent: ``B * (m + n)``."""
+        return int(self.u.size + self.v.size)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.u.nbytes + self.v.nbytes)
+
+    def dense(self) -> np.ndarray:
+        """The ``m x n`` float32 update, computed by :func:`product`."""
+        return product(self.u, self.v)
+
+
+def factor_pays(batch: int, shape: tuple[int, ...]) -> bool:
+    """Whether ``batch`` samples' factors are smaller than the dense update.
+
+    Examples
+    --------
+    >>> factor_pays(16, (256, 256)), factor_pays(256, (256, 256))
+    (True, False)
+    """
+    return len(shape) == 2 and batch * (shape[0] + shape[1]) < shape[0] * shape[1]
+
+
+def use_factors(
+    update_format: str, batch: int, shape: tuple[int, ...], dtype: Any
+) -> bool:
+    """Whether a weight of ``shape`` and ``dtype`` is sent factored.
+
+    ``"auto"`` factors where that is smaller, ``"factored"`` every float32
+    matrix, ``"dense"`` nothing.
+    """
+    if update_format not in UPDATE_FORMATS:
+        raise ValueError(
+            f"ftps.update-format must be one of {UPDATE_FORMATS}, got {update_format!r}"
+        )
+    if len(shape) != 2 or np.dtype(dtype) != np.float32 or update_format == "dense":
+        return False
+    return update_format == "factored" or factor_pays(batch, shape)
+
+
+def slice_bits(batch: int) -> int:
+    """Bits per slice: ``batch * 2 ** (2 * bits) <= 2 ** 53`` (exact float64 sums).
+
+    Examples
+    --------
+    >>> slice_bits(16), slice_bits(256), slice_bits(1024)
+    (24, 22, 21)
+    """
+    return (53 - (batch - 1).bit_length()) // 2
+
+
+def _slices(a: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two float64 slices of ``a`` on grids fixed per column.
+
+    With ``2 ** e`` above a column's largest magnitude, the first slice holds
+    multiples of ``2 ** (e - bits)`` of magnitude at most ``2 ** e`` (integers
+    up to ``2 ** bits`` in those units), the second what remains, rounded to
+    multiples of ``2 ** (e - 2 * bits)``: at most ``2 ** (bits - 1)`` units.
+    Scaling by powers of two and ``rint`` are exact.
+    """
+    _, e = np.frexp(np.abs(a).max(axis=0))
+    shift = (e - bits).astype(np.int32)
+    first = np.ldexp(np.rint(np.ldexp(a, -shift)), shift)
+    rest = a - first  # exact: at most half a unit, on the float32 grid of a
+    shift -= bits
+    return first, np.ldexp(np.rint(np.ldexp(rest, -shift)), shift)
+
+
+def product(u: Any, v: Any) -> np.ndarray:
+    """``u.T @ v`` as float32, the same bits on every machine and BLAS.
+
+    Parameters
+    ----------
+    u : array of shape (B, m)
+        float32 (or exactly float32-valued) factor.
+    v : array of shape (B, n)
+        float32 factor.
+
+    Returns
+    -------
+    ndarray of float32, shape (m, n)
+
+    Notes
+    -----
+    ``u1 @ v1`` and ``u1 @ v2 + u2 @ v1`` (one product over ``2 B`` rows) are
+    sums of at most ``B * 2 ** (2 * bits) <= 2 ** 53`` units of one size, so
+    float64 holds every partial sum exactly, whatever order a BLAS adds them
+    in; their elementwise sum is rounded once to float64 and once to float32.
+    Leaving out ``u2 @ v2`` and what lies below the second slices changes the
+    result by at most about ``B * 2 ** (1 - 2 * bits)`` times the product of
+    the two columns' largest magnitudes.
+    """
+    u = np.asarray(to_numpy(u), dtype=np.float64)
+    v = np.asarray(to_numpy(v), dtype=np.float64)
+    if u.ndim != 2 or v.ndim != 2 or u.shape[0] != v.shape[0] or u.shape[0] < 1:
+        raise ValueError(
+            f"factors must be (B, m) and (B, n) with B >= 1, got {u.shape} and {v.shape}"
+        )
+    bits = slice_bits(u.shape[0])
+    u1, u2 = _slices(u, bits)
+    v1, v2 = _slices(v, bits)
+    left = np.concatenate([u1, u2])  # rows: u1 then u2
+    right = np.concatenate([v2, v1])  # rows: v2 then v1 (cross terms)
+    m, n = u.shape[1], v.shape[1]
+    out = np.empty((m, n), np.float32)
+    rows = max(1, _BLOCK_ELEMENTS // max(n, 1))
+    for start in range(0, m, rows):
+        stop = min(m, start + rows)
+        part = u1[:, start:stop].T @ v1
+        part += left[:, start:stop].T @ right
+        out[start:stop] = part  # rounded to float32
+    return out
+
+
+def densify(grads: dict[str, Any]) -> dict[str, np.ndarray]:
+    """``grads`` with every :class:`Factored` entry multiplied out."""
+    return {
+        name: g.dense() if isinstance(g, Factored) else g for name, g in grads.items()
+    }
+
+
+def to_host(grads: dict[str, Any]) -> dict[str, Any]:
+    """``grads`` in host memory (NumPy), factors kept factored."""
+    return {
+        name: Factored(to_numpy(g.u), to_numpy(g.v))
+        if isinstance(g, Factored)
+        else to_numpy(g)
+        for name, g in grads.items()
+    }
+
+
+def update_nbytes(grads: dict[str, Any]) -> int:
+    """The bytes an update's payload takes (factors counted as sent)."""
+    return sum(int(g.nbytes) for g in grads.values())
