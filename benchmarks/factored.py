@@ -167,6 +167,7 @@ def measure(
 def run(quick: bool = False, out: str = "bench-results", store_dir=None) -> dict:
     config = Config.make(quick)
     started = time.perf_counter()
+    cpu = cpu_snapshot()
     rows: list[dict] = []
     with local_cluster(N_WORKERS) as client:
         for m in config.layers:
@@ -199,6 +200,7 @@ def run(quick: bool = False, out: str = "bench-results", store_dir=None) -> dict
         },
         "results": rows,
         "seconds": time.perf_counter() - started,
+        "cpu": cpu_usage(cpu),
     }
     print(table(rows))
     write_json(out, NAME, doc)

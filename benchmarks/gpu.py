@@ -32,6 +32,8 @@ import numpy as np
 
 from benchmarks._common import (
     Column,
+    cpu_snapshot,
+    cpu_usage,
     format_table,
     local_cluster,
     register_fresh,
@@ -205,6 +207,7 @@ def whole_runs(config: Config, cp: Any, store_dir: Any) -> list[dict]:
 def run(quick: bool = False, out: str = "bench-results", store_dir=None) -> dict:
     config = Config.make(quick)
     started = time.perf_counter()
+    cpu = cpu_snapshot()
     cp = cupy_or_none()
     device = "none"
     if cp is not None:
@@ -225,6 +228,7 @@ def run(quick: bool = False, out: str = "bench-results", store_dir=None) -> dict
         "runs": whole_runs(config, cp, store_dir),
     }
     doc["seconds"] = time.perf_counter() - started
+    doc["cpu"] = cpu_usage(cpu)
     write_json(out, NAME, doc)
     print(table(doc))
     return doc

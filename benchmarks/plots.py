@@ -206,18 +206,18 @@ def plot_factored(doc: dict, img: Path) -> Path:
     plt = _pyplot()
     rows = doc["results"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for m in sorted({r["m"] for r in rows}):
+    for i, m in enumerate(sorted({r["m"] for r in rows})):
         mine = sorted((r for r in rows if r["m"] == m), key=lambda r: r["batch"])
         xs = [r["batch"] for r in mine]
         for fmt, style in (("dense", "--"), ("factored", "-")):
             label = f"{m}x{m} {fmt}"
             left.plot(
                 xs, [r[fmt]["bytes_per_update"] / 2**20 for r in mine], style,
-                marker="o", label=label,
+                color=f"C{i}", marker="o", label=label,
             )  # fmt: skip
             right.plot(
-                xs, [r[fmt]["updates_per_s"] for r in mine], style, marker="o",
-                label=label,
+                xs, [r[fmt]["updates_per_s"] for r in mine], style, color=f"C{i}",
+                marker="o", label=label,
             )  # fmt: skip
     for ax, ylabel in ((left, "MiB per update"), (right, "updates/s (2 workers)")):
         ax.set_xscale("log", base=2)
@@ -227,7 +227,11 @@ def plot_factored(doc: dict, img: Path) -> Path:
         ax.grid(True, which="both", alpha=0.3)
     left.set_title("Payload: B(m+n) vs m x n numbers")
     right.set_title("Push throughput, journal on")
-    right.legend(fontsize=7, ncol=2)
+    handles, labels = left.get_legend_handles_labels()
+    fig.legend(
+        handles, labels, fontsize=8, ncol=3, loc="lower center",
+        bbox_to_anchor=(0.5, -0.12),
+    )  # fmt: skip
     return _save(fig, img, "factored.png")
 
 

@@ -31,7 +31,8 @@ def status(client: Client) -> dict:
     dict
         At least ``version``, ``incarnation``, ``updates`` (accepted update
         ids), ``mode``, ``workers`` (addresses), ``run`` (the latest run's
-        progress), ``global_rows``, ``download_rows`` and ``gradient_entries``.
+        progress), ``global_rows``, ``download_rows``, ``gradient_entries`` and
+        ``gradient_bytes`` (the payloads the gradient datasets hold in memory).
     """
     return client.sync(_status, client)
 

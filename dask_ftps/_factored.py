@@ -126,21 +126,28 @@ def slice_bits(batch: int) -> int:
     return (53 - (batch - 1).bit_length()) // 2
 
 
-def _slices(a: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two float64 slices of ``a`` on grids fixed per column.
+def _slices(a: np.ndarray, bits: int, first: np.ndarray, second: np.ndarray) -> None:
+    """Write two float64 slices of ``a`` on grids fixed per column.
 
-    With ``2 ** e`` above a column's largest magnitude, the first slice holds
-    multiples of ``2 ** (e - bits)`` of magnitude at most ``2 ** e`` (integers
-    up to ``2 ** bits`` in those units), the second what remains, rounded to
+    With ``2 ** e`` above a column's largest magnitude, ``first`` gets the
+    multiples of ``2 ** (e - bits)`` nearest ``a`` (integers up to
+    ``2 ** bits`` in those units), ``second`` what remains, rounded to
     multiples of ``2 ** (e - 2 * bits)``: at most ``2 ** (bits - 1)`` units.
-    Scaling by powers of two and ``rint`` are exact.
+    Multiplying by powers of two (within float64's range here) and ``rint``
+    are exact.
     """
     _, e = np.frexp(np.abs(a).max(axis=0))
-    shift = (e - bits).astype(np.int32)
-    first = np.ldexp(np.rint(np.ldexp(a, -shift)), shift)
-    rest = a - first  # exact: at most half a unit, on the float32 grid of a
-    shift -= bits
-    return first, np.ldexp(np.rint(np.ldexp(rest, -shift)), shift)
+    up = np.ldexp(1.0, bits - e)  # 1 / unit of the first slice, per column
+    down = np.ldexp(1.0, e - bits)
+    np.multiply(a, up, out=first)
+    np.rint(first, out=first)
+    first *= down
+    np.subtract(a, first, out=second)  # exact: at most half a unit
+    up *= 2.0**bits
+    down *= 2.0**-bits
+    second *= up
+    np.rint(second, out=second)
+    second *= down
 
 
 def product(u: Any, v: Any) -> np.ndarray:
@@ -173,12 +180,14 @@ def product(u: Any, v: Any) -> np.ndarray:
         raise ValueError(
             f"factors must be (B, m) and (B, n) with B >= 1, got {u.shape} and {v.shape}"
         )
-    bits = slice_bits(u.shape[0])
-    u1, u2 = _slices(u, bits)
-    v1, v2 = _slices(v, bits)
-    left = np.concatenate([u1, u2])  # rows: u1 then u2
-    right = np.concatenate([v2, v1])  # rows: v2 then v1 (cross terms)
-    m, n = u.shape[1], v.shape[1]
+    batch, m = u.shape
+    n = v.shape[1]
+    bits = slice_bits(batch)
+    left = np.empty((2 * batch, m))  # rows: u1 then u2
+    right = np.empty((2 * batch, n))  # rows: v2 then v1 (the cross terms)
+    _slices(u, bits, left[:batch], left[batch:])
+    _slices(v, bits, right[batch:], right[:batch])
+    u1, v1 = left[:batch], right[batch:]
     out = np.empty((m, n), np.float32)
     rows = max(1, _BLOCK_ELEMENTS // max(n, 1))
     for start in range(0, m, rows):

@@ -144,7 +144,8 @@ class ParameterServerState:
     download_limit
         Distinct workers kept in the download dataset.
     gradient_entries
-        Payloads kept per worker in its gradient dataset.
+        A worker's gradient dataset keeps its newest payloads that fit in the
+        bytes of this many dense payloads (the newest always).
     memory_rows
         Newest global-dataset rows kept in memory (the store keeps what any
         recovery needs).

@@ -62,6 +62,12 @@ factor_cases = st.tuples(
 # -- the product -----------------------------------------------------------------
 
 
+def _two_slices(a: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    first, second = np.empty(a.shape), np.empty(a.shape)
+    _slices(a.astype(np.float64), bits, first, second)
+    return first, second
+
+
 @settings(max_examples=60, deadline=None)
 @given(factor_cases)
 def test_slice_products_are_exact_so_no_summation_order_changes_them(case):
@@ -72,8 +78,8 @@ def test_slice_products_are_exact_so_no_summation_order_changes_them(case):
     u, v = _factors(seed, batch, m, n, spread, zeros)
     bits = slice_bits(batch)
     assert batch * 2 ** (2 * bits) <= 2**53
-    u1, u2 = _slices(u.astype(np.float64), bits)
-    v1, v2 = _slices(v.astype(np.float64), bits)
+    u1, u2 = _two_slices(u, bits)
+    v1, v2 = _two_slices(v, bits)
 
     def exact(a, b):  # sum over samples of a[s, i] * b[s, j], as fractions
         return [
@@ -454,3 +460,33 @@ async def test_a_bad_update_format_is_refused_before_anything_is_sent(c, s, a, b
         ):
             await _train(c, epochs=1)
     assert (await dask_ftps.status(c))["updates"] == 0
+
+
+@gen_cluster(client=True, timeout=60)
+async def test_hostile_factored_pushes_over_the_wire_change_nothing(c, s, a, b):
+    """Pickled factors through the scheduler's ftps_push handler: every bad one
+    is refused with InvalidUpdate and leaves the server as it was; a good one
+    after them is accepted."""
+    from distributed.protocol.serialize import ToPickle
+
+    from dask_ftps._core import check_reply
+
+    await c.register_plugin(ParameterServer(None, model=WIDE, optimizer=SGD(0.1)))
+    spec = RunSpec((400, 400), batch_size=16, epochs=2)
+    check_reply(await c.scheduler.ftps_begin_run(spec=spec.to_dict()), "begin")
+    state = s.plugins["ftps"].server.state
+    good = _update(state, 0, 0)
+
+    async def push(grads):
+        reply = await c.scheduler.ftps_push(
+            worker="tcp://w:1", update_id="0:0:0:0", grads=ToPickle(grads),
+            incarnation=state.incarnation,
+        )  # fmt: skip
+        return check_reply(reply, "ftps_push")
+
+    before = state.summary()
+    for name, value, message in _bad_factors(good):
+        with pytest.raises(InvalidUpdate, match=message):
+            await push({**good.grads, name: value})
+        assert state.summary() == before
+    assert (await push(good.grads))["version"] == 1
