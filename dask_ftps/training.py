@@ -367,6 +367,7 @@ async def _train(
                     seed=seed,
                     device=device,
                     update_format=update_format,
+                    batch_size=spec.batch_size,
                     inflight=status.get("inflight", 1),
                     class_weight=weights,
                     key=f"ftps-train-{run}-{epoch}-{s}-{token}-{attempt}",
@@ -460,6 +461,7 @@ def _train_shard(
     seed: int,
     device: str,
     update_format: str = "auto",
+    batch_size: int | None = None,
     inflight: int = 1,
     class_weight: np.ndarray | None = None,
 ) -> dict[str, float]:
@@ -556,6 +558,7 @@ def _train_shard(
             yb,
             None if weight is None else weight[yb],
             update_format=update_format,
+            factor_batch=batch_size,
         )
         nxt = (epoch, step + 1) if step + 1 < n_steps else None
         future = plugin.push_async(

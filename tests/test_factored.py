@@ -490,3 +490,24 @@ async def test_hostile_factored_pushes_over_the_wire_change_nothing(c, s, a, b):
             await push({**good.grads, name: value})
         assert state.summary() == before
     assert (await push(good.grads))["version"] == 1
+
+
+@gen_cluster(client=True, timeout=120)
+async def test_auto_weighs_the_runs_batch_size_not_each_minibatchs(
+    c, s, a, b, tmp_path
+):
+    """W0 is 64 x 128: factors pay below 8192 / 192 = 42.7 samples. A run of
+    batch_size 43 sends it dense throughout, though its minibatches hold 42 or
+    43 samples (the shards split evenly); batch_size 42 factored throughout."""
+    X_train, _, y_train, _ = digits()
+    for batch_size, factored in ((43, False), (42, True)):
+        store = str(tmp_path / f"b{batch_size}.zarr")
+        await c.register_plugin(
+            ParameterServer(store, model=WIDE, optimizer=SGD(lr=0.05))
+        )
+        result = await dask_ftps.train(
+            c, X_train, y_train, epochs=1, batch_size=batch_size, progress=False
+        )
+        info = dask_ftps.inspect(store)
+        assert info["updates"] == result.minibatches
+        assert info["factored_updates"] == (result.minibatches if factored else 0)

@@ -419,21 +419,23 @@ def test_bad_stores_give_clear_errors(tmp_path):
         dask_ftps.recover(str(empty), storage_options={"anon": True})
 
 
-def test_a_store_of_format_version_1_is_refused(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_store_of_an_earlier_format_version_is_refused(tmp_path, version):
     """A store written by an earlier dask_ftps (format 1: a commit document, no
-    log) is named as such, not taken for an empty or damaged one."""
+    log; format 2: no factored rows) is named as such, not taken for an empty or
+    damaged one."""
     from dask_ftps._store._format import canonical, crc32c
 
     path = tmp_path / "old.zarr"
     (path / "ftps" / "commits").mkdir(parents=True)
     (path / "ftps" / "commits" / f"{1:016d}").write_text('{"seq": 3}')
     attrs = RunMeta(MODEL, OPTIMIZER, "async", 0, "x").to_json()
-    attrs["format_version"] = 1
+    attrs["format_version"] = version
     doc = {"zarr_format": 3, "node_type": "group", "attributes": {
         "dask_ftps": {**attrs, "crc32c": crc32c(canonical(attrs))}}}  # fmt: skip
     (path / "zarr.json").write_text(json.dumps(doc))
     for tool in (dask_ftps.recover, dask_ftps.inspect):
-        with pytest.raises(StoreFormatError, match="format version 1"):
+        with pytest.raises(StoreFormatError, match=f"format version {version}"):
             tool(str(path))
 
 

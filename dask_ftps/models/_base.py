@@ -171,6 +171,7 @@ class Model(ABC):
         sample_weight: Any = None,
         *,
         update_format: str = "dense",
+        factor_batch: int | None = None,
     ) -> tuple[float, dict[str, Any], int]:
         """Mean softmax cross-entropy over a batch and its gradient.
 
@@ -191,6 +192,11 @@ class Model(ABC):
             :class:`~dask_ftps.Factored` where its two factors are smaller than
             the matrix (``n * (fan_in + fan_out) < fan_in * fan_out``), or
             factored for every float32 weight matrix.
+        factor_batch : int, optional
+            The number of samples ``"auto"`` weighs the factors' size with
+            (default: this batch's). ``train()`` gives the run's ``batch_size``,
+            so that a layer goes one way for the whole run, not another for
+            the few smaller minibatches.
 
         Returns
         -------
@@ -230,7 +236,7 @@ class Model(ABC):
         factored = frozenset(
             i
             for i, W in enumerate(ws)
-            if use_factors(update_format, n, tuple(W.shape), W.dtype)
+            if use_factors(update_format, factor_batch or n, tuple(W.shape), W.dtype)
         )
         dws, dbs = _dense_backward(ws, acts[:-1], dlogits, factored)
         grads = {}
