@@ -15,9 +15,12 @@ elementwise: each factor is split into two slices of ``beta`` bits on a grid
 fixed per column (the column's largest magnitude), so that every product of
 slices is a sum of integers below ``2**53`` in float64, which any BLAS computes
 exactly, in any order; the two slice products are added elementwise and
-rounded once to float32. The result is the same bits everywhere, and closer to
-the exact product than a float32 GEMM (the slices drop only what lies more than
-``2 * beta`` bits, about 42, below a column's largest value).
+rounded once to float32. The result is the same bits everywhere. The slices
+drop what lies more than ``2 * beta`` bits (about 42) below a column's largest
+value: for columns whose magnitudes span less than about ``2**18`` the result
+is within float32 rounding of the exact product (a float32 GEMM is about ten
+times further off); an entry made only of a column's far smaller values loses
+precision (see :func:`product`).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ UPDATE_FORMATS: tuple[str, ...] = ("auto", "dense", "factored")
 _BLOCK_ELEMENTS = 1 << 21
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Factored:
     """The update of an ``m x n`` weight matrix as the product ``u.T @ v``.
 
@@ -156,7 +159,7 @@ def product(u: Any, v: Any) -> np.ndarray:
     Parameters
     ----------
     u : array of shape (B, m)
-        float32 (or exactly float32-valued) factor.
+        float32 factor (NumPy, or CuPy: moved to the host first).
     v : array of shape (B, n)
         float32 factor.
 
@@ -172,14 +175,20 @@ def product(u: Any, v: Any) -> np.ndarray:
     in; their elementwise sum is rounded once to float64 and once to float32.
     Leaving out ``u2 @ v2`` and what lies below the second slices changes the
     result by at most about ``B * 2 ** (1 - 2 * bits)`` times the product of
-    the two columns' largest magnitudes.
+    the two columns' largest magnitudes: below float32 rounding when the
+    columns' magnitudes span less than about ``2 ** 18``; beyond that, an
+    entry made of a column's small values only keeps less precision than a
+    float32 GEMM would give it (absolute error still about ``2 ** -43`` of the
+    columns' largest products).
     """
-    u = np.asarray(to_numpy(u), dtype=np.float64)
-    v = np.asarray(to_numpy(v), dtype=np.float64)
+    u, v = np.asarray(to_numpy(u)), np.asarray(to_numpy(v))
+    if u.dtype != np.float32 or v.dtype != np.float32:
+        raise ValueError(f"factors must be float32, got {u.dtype} and {v.dtype}")
     if u.ndim != 2 or v.ndim != 2 or u.shape[0] != v.shape[0] or u.shape[0] < 1:
         raise ValueError(
             f"factors must be (B, m) and (B, n) with B >= 1, got {u.shape} and {v.shape}"
         )
+    u, v = u.astype(np.float64), v.astype(np.float64)
     batch, m = u.shape
     n = v.shape[1]
     bits = slice_bits(batch)

@@ -180,6 +180,15 @@ class ParameterServerState:
             raise InvalidRequest(
                 f"staleness must be a non-negative integer, got {self.staleness!r}"
             )
+        if (
+            not isinstance(self.gradient_entries, int)
+            or isinstance(self.gradient_entries, bool)
+            or self.gradient_entries < 1
+        ):
+            raise InvalidRequest(
+                "ftps.retention.gradient-entries must be a positive integer, got "
+                f"{self.gradient_entries!r}"
+            )
         if self.model is None:
             params = self.model_spec.init_params()
             self.model = ModelVersion(
@@ -355,16 +364,25 @@ class ParameterServerState:
         """
         if not admission.merge:
             return None
-        grads = _mean([densify(u.grads) for u in admission.merge])
         model = self.model
-        params, opt_state = self.optimizer.apply(
-            model.params,
-            model.opt_state,
-            grads,
-            step=int(admission.version),
-            epoch=admission.update.key.epoch,
-            inplace=inplace,
-        )
+        with np.errstate(over="ignore", invalid="ignore"):  # checked below
+            grads = _mean([densify(u.grads) for u in admission.merge])
+            params, opt_state = self.optimizer.apply(
+                model.params,
+                model.opt_state,
+                grads,
+                step=int(admission.version),
+                epoch=admission.update.key.epoch,
+                inplace=inplace,
+            )
+        # Finite updates can still overflow float32 together (a sync round's
+        # sum, momentum, a large rate): refused before anyone sees the model. A
+        # replay (inplace) merges what was accepted, which passed this check.
+        if not inplace and not all(np.isfinite(p).all() for p in params.values()):
+            raise InvalidUpdate(
+                f"update {admission.update.key.id}: the merged model would hold Inf "
+                "or NaN (the update overflows float32 in the optimizer)"
+            )
         return ModelVersion(admission.version, params, opt_state)
 
     def commit(self, admission: Admission, model: ModelVersion | None) -> None:
@@ -510,7 +528,7 @@ class ParameterServerState:
             if isinstance(g, Factored):
                 batches.add(self._check_factors(update_id, name, g, max_batch))
                 continue
-            if not isinstance(g, np.ndarray):
+            if type(g) is not np.ndarray:  # a subclass (masked...) hides values
                 raise InvalidUpdate(
                     f"update {update_id}: {name} is a {type(g).__name__}, "
                     "not a NumPy array"
@@ -542,8 +560,7 @@ class ParameterServerState:
             )
         u, v = getattr(g, "u", None), getattr(g, "v", None)
         if type(g) is not Factored or not all(
-            isinstance(f, np.ndarray) and f.ndim == 2 and f.dtype == dtype
-            for f in (u, v)
+            type(f) is np.ndarray and f.ndim == 2 and f.dtype == dtype for f in (u, v)
         ):
             raise InvalidUpdate(
                 f"update {update_id}: the factors of {name} must be two 2-d "

@@ -600,6 +600,11 @@ def _namespace(device: str):
                 "ftps.device is 'gpu' but CuPy does not import on this worker "
                 f"({e}); install dask_ftps[gpu] or set ftps.device to 'auto'"
             ) from e
+        if not gpu_available():
+            raise FTPSError(
+                "ftps.device is 'gpu' but CuPy sees no usable CUDA device on this "
+                "worker; set ftps.device to 'auto' to compute with NumPy there"
+            )
         return cupy
     return np
 

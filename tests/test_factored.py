@@ -132,6 +132,8 @@ def test_product_of_a_large_layer_is_the_same_with_one_or_two_threads():
 
 
 def test_product_refuses_mismatched_factors():
+    with pytest.raises(ValueError, match="float32"):
+        product(np.ones((1, 1)), np.ones((1, 1), np.float32))  # 1e-300 would be inf
     with pytest.raises(ValueError, match="factors"):
         product(np.ones((3, 2), np.float32), np.ones((4, 2), np.float32))
     with pytest.raises(ValueError, match="factors"):
@@ -296,6 +298,7 @@ def _bad_factors(update: Update) -> list[tuple[str, object, str]]:
         ("W0", _bare(u=u), "2-d float32"),
         ("W0", _bare(), "2-d float32"),
         ("W0", _Sub(u, v), "2-d float32"),
+        ("W0", Factored(np.ma.masked_array(u, mask=u > 1), v), "2-d float32"),
         ("b0", Factored(u, v), "not a float32 matrix"),
         ("W1", Factored(np.ones((8, 128), np.float32), v[:8, :10]), "samples"),
     ]
@@ -511,3 +514,45 @@ async def test_auto_weighs_the_runs_batch_size_not_each_minibatchs(
         info = dask_ftps.inspect(store)
         assert info["updates"] == result.minibatches
         assert info["factored_updates"] == (result.minibatches if factored else 0)
+
+
+def test_a_masked_dense_gradient_is_refused():
+    """A NumPy subclass could hide values from the checks (a masked NaN)."""
+    state = _state()
+    good = _update(state, 0, 0, fmt="dense")
+    w1 = good.grads["W1"].copy()
+    w1[0, 0] = np.nan
+    with pytest.raises(InvalidUpdate, match="not a NumPy array"):
+        state.push(_hostile(good, "W1", np.ma.masked_array(w1, mask=np.isnan(w1))))
+    assert state.version == 0 and state.updates == 0
+
+
+def test_updates_that_overflow_only_together_are_refused_in_sync_mode():
+    """Each product fits float32 (the admission bound), their round's mean does
+    not: the update that completes the round is refused and nothing changes."""
+    state = _state(mode="sync")
+    updates = []
+    for shard in (0, 1):
+        update = _update(state, shard, 0)
+        w0 = update.grads["W0"]
+        u, v = w0.u.copy(), w0.v.copy()
+        u[:, 0] = v[:, 0] = np.float32(4.3e18)  # 16 * 4.3e18 ** 2 < 3.4e38
+        updates.append(_hostile(update, "W0", Factored(u, v)))
+    state.push(updates[0])  # waits for its round
+    before = (state.version, state.summary())
+    with pytest.raises(InvalidUpdate, match="Inf or NaN"):
+        state.push(updates[1])
+    assert (state.version, state.summary()) == before
+
+
+def test_the_gradient_budget_must_be_a_positive_integer():
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(dask_ftps.InvalidRequest, match="gradient-entries"):
+            ParameterServerState(WIDE, SGD(lr=0.1), gradient_entries=bad)
+
+
+def test_factored_updates_compare_by_identity():
+    f = Factored(np.ones((2, 3), np.float32), np.ones((2, 4), np.float32))
+    same = f
+    assert f == same and f != Factored(f.u, f.v)
+    assert len({f, Factored(f.u, f.v)}) == 2

@@ -419,11 +419,11 @@ def test_bad_stores_give_clear_errors(tmp_path):
         dask_ftps.recover(str(empty), storage_options={"anon": True})
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_a_store_of_an_earlier_format_version_is_refused(tmp_path, version):
+@pytest.mark.parametrize("version", [1, 4])
+def test_a_store_of_another_format_version_is_refused(tmp_path, version):
     """A store written by an earlier dask_ftps (format 1: a commit document, no
-    log; format 2: no factored rows) is named as such, not taken for an empty or
-    damaged one."""
+    log) or a later one is named as such, not taken for an empty or damaged
+    one."""
     from dask_ftps._store._format import canonical, crc32c
 
     path = tmp_path / "old.zarr"
@@ -437,6 +437,39 @@ def test_a_store_of_an_earlier_format_version_is_refused(tmp_path, version):
     for tool in (dask_ftps.recover, dask_ftps.inspect):
         with pytest.raises(StoreFormatError, match=f"format version {version}"):
             tool(str(path))
+
+
+def test_a_version_2_store_is_read_and_taken_over_as_version_3(tmp_path, monkeypatch):
+    """Format 2 is format 3 without factored rows: this code reads it, and a start
+    that takes it over writes version 3 (root and records) from then on, factored
+    commits included."""
+    from dask_ftps._store import _format
+
+    path = tmp_path / "v2.zarr"
+    with monkeypatch.context() as m:
+        m.setattr(_format, "FORMAT_VERSION", 2)
+        states = asyncio.run(scenario(str(path)))
+
+    def root_version() -> int:
+        return json.loads((path / "zarr.json").read_text())["attributes"]["dask_ftps"][
+            "format_version"
+        ]
+
+    assert root_version() == 2
+    version, params = dask_ftps.recover(str(path))
+    expected = states[max(states)]
+    assert version == expected[0]
+    for name, value in expected[1].items():
+        np.testing.assert_array_equal(params[name], value)
+    assert dask_ftps.inspect(str(path))["factored_updates"] == 0
+
+    state = asyncio.run(extend(str(path)))  # a new owner, factored rows too
+    assert root_version() == 3
+    assert dask_ftps.inspect(str(path))["factored_updates"] > 0
+    version, params = dask_ftps.recover(str(path))
+    assert version == state[0]
+    for name, value in state[1].items():
+        np.testing.assert_array_equal(params[name], value)
 
 
 def test_a_root_group_that_differs_from_the_log_is_rewritten_from_it(tmp_path):

@@ -35,6 +35,9 @@ from dask_ftps.optim import Optimizer, optimizer_from_dict
 
 FORMAT = "dask-ftps"
 FORMAT_VERSION = 3  # 3: payload rows may hold factored updates
+#: Versions this code reads: a version-2 store is a version-3 store without
+#: factored rows. A start that takes one over writes version 3 from then on.
+READABLE_VERSIONS = (2, 3)
 
 ROOT_KEY = "zarr.json"
 LOG_PREFIX = "ftps/log/"
@@ -161,10 +164,10 @@ class RunMeta:
             raise StoreFormatError(
                 f"not a dask_ftps store (format {d.get('format')!r})"
             )
-        if d.get("format_version") != FORMAT_VERSION:
+        if d.get("format_version") not in READABLE_VERSIONS:
             raise StoreFormatError(
                 f"store format version {d.get('format_version')!r}; this dask_ftps "
-                f"reads version {FORMAT_VERSION}"
+                f"reads versions {' and '.join(map(str, READABLE_VERSIONS))}"
             )
         try:
             return cls(
@@ -205,6 +208,11 @@ def group_document() -> bytes:
 def parse_root(raw: bytes) -> RunMeta:
     attrs = checked_attrs(raw, ROOT_KEY)
     return RunMeta.from_json(attrs)
+
+
+def root_version(raw: bytes) -> object:
+    """The format version a (checked) root ``zarr.json`` says."""
+    return checked_attrs(raw, ROOT_KEY).get("format_version")
 
 
 def checked_attrs(raw: bytes, key: str) -> dict:

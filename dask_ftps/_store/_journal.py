@@ -47,6 +47,7 @@ from dask_ftps._layout import DENSE, Layout
 from dask_ftps._store._format import (
     COMMIT_CHUNK_KEY,
     DATA_PREFIX,
+    FORMAT_VERSION,
     GROUP_KEYS,
     LOG_PREFIX,
     ROOT_KEY,
@@ -79,6 +80,7 @@ from dask_ftps._store._format import (
     parse_snapshot_dir,
     record_from_attributes,
     root_document,
+    root_version,
     seal_chunk,
     snapshot_dir,
 )
@@ -1047,7 +1049,8 @@ def _run_meta(
             io, ROOT_KEY, "missing" if root is None else "not the log's",
         )  # fmt: skip
         return meta, False
-    return meta, True
+    # An earlier version's root: the next start writes this version's.
+    return meta, root_version(raw_root) == FORMAT_VERSION
 
 
 def _previous_commit(records: dict[int, Record], serial: int) -> Record | None:
