@@ -46,3 +46,15 @@ def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 @pytest.fixture
 def digits_split():
     return digits()
+
+
+async def same_as_offline(c, store) -> tuple[int, dict]:
+    """The live server's model equals ``recover(store)``, bit for bit; return it."""
+    import dask_ftps
+
+    version, params = await dask_ftps.get_model(c)
+    offline_version, offline = dask_ftps.recover(store)
+    assert version == offline_version
+    for name, value in params.items():
+        np.testing.assert_array_equal(offline[name], value)
+    return version, params

@@ -32,7 +32,7 @@ from dask_ftps._state import ParameterServerState
 from dask_ftps.models import MLP, SoftmaxRegression
 from dask_ftps.optim import SGD, Adam
 
-from .conftest import digits
+from .conftest import digits, same_as_offline
 
 # W0 is 64 x 128: factored pays for minibatches of fewer than 42 samples.
 WIDE = MLP(n_features=64, hidden=(128,), n_classes=10, seed=0)
@@ -386,15 +386,6 @@ async def _train(c, epochs=2, batch_size=16, **kwargs):
     )
 
 
-async def _same_as_offline(c, store):
-    version, params = await dask_ftps.get_model(c)
-    offline_version, offline = dask_ftps.recover(store)
-    assert version == offline_version
-    for name, value in params.items():
-        np.testing.assert_array_equal(offline[name], value)
-    return version, params
-
-
 @pytest.mark.parametrize(
     "optimizer", [SGD(lr=0.05), SGD(lr=0.05, momentum=0.9), Adam(lr=1e-3)]
 )
@@ -413,7 +404,7 @@ def test_factored_runs_replay_bit_for_bit(tmp_path, mode, optimizer):
         # Every update's W0 went factored (16 * 192 < 64 * 128), W1 dense.
         assert info["factored_updates"] == len(info["global"]) > 0
         assert info["updates"] == result.minibatches
-        version, params = await _same_as_offline(c, store)
+        version, params = await same_as_offline(c, store)
         # A new server rebuilds from a worker's copy or the snapshot plus the
         # factored payloads: the same model.
         await c.register_plugin(ParameterServer(store))

@@ -21,7 +21,7 @@ from dask_ftps._xp import array_namespace, gpu_available, to_namespace, to_numpy
 from dask_ftps.models import MLP
 
 from . import _fakecupy
-from .conftest import digits
+from .conftest import digits, same_as_offline
 
 WIDE = MLP(n_features=64, hidden=(128,), n_classes=10, seed=0)
 
@@ -98,12 +98,8 @@ def test_training_on_the_device_pushes_host_arrays_and_replays(fake_cupy, tmp_pa
         # The model went to the device once per version it was given, not per
         # array use; the shard's data once per task.
         assert fake_cupy.calls["asarray"] <= 4 * (result.minibatches + 2) + 4
-        version, params = await dask_ftps.get_model(c)
+        _, params = await same_as_offline(c, store)
         assert all(type(p) is np.ndarray for p in params.values())
-        offline_version, offline = dask_ftps.recover(store)
-        assert offline_version == version
-        for name, value in params.items():
-            np.testing.assert_array_equal(offline[name], value)
 
     run()
 
@@ -183,11 +179,7 @@ def test_training_on_a_gpu_replays_bit_for_bit(cupy, tmp_path):
         assert all(
             _host_only(grads) for d in state.gradients.values() for _, grads, _ in d
         )
-        version, params = await dask_ftps.get_model(c)
-        offline_version, offline = dask_ftps.recover(store)
-        assert offline_version == version
-        for name, value in params.items():
-            np.testing.assert_array_equal(offline[name], value)
+        await same_as_offline(c, store)
 
     run()
 

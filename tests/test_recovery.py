@@ -23,7 +23,7 @@ from dask_ftps import SGD, ParameterServer, SpecMismatch, StaleIncarnation, Stor
 from dask_ftps._core import check_reply
 from dask_ftps.models import MLP, SoftmaxRegression
 
-from .conftest import digits
+from .conftest import digits, same_as_offline
 
 MODEL = MLP(n_features=64, hidden=(32,), n_classes=10, seed=0)
 
@@ -33,15 +33,6 @@ async def train(c, epochs=2, **kwargs):
     return await dask_ftps.train(
         c, X_train, y_train, epochs=epochs, batch_size=32, progress=False, **kwargs
     )
-
-
-async def same_as_offline(c, store):
-    version, params = await dask_ftps.get_model(c)
-    offline_version, offline = dask_ftps.recover(store)
-    assert version == offline_version
-    for name, value in params.items():
-        np.testing.assert_array_equal(offline[name], value)
-    return version, params
 
 
 @gen_cluster(client=True, timeout=120)
