@@ -49,6 +49,8 @@ UPDATE_FORMATS: tuple[str, ...] = ("auto", "dense", "factored")
 
 #: float64 elements of each partial product (rows of the result at a time).
 _BLOCK_ELEMENTS = 1 << 21
+#: The GEMM of the slices: any BLAS gives the same exact sums.
+_matmul = np.matmul
 
 
 @dataclass(frozen=True, eq=False)
@@ -173,6 +175,8 @@ def product(u: Any, v: Any) -> np.ndarray:
     sums of at most ``B * 2 ** (2 * bits) <= 2 ** 53`` units of one size, so
     float64 holds every partial sum exactly, whatever order a BLAS adds them
     in; their elementwise sum is rounded once to float64 and once to float32.
+    (The one thing a BLAS may still choose is the sign of an exact zero: the
+    result's zeros are made ``+0``.)
     Leaving out ``u2 @ v2`` and what lies below the second slices changes the
     result by at most about ``B * 2 ** (1 - 2 * bits)`` times the product of
     the two columns' largest magnitudes: below float32 rounding when the
@@ -201,8 +205,9 @@ def product(u: Any, v: Any) -> np.ndarray:
     rows = max(1, _BLOCK_ELEMENTS // max(n, 1))
     for start in range(0, m, rows):
         stop = min(m, start + rows)
-        part = u1[:, start:stop].T @ v1
-        part += left[:, start:stop].T @ right
+        part = _matmul(u1[:, start:stop].T, v1)
+        part += _matmul(left[:, start:stop].T, right)
+        part += 0.0  # an exact zero is +0 whatever sign a BLAS gave its sum
         out[start:stop] = part  # rounded to float32
     return out
 

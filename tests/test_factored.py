@@ -131,6 +131,29 @@ def test_product_of_a_large_layer_is_the_same_with_one_or_two_threads():
     np.testing.assert_allclose(c, ref, rtol=2e-6, atol=1e-6 * np.abs(ref).max())
 
 
+def test_no_blas_choice_of_the_sign_of_zero_changes_a_bit(monkeypatch):
+    """Exact sums leave a BLAS one choice: the sign of a zero (-0 + -0 is -0 if
+    it adds the products alone, +0 if it starts from +0, as OpenBLAS does). A
+    BLAS that gives -0 for every zero changes no bit of the product."""
+    from dask_ftps import _factored
+
+    u, v = _factors(3, 32, 20, 30, 10, 0.5)
+    u[:, :5] = -0.0  # dead units: whole columns of zeros
+    v[:, :4] = 0.0
+    reference = product(u, v)
+    zeros = reference == 0
+    assert zeros.any() and not np.signbit(reference[zeros]).any()
+
+    def negative_zeros(a, b):
+        out = np.matmul(a, b)
+        out[out == 0] = -0.0
+        return out
+
+    monkeypatch.setattr(_factored, "_matmul", negative_zeros)
+    np.testing.assert_array_equal(product(u, v), reference)
+    assert not np.signbit(product(u, v)[zeros]).any()
+
+
 def test_product_refuses_mismatched_factors():
     with pytest.raises(ValueError, match="float32"):
         product(np.ones((1, 1)), np.ones((1, 1), np.float32))  # 1e-300 would be inf
