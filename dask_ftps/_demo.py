@@ -453,6 +453,8 @@ class Checks:
     duplicates: int
     version: int
     recovered_equal: bool  # recover(store) == get_model(client), bit for bit
+    factored: int = 0  # retained updates whose payload holds factored layers
+    payload_share: float = 1.0  # their payloads' bytes over the dense bytes
 
     @property
     def contiguous(self) -> bool:
@@ -822,6 +824,9 @@ def _final_checks(client: Client, store: str, result: dask_ftps.TrainResult) -> 
         duplicates=sum(1 for n in ids.values() if n > 1),
         version=version,
         recovered_equal=version == offline_version and same_params(live, offline),
+        factored=info["factored_updates"],
+        payload_share=info["payload_bytes"]
+        / max(1, 4 * len(info["global"]) * sum(v.size for v in live.values())),
     )
 
 
@@ -880,6 +885,13 @@ def _update_rows(report: DemoReport) -> list[tuple[str, str]]:
             (
                 f"{checks.retained_rows} (from {checks.first_row}; "
                 f"contiguous {_yes(checks.contiguous)})"
+            ),
+        ),
+        (
+            "updates sent factored (kept)",
+            (
+                f"{checks.factored} of {checks.retained_rows}; payloads "
+                f"{checks.payload_share:.2f} of the dense bytes"
             ),
         ),
         ("exactly once", _yes(checks.exactly_once)),

@@ -10,6 +10,7 @@
     ├── StaleIncarnation                  a message from another server incarnation
     ├── SpecMismatch (ValueError)         a model/optimizer/mode other than the store's
     ├── NotRegistered (RuntimeError)      no ParameterServer on the scheduler
+    ├── SchedulerLost (ConnectionError)   train() lost its scheduler: call it again
     ├── WaitTimeout (TimeoutError)        a pull waited too long for its round
     ├── NotDurable                        an update that could not be made durable
     │   └── Voided                        undone with an earlier batch: push it again
@@ -57,6 +58,15 @@ class SpecMismatch(FTPSError, ValueError):
 
 class NotRegistered(FTPSError, RuntimeError):
     """No :class:`~dask_ftps.ParameterServer` is registered on the scheduler."""
+
+
+class SchedulerLost(FTPSError, ConnectionError):
+    """The client lost its scheduler while :func:`~dask_ftps.train` ran.
+
+    Nothing accepted is lost: call ``train()`` again, the same call, once a
+    scheduler serves (a restarted one rebuilds the run from its store), and it
+    resumes where the store says the run stands.
+    """
 
 
 class WaitTimeout(FTPSError, TimeoutError):

@@ -29,6 +29,7 @@ from dask_ftps._exceptions import (
     FTPSError,
     InvalidRequest,
     OutOfOrder,
+    SchedulerLost,
     StaleIncarnation,
     Voided,
 )
@@ -276,7 +277,36 @@ class _Stopper:
         return self.waited >= self.patience
 
 
-async def _train(
+#: How often train() looks whether its client still has a scheduler.
+_WATCH_INTERVAL = 0.1
+
+
+async def _train(client: Client, X: Any, y: Any, **kwargs: Any) -> TrainResult:
+    """:func:`_run`, given up with :class:`SchedulerLost` as soon as the client
+    loses its scheduler: a call in flight then (a scatter, a request to the
+    server) would wait out the client's whole timeout, and with it the time a
+    restarted scheduler has to be reconnected to."""
+    body = asyncio.ensure_future(_run(client, X, y, **kwargs))
+    try:
+        while not body.done() and client.status == "running":
+            await asyncio.wait({body}, timeout=_WATCH_INTERVAL)
+        if client.status == "running" or (
+            body.done() and not body.cancelled() and body.exception() is None
+        ):
+            return body.result()  # or raises what the run raised
+        body.cancel()
+        await asyncio.wait({body}, timeout=1.0)
+        cause = body.exception() if body.done() and not body.cancelled() else None
+        raise SchedulerLost(
+            f"the client lost its scheduler (client {client.status}) during "
+            "train(); call train() again once a scheduler serves: the run resumes "
+            "from its store"
+        ) from cause
+    finally:
+        body.cancel()  # a no-op once it is done
+
+
+async def _run(
     client: Client,
     X: Any,
     y: Any,

@@ -418,3 +418,50 @@ def test_a_damaged_store_stops_the_preload_scheduler_from_starting(tmp_path):
             pytest.fail("the scheduler started on a damaged store")
     assert proc.returncode != 0
     assert b"StoreCorrupted" in out and newest.name.encode() in out
+
+
+@pytest.mark.slow
+def test_train_raises_scheduler_lost_at_once_when_it_dies_inside_a_call(tmp_path):
+    """A callback SIGKILLs the scheduler; train()'s next call (the epoch's record)
+    would wait out the client's 60 s to connect, and the client's reconnection
+    window with it. train() raises SchedulerLost at once instead; a scheduler
+    started again on the port serves, and the same call resumes the run."""
+    store = str(tmp_path / "run.zarr")
+    port = open_port()
+    address = f"tcp://127.0.0.1:{port}"
+    X_train, _, y_train, _ = digits()
+    killed: dict[str, float] = {}
+
+    with (
+        scheduler(port, store) as first,
+        workers(address),
+        Client(address, timeout="60s") as client,
+    ):
+        wait_for_workers(client, 2)
+        client.register_plugin(
+            ParameterServer(store, model=MODEL, optimizer=SGD(lr=0.05))
+        )
+
+        def kill(epoch: int, record: dict) -> None:
+            first.send_signal(signal.SIGKILL)
+            first.wait(30)
+            killed["at"] = time.monotonic()
+
+        with pytest.raises(dask_ftps.SchedulerLost, match="call train\\(\\) again"):
+            dask_ftps.train(
+                client, X_train, y_train, epochs=2, batch_size=BATCH,
+                progress=False, callbacks=[kill],
+            )  # fmt: skip
+        assert time.monotonic() - killed["at"] < 30  # not the client's 60 s
+        lost = dask_ftps.inspect(store)
+        with scheduler(port, store=store), workers(address):
+            wait_for_workers(client, 2)  # the client reconnected in its window
+            result = dask_ftps.train(
+                client, X_train, y_train, epochs=2, batch_size=BATCH, progress=False
+            )
+            assert (
+                result.first_epoch <= 1
+                and result.minibatches == len(expected_ids()) // EPOCHS * 2
+            )
+            assert dask_ftps.inspect(store)["updates"] >= lost["updates"]
+            _same_model(client, store)
