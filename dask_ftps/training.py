@@ -277,21 +277,34 @@ class _Stopper:
         return self.waited >= self.patience
 
 
-#: How often train() looks whether its client still has a scheduler.
+#: How often train() looks whether its client still has a scheduler, and how
+#: long it lets a client reconnect (a blip, or a call made while the client
+#: still reconnects to a restarted scheduler) before it gives up the run.
 _WATCH_INTERVAL = 0.1
+_RECONNECT_GRACE = 10.0
 
 
 async def _train(client: Client, X: Any, y: Any, **kwargs: Any) -> TrainResult:
-    """:func:`_run`, given up with :class:`SchedulerLost` as soon as the client
-    loses its scheduler: a call in flight then (a scatter, a request to the
+    """:func:`_run`, given up with :class:`SchedulerLost` once the client has
+    been without its scheduler for ``_RECONNECT_GRACE`` seconds, or at once if
+    the run fails meanwhile: a call in flight (a scatter, a request to the
     server) would wait out the client's whole timeout, and with it the time a
     restarted scheduler has to be reconnected to."""
     body = asyncio.ensure_future(_run(client, X, y, **kwargs))
+    loop = asyncio.get_running_loop()
+    lost_since: float | None = None
     try:
-        while not body.done() and client.status == "running":
+        while not body.done():
             await asyncio.wait({body}, timeout=_WATCH_INTERVAL)
-        if client.status == "running" or (
-            body.done() and not body.cancelled() and body.exception() is None
+            if client.status == "running":
+                lost_since = None
+            elif lost_since is None:
+                lost_since = loop.time()
+            elif loop.time() - lost_since > _RECONNECT_GRACE:
+                break
+        if body.done() and (
+            client.status == "running"
+            or (not body.cancelled() and body.exception() is None)
         ):
             return body.result()  # or raises what the run raised
         body.cancel()

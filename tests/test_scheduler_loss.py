@@ -424,8 +424,9 @@ def test_a_damaged_store_stops_the_preload_scheduler_from_starting(tmp_path):
 def test_train_raises_scheduler_lost_at_once_when_it_dies_inside_a_call(tmp_path):
     """A callback SIGKILLs the scheduler; train()'s next call (the epoch's record)
     would wait out the client's 60 s to connect, and the client's reconnection
-    window with it. train() raises SchedulerLost at once instead; a scheduler
-    started again on the port serves, and the same call resumes the run."""
+    window with it. train() raises SchedulerLost after its 10 s grace instead; a
+    scheduler started again on the port serves, and the same call resumes the
+    run."""
     store = str(tmp_path / "run.zarr")
     port = open_port()
     address = f"tcp://127.0.0.1:{port}"
@@ -452,7 +453,7 @@ def test_train_raises_scheduler_lost_at_once_when_it_dies_inside_a_call(tmp_path
                 client, X_train, y_train, epochs=2, batch_size=BATCH,
                 progress=False, callbacks=[kill],
             )  # fmt: skip
-        assert time.monotonic() - killed["at"] < 30  # not the client's 60 s
+        assert time.monotonic() - killed["at"] < 40  # not the client's 60 s
         lost = dask_ftps.inspect(store)
         with scheduler(port, store=store), workers(address):
             wait_for_workers(client, 2)  # the client reconnected in its window
