@@ -290,6 +290,7 @@ async def _train(client: Client, X: Any, y: Any, **kwargs: Any) -> TrainResult:
     the run fails meanwhile: a call in flight (a scatter, a request to the
     server) would wait out the client's whole timeout, and with it the time a
     restarted scheduler has to be reconnected to."""
+    await _connected(client)
     body = asyncio.ensure_future(_run(client, X, y, **kwargs))
     loop = asyncio.get_running_loop()
     lost_since: float | None = None
@@ -317,6 +318,21 @@ async def _train(client: Client, X: Any, y: Any, **kwargs: Any) -> TrainResult:
         ) from cause
     finally:
         body.cancel()  # a no-op once it is done
+
+
+async def _connected(client: Client) -> None:
+    """Wait, up to the client's own timeout, for a client that is still
+    reconnecting (to a restarted scheduler, say): what it sends meanwhile waits
+    in its buffer, which is no state to start a run in."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + parse_timedelta(getattr(client, "_timeout", 30) or 30)
+    while client.status != "running":
+        if client.status in ("closing", "closed") or loop.time() > deadline:
+            raise SchedulerLost(
+                f"train() needs a client connected to a scheduler; this one is "
+                f"{client.status}"
+            )
+        await asyncio.sleep(_WATCH_INTERVAL)
 
 
 async def _run(
