@@ -14,7 +14,6 @@ model must have learned (test accuracy).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -149,19 +148,13 @@ class ChaosReport:
         return [f"{a:<{width}}{b}" for a, b in rows]
 
 
-#: How long the driver's client waits for a lost scheduler: a call in flight
-#: when the scheduler dies (a task's RPC, not a future) fails after this, so
-#: the driver stops well before the checking client's own 90 s run out.
-DRIVER_TIMEOUT = "15s"
-
-
 class _Driver(threading.Thread):
-    """Calls train() run after run, on a client of its own, until stopped or its
-    scheduler dies."""
+    """Calls train() run after run until stopped or its scheduler dies (train()
+    raises SchedulerLost then, within its grace, even from a call in flight)."""
 
-    def __init__(self, address: str, data: tuple, first_run: int) -> None:
+    def __init__(self, client: Client, data: tuple, first_run: int) -> None:
         super().__init__(name="ftps-chaos-driver", daemon=True)
-        self.address = address
+        self.client = client
         self.data = data
         self.run_index = first_run
         self.finished = 0
@@ -169,28 +162,19 @@ class _Driver(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        from distributed import Client
-
         X_train, _, y_train, _ = self.data
-        try:
-            client = Client(self.address, timeout=DRIVER_TIMEOUT)
-        except BaseException as e:  # noqa: BLE001 - the scheduler died already
-            self.error = e
-            return
-        try:
-            while not self.stop_after_run.is_set():
+        while not self.stop_after_run.is_set():
+            try:
                 dask_ftps.train(
-                    client, X_train, y_train, epochs=EPOCHS_PER_RUN,
+                    self.client, X_train, y_train, epochs=EPOCHS_PER_RUN,
                     batch_size=BATCH_SIZE, progress=False,
                     run_name=f"chaos-{self.run_index}",
                 )  # fmt: skip
-                self.run_index += 1
-                self.finished += 1
-        except BaseException as e:  # noqa: BLE001 - the scheduler died: see run_chaos
-            self.error = e
-        finally:
-            with contextlib.suppress(Exception):
-                client.close(timeout=5)
+            except BaseException as e:  # noqa: BLE001 - the scheduler died: see run_chaos
+                self.error = e
+                return
+            self.run_index += 1
+            self.finished += 1
 
 
 class _Cluster:
@@ -275,7 +259,7 @@ def run_chaos(options: ChaosOptions, say: Say = print) -> ChaosReport:
                     snapshot_every=options.snapshot_every,
                 )
             )  # fmt: skip
-            driver = _Driver(cluster.address, data, 0)
+            driver = _Driver(client, data, 0)
             driver.start()
             deadline = t_start + options.seconds
             while time.perf_counter() < deadline:
@@ -374,7 +358,7 @@ def _scheduler_lost(
         f"{recovery.served_seconds:.2f} s; lost {recovery.lost}, exact "
         f"{'yes' if recovery.exact else 'NO'}"
     )
-    fresh = _Driver(cluster.address, data, driver.run_index)
+    fresh = _Driver(client, data, driver.run_index)
     if driver.stop_after_run.is_set():
         fresh.stop_after_run.set()
     fresh.start()

@@ -303,12 +303,9 @@ async def _train(client: Client, X: Any, y: Any, **kwargs: Any) -> TrainResult:
                 lost_since = loop.time()
             elif loop.time() - lost_since > _RECONNECT_GRACE:
                 break
-        if body.done() and (
-            client.status == "running"
-            or (not body.cancelled() and body.exception() is None)
-        ):
+        if body.done() and (client.status == "running" or not body.exception()):
             return body.result()  # or raises what the run raised
-        body.cancel()
+        body.cancel()  # given up: lost for longer than the grace
         await asyncio.wait({body}, timeout=1.0)
         cause = body.exception() if body.done() and not body.cancelled() else None
         raise SchedulerLost(

@@ -240,16 +240,16 @@ class Model(ABC):
         )
         dws, dbs = _dense_backward(ws, acts[:-1], dlogits, factored)
         grads = {}
+
+        def cast(a: Any, like: Any) -> Any:
+            return xp.ascontiguousarray(a.astype(like.dtype, copy=False))
+
         for (wn, bn), dw, db in zip(self._layers(), dws, dbs, strict=True):
-            dtype = params[wn].dtype
-            grads[wn] = (
-                Factored(
-                    xp.ascontiguousarray(dw.u.astype(dtype, copy=False)),
-                    xp.ascontiguousarray(dw.v.astype(dtype, copy=False)),
-                )
-                if isinstance(dw, Factored)
-                else xp.ascontiguousarray(dw.astype(dtype, copy=False))
-            )
+            w = params[wn]
+            if isinstance(dw, Factored):
+                grads[wn] = Factored(cast(dw.u, w), cast(dw.v, w))
+            else:
+                grads[wn] = cast(dw, w)
             grads[bn] = db.astype(params[bn].dtype, copy=False)
         ordered = {k: grads[k] for k in self.param_shapes()}
         return float(loss), ordered, int(n_correct)
