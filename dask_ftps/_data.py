@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -138,13 +139,15 @@ def load(
     Dataset
         Labels of any type (strings too) are encoded with scikit-learn's
         :class:`~sklearn.preprocessing.LabelEncoder`: ``classes`` maps them back.
+        Whole float labels become exact integers (int64, or Python ints beyond it).
 
     Raises
     ------
     DataError
         If the file is missing, unreadable or malformed, the target is not a
-        column, a feature is not numeric or holds NaN/infinite values, or there
-        are too few samples or classes.
+        column, a feature is not numeric or holds NaN/infinite values, a label
+        cannot be held exactly (distinct labels are never merged), or there are
+        too few samples or classes.
     """
     if not 0 <= test_size < 1:
         raise DataError(f"the test size must be in [0, 1), got {test_size}")
@@ -215,7 +218,10 @@ def read_file(
             )
         return _read_npz(path)
     frame = _read_table(path, kind)
-    return _split_columns(frame, target, path)
+    X, y, features, target = _split_columns(frame, target, path)
+    if kind == ".csv" and y.dtype.kind == "f":
+        _check_exact_text(path, list(frame.columns).index(target), y, target)
+    return X, y, features, target
 
 
 def _kind(path: Path) -> str:
@@ -321,6 +327,58 @@ def _split_columns(frame, target: str | None, path: Path):
     return X, labels.to_numpy(), features, target
 
 
+def _check_exact_text(path: Path, column: int, y: np.ndarray, target: str) -> None:
+    """Refuse a CSV label that parsed as a whole float64 different from its text.
+
+    A label column with one decimal point or exponent is parsed as float64, which
+    rounds integers beyond 2**53 (``9007199254740993`` reads as ``...992``) and texts
+    such as ``2.0000000000000001``: two labels could become one class. Every
+    label whose parsed value is a whole number must equal its text exactly;
+    labels that parse to fractions are left to :func:`_encode`, which refuses them.
+
+    Parameters
+    ----------
+    path
+        The CSV file, read again for the label column's text.
+    column
+        The position of the label column.
+    y
+        The labels as parsed (float64, one per row).
+    target
+        The label column's name, for the message.
+
+    Raises
+    ------
+    DataError
+        If a label's text is not exactly the whole number it was parsed as.
+    """
+    import pandas as pd
+
+    finite = y[np.isfinite(y)]
+    if not np.array_equal(finite, np.round(finite)):
+        return  # fractions: _encode refuses them with a message of their own
+    try:
+        texts = pd.read_csv(
+            path, usecols=[column], dtype=str, keep_default_na=False
+        ).iloc[:, 0]
+    except Exception as e:  # read once already: a failure now is the file's
+        raise DataError(f"cannot read {path} as CSV: {one_line(e)}") from e
+    for text in texts.unique():
+        try:
+            exact = Decimal(text.strip())
+            value = float(text)
+        except (InvalidOperation, ValueError):
+            logger.debug("%s: label text %r not checked for exactness", path, text)
+            continue
+        if exact.is_finite() and exact != Decimal(value):
+            raise DataError(
+                f"{path}: the label {text.strip()!r} of {target!r} cannot be held "
+                f"exactly as a number (it reads as {value:.17g}), so labels could be "
+                "merged: write whole-number labels without a decimal point or "
+                "exponent, or use names"
+            )
+
+
 # -- checks, encoding, split -------------------------------------------------------
 
 
@@ -355,7 +413,6 @@ def _encode(y: np.ndarray, target: str, source: str) -> tuple[np.ndarray, np.nda
                 f"{example:g}: a classifier needs class labels (is it a regression "
                 "target? --target picks another column)"
             )
-        y = y.astype(np.int64)
     try:
         encoder = LabelEncoder().fit(y)
     except TypeError as e:
@@ -364,6 +421,8 @@ def _encode(y: np.ndarray, target: str, source: str) -> tuple[np.ndarray, np.nda
             "them all strings or all numbers"
         ) from e
     classes = encoder.classes_
+    if y.dtype.kind == "f":
+        classes = _whole(classes)
     if len(classes) < 2:
         only = f" ({_plain(classes[0])!r})" if len(classes) else ""
         raise DataError(
@@ -371,6 +430,17 @@ def _encode(y: np.ndarray, target: str, source: str) -> tuple[np.ndarray, np.nda
             "needs at least 2"
         )
     return encoder.transform(y), classes
+
+
+def _whole(values: np.ndarray) -> np.ndarray:
+    """Distinct whole floats as distinct integers: int64, else exact Python ints.
+
+    Casting a float beyond int64 to int64 is undefined (``1e19`` and ``2e19`` both
+    became ``-2**63``, one class); every whole float is an exact integer.
+    """
+    if len(values) and -(2**63) <= int(values.min()) and int(values.max()) < 2**63:
+        return values.astype(np.int64)
+    return np.array([int(v) for v in values], dtype=object)
 
 
 def _split(X: np.ndarray, y: np.ndarray, test_size: float, source: str):
