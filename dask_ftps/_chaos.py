@@ -4,12 +4,15 @@ A scheduler process (with :mod:`dask_ftps.preload`) and a group of worker
 processes train an MLP on digits, one named run after another, for a set
 time. A seeded killer SIGKILLs the scheduler or a worker at random moments;
 some schedulers are started armed (:mod:`dask_ftps.testing`) to die right
-before one of their log records (a commit's, nearly always) or inside a snapshot. After every scheduler loss the
-killer restarts the cluster on the same port and checks, with training
-stopped: no committed update lost (the new server holds what the store held
-and at least what the old one reported accepted), no update applied twice,
-and ``recover(store)`` equal to the live model bit for bit. At the end, the
-model must have learned (test accuracy).
+before one of their log records (a commit's, nearly always) or inside a
+snapshot. After every scheduler loss the harness, like a supervisor, restarts
+the scheduler on the same port at once and checks it before any worker joins,
+so with training stopped: no committed update lost (the new server holds what
+the store held and at least what the old one reported accepted), no update
+applied twice, and ``recover(store)`` equal to the live model bit for bit.
+Then the workers start, and training goes on once the interrupted train() has
+ended. A client that gave up reconnecting is replaced by a new one. At the end,
+the model must have learned (test accuracy).
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ class ChaosReport:
     accuracy: float = float("nan")
     wall: float = 0.0
     errors: list[str] = field(default_factory=list)
+    new_clients: int = 0  # clients made after one closed
 
     @property
     def lost(self) -> int:
@@ -142,15 +146,26 @@ class ChaosReport:
               f"{len(self.recoveries) + 1}")),
             ("start -> served (median, max)",
              f"{served[len(served) // 2]:.2f} s, {served[-1]:.2f} s"),
+            ("clients replaced", str(self.new_clients)),
             ("final test accuracy", f"{self.accuracy:.4f}"),
         ]  # fmt: skip
         width = max(len(a) for a, _ in rows) + 2
         return [f"{a:<{width}}{b}" for a, b in rows]
 
 
+#: The harness's client: how long it tries to reconnect to a lost scheduler
+#: before it closes (the harness then makes a new one).
+CLIENT_TIMEOUT = "90s"
+#: How long a train() may go on after its scheduler was restarted (it raises
+#: SchedulerLost, or finishes the run it had begun on the new scheduler).
+DRIVER_TIMEOUT = 300.0
+#: How long a restarted scheduler may take to serve its rebuilt model.
+SERVE_TIMEOUT = 120.0
+
+
 class _Driver(threading.Thread):
-    """Calls train() run after run until stopped or its scheduler dies (train()
-    raises SchedulerLost then, within its grace, even from a call in flight)."""
+    """Calls train() run after run until stopped or until a train() fails (its
+    scheduler died: train() raises SchedulerLost; or its client closed)."""
 
     def __init__(self, client: Client, data: tuple, first_run: int) -> None:
         super().__init__(name="ftps-chaos-driver", daemon=True)
@@ -170,7 +185,8 @@ class _Driver(threading.Thread):
                     batch_size=BATCH_SIZE, progress=False,
                     run_name=f"chaos-{self.run_index}",
                 )  # fmt: skip
-            except BaseException as e:  # noqa: BLE001 - the scheduler died: see run_chaos
+            except BaseException as e:  # noqa: BLE001 - the scheduler died: see _Harness
+                logger.info("run chaos-%d ended: %r", self.run_index, e)
                 self.error = e
                 return
             self.run_index += 1
@@ -178,7 +194,7 @@ class _Driver(threading.Thread):
 
 
 class _Cluster:
-    """The scheduler and worker processes; restarted on the same port."""
+    """The scheduler process and the worker processes; restarted on the same port."""
 
     def __init__(self, folder: Path, store: str, rng: np.random.Generator, say: Say):
         self.folder, self.store, self.rng, self.say = folder, store, rng, say
@@ -189,9 +205,9 @@ class _Cluster:
         self.armed: str | None = None
         self.starts = 0
 
-    def start(self, aimed_share: float) -> float:
-        """Start the scheduler (armed with a share of ``aimed_share``) and workers;
-        return when the scheduler process was started."""
+    def start_scheduler(self, aimed_share: float) -> float:
+        """Start a scheduler (armed with a share of ``aimed_share``, never the
+        first); return when its process was started."""
         self.starts += 1
         env, preloads, self.armed = {}, (), None
         if self.starts > 1 and self.rng.random() < aimed_share:
@@ -203,15 +219,25 @@ class _Cluster:
         self.scheduler = start_scheduler(
             self.port, log, self.store, env, preloads=preloads
         )
+        return self.scheduler.started
+
+    def start_workers(self) -> None:
+        self.stop_workers()
         self.workers = start_workers(
             self.address, N_WORKERS, self.folder / f"workers-{self.starts}.log"
         )
-        return self.scheduler.started
+
+    def stop_workers(self) -> None:
+        """Kill the worker group (they close with their scheduler anyway)."""
+        if self.workers is not None:
+            self.workers.stop(kill=True)
 
     def worker_pids(self) -> list[int]:
         """The worker processes (each nanny's child) of the worker group."""
         import psutil
 
+        if self.workers is None:
+            return []
         try:
             children = psutil.Process(self.workers.pid).children(recursive=True)
             return sorted(
@@ -230,10 +256,243 @@ class _Cluster:
                 proc.stop(kill=True)
 
 
+class _Harness:
+    """The supervisor of a chaos run: its cluster, its client, its driver.
+
+    Like a real supervisor, it restarts a dead scheduler at once, without
+    waiting for the driver's train() to notice. The new scheduler serves and is
+    checked with no workers, so that no update can be pushed meanwhile; the
+    workers start after the checks, and a new driver once the old train() has
+    ended (it raises SchedulerLost, or finishes the run it had begun on the new
+    scheduler). A client that closed (it gave up reconnecting) is replaced.
+    """
+
+    def __init__(
+        self,
+        options: ChaosOptions,
+        cluster: _Cluster,
+        data: tuple,
+        report: ChaosReport,
+        rng: np.random.Generator,
+        say: Say,
+    ) -> None:
+        self.options, self.cluster, self.data = options, cluster, data
+        self.report, self.rng, self.say = report, rng, say
+        self.client: Client | None = None
+        self.driver: _Driver | None = None
+
+    # -- the client ----------------------------------------------------------------
+
+    def connect(self) -> Client:
+        """The harness's client: a new one if the last one closed (a client closes
+        when its scheduler stayed away longer than its timeout)."""
+        from distributed import Client
+
+        old = self.client
+        if old is not None and old.status not in ("closing", "closed", "failed"):
+            return old
+        if old is not None:
+            self.report.new_clients += 1
+            self.say(f"the client was {old.status}: connecting a new one")
+            try:
+                old.close(timeout=5)
+            except Exception:
+                logger.debug("closing the old client failed", exc_info=True)
+        self.client = Client(self.cluster.address, timeout=CLIENT_TIMEOUT)
+        return self.client
+
+    # -- the run -------------------------------------------------------------------
+
+    def run(self, model: Any) -> None:
+        options, cluster = self.options, self.cluster
+        deadline = time.perf_counter() + options.seconds
+        cluster.start_scheduler(0.0)
+        cluster.start_workers()
+        client = self.connect()
+        client.wait_for_workers(N_WORKERS, timeout=120)
+        client.register_plugin(
+            dask_ftps.ParameterServer(
+                cluster.store, model=model, mode=options.mode,
+                optimizer=dask_ftps.SGD(lr=0.05, momentum=0.5),
+                snapshot_every=options.snapshot_every,
+            )
+        )  # fmt: skip
+        self.driver = _Driver(client, self.data, 0)
+        self.driver.start()
+        while time.perf_counter() < deadline:
+            self.one_kill()
+        # The last run goes to its end; an armed scheduler that dies in it is
+        # recovered like any other, and its successors are unarmed.
+        self.driver.stop_after_run.set()
+        while True:
+            died, acknowledged = self.watch(
+                DRIVER_TIMEOUT, until=lambda: not self.driver.is_alive()
+            )
+            if not died:
+                break
+            self.scheduler_lost(acknowledged, died=True, aimed_share=0.0)
+        if self.driver.is_alive():
+            self.report.errors.append(
+                f"the last run did not end within {DRIVER_TIMEOUT:.0f} s"
+            )
+        elif self.driver.error is not None:
+            self.report.errors.append(f"the last run failed: {self.driver.error!r}")
+        self.report.runs_finished += self.driver.finished
+        if cluster.armed is not None and cluster.scheduler.alive:
+            # An armed scheduler that outlived the last run: the final checks
+            # need one that does not die under them; restart it, unarmed (a
+            # restart, not a kill the report counts; its recovery is checked).
+            cluster.kill_scheduler()
+            self.report.recoveries.append(self.recover("restart", 0, 0.0))
+
+    def watch(
+        self, seconds: float, until: Callable[[], bool] | None = None
+    ) -> tuple[bool, int]:
+        """Watch the scheduler for ``seconds`` or until ``until()``: whether it died,
+        and the most updates its server reported accepted meanwhile."""
+        acknowledged, t_end = 0, time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            if not self.cluster.scheduler.alive:
+                return True, acknowledged
+            if until is not None and until():
+                break
+            try:
+                acknowledged = max(acknowledged, _status(self.client)["updates"])
+            except Exception:
+                logger.debug("status not answered", exc_info=True)
+            time.sleep(0.05)
+        return False, acknowledged
+
+    def one_kill(self) -> None:
+        """Wait a random interval (watching the counts), then kill something."""
+        options = self.options
+        died, acknowledged = self.watch(float(self.rng.uniform(*options.interval)))
+        pids = self.cluster.worker_pids()
+        if not died and pids and self.rng.random() < options.worker_share:
+            victim = int(self.rng.choice(pids))
+            os.kill(victim, signal.SIGKILL)
+            self.report.kills["worker"] += 1
+            self.say(f"SIGKILL worker process {victim} at {acknowledged} updates")
+            return
+        self.scheduler_lost(acknowledged, died)
+
+    def scheduler_lost(
+        self, acknowledged: int, died: bool, aimed_share: float | None = None
+    ) -> None:
+        """Kill the scheduler (unless it ``died`` by itself), restart it at once,
+        check the recovery with no workers, then train on.
+
+        The old driver is told to stop after its run and waited for once the
+        workers are back: its train() raises SchedulerLost, or finishes on the new
+        scheduler the run it had begun. A scheduler that dies meanwhile (an armed
+        one) is recovered and checked the same way, in turn.
+        """
+        share = self.options.aimed_share if aimed_share is None else aimed_share
+        driver = self.driver
+        final = driver.stop_after_run.is_set()
+        driver.stop_after_run.set()
+        kind = (self.cluster.armed or "crashed") if died else "scheduler"
+        if not died:
+            self.cluster.kill_scheduler()
+        while True:
+            self.report.kills[kind] += 1
+            recovery = self.recover(kind, acknowledged, share)
+            if recovery is not None:
+                self.report.recoveries.append(recovery)
+                self.say(
+                    f"scheduler died ({kind}) at {recovery.stored} committed; "
+                    f"recovered {recovery.recovered} at version "
+                    f"{recovery.version_recovered} in {recovery.served_seconds:.2f} "
+                    f"s; lost {recovery.lost}, exact "
+                    f"{'yes' if recovery.exact else 'NO'}"
+                )
+                died, acknowledged = self.train_on(driver)
+            else:  # the new scheduler died before its checks ended
+                died, acknowledged = True, 0
+            if not died:
+                break
+            kind = self.cluster.armed or "crashed"
+        self.report.runs_finished += driver.finished
+        self.driver = _Driver(self.client, self.data, driver.run_index)
+        if final:
+            self.driver.stop_after_run.set()
+        self.driver.start()
+
+    def recover(
+        self, kind: str, acknowledged: int, aimed_share: float
+    ) -> Recovery | None:
+        """Restart the scheduler, with no workers, and check what it serves; None if
+        it died before the checks ended."""
+        cluster = self.cluster
+        cluster.stop_workers()
+        before = dask_ftps.inspect(cluster.store)
+        cluster.start_scheduler(aimed_share)
+        status = self.wait_served()
+        served = time.perf_counter() - cluster.scheduler.started
+        try:
+            exact, duplicates = _exact(self.client, cluster.store)
+        except Exception:
+            if cluster.scheduler.alive:
+                raise
+            logger.info("the scheduler died during its checks", exc_info=True)
+            return None
+        return Recovery(
+            kind, acknowledged, before["updates"], status["updates"],
+            before["version"], status["version"], served, exact, duplicates,
+        )  # fmt: skip
+
+    def wait_served(self) -> dict:
+        """The status of the restarted scheduler's server, once it serves; a
+        scheduler that died in its own start (an armed one) is started again,
+        unarmed, and a client that closed meanwhile is replaced."""
+        from dask_ftps._processes import port_open
+
+        cluster = self.cluster
+        deadline = time.perf_counter() + SERVE_TIMEOUT
+        last: BaseException | None = None
+        while time.perf_counter() < deadline:
+            if not cluster.scheduler.alive:
+                cluster.start_scheduler(0.0)
+            elif port_open(cluster.port):
+                try:
+                    return _status(self.connect())
+                except Exception as e:  # noqa: BLE001 - not serving yet
+                    last = e
+            time.sleep(0.02)
+        raise TimeoutError(
+            f"no scheduler served on port {cluster.port} in {SERVE_TIMEOUT:.0f} s "
+            f"(client {self.client.status}; last error {last!r}); see {cluster.folder}"
+        )
+
+    def train_on(self, driver: _Driver) -> tuple[bool, int]:
+        """Start the workers and let the old driver end: whether the scheduler died
+        meanwhile, and the most updates it reported accepted."""
+        self.cluster.start_workers()
+        try:
+            self.connect().wait_for_workers(N_WORKERS, timeout=120)
+        except Exception:
+            if self.cluster.scheduler.alive:
+                raise
+            return True, 0
+        died, acknowledged = self.watch(
+            DRIVER_TIMEOUT, until=lambda: not driver.is_alive()
+        )
+        if died or not driver.is_alive():
+            return died, acknowledged
+        # A train() that neither failed nor trained on: a fault of train(), which
+        # the report names; its client is closed under it and replaced.
+        self.report.errors.append(
+            f"a train() neither failed nor finished within {DRIVER_TIMEOUT:.0f} s "
+            "of its scheduler's restart"
+        )
+        driver.client.close(timeout=10)
+        driver.join(30)
+        self.connect()
+        return False, acknowledged
+
+
 def run_chaos(options: ChaosOptions, say: Say = print) -> ChaosReport:
     """Train under random kills for ``options.seconds``; see the module docstring."""
-    from distributed import Client
-
     from dask_ftps._data import load
     from dask_ftps._demo import accuracy
     from dask_ftps.models import MLP
@@ -248,159 +507,20 @@ def run_chaos(options: ChaosOptions, say: Say = print) -> ChaosReport:
     say(f"chaos: {options.seconds:.0f} s, seed {options.seed}, mode {options.mode}; "
         f"store {store}; logs {folder}")  # fmt: skip
     cluster = _Cluster(folder, store, rng, say)
-    cluster.start(options.aimed_share)
+    harness = _Harness(options, cluster, data, report, rng, say)
     try:
-        with Client(cluster.address, timeout="90s") as client:
-            client.wait_for_workers(N_WORKERS, timeout=120)
-            client.register_plugin(
-                dask_ftps.ParameterServer(
-                    store, model=model, mode=options.mode,
-                    optimizer=dask_ftps.SGD(lr=0.05, momentum=0.5),
-                    snapshot_every=options.snapshot_every,
-                )
-            )  # fmt: skip
-            driver = _Driver(client, data, 0)
-            driver.start()
-            deadline = t_start + options.seconds
-            while time.perf_counter() < deadline:
-                driver = _one_kill(
-                    client, cluster, driver, data, options, rng, report, say
-                )
-            # The last run goes to its end; an armed scheduler that dies in it is
-            # recovered like any other, unarmed.
-            driver.stop_after_run.set()
-            while driver.is_alive() or not cluster.scheduler.alive:
-                driver.join(0.2)
-                if not cluster.scheduler.alive:
-                    driver = _scheduler_lost(
-                        client, cluster, driver, data, options, report, say,
-                        0, True, aimed_share=0.0,
-                    )  # fmt: skip
-            if driver.error is not None:
-                report.errors.append(f"the last run failed: {driver.error!r}")
-            report.runs_finished += driver.finished
-            if cluster.armed is not None and cluster.scheduler.alive:
-                # An armed scheduler that outlived the last run: the final checks
-                # need one that does not die under them; restart it, unarmed (a
-                # restart, not a kill the report counts; its recovery is checked).
-                cluster.kill_scheduler()
-                report.recoveries.append(_recover(client, cluster, "restart", 0, 0.0))
-            report.final_exact, report.final_duplicates = _exact(client, store)
-            report.updates = dask_ftps.status(client)["updates"]
-            _, params = dask_ftps.get_model(client)
-            report.accuracy = accuracy(model, params, data[1], data[3])
+        harness.run(model)
+        client = harness.connect()
+        report.final_exact, report.final_duplicates = _exact(client, store)
+        report.updates = dask_ftps.status(client)["updates"]
+        _, params = dask_ftps.get_model(client)
+        report.accuracy = accuracy(model, params, data[1], data[3])
     finally:
+        if harness.client is not None:
+            harness.client.close()
         cluster.stop()
     report.wall = time.perf_counter() - t_start
     return report
-
-
-def _one_kill(
-    client: Client,
-    cluster: _Cluster,
-    driver: _Driver,
-    data: tuple,
-    options: ChaosOptions,
-    rng: np.random.Generator,
-    report: ChaosReport,
-    say: Say,
-) -> _Driver:
-    """Wait a random interval (watching the counts), then kill something."""
-    wait = float(rng.uniform(*options.interval))
-    acknowledged, t_end = 0, time.perf_counter() + wait
-    died = False
-    while time.perf_counter() < t_end:
-        if not cluster.scheduler.alive:  # an armed scheduler died by itself
-            died = True
-            break
-        try:
-            acknowledged = max(acknowledged, _status(client)["updates"])
-        except Exception:
-            logger.debug("status not answered", exc_info=True)
-        time.sleep(0.05)
-    pids = cluster.worker_pids()
-    if not died and pids and rng.random() < options.worker_share:
-        victim = int(rng.choice(pids))
-        os.kill(victim, signal.SIGKILL)
-        report.kills["worker"] += 1
-        say(f"SIGKILL worker process {victim} at {acknowledged} updates")
-        return driver
-    return _scheduler_lost(client, cluster, driver, data, options, report, say,
-                           acknowledged, died)  # fmt: skip
-
-
-def _scheduler_lost(
-    client: Client,
-    cluster: _Cluster,
-    driver: _Driver,
-    data: tuple,
-    options: ChaosOptions,
-    report: ChaosReport,
-    say: Say,
-    acknowledged: int,
-    died: bool,
-    aimed_share: float | None = None,
-) -> _Driver:
-    """Kill the scheduler (unless it ``died`` by itself), restart the cluster,
-    check the recovery with training stopped, and train on."""
-    kind = cluster.armed if died else "scheduler"
-    if not died:
-        cluster.kill_scheduler()
-    report.kills[kind] += 1
-    driver.join(120)  # its train() fails without a scheduler
-    report.runs_finished += driver.finished
-    share = options.aimed_share if aimed_share is None else aimed_share
-    recovery = _recover(client, cluster, kind, acknowledged, share)
-    report.recoveries.append(recovery)
-    say(
-        f"scheduler died ({kind}) at {recovery.stored} committed; recovered "
-        f"{recovery.recovered} at version {recovery.version_recovered} in "
-        f"{recovery.served_seconds:.2f} s; lost {recovery.lost}, exact "
-        f"{'yes' if recovery.exact else 'NO'}"
-    )
-    fresh = _Driver(client, data, driver.run_index)
-    if driver.stop_after_run.is_set():
-        fresh.stop_after_run.set()
-    fresh.start()
-    return fresh
-
-
-def _recover(
-    client: Client, cluster: _Cluster, kind: str, acknowledged: int,
-    aimed_share: float,
-) -> Recovery:  # fmt: skip
-    cluster.workers.stop(kill=True)  # they close with their scheduler anyway
-    before = dask_ftps.inspect(cluster.store)
-    started = cluster.start(aimed_share)
-    status = _wait_served(client, cluster)
-    served = time.perf_counter() - started
-    client.wait_for_workers(N_WORKERS, timeout=120)
-    exact, duplicates = _exact(client, cluster.store)
-    return Recovery(
-        kind, acknowledged, before["updates"], status["updates"], before["version"],
-        status["version"], served, exact, duplicates,
-    )  # fmt: skip
-
-
-def _wait_served(client: Client, cluster: _Cluster, timeout: float = 120) -> dict:
-    from dask_ftps._processes import port_open
-
-    deadline = time.perf_counter() + timeout
-    last: BaseException | None = None
-    while time.perf_counter() < deadline:
-        if port_open(cluster.port):
-            try:
-                return _status(client)
-            except Exception as e:  # noqa: BLE001 - not serving yet
-                last = e
-        if not cluster.scheduler.alive:  # an armed one died in its own start
-            cluster.workers.stop(kill=True)
-            cluster.start(0.0)
-        time.sleep(0.02)
-    raise TimeoutError(
-        f"no scheduler served on port {cluster.port} in {timeout:.0f} s (client "
-        f"{client.status}; last error {last!r}); see {cluster.folder}"
-    )
 
 
 def _status(client: Client, timeout: float = 2.0) -> dict:

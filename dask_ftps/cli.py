@@ -710,6 +710,7 @@ def chaos(
             "kills": dict(report.kills),
             "recoveries": [{**asdict(r), "lost": r.lost} for r in report.recoveries],
             "runs_finished": report.runs_finished,
+            "new_clients": report.new_clients,
             "updates": report.updates,
             "lost": report.lost,
             "duplicates": report.duplicates,
