@@ -303,16 +303,13 @@ def _float(text: str) -> float | None:
         return None
 
 
-@pytest.mark.slow
-def test_page_in_a_headless_browser_follows_training(loop):
-    """Chromium shows /ftps of a cluster of processes while train() runs: the
-    version on the page moves; after close() it says "no parameter server"."""
+def _chromium() -> Callable[[], object]:
+    """What starts a headless Chromium driven by Selenium (skipped without one,
+    off CI); Selenium Manager is never asked: the driver's path is given."""
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.options import Options
         from selenium.webdriver.chrome.service import Service
-        from selenium.webdriver.common.by import By
-        from selenium.webdriver.support.wait import WebDriverWait
     except ImportError:
         webdriver = None
     _require("selenium", webdriver)
@@ -320,8 +317,80 @@ def test_page_in_a_headless_browser_follows_training(loop):
     _require("chromium", chromium)
     chromedriver = shutil.which("chromedriver")
     _require("chromedriver", chromedriver)
+    options = Options()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
 
+    def start():
+        return webdriver.Chrome(
+            service=Service(executable_path=chromedriver), options=options
+        )
+
+    return start
+
+
+#: A run name that is markup: the page must show it as text, never parse it.
+HOSTILE = "<img src=x onerror=document.title='pwned'><b id=injected>bold</b>"
+
+
+@pytest.mark.slow
+def test_a_hostile_run_name_is_text_in_a_headless_browser(loop):
+    """Chromium shows a run name made of markup as its literal text, in the run
+    line (set by the page's ``text()``) and in the events table (its ``row()``):
+    no element is made of it, no handler of it runs."""
+    start_browser = _chromium()
     from distributed import Client, LocalCluster
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    X_train, _, y_train, _ = digits()
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=False,
+            dashboard_address="127.0.0.1:0",
+            loop=loop,
+        ) as cluster,
+        Client(cluster, loop=loop) as client,
+    ):
+        client.register_plugin(
+            ParameterServer(model=SoftmaxRegression(64, 10), optimizer=SGD(lr=0.1))
+        )
+        result = dask_ftps.train(
+            client, X_train[:64], y_train[:64], epochs=1, batch_size=32,
+            run_name=HOSTILE, progress=False,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{cluster.scheduler.http_server.port}/ftps"
+        driver = start_browser()
+        try:
+            driver.get(url)
+            wait = WebDriverWait(driver, 60, poll_frequency=0.25)
+
+            def shown(element_id: str) -> str:
+                return driver.find_element(By.ID, element_id).text
+
+            # The page has drawn this run and its events (whatever it made of them).
+            wait.until(lambda _: f"run {result.run} " in shown("run"))
+            wait.until(lambda _: "run-started" in shown("events"))
+            assert HOSTILE in shown("run"), shown("run")
+            assert HOSTILE in shown("events"), shown("events")
+            injected = driver.find_elements(By.CSS_SELECTOR, "img, #injected")
+            assert injected == [], [e.get_attribute("outerHTML") for e in injected]
+            assert driver.title != "pwned"
+        finally:
+            driver.quit()
+
+
+@pytest.mark.slow
+def test_page_in_a_headless_browser_follows_training(loop):
+    """Chromium shows /ftps of a cluster of processes while train() runs: the
+    version on the page moves; after close() it says "no parameter server"."""
+    start_browser = _chromium()
+    from distributed import Client, LocalCluster
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.wait import WebDriverWait
 
     X_train, _, y_train, _ = digits()
     enough = threading.Event()
@@ -343,10 +412,6 @@ def test_page_in_a_headless_browser_follows_training(loop):
         except BaseException as e:  # noqa: BLE001 - reported by the test
             outcome.append(e)
 
-    options = Options()
-    options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
-        options.add_argument(argument)
     with (
         LocalCluster(
             n_workers=2,
@@ -365,10 +430,7 @@ def test_page_in_a_headless_browser_follows_training(loop):
         trainer.start()
         driver = None
         try:
-            # Selenium Manager is never asked: the driver's path is given.
-            driver = webdriver.Chrome(
-                service=Service(executable_path=chromedriver), options=options
-            )
+            driver = start_browser()
             driver.get(url)
             wait = WebDriverWait(driver, 120, poll_frequency=0.25)
 
