@@ -80,6 +80,57 @@ def test_recovery_quick(out, stores):
     assert row["lower_bound"]["replayed_bytes"] == row["replayed"] * 4 * row["n_params"]
 
 
+def check_checkpoint_loss(doc: dict) -> None:
+    """The checkpoint baseline loses, by construction, every update since its
+    newest checkpoint at or before the kill: it restarts from that checkpoint,
+    and what it lost is the killed version less the checkpoint's."""
+    rows = {(r["system"], r["scenario"]): r for r in doc["results"]}
+    (run,) = [
+        r
+        for r in doc["runs"]
+        if (r["system"], r["scenario"]) == ("checkpoint", "scheduler-loss")
+    ]
+    (kill,) = [e for e in run["events"] if e["kind"] == "scheduler"]
+    assert kill["version"] >= run["kill_version"]
+    saved = max(
+        [0] + [c["version"] for c in run["checkpoints"] if c["version"] <= kill["version"]]
+    )
+    assert kill["recovered_version"] == saved, (kill, run["checkpoints"])
+    lost = rows["checkpoint", "scheduler-loss"]["lost_updates"]
+    assert lost == run["lost_updates"][0] == kill["version"] - saved
+    if saved < run["kill_version"]:  # killed after its checkpoint: work is lost
+        assert lost >= run["kill_version"] - saved > 0
+
+
+def test_the_checkpoint_loss_check_can_fail():
+    """A baseline that lost nothing although it was killed past its checkpoint
+    (as if it journalled), or that restarted from another version, is caught."""
+    run = {
+        "system": "checkpoint", "scenario": "scheduler-loss", "kill_version": 130,
+        "checkpoints": [{"epoch": 1, "version": 100}, {"epoch": 2, "version": 200}],
+        "events": [{"kind": "scheduler", "version": 131, "recovered_version": 100}],
+        "lost_updates": [31],
+    }  # fmt: skip
+
+    def doc(run: dict) -> dict:
+        row = {"system": "checkpoint", "scenario": "scheduler-loss"}
+        return {
+            "results": [{**row, "lost_updates": run["lost_updates"][0]}],
+            "runs": [run],
+        }
+
+    check_checkpoint_loss(doc(run))
+    journalled = {
+        **run,
+        "events": [{**run["events"][0], "recovered_version": 131}],
+        "lost_updates": [0],
+    }
+    older = {**run, "events": [{**run["events"][0], "recovered_version": 0}]}
+    for wrong in (journalled, older, {**run, "lost_updates": [0]}):
+        with pytest.raises(AssertionError):
+            check_checkpoint_loss(doc(wrong))
+
+
 def test_failures_quick(out, stores):
     from benchmarks import failures
 
@@ -95,7 +146,7 @@ def test_failures_quick(out, stores):
     assert all(r["exactly_once"] for r in rows.values())
     assert all(positive(r["time_to_target_s"]) for r in rows.values())
     assert rows["ftps", "scheduler-loss"]["lost_updates"] == 0
-    assert rows["checkpoint", "scheduler-loss"]["lost_updates"] >= 0
+    check_checkpoint_loss(doc)
     (event,) = [
         e
         for r in doc["runs"]
