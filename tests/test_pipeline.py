@@ -262,22 +262,44 @@ async def test_train_with_a_window_applies_every_minibatch_once(c, s, a, b, tmp_
     config={"ftps.inflight": 4, "ftps.reorder-timeout": "5ms"},
 )
 async def test_a_push_delayed_past_the_reorder_timeout_only_costs_a_resume(c, s, a, b):
-    """Every 7th push reaches the server 50 ms late, so the pushes behind it give
-    up waiting and are refused as OutOfOrder: the task resumes where the server
-    says its shard stands, and every minibatch is applied once."""
+    """Every 7th push reaches the server only once a later push of its shard has
+    been answered, which the server can only have refused (as OutOfOrder, after
+    its 5 ms reorder timeout): the task resumes where the server says its shard
+    stands, and every minibatch is applied once. A held push with none behind it
+    (its shard's last) goes on after a second."""
     X_train, _, y_train, _ = digits()
     await c.register_plugin(ParameterServer(model=MLP(64, (16,), 10)))
     sent = Counter()
+    held: dict[str, tuple[tuple[int, int], asyncio.Event]] = {}  # shard: push held
+
+    def where(update_id: str) -> tuple[str, tuple[int, int]]:
+        run, epoch, shard, step = update_id.split(":")  # ordered per run and shard
+        return f"{run}:{shard}", (int(epoch), int(step))
+
     for worker in (a, b):
         plugin = worker.plugins["ftps"]
 
         async def late(op, _send=plugin._send, **kwargs):
-            if op == "ftps_push":
-                sent["pushes"] += 1
-                if sent["pushes"] % 7 == 0:
-                    sent["late"] += 1
-                    await asyncio.sleep(0.05)
-            return await _send(op, **kwargs)
+            if op != "ftps_push":
+                return await _send(op, **kwargs)
+            sent["pushes"] += 1
+            shard, position = where(kwargs["update_id"])
+            if sent["pushes"] % 7 == 0 and shard not in held:
+                sent["late"] += 1
+                behind = asyncio.Event()
+                held[shard] = position, behind
+                try:
+                    await asyncio.wait_for(behind.wait(), timeout=1)
+                except TimeoutError:
+                    sent["none behind"] += 1
+                del held[shard]
+                return await _send(op, **kwargs)
+            try:
+                return await _send(op, **kwargs)
+            finally:
+                if shard in held and held[shard][0] < position:
+                    sent["answered while held"] += 1
+                    held[shard][1].set()
 
         plugin._send = late
     result = await dask_ftps.train(
@@ -285,6 +307,7 @@ async def test_a_push_delayed_past_the_reorder_timeout_only_costs_a_resume(c, s,
     )
     ids = [r["update_id"] for r in (await dask_ftps.records(c))["global"]]
     assert sent["late"] > 3
+    assert sent["answered while held"] > 0, sent  # refused: nothing may pass a gap
     assert sent["pushes"] > result.minibatches  # some were refused and sent again
     assert len(ids) == len(set(ids)) == result.minibatches == result.version
 
