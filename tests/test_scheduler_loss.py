@@ -327,6 +327,31 @@ def _served(port: int, proc, timeout: float = 60) -> dict | None:
     pytest.fail("the scheduler neither served nor died")
 
 
+def _start_finished(port: int, proc, timeout: float = 60) -> bool:
+    """Whether a serving scheduler outlived its start's last file operation (its
+    clean-up task, the start's last writer of files, is done), or False once it
+    died: the condition, not a timer, that tells "past its last one"."""
+
+    def cleaning() -> bool:
+        return any(
+            t.get_name() == "ftps-cleanup" and not t.done() for t in asyncio.all_tasks()
+        )
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with Client(f"tcp://127.0.0.1:{port}", timeout=5) as client:
+                while client.run_on_scheduler(cleaning):
+                    time.sleep(0.05)
+        except Exception:  # noqa: BLE001 - it died meanwhile, or not yet answering
+            time.sleep(0.05)
+            continue
+        return proc.poll() is None
+    pytest.fail("the scheduler neither finished its start nor died")
+
+
 @pytest.mark.slow
 def test_a_preload_start_killed_anywhere_never_locks_the_store(tmp_path):
     """SIGKILL a restarting preload scheduler before each file its start writes or
@@ -344,13 +369,12 @@ def test_a_preload_start_killed_anywhere_never_locks_the_store(tmp_path):
         )
         (tmp_path / "run.zarr" / "ftps" / "log" / "x.1.partial").write_bytes(b"x")
         with scheduler(port, store, f".*:{k}") as proc:
-            _served(port, proc)  # it may serve before its clean-up is done
-            try:
-                proc.wait(3)  # died at its k-th file operation
-                killed += 1
-            except subprocess.TimeoutExpired:
+            # It may serve before its clean-up is done.
+            if _served(port, proc) is not None and _start_finished(port, proc):
                 proc.send_signal(signal.SIGKILL)
                 break  # past its last one
+            proc.wait(30)  # died at its k-th file operation
+            killed += 1
         for delay in [None, *rng.uniform(0.2, 1.5, size=1)]:
             with scheduler(port, store) as proc:
                 if delay is not None:  # a SIGKILL at a random moment of a start
