@@ -3,13 +3,16 @@
 Fault injection lives here, not in the library: nothing in dask_ftps imports
 this module. It offers
 
-- :func:`kill_at`: SIGKILL this process at the n-th write or deletion of a local
-  store's file whose path matches a pattern (the real file operations of
-  :class:`~dask_ftps._store._io.LocalIO`, wrapped);
+- :func:`kill_at`: SIGKILL (or SIGSTOP) this process at the n-th write or
+  deletion of a local store's file whose path matches a pattern (the real file
+  operations of :class:`~dask_ftps._store._io.LocalIO`, wrapped);
 - :func:`dask_setup`: the same as a scheduler preload, driven by the environment
-  variable ``DASK_FTPS_TESTING_KILL_AT="<regex>:<n>"``
-  (``dask scheduler --preload dask_ftps.testing ...``);
+  variables ``DASK_FTPS_TESTING_KILL_AT="<regex>:<n>"`` and
+  ``DASK_FTPS_TESTING_STOP_AT`` (``dask scheduler --preload dask_ftps.testing``);
 - :class:`KillingStore`: a Zarr store wrapper that dies at its n-th write;
+- :class:`PauseWrites`: a journal's writer paused before its n-th write step, on
+  any kind of store, until released (a stale owner);
+- :func:`start_preloaded`: a real scheduler started with the preload on a store;
 - :func:`store_objects` and :func:`damage`: every object of a local store by
   kind, and a bit flip, truncation or deletion of one.
 """
@@ -32,12 +35,14 @@ from dask_ftps._store import _io
 logger = logging.getLogger(__name__)
 
 KILL_ENV = "DASK_FTPS_TESTING_KILL_AT"
+STOP_ENV = "DASK_FTPS_TESTING_STOP_AT"
 DAMAGES = ("flip", "truncate", "delete")
 
 
-def kill_at(pattern: str, n: int) -> None:
-    """SIGKILL this process right before the ``n``-th local-store file operation
-    (a write or a deletion) whose path matches ``pattern`` (``re.search``)."""
+def kill_at(pattern: str, n: int, sig: int = signal.SIGKILL) -> None:
+    """Send this process ``sig`` (SIGKILL; SIGSTOP pauses it, a stale owner to
+    be) right before the ``n``-th local-store file operation (a write or a
+    deletion) whose path matches ``pattern`` (``re.search``)."""
     regex = re.compile(pattern)
     count = 0
     write, remove = _io.write_file, _io.remove_path
@@ -47,8 +52,9 @@ def kill_at(pattern: str, n: int) -> None:
         if regex.search(str(path)):
             count += 1
             if count == n:
-                logger.critical("dask_ftps.testing: SIGKILL before %s (%d)", path, n)
-                os.kill(os.getpid(), signal.SIGKILL)
+                name = signal.Signals(sig).name
+                logger.critical("dask_ftps.testing: %s before %s (%d)", name, path, n)
+                os.kill(os.getpid(), sig)
 
     def killing_write(path: Path, value: bytes, **kwargs: Any) -> None:
         check(path)
@@ -69,10 +75,97 @@ def parse_kill_at(spec: str) -> tuple[str, int]:
 
 
 def dask_setup(server: Any) -> None:
-    """Scheduler preload: arm :func:`kill_at` from ``DASK_FTPS_TESTING_KILL_AT``."""
-    spec = os.environ.get(KILL_ENV)
-    if spec:
-        kill_at(*parse_kill_at(spec))
+    """Scheduler preload: arm :func:`kill_at` from ``DASK_FTPS_TESTING_KILL_AT``
+    (SIGKILL) or ``DASK_FTPS_TESTING_STOP_AT`` (SIGSTOP)."""
+    for env, sig in ((KILL_ENV, signal.SIGKILL), (STOP_ENV, signal.SIGSTOP)):
+        spec = os.environ.get(env)
+        if spec:
+            kill_at(*parse_kill_at(spec), sig=sig)
+
+
+class PauseWrites:
+    """Pause a journal's store I/O right before its ``n``-th write step, until
+    :meth:`release`: a stale owner paused (a SIGSTOP, a hung VM) at one step of
+    a commit, a snapshot or a trim.
+
+    A step is one object written (each file of a local store, each PUT), one
+    exclusive create, or one deletion (a key or a folder). Works on every kind
+    of :class:`~dask_ftps._store._io.StoreIO` by patching the instance. With
+    ``n=None`` it only counts the steps (:attr:`steps`).
+    """
+
+    def __init__(self, io: Any, n: int | None) -> None:
+        import threading
+
+        self.n = n
+        self.steps = 0
+        self.paused_at = ""
+        self.reached = threading.Event()
+        self._released = threading.Event()
+        self._lock = threading.Lock()
+        self._patch(io)
+
+    def release(self) -> None:
+        self._released.set()
+
+    def _hit(self, what: str) -> bool:
+        with self._lock:
+            self.steps += 1
+            if self.steps != self.n:
+                return False
+            self.paused_at = what
+        self.reached.set()
+        return True
+
+    def _step(self, what: str) -> None:  # in a thread
+        if self._hit(what):
+            self._released.wait()
+
+    async def _astep(self, what: str) -> None:
+        import asyncio
+
+        if self._hit(what):
+            await asyncio.to_thread(self._released.wait)
+
+    def _patch(self, io: Any) -> None:
+        if isinstance(io, _io.LocalIO):
+            write_all, create = io._write_all, io._create
+
+            def gated_write_all(objects: Any) -> None:
+                for key, value in objects:
+                    self._step(f"write {key}")
+                    write_all([(key, value)])
+
+            def gated_create(key: str, value: bytes) -> bool:
+                self._step(f"create {key}")
+                return create(key, value)
+
+            io._write_all, io._create = gated_write_all, gated_create
+        else:
+            set_, put_new = io._set, io.put_new
+
+            async def gated_set(key: str, value: bytes) -> None:
+                await self._astep(f"write {key}")
+                await set_(key, value)
+
+            async def gated_put_new(key: str, value: bytes) -> bool:
+                await self._astep(f"create {key}")
+                return await put_new(key, value)
+
+            io._set, io.put_new = gated_set, gated_put_new
+        delete, delete_dirs = io.delete, io.delete_dirs
+
+        async def gated_delete(keys: Any) -> None:
+            for key in keys:
+                await self._astep(f"delete {key}")
+                await delete([key])
+
+        async def gated_delete_dirs(prefixes: Any) -> None:
+            for prefix in prefixes:
+                await self._astep(f"delete {prefix}/")
+                await delete_dirs([prefix])
+
+        io.delete, io.delete_dirs = gated_delete, gated_delete_dirs
 
 
 class KillingStore(WrapperStore):
@@ -206,15 +299,63 @@ def start_offline(path: str) -> tuple[int, Any]:
     return asyncio.run(start())
 
 
+def start_preloaded(
+    path: str, storage_options: dict | None = None
+) -> tuple[int, int, dict[str, np.ndarray]]:
+    """Start a real scheduler (in this process) with the preload, as
+    ``dask scheduler --preload dask_ftps.preload --ftps-store PATH`` does, and
+    close it once it serves: ``(incarnation, version, params)`` it served.
+
+    Raises
+    ------
+    StoreError
+        The error that stopped the scheduler's start (a damaged store).
+    LookupError
+        If the scheduler started without a server (the store holds no run).
+    """
+    import asyncio
+
+    from distributed import Scheduler
+
+    from dask_ftps._exceptions import StoreError
+
+    argv = ["--ftps-store", path]
+    if storage_options is not None:
+        argv += ["--ftps-storage-options", json.dumps(storage_options)]
+
+    async def start() -> tuple[int, int, dict[str, np.ndarray]]:
+        try:
+            async with Scheduler(
+                host="127.0.0.1",
+                port=0,
+                dashboard=False,
+                dashboard_address="127.0.0.1:0",
+                preload=["dask_ftps.preload"],
+                preload_argv=[argv],
+            ) as scheduler:
+                plugin = scheduler.plugins.get("ftps")
+                if plugin is None:
+                    raise LookupError(f"{path}: the scheduler serves no run")
+                state = plugin.server.state
+                params = {k: v.copy() for k, v in state.model.params.items()}
+                return int(state.incarnation), int(state.version), params
+        except RuntimeError as e:  # "Scheduler failed to start."
+            if isinstance(e.__cause__, StoreError):
+                raise e.__cause__ from None
+            raise
+
+    return asyncio.run(start())
+
+
 def _rebuild_offline(path: str, claim: bool) -> tuple[int, dict[str, np.ndarray]]:
-    """The model a store rebuilds to: read only (``recover``), or as a starting
-    server does it (:func:`start_offline`)."""
+    """The model a store rebuilds to: read only (``recover``), or as a scheduler
+    started with the preload does it (:func:`start_preloaded`)."""
     from dask_ftps import recover
 
     if not claim:
         return recover(path)
-    _, state = start_offline(path)
-    return int(state.version), state.model.params
+    _, version, params = start_preloaded(path)
+    return version, params
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -236,8 +377,9 @@ def damage_sweep(
     a rebuild makes of it.
 
     For each object and each damage, a fresh copy of ``store`` is damaged, then
-    rebuilt with :func:`dask_ftps.recover` and by a starting server (open,
-    rebuild, claim, clean-up). The outcome is
+    rebuilt with :func:`dask_ftps.recover` and by a real scheduler started with
+    the preload (:func:`start_preloaded`: open, rebuild, claim, clean-up, on the
+    path every restart takes). The outcome is
 
     - ``"detected"``: both refuse with :class:`~dask_ftps.StoreCorrupted` (or
       :class:`~dask_ftps.StoreFormatError`), and the refusing start changed no

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import sys
 import time
 
 # Before distributed.utils_test: its helpers reset dask's config to what it held
@@ -10,6 +11,7 @@ import time
 import dask_jobqueue  # noqa: F401
 import numpy as np
 import pytest
+from distributed.utils import open_port
 from distributed.utils_test import cleanup, loop, loop_in_thread  # noqa: F401
 from zarr.core.sync import sync
 
@@ -58,3 +60,35 @@ async def same_as_offline(c, store) -> tuple[int, dict]:
     for name, value in params.items():
         np.testing.assert_array_equal(offline[name], value)
     return version, params
+
+
+BUCKET = "ftps-test"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 with an empty bucket: its storage options
+    (skipped without moto and s3fs)."""
+    pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    from dask_ftps._processes import Process
+
+    port = open_port()
+    args = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    log = tmp_path_factory.mktemp("moto") / "moto.log"  # it logs every request
+    with Process(args, log):
+        options = {
+            "endpoint_url": f"http://127.0.0.1:{port}",
+            "key": "testing",
+            "secret": "testing",
+        }
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                s3fs.S3FileSystem(**options, skip_instance_cache=True).mkdir(BUCKET)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield options

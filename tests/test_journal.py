@@ -36,7 +36,8 @@ from dask_ftps._core import RunSpec, Update, UpdateKey
 from dask_ftps._recovery import rebuild
 from dask_ftps._server import snapshot_point
 from dask_ftps._state import ParameterServerState
-from dask_ftps._store import Journal, RunMeta, take_over
+from dask_ftps._store import Journal, RunMeta, resolve, take_over
+from dask_ftps._store._format import parse_root
 from dask_ftps.models import MLP, SoftmaxRegression
 from dask_ftps.testing import (
     DAMAGES,
@@ -339,6 +340,59 @@ def test_damage_to_any_object_is_detected_or_harmless_never_silent(tmp_path, how
     assert outcomes["payload", "detected"] > 0, outcomes
 
 
+def test_damage_to_a_snapshot_written_last_falls_back_exactly(tmp_path):
+    """The newest snapshot is the last object written (no commit after it): any
+    damage to one of its chunks is caught by its checksum, and recover() and a
+    start with the preload fall back to the snapshot before it plus replay, to
+    the same model."""
+    from dask_ftps.testing import start_preloaded
+
+    original = tmp_path / "original.zarr"
+    states = asyncio.run(scenario(str(original), keep=2))
+
+    async def snapshot_last() -> Path:
+        journal = await Journal.open(str(original))
+        state = (await rebuild(journal)).state
+        await journal.claim(ADDRESS)
+        await snapshot(journal, state, keep=2)
+        await journal.close()
+        return original / journal.head.body.array.key
+
+    newest = asyncio.run(snapshot_last())
+    expected = states[max(states)]
+    chunks = sorted(newest.glob("c.*"))
+    assert chunks
+    n_params = sum(v.size for v in expected[1].values())
+    cases = []
+    for chunk in chunks:
+        size = chunk.stat().st_size
+        # A bit of the first value, of a parameter, of the optimizer's state (the
+        # chunk holds both, parameters first), of the trailer; a truncation.
+        for byte in sorted({0, min(n_params * 2, size - 5), size - 8, size - 2}):
+            cases.append((chunk, byte))
+        cases.append((chunk, None))
+    for chunk, byte in cases:
+        copy = tmp_path / "damaged.zarr"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(original, copy)
+        target = copy / chunk.relative_to(original)
+        raw = bytearray(target.read_bytes())
+        if byte is None:
+            del raw[-7:]
+        else:
+            raw[byte] ^= 0x40
+        target.write_bytes(bytes(raw))
+        done = f"{chunk.name}: {'truncated' if byte is None else f'byte {byte}'}"
+        _, state = reopen(str(copy))  # parameters and optimizer state
+        assert_state(state, expected)
+        got_version, got = dask_ftps.recover(str(copy))
+        _, started_version, started = start_preloaded(str(copy))
+        assert got_version == started_version == expected[0], done
+        for name, value in expected[1].items():
+            np.testing.assert_array_equal(got[name], value, err_msg=done)
+            np.testing.assert_array_equal(started[name], value, err_msg=done)
+
+
 def test_a_changed_digit_in_the_newest_record_changes_nothing_and_deletes_nothing(
     tmp_path,
 ):
@@ -484,6 +538,51 @@ def test_a_root_group_that_differs_from_the_log_is_rewritten_from_it(tmp_path):
     assert (path / "zarr.json").read_bytes() == original
 
 
+def test_every_bit_flip_of_the_root_description_still_starts(tmp_path):
+    """The root group's zarr.json is a copy of the log's description: whatever
+    single bit of it flips (some flips make it look like another program's),
+    the start path reads the log's copy, and a real scheduler started with the
+    preload serves the run and rewrites the root."""
+    from dask_ftps.preload import holds_run
+    from dask_ftps.testing import start_preloaded
+
+    path = tmp_path / "run.zarr"
+    states = asyncio.run(scenario(str(path)))
+    root = path / "zarr.json"
+    original = root.read_bytes()
+    expected = parse_root(original)
+
+    async def sweep() -> dict[str, list[int]]:
+        verdicts: dict[str, list[int]] = {}
+        for bit in range(8 * len(original)):
+            flipped = bytearray(original)
+            flipped[bit // 8] ^= 1 << (bit % 8)
+            root.write_bytes(bytes(flipped))
+            try:
+                parse_root(bytes(flipped))
+                verdict = "still valid"
+            except (StoreCorrupted, StoreFormatError) as e:
+                verdict = type(e).__name__
+            verdicts.setdefault(verdict, []).append(bit)
+            assert await holds_run(str(path)), bit
+            io = resolve(str(path), read_only=True)
+            assert await Journal.read_meta(io) == expected, bit
+        root.write_bytes(original)
+        return verdicts
+
+    verdicts = asyncio.run(sweep())
+    # The class that blocked restarts is in the sweep, and flips of zarr's own
+    # fields, which the checksum does not cover.
+    assert verdicts.keys() == {"StoreFormatError", "StoreCorrupted", "still valid"}
+    version = states[max(states)][0]
+    for bit in [v[len(v) // 2] for v in verdicts.values()]:
+        flipped = bytearray(original)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        root.write_bytes(bytes(flipped))
+        assert start_preloaded(str(path))[1] == version
+        assert root.read_bytes() == original  # rewritten from the log's copy
+
+
 @pytest.mark.parametrize("kind", ["path", "file-url", "local-store", "memory-store"])
 def test_any_zarr_store(tmp_path, kind):
     """A path, a file:// URL, a LocalStore and a MemoryStore hold a run alike."""
@@ -570,6 +669,16 @@ def test_storage_stays_bounded_over_a_long_run(tmp_path):
             await commit(journal, state, [Update(UpdateKey(0, 0, 0, i), "w", grads)])
             if state.version % 25 == 0:
                 await snapshot(journal, state, keep=1)
+                # Exactly the kept snapshot's array, and no payload below it.
+                arrays = [
+                    p for p in os.listdir(Path(path) / "snapshots") if p != "zarr.json"
+                ]
+                assert len(arrays) == 1, (i, arrays)
+                floor = journal.snapshots()[0].body.first_serial
+                payloads = [
+                    p for p in os.listdir(Path(path) / "data") if p != "zarr.json"
+                ]
+                assert all(int(p.split(".")[0]) >= floor for p in payloads), i
             if i % 100 == 99:
                 files.append(sum(len(f) for _, _, f in os.walk(path)))
         await journal.close()

@@ -3,7 +3,6 @@ scheduler SIGKILLed and restarted with the preload and storage options."""
 
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
@@ -13,8 +12,8 @@ from distributed.utils import open_port
 
 import dask_ftps
 from dask_ftps import SGD, ParameterServer
-from dask_ftps._processes import Process
 
+from .conftest import BUCKET
 from .test_scheduler_loss import (
     MODEL,
     expected_ids,
@@ -29,33 +28,6 @@ from .test_scheduler_loss import (
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
-BUCKET = "ftps-test"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on 127.0.0.1 with an empty bucket: its storage options."""
-    import s3fs
-
-    port = open_port()
-    args = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    log = tmp_path_factory.mktemp("moto") / "moto.log"  # it logs every request
-    with Process(args, log):
-        options = {
-            "endpoint_url": f"http://127.0.0.1:{port}",
-            "key": "testing",
-            "secret": "testing",
-        }
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                s3fs.S3FileSystem(**options, skip_instance_cache=True).mkdir(BUCKET)
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-        yield options
 
 
 def test_an_s3_url_or_store_object_holds_the_run_across_a_scheduler_kill(s3):

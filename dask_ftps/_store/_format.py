@@ -51,7 +51,9 @@ COMMIT_CHUNK_KEY = "c.0.0"
 _SERIAL_DIGITS = 16
 _LOG_KEY = re.compile(rf"^{LOG_PREFIX}(\d{{{_SERIAL_DIGITS}}})$")
 _SNAPSHOT_DIR = re.compile(rf"^{SNAPSHOT_PREFIX}v(\d{{12}})\.([0-9a-f]+)$")
-_DATA_DIR = re.compile(rf"^{DATA_PREFIX}(\d{{{_SERIAL_DIGITS}}})\.([0-9a-f]+)/")
+_DATA_DIR = re.compile(
+    rf"^{DATA_PREFIX}(\d{{{_SERIAL_DIGITS}}})\.([0-9a-f]+)(?:-[1-9]\d*)?/"
+)
 
 Row = tuple[int, int, int, int, str, int]  # run, epoch, shard, step, worker, version
 
@@ -114,9 +116,13 @@ def parse_log_key(key: str) -> int | None:
     return None if match is None else int(match.group(1))
 
 
-def data_dir(serial: int, writer: str) -> str:
-    """Folder of a commit's payload array: unique to the serial and its writer."""
-    return f"{DATA_PREFIX}{serial:0{_SERIAL_DIGITS}d}.{writer}"
+def data_dir(serial: int, writer: str, attempt: int = 0) -> str:
+    """Folder of a commit's payload array: unique to the serial, its writer and
+    the writer's attempt at that serial (``-<attempt>`` after the first: a
+    failed attempt's array may have been adopted by a later owner, so it is
+    never written again)."""
+    suffix = f"-{attempt}" if attempt else ""
+    return f"{DATA_PREFIX}{serial:0{_SERIAL_DIGITS}d}.{writer}{suffix}"
 
 
 def parse_data_key(key: str) -> tuple[int, str] | None:
@@ -208,11 +214,6 @@ def group_document() -> bytes:
 def parse_root(raw: bytes) -> RunMeta:
     attrs = checked_attrs(raw, ROOT_KEY)
     return RunMeta.from_json(attrs)
-
-
-def root_version(raw: bytes) -> object:
-    """The format version a (checked) root ``zarr.json`` says."""
-    return checked_attrs(raw, ROOT_KEY).get("format_version")
 
 
 def checked_attrs(raw: bytes, key: str) -> dict:

@@ -9,6 +9,12 @@ server writes (a commit's payload array, a snapshot) has a name of its own
 what the log holds. It deletes only what lies below the oldest snapshot it
 published itself, which no later owner reads.
 
+No writer deletes what another writer may hold: a commit whose record create
+fails (fenced, or the store failed) leaves its payload array in place. A start
+that read the store while that writer was paused may have adopted the array
+into its log already; only the owner of the log (a start's clean-up, a trim
+below a snapshot) deletes payload arrays no record names.
+
 Records below the oldest snapshot kept are deleted, except claims: a replaced
 server's next record is always at the serial of the claim that replaced it.
 
@@ -47,7 +53,6 @@ from dask_ftps._layout import DENSE, Layout
 from dask_ftps._store._format import (
     COMMIT_CHUNK_KEY,
     DATA_PREFIX,
-    FORMAT_VERSION,
     GROUP_KEYS,
     LOG_PREFIX,
     ROOT_KEY,
@@ -80,7 +85,6 @@ from dask_ftps._store._format import (
     parse_snapshot_dir,
     record_from_attributes,
     root_document,
-    root_version,
     seal_chunk,
     snapshot_dir,
 )
@@ -147,6 +151,9 @@ class Journal:
         self.writer: str | None = None
         self.claim_serial: int | None = None
         self._partial_removed = 0
+        #: ``(serial, n)``: the next commit at ``serial`` is this writer's n-th
+        #: attempt there (its earlier arrays may be held by a later owner).
+        self._attempt = (-1, 0)
         params = meta.model.init_params()
         self.params_layout = Layout.of(params)
         self.state_layout = Layout.of(meta.optimizer.init_state(params))
@@ -256,13 +263,14 @@ class Journal:
     @classmethod
     async def read_meta(cls, io: StoreIO) -> RunMeta | None:
         """The run a store holds (None if none): the root group's description,
-        or, if that is missing or damaged, the log's."""
+        or, if that is missing or damaged in any way (a flipped bit can also make
+        it look like another program's), the log's copy."""
         raw = await io.get(ROOT_KEY)
         if raw is not None and await io.list_dir(LOG_PREFIX):
             try:
                 return parse_root(raw)
-            except StoreCorrupted:
-                pass
+            except (StoreCorrupted, StoreFormatError) as e:
+                logger.warning("%s: %s; reading the log's copy", io, e)
         journal = await cls.open_io(io)
         return None if journal is None else journal.meta
 
@@ -612,7 +620,8 @@ class Journal:
             )
             seq = self.committed
             layout = self.params_layout
-            folder = data_dir(serial, writer)
+            attempt = self._attempt[1] if self._attempt[0] == serial else 0
+            folder = data_dir(serial, writer, attempt)
             built: dict[str, Any] = {}
 
             def build():
@@ -645,18 +654,15 @@ class Journal:
                 ]
                 return objects, log_key(serial), built["raw"]
 
+            # A failed commit leaves its payload array where it is: a start that
+            # read the store while this writer was paused may have adopted it
+            # into its log, and a writer cannot know it was not (see the module's
+            # docstring). An array no record names is deleted by the owner's
+            # start or trims; this writer's next commit at ``serial`` replaces it.
             try:
                 await self._write_record(build, built, serial)
-            except (Fenced, NotDurable) as e:
-                # Not part of the log: its payload array must not be adopted later
-                # (a refused batch, or a fenced writer's late attempt).
-                try:
-                    await self.io.delete_dirs([folder])
-                except Exception as cleanup:  # noqa: BLE001 - reported
-                    raise FTPSError(
-                        f"{self.io}: commit {serial} was not written ({e}) and its "
-                        f"payload array {folder} cannot be removed ({cleanup!r})"
-                    ) from e
+            except BaseException:
+                self._attempt = (serial, attempt + 1)
                 raise
             return built["record"]
 
@@ -892,7 +898,11 @@ class Journal:
                 and serial <= self.claim_serial
             ):
                 record = self.records.get(serial)
-                if record is None or record.writer != writer or record.kind != "commit":
+                if (
+                    record is None
+                    or record.kind != "commit"
+                    or record.body.data.key != f"{DATA_PREFIX}{name}"
+                ):
                     payloads.append(f"{DATA_PREFIX}{name}")
         arrays = {
             r.body.array.key: r.serial
@@ -980,19 +990,24 @@ async def _substitute_from_payloads(
     for serial in sorted(data_dirs):
         if serial in records or serial > head or serial < low:
             continue
-        for folder in data_dirs[serial]:
-            record = await _commit_in_payloads(io, folder, serial)
-            if record is not None:
-                records[serial] = record
-                error = damaged.get(serial)
-                logger.warning(
-                    "%s: log record %d is %s; its copy in %s/zarr.json serves",
-                    io,
-                    serial,
-                    "damaged" if error else "missing",
-                    folder,
-                )
-                break
+        found = [
+            r
+            for r in [await _commit_in_payloads(io, f, serial) for f in data_dirs[serial]]
+            if r is not None
+        ]
+        # A writer's failed attempts at this serial are complete arrays too: the
+        # one the next record chains to is the one the log held.
+        after = records.get(serial + 1)
+        found.sort(key=lambda r: after is None or r.crc != after.prev)
+        if found:
+            records[serial] = found[0]
+            logger.warning(
+                "%s: log record %d is %s; its copy in %s/zarr.json serves",
+                io,
+                serial,
+                "damaged" if serial in damaged else "missing",
+                found[0].body.data.key,
+            )
 
 
 async def _adoptable(
@@ -1049,8 +1064,9 @@ def _run_meta(
             io, ROOT_KEY, "missing" if root is None else "not the log's",
         )  # fmt: skip
         return meta, False
-    # An earlier version's root: the next start writes this version's.
-    return meta, root_version(raw_root) == FORMAT_VERSION
+    # An earlier version's root, or damage outside the checked attributes (zarr's
+    # own fields): the next start writes the root again.
+    return meta, raw_root == root_document(meta)
 
 
 def _previous_commit(records: dict[int, Record], serial: int) -> Record | None:
