@@ -29,7 +29,6 @@ pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
 
-
 def test_an_s3_url_or_store_object_holds_the_run_across_a_scheduler_kill(s3):
     from zarr.storage import FsspecStore
 

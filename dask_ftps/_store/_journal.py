@@ -992,7 +992,9 @@ async def _substitute_from_payloads(
             continue
         found = [
             r
-            for r in [await _commit_in_payloads(io, f, serial) for f in data_dirs[serial]]
+            for r in [
+                await _commit_in_payloads(io, f, serial) for f in data_dirs[serial]
+            ]
             if r is not None
         ]
         # A writer's failed attempts at this serial are complete arrays too: the
