@@ -185,7 +185,7 @@ class _Driver(threading.Thread):
                     batch_size=BATCH_SIZE, progress=False,
                     run_name=f"chaos-{self.run_index}",
                 )  # fmt: skip
-            except BaseException as e:  # noqa: BLE001 - the scheduler died: see _Harness
+            except BaseException as e:  # noqa: BLE001 - its scheduler died: _Harness
                 logger.info("run chaos-%d ended: %r", self.run_index, e)
                 self.error = e
                 return

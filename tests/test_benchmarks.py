@@ -92,9 +92,8 @@ def check_checkpoint_loss(doc: dict) -> None:
     ]
     (kill,) = [e for e in run["events"] if e["kind"] == "scheduler"]
     assert kill["version"] >= run["kill_version"]
-    saved = max(
-        [0] + [c["version"] for c in run["checkpoints"] if c["version"] <= kill["version"]]
-    )
+    taken = [c["version"] for c in run["checkpoints"]]
+    saved = max([0] + [v for v in taken if v <= kill["version"]])
     assert kill["recovered_version"] == saved, (kill, run["checkpoints"])
     lost = rows["checkpoint", "scheduler-loss"]["lost_updates"]
     assert lost == run["lost_updates"][0] == kill["version"] - saved
