@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import ast
 import asyncio
 import functools
 import os
 import sys
+import threading
 import time
 
 # Before distributed.utils_test: its helpers reset dask's config to what it held
@@ -14,6 +16,18 @@ import pytest
 from distributed.utils import open_port
 from distributed.utils_test import cleanup, loop, loop_in_thread  # noqa: F401
 from zarr.core.sync import sync
+
+if (3, 11) <= sys.version_info < (3, 11, 8) or (3, 12) <= sys.version_info < (3, 12, 2):
+    # CPython gh-106905: ast.parse's recursion-depth bookkeeping races between
+    # threads ("SystemError: AST constructor recursion depth mismatch"); pytest's
+    # assertion rewriting and hypothesis parse while our tests run threads.
+    _ast_parse, _ast_lock = ast.parse, threading.RLock()
+
+    def _locked_parse(*args, **kwargs):
+        with _ast_lock:
+            return _ast_parse(*args, **kwargs)
+
+    ast.parse = _locked_parse
 
 
 def _start_zarr_threads() -> None:
