@@ -80,7 +80,12 @@ def _gradient(model: Any, batch: int, update_format: str, seed: int) -> dict:
 
 
 def _push_loop(
-    model: Any, run: int, shard: int, batch: int, update_format: str, n_steps: int
+    model: Any,
+    run: tuple[str, int],
+    shard: int,
+    batch: int,
+    update_format: str,
+    n_steps: int,
 ) -> dict:
     """On a worker: pull once, then push one gradient ``n_steps`` times."""
     from dask_ftps import UpdateKey
@@ -89,12 +94,13 @@ def _push_loop(
 
     plugin = get_worker_plugin()
     grads = _gradient(model, batch, update_format, seed=shard)
-    incarnation = plugin.pull(run, shard, 0, 0).incarnation
+    server, run = run  # every message of a run names its server
+    incarnation = plugin.pull(run, shard, 0, 0, server=server).incarnation
 
     def send(step: int) -> Any:
         nxt = (0, step + 1) if step + 1 < n_steps else None
         return plugin.push_async(
-            UpdateKey(run, 0, shard, step), grads, incarnation, nxt
+            UpdateKey(run, 0, shard, step), grads, incarnation, nxt, server=server
         )
 
     return {**_windowed(send, n_steps, 0, 1), "nbytes": update_nbytes(grads)}
@@ -130,7 +136,8 @@ def measure(
     )
     spec = RunSpec((n_steps * batch,) * len(workers), batch_size=batch, epochs=1)
     reply = client.sync(client.scheduler.ftps_begin_run, spec=spec.to_dict(), name="")
-    run = check_reply(reply, "ftps_begin_run")["run"]
+    begun = check_reply(reply, "ftps_begin_run")
+    run = (begun["server_id"], begun["run"])
     before = cpu_snapshot()
     t0 = time.perf_counter()
     futures = [

@@ -107,6 +107,7 @@ async def _push_updates(address: str, model: Any, store: str, point: Point) -> d
         for step in range(point.updates):
             check_reply(
                 await client.scheduler.ftps_push(
+                    server_id=begun["server_id"],
                     worker="bench-driver",
                     update_id=f"{begun['run']}:0:0:{step}",
                     grads=grads,

@@ -138,7 +138,12 @@ def _echo_loop(
 
 
 def _ps_loop(
-    model: Any, run: int, shard: int, n_steps: int, warmup: int, inflight: int = 1
+    model: Any,
+    run: tuple[str, int],
+    shard: int,
+    n_steps: int,
+    warmup: int,
+    inflight: int = 1,
 ) -> dict:
     """(b), (c) on a worker: pull once, then push with ``next_step`` like
     ``_train_shard`` (the same window of unacknowledged pushes), with a fixed
@@ -148,25 +153,29 @@ def _ps_loop(
 
     plugin = get_worker_plugin()
     grads = fixed_grads(model, seed=shard)
-    incarnation = plugin.pull(run, shard, 0, 0).incarnation
+    server, run = run  # every message of a run names its server
+    incarnation = plugin.pull(run, shard, 0, 0, server=server).incarnation
 
     def send(step: int) -> Any:
         nxt = (0, step + 1) if step + 1 < n_steps else None
         return plugin.push_async(
-            UpdateKey(run, 0, shard, step), grads, incarnation, nxt
+            UpdateKey(run, 0, shard, step), grads, incarnation, nxt, server=server
         )
 
     return _windowed(send, n_steps, warmup, inflight)
 
 
-def _begin_run(client: Any, n_workers: int, n_steps: int, name: str = "") -> int:
-    """A run of ``n_steps`` per worker; runs are known by name and spec, so one
-    more of the same spec needs another ``name``."""
+def _begin_run(
+    client: Any, n_workers: int, n_steps: int, name: str = ""
+) -> tuple[str, int]:
+    """A run of ``n_steps`` per worker, as ``(server id, run)``; runs are known by
+    name and spec, so one more of the same spec needs another ``name``."""
     from dask_ftps._core import RunSpec, check_reply
 
     spec = RunSpec((n_steps,) * n_workers, batch_size=1, epochs=1, seed=0)
     reply = client.sync(client.scheduler.ftps_begin_run, spec=spec.to_dict(), name=name)
-    return check_reply(reply, "ftps_begin_run")["run"]
+    begun = check_reply(reply, "ftps_begin_run")
+    return begun["server_id"], begun["run"]
 
 
 def measure(

@@ -17,6 +17,12 @@ UpdateId = NewType("UpdateId", str)
 WorkerId = NewType("WorkerId", str)
 Version = NewType("Version", int)
 RunId = NewType("RunId", int)
+#: The server a run belongs to: a store's persisted run id (the same across
+#: scheduler restarts, so that a rebuilt server goes on with its runs), or a
+#: memory-only server's own random id (a new one at each start).
+ServerId = NewType("ServerId", str)
+#: A ``train()`` call that holds a run: ``"<Dask client id>/<call token>"``.
+Holder = NewType("Holder", str)
 
 #: Longest worker id (or run name) the server accepts.
 MAX_WORKER_LENGTH = 512
@@ -176,6 +182,25 @@ class ModelVersion:
     version: Version
     params: dict[str, np.ndarray]
     opt_state: dict[str, np.ndarray]
+
+
+def field_server(value: object, op: str) -> ServerId:
+    """The ``server_id`` field every message of a run carries (as
+    ``ftps_begin_run`` answered it): a short non-empty string."""
+    from dask_ftps._exceptions import ServerReplaced
+
+    if value is None:
+        raise InvalidRequest(
+            f"{op} must name the server_id its run began on (ftps_begin_run answers it)"
+        )
+    if not isinstance(value, str) or not 0 < len(value) <= 128:
+        raise ServerReplaced(f"{op}: server_id {value!r:.80} names no server")
+    return ServerId(value)
+
+
+def holder_client(holder: str) -> str:
+    """The Dask client id of a run's holder."""
+    return holder.rpartition("/")[0]
 
 
 class OKMessage(TypedDict):

@@ -8,6 +8,8 @@
     ├── InvalidRequest (ValueError)       a request with bad arguments
     ├── DuplicateUpdate                   an update id accepted before
     ├── StaleIncarnation                  a message from another server incarnation
+    ├── ServerReplaced                    a message naming a server or run not served here
+    ├── RunInUse                          another live train() trains that run (or server)
     ├── SpecMismatch (ValueError)         a model/optimizer/mode other than the store's
     ├── NotRegistered (RuntimeError)      no ParameterServer on the scheduler
     ├── SchedulerLost (ConnectionError)   train() lost its scheduler: call it again
@@ -50,6 +52,29 @@ class OutOfOrder(InvalidUpdate):
 
 class StaleIncarnation(FTPSError):
     """A message from an older (or another) parameter-server incarnation."""
+
+
+class ServerReplaced(FTPSError):
+    """A message names a server or run that the scheduler does not serve.
+
+    Every push, pull and request of a run names the server it began on (the
+    store's run id, or a memory-only server's own id) and the run's number: a
+    message of a run whose server was replaced by another one (a fresh
+    memory-only server, another store's) is refused before it changes anything,
+    so that runs of different servers can never mix. ``train()`` raises it when
+    its server was replaced while it trained.
+    """
+
+
+class RunInUse(FTPSError):
+    """Another ``train()``, of a client still connected to the scheduler, is
+    training the run (or the server) a request would take over.
+
+    Two calls training at once would merge each other's updates into one model:
+    the later one is refused before it sends any. Wait for the other to end,
+    give another ``run_name`` (a new run on the same model needs the other's to
+    end first), or use another scheduler.
+    """
 
 
 class SpecMismatch(FTPSError, ValueError):

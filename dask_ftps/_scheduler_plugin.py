@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ from dask_ftps._core import (
     MAX_COUNT,
     MAX_EPOCHS,
     MODES,
+    Holder,
     Mode,
     ModelMessage,
     ModelVersion,
@@ -41,8 +43,10 @@ from dask_ftps._core import (
     WorkerId,
     download_entries,
     field_int,
+    field_server,
     field_step,
     field_str,
+    holder_client,
 )
 from dask_ftps._dashboard import Tracker
 from dask_ftps._exceptions import (
@@ -50,6 +54,7 @@ from dask_ftps._exceptions import (
     InvalidRequest,
     InvalidUpdate,
     NotRegistered,
+    RunInUse,
     StaleIncarnation,
 )
 from dask_ftps._recovery import Rebuilt, rebuild
@@ -131,6 +136,9 @@ class ParameterServer(SchedulerPlugin):
         At registration, if another live server writes the store.
     StoreCorrupted
         At registration, if the store cannot be rebuilt exactly.
+    RunInUse
+        At registration, if the server it would replace trains a run for a
+        client still connected (and the new server is not on that run's store).
 
     Examples
     --------
@@ -196,6 +204,9 @@ class ParameterServer(SchedulerPlugin):
         self.staleness = staleness
         self.snapshot_every = snapshot_every
         self.durable = durable
+        #: This object's own id, drawn where it was made (the client): whoever
+        #: registered it can tell whether the scheduler still serves it.
+        self.registration = uuid.uuid4().hex
         self._server: Server | None = None
 
     def __getstate__(self) -> dict:
@@ -207,6 +218,7 @@ class ParameterServer(SchedulerPlugin):
             "ftps_begin_run": self.begin_run,
             "ftps_find_run": self.find_run,
             "ftps_end_epoch": self.end_epoch,
+            "ftps_end_run": self.end_run,
             "ftps_next_step": self.next_step,
             "ftps_pull": self.pull,
             "ftps_push": self.push,
@@ -265,6 +277,7 @@ class ParameterServer(SchedulerPlugin):
         )
         if self.store is None:
             if old_server is not None:
+                self._check_replaceable(old_server)
                 await old_server.retire("replaced")
             server = Server(self._fresh_state(self._meta()), None, settings)
         else:
@@ -366,11 +379,59 @@ class ParameterServer(SchedulerPlugin):
 
     # -- handlers: every field is checked here, before anything changes ---------
 
+    def _check_replaceable(self, old: Server) -> None:
+        """Refuse to replace a server whose run a connected client trains now:
+        its updates would go nowhere (or, without run identities, into this
+        server's model)."""
+        clients = self.scheduler.clients
+        run = old.state.held(lambda holder: holder_client(holder) in clients)
+        if run is not None:
+            raise RunInUse(
+                f"the scheduler's parameter server is training run {run.run} "
+                f"({run.name!r}) for client {holder_client(run.holder)!r}, which is "
+                "still connected: a new server would end that run. Wait for its "
+                "train() to end (or close that client), or use another scheduler"
+            )
+
     @_replies_errors
-    async def begin_run(self, spec: object, name: object = "") -> dict:
+    async def begin_run(
+        self,
+        spec: object,
+        name: object = "",
+        holder: object = None,
+        live: object = (),
+        server_id: object = None,
+    ) -> dict:
+        """Begin or find a run. ``holder`` (``"<client id>/<token>"``) names the
+        ``train()`` call, ``live`` the calls of the same client still running,
+        ``server_id`` the server the caller expects (from ``ftps_status``)."""
         run_spec = RunSpec.from_dict(spec)
         run_name = field_str("name", name)
-        return await self.server.begin_run(run_spec, run_name)
+        caller = None if holder is None else Holder(field_str("holder", holder))
+        if not isinstance(live, list | tuple) or len(live) > 10_000:
+            raise InvalidRequest("live must be a list of holders")
+        mine = {field_str("a live holder", h) for h in live}
+        expect = None if server_id is None else field_server(server_id, "begin_run")
+        clients = self.scheduler.clients
+        own = None if caller is None else holder_client(caller)
+
+        def alive(other: Holder) -> bool:
+            client = holder_client(other)
+            if client == own:  # the caller's client says which of its calls live
+                return other in mine
+            return client in clients
+
+        return await self.server.begin_run(run_spec, run_name, caller, alive, expect)
+
+    @_replies_errors
+    async def end_run(self, server_id: object, run: object, holder: object) -> dict:
+        """The ``train()`` call ``holder`` ended: it holds ``run`` no more."""
+        server = self.server
+        server.check_server(field_server(server_id, "end_run"), "the run")
+        return server.release(
+            field_int("run", run, maximum=MAX_COUNT),
+            Holder(field_str("holder", holder)),
+        )
 
     @_replies_errors
     async def find_run(
@@ -390,7 +451,10 @@ class ParameterServer(SchedulerPlugin):
         )
 
     @_replies_errors
-    async def end_epoch(self, run: object, epoch: object, values: object) -> dict:
+    async def end_epoch(
+        self, run: object, epoch: object, values: object, server_id: object = None
+    ) -> dict:
+        self.server.check_server(field_server(server_id, "end_epoch"), f"run {run}")
         return await self.server.end_epoch(
             field_int("run", run, maximum=MAX_COUNT),
             field_int("epoch", epoch, maximum=MAX_EPOCHS),
@@ -398,7 +462,10 @@ class ParameterServer(SchedulerPlugin):
         )
 
     @_replies_errors
-    async def next_step(self, run: object, shard: object) -> dict:
+    async def next_step(
+        self, run: object, shard: object, server_id: object = None
+    ) -> dict:
+        self.server.check_server(field_server(server_id, "next_step"), f"run {run}")
         return await self.server.next_step(
             field_int("run", run, maximum=MAX_COUNT),
             field_int("shard", shard, maximum=MAX_COUNT),
@@ -414,7 +481,9 @@ class ParameterServer(SchedulerPlugin):
         step: object,
         have_version: object = -1,
         have_server: object = None,
+        server_id: object = None,
     ) -> ModelMessage:
+        self.server.check_server(field_server(server_id, "pull"), f"run {run}")
         return await self.server.pull(
             WorkerId(check_worker(worker, InvalidRequest)),
             field_int("run", run, maximum=MAX_COUNT),
@@ -435,10 +504,15 @@ class ParameterServer(SchedulerPlugin):
         next_step: object = None,
         have_version: object = -1,
         have_server: object = None,
+        server_id: object = None,
     ) -> ModelMessage:
         """Accept one update once it is durable; with ``next_step``, answer with
-        the model for that step."""
+        the model for that step. ``server_id`` names the server the update's run
+        began on: an update of another server's run is refused first."""
         server = self.server
+        server.check_server(
+            field_server(server_id, "push"), f"update {str(update_id)[:40]!r}"
+        )
         if not isinstance(incarnation, int) or isinstance(incarnation, bool):
             raise StaleIncarnation(f"message from incarnation {incarnation!r:.40}")
         update = Update(
@@ -464,6 +538,7 @@ class ParameterServer(SchedulerPlugin):
         workers = self.scheduler.workers
         reply["workers"] = sorted(workers)
         reply["nthreads"] = sum(ws.nthreads for ws in workers.values())
+        reply["registration"] = self.registration
         return reply
 
     @_replies_errors
@@ -525,6 +600,10 @@ class ParameterServer(SchedulerPlugin):
         elif self.model is None:
             raise FTPSError(f"the store {io} holds no run to resume: give a model")
         if old_server is not None:
+            if existing is None or existing.run_id != old_server.server_id:
+                # Another store's server: the runs of the old one end here. (The
+                # same store's goes on with them: a rebuild, not a replacement.)
+                self._check_replaceable(old_server)
             await old_server.retire("replaced")
 
         async def open_journal() -> Journal:

@@ -22,9 +22,11 @@ from distributed.protocol.serialize import ToPickle
 from distributed.utils import offload
 
 from dask_ftps._core import (
+    Holder,
     ModelMessage,
     ModelVersion,
     RunSpec,
+    ServerId,
     Update,
     UpdateId,
     Version,
@@ -36,6 +38,7 @@ from dask_ftps._exceptions import (
     FTPSError,
     InvalidUpdate,
     NotDurable,
+    ServerReplaced,
     StaleIncarnation,
     Voided,
     WaitTimeout,
@@ -137,6 +140,10 @@ class Server:
         self.description = description
         self.identity = uuid.uuid4().hex
         self.run_id = None if journal is None else journal.meta.run_id
+        #: What every message of a run names: the store's run id (a rebuilt
+        #: server goes on with the runs its store holds), else this object's own
+        #: id (a fresh memory-only server shares no run with another).
+        self.server_id = ServerId(self.run_id or self.identity)
         self.published: ModelVersion = state.model
         #: Called with a dict for each run started, snapshot and refusal (the
         #: plugin logs them as events on the scheduler's ``ftps`` topic).
@@ -170,12 +177,33 @@ class Server:
 
     # -- requests ---------------------------------------------------------------
 
-    async def begin_run(self, spec: RunSpec, name: str) -> dict:
+    def check_server(self, server_id: ServerId | None, what: str = "a run") -> None:
+        """Refuse a message of another server's run (one this server replaced)."""
+        if server_id is not None and server_id != self.server_id:
+            raise ServerReplaced(
+                f"{what} of server {server_id[:12]!r} is not served here: the "
+                f"scheduler's parameter server is now {self.server_id[:12]!r} (it "
+                "was replaced by a fresh memory-only server or another store's); "
+                "that run cannot go on here. Register a server on the run's store "
+                "to resume it, or call train() again to train on this server"
+            )
+
+    async def begin_run(
+        self,
+        spec: RunSpec,
+        name: str,
+        holder: Holder | None = None,
+        alive: Callable[[Holder], bool] = lambda holder: False,
+        expect: ServerId | None = None,
+    ) -> dict:
+        """Begin (or find) the run ``name`` with ``spec`` for ``holder``; with
+        ``expect``, only if this server is still the one the caller asked."""
+        self.check_server(expect, "the run to begin")
         async with self._quiet():
             self.check_healthy()
             mark = self.state.mark()
             runs = len(self.state.runs)
-            run = self.state.begin_run(spec, name)
+            run = self.state.begin_run(spec, name, holder, alive)
             created = len(self.state.runs) > runs
             if created and self.journal is not None:
                 try:
@@ -212,6 +240,7 @@ class Server:
         return {
             "status": "OK",
             "run": int(run.run),
+            "server_id": self.server_id,
             "base_version": int(run.base_version),
             "incarnation": self.state.incarnation,
             "finished": run.finished,
@@ -219,6 +248,11 @@ class Server:
             "history": [run.history[e] for e in sorted(run.history)],
             "version": int(self.published.version),
         }
+
+    def release(self, run: int, holder: Holder) -> dict:
+        """``holder`` ended: it no longer trains ``run``."""
+        self.state.release(run, holder)
+        return {"status": "OK"}
 
     def find_run(
         self, name: str, n_samples: int, batch_size: int, epochs: int, seed: int
@@ -319,6 +353,7 @@ class Server:
             "version": int(self.published.version),
             "store": self.description,
             "run_id": self.run_id,
+            "server_id": self.server_id,
             "failed": None if self._failed is None else str(self._failed),
             "snapshots": []
             if self.journal is None

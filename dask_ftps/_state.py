@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ import numpy as np
 from dask_ftps._core import (
     MAX_WORKER_LENGTH,
     MODES,
+    Holder,
     Mode,
     ModelVersion,
     RunId,
@@ -37,6 +39,8 @@ from dask_ftps._exceptions import (
     InvalidRequest,
     InvalidUpdate,
     OutOfOrder,
+    RunInUse,
+    SpecMismatch,
     StaleIncarnation,
 )
 from dask_ftps._factored import Factored, densify, update_nbytes
@@ -51,7 +55,9 @@ class RunState:
     """Progress of one training run: a clock position per shard.
 
     A run is known by its ``name`` and ``spec``: :meth:`ParameterServerState.begin_run`
-    with both the same returns it, finished or not.
+    with both the same returns it, finished or not. ``holder`` names the
+    ``train()`` call training it now (kept in memory only: a restarted scheduler
+    has none of the calls of before).
     """
 
     run: RunId
@@ -64,6 +70,7 @@ class RunState:
     #: Whether ``train()`` stopped the run early (early stopping, a callback):
     #: an epoch's record says ``stopped``; kept by :meth:`record` and restores.
     stopped: bool = False
+    holder: Holder | None = None
 
     def __post_init__(self) -> None:
         self.stopped = any(values.get("stopped") for values in self.history.values())
@@ -201,20 +208,50 @@ class ParameterServerState:
 
     # -- runs ---------------------------------------------------------------
 
-    def begin_run(self, spec: RunSpec, name: str = "") -> RunState:
+    def begin_run(
+        self,
+        spec: RunSpec,
+        name: str = "",
+        holder: Holder | None = None,
+        alive: Callable[[Holder], bool] = lambda holder: False,
+    ) -> RunState:
         """The run named ``name`` with ``spec``, finished or not; else a new one.
 
         A new run supersedes the latest run if that one is unfinished: its
-        pushes are refused from then on.
+        pushes are refused from then on. ``holder`` (a ``train()`` call) holds
+        the run it gets until :meth:`release`; ``alive(h)`` says whether the
+        call ``h`` holding a run still trains it.
+
+        Raises
+        ------
+        RunInUse
+            If the run to resume, or the unfinished run a new one would
+            supersede, is held by another call that is alive.
+        SpecMismatch
+            If a run named ``name`` finished with another spec: the same name
+            means the same run; training more takes another name.
         """
         if not isinstance(name, str) or len(name) > MAX_WORKER_LENGTH:
             raise InvalidRequest(f"a run name is a short string, got {name!r}")
         for run in reversed(self.runs):
             if run.name == name and run.spec == spec and not run.superseded:
+                if not run.finished:
+                    self._check_free(run, holder, alive, "resume it")
+                    run.holder = holder
                 return run
+        for run in reversed(self.runs):
+            if run.name == name and run.finished and not run.superseded:
+                raise SpecMismatch(
+                    f"run {run.run} ({name!r}) finished with other settings "
+                    f"({_describe(run.spec)}; this call: {_describe(spec)}): the "
+                    "same run name means the same run. To train more on the model, "
+                    "give another run_name"
+                )
         if self.runs and not self.runs[-1].finished and not self.runs[-1].superseded:
             last = self.runs[-1]
+            self._check_free(last, holder, alive, "start a run that supersedes it")
             last.superseded = True
+            last.holder = None
             self.pending.clear()  # its open sync round will never merge
             logger.warning(
                 "Run %d superseded by a new run with another spec at version %d",
@@ -222,10 +259,50 @@ class ParameterServerState:
                 self.version,
             )
         run = RunState(
-            RunId(len(self.runs)), spec, self.version, [0] * spec.n_shards, name=name
+            RunId(len(self.runs)),
+            spec,
+            self.version,
+            [0] * spec.n_shards,
+            name=name,
+            holder=holder,
         )
         self.runs.append(run)
         return run
+
+    @staticmethod
+    def _check_free(
+        run: RunState,
+        holder: Holder | None,
+        alive: Callable[[Holder], bool],
+        action: str,
+    ) -> None:
+        held = run.holder
+        if held is not None and held != holder and alive(held):
+            raise RunInUse(
+                f"run {run.run} ({run.name!r}) is being trained by another train() "
+                f"call (client {held.rpartition('/')[0]!r}, still connected): it "
+                f"cannot {action} before that call ends. Two calls at once would "
+                "merge their updates into one model; give another run_name once "
+                "it ended, or use another scheduler"
+            )
+
+    def release(self, run: int, holder: Holder) -> None:
+        """``holder`` no longer trains ``run`` (a no-op if it does not hold it)."""
+        state = self.get_run(run)
+        if state.holder == holder:
+            state.holder = None
+
+    def held(self, alive: Callable[[Holder], bool]) -> RunState | None:
+        """The unfinished run a live call trains, if any."""
+        for run in reversed(self.runs):
+            if (
+                run.holder is not None
+                and not run.finished
+                and not run.superseded
+                and alive(run.holder)
+            ):
+                return run
+        return None
 
     def find_run(
         self, name: str, n_samples: int, batch_size: int, epochs: int, seed: int
@@ -587,6 +664,13 @@ class ParameterServerState:
                 "overflow float32"
             )
         return batch
+
+
+def _describe(spec: RunSpec) -> str:
+    return (
+        f"{spec.n_shards} shards, batch_size {spec.batch_size}, {spec.epochs} "
+        f"epochs, seed {spec.seed}, {sum(spec.shard_sizes)} samples"
+    )
 
 
 def check_worker(worker: object, error: type[Exception] = InvalidUpdate) -> str:

@@ -15,7 +15,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.protocol.serialize import ToPickle
 from distributed.utils import sync
 
-from dask_ftps._core import UpdateKey, check_reply
+from dask_ftps._core import ServerId, UpdateKey, check_reply
 from dask_ftps._exceptions import NotRegistered
 
 if TYPE_CHECKING:
@@ -84,15 +84,23 @@ class FTPSWorkerPlugin(WorkerPlugin):
 
     # -- methods for worker threads ---------------------------------------------
 
-    def next_step(self, run: int, shard: int) -> tuple[int, int]:
-        reply = self._call("ftps_next_step", run=run, shard=shard)
+    # Every call names the server its run began on (``server``, as
+    # ``ftps_begin_run`` answered): a server that replaced it refuses the call
+    # with ServerReplaced instead of taking it for one of its own runs.
+
+    def next_step(self, run: int, shard: int, *, server: ServerId) -> tuple[int, int]:
+        """``(epoch, step)`` where shard ``shard`` of ``run`` goes on."""
+        reply = self._call("ftps_next_step", run=run, shard=shard, server_id=server)
         return reply["epoch"], reply["step"]
 
-    def pull(self, run: int, shard: int, epoch: int, step: int) -> ModelCopy:
+    def pull(
+        self, run: int, shard: int, epoch: int, step: int, *, server: ServerId
+    ) -> ModelCopy:
         """The model to compute ``(epoch, step)`` of a shard from (may wait)."""
         have = self.latest
         reply = self._call(
             "ftps_pull",
+            server_id=server,
             worker=self.worker.address,
             run=run,
             shard=shard,
@@ -108,9 +116,13 @@ class FTPSWorkerPlugin(WorkerPlugin):
         grads: dict[str, np.ndarray],
         incarnation: int,
         next_step: tuple[int, int] | None,
+        *,
+        server: ServerId,
     ) -> ModelCopy | None:
         """Push an update; with ``next_step``, return the model for that step."""
-        return self.push_async(key, grads, incarnation, next_step).result()
+        return self.push_async(
+            key, grads, incarnation, next_step, server=server
+        ).result()
 
     def push_async(
         self,
@@ -118,10 +130,13 @@ class FTPSWorkerPlugin(WorkerPlugin):
         grads: dict[str, np.ndarray],
         incarnation: int,
         next_step: tuple[int, int] | None,
+        *,
+        server: ServerId,
     ) -> concurrent.futures.Future[ModelCopy | None]:
         """Send a push and return at once: the future is done once the server
         accepted it (it is durable then), with the model for ``next_step``."""
         kwargs = {
+            "server_id": server,
             "worker": self.worker.address,
             "update_id": key.id,
             "grads": ToPickle(grads),

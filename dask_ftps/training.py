@@ -9,6 +9,7 @@ import itertools
 import logging
 import numbers
 import sys
+import threading
 import time
 import uuid
 from collections import deque
@@ -20,16 +21,18 @@ import numpy as np
 from dask.utils import parse_timedelta
 from distributed import secede
 from distributed.client import FutureCancelledError
+from distributed.comm import CommClosedError
 
 from dask_ftps import config
 from dask_ftps._client import require_server
-from dask_ftps._core import RunSpec, UpdateKey, check_reply
+from dask_ftps._core import Holder, RunSpec, ServerId, UpdateKey, check_reply
 from dask_ftps._exceptions import (
     DuplicateUpdate,
     FTPSError,
     InvalidRequest,
     OutOfOrder,
     SchedulerLost,
+    ServerReplaced,
     StaleIncarnation,
     Voided,
 )
@@ -130,7 +133,18 @@ def train(
     (number of samples, ``batch_size``, ``epochs``, ``seed``). The same call
     again resumes that run if it was interrupted, and returns it untouched if
     it finished or stopped early (``TrainResult.trained`` is False then). To
-    train more on top of a finished run, give another ``run_name``.
+    train more on top of a finished run, give another ``run_name``: a call that
+    names a finished run but differs from it in anything that shapes training
+    (``n_shards``, ``batch_size``, ``epochs``, ``seed``, the number of samples)
+    is refused with :class:`SpecMismatch`.
+
+    A run is trained by one call at a time: while a ``train()`` of a connected
+    client trains a run, another call that would resume it, or start a run
+    that supersedes it, is refused with :class:`RunInUse` before it sends any
+    update. Every message of the run names the server it began on: if that
+    server is replaced (by a fresh memory-only one, or another store's), the
+    call raises :class:`ServerReplaced` and none of its updates reach the new
+    server.
 
     Everything is checked here, before the server sees a thing: shapes, NaN
     and infinite values, empty data, labels outside the model's classes, the
@@ -194,6 +208,15 @@ def train(
         For bad data or settings (nothing is sent to the server).
     NotRegistered
         If the scheduler hosts no parameter server.
+    SpecMismatch
+        If ``run_name`` names a finished run with other settings.
+    RunInUse
+        If another call of a connected client trains the run now.
+    ServerReplaced
+        If the server the run began on was replaced while it trained.
+    SchedulerLost
+        If the client lost its scheduler, at the latest ``10 s`` after it did
+        (``train()`` again resumes a run with a store).
     """
     return client.sync(
         _train,
@@ -230,6 +253,9 @@ class _Settings:
     early_stopping: int | None
     tol: float
     callbacks: tuple[Callback, ...]
+    #: The ``ParameterServer.registration`` the caller registered and means to
+    #: train on (the estimator's), or None for whatever server is there.
+    registration: str | None = None
 
     def check(self, validation: object) -> None:
         _check_settings(epochs=self.epochs, batch_size=self.batch_size, seed=self.seed)
@@ -284,14 +310,52 @@ _WATCH_INTERVAL = 0.1
 _RECONNECT_GRACE = 10.0
 
 
+@dataclass
+class _Lease:
+    """The ``train()`` call: its holder id, and the run it holds once begun."""
+
+    holder: Holder
+    server: ServerId | None = None
+    run: int | None = None
+
+
+#: The holders of this process's train() calls still running, by client id: a
+#: run held by a call of the same client that is not among them is held by a
+#: call that ended without saying so (a lost connection), and is free.
+_LIVE: dict[str, set[str]] = {}
+_LIVE_LOCK = threading.Lock()
+
+
+def _live_holders(client_id: str) -> list[str]:
+    with _LIVE_LOCK:
+        return sorted(_LIVE.get(client_id, ()))
+
+
 async def _train(client: Client, X: Any, y: Any, **kwargs: Any) -> TrainResult:
-    """:func:`_run`, given up with :class:`SchedulerLost` once the client has
-    been without its scheduler for ``_RECONNECT_GRACE`` seconds, or at once if
-    the run fails meanwhile: a call in flight (a scatter, a request to the
-    server) would wait out the client's whole timeout, and with it the time a
-    restarted scheduler has to be reconnected to."""
+    """:func:`_run` as one call holding its run, watched by :func:`_watched`."""
     await _connected(client)
-    body = asyncio.ensure_future(_run(client, X, y, **kwargs))
+    lease = _Lease(Holder(f"{client.id}/{uuid.uuid4().hex[:16]}"))
+    with _LIVE_LOCK:
+        _LIVE.setdefault(client.id, set()).add(lease.holder)
+    try:
+        return await _watched(client, _run(client, X, y, lease=lease, **kwargs))
+    finally:
+        with _LIVE_LOCK:
+            live = _LIVE.get(client.id, set())
+            live.discard(lease.holder)
+            if not live:
+                _LIVE.pop(client.id, None)
+        await _release(client, lease)
+
+
+async def _watched(client: Client, coro: Any) -> TrainResult:
+    """Run ``coro``, given up with :class:`SchedulerLost` once the client has
+    been without its scheduler for ``_RECONNECT_GRACE`` seconds, or at once if
+    it fails meanwhile or on a broken connection to the scheduler: a call in
+    flight (a scatter, a request to the server) would wait out the client's
+    whole timeout, and with it the time a restarted scheduler has to be
+    reconnected to."""
+    body = asyncio.ensure_future(coro)
     loop = asyncio.get_running_loop()
     lost_since: float | None = None
     try:
@@ -303,8 +367,12 @@ async def _train(client: Client, X: Any, y: Any, **kwargs: Any) -> TrainResult:
                 lost_since = loop.time()
             elif loop.time() - lost_since > _RECONNECT_GRACE:
                 break
-        if body.done() and (client.status == "running" or not body.exception()):
-            return body.result()  # or raises what the run raised
+        if body.done() and not body.cancelled():
+            error = body.exception()
+            if error is None:
+                return body.result()
+            if client.status == "running" and not _lost_scheduler(error):
+                raise error
         body.cancel()  # given up: lost for longer than the grace
         await asyncio.wait({body}, timeout=1.0)
         cause = body.exception() if body.done() and not body.cancelled() else None
@@ -317,19 +385,77 @@ async def _train(client: Client, X: Any, y: Any, **kwargs: Any) -> TrainResult:
         body.cancel()  # a no-op once it is done
 
 
+def _lost_scheduler(error: BaseException) -> bool:
+    """Whether ``error`` says the connection to the scheduler broke (before the
+    client noticed, maybe)."""
+    return isinstance(error, CommClosedError) or (
+        isinstance(error, FutureCancelledError)
+        and getattr(error, "reason", None) == "scheduler-connection-lost"
+    )
+
+
+async def _release(client: Client, lease: _Lease) -> None:
+    """Tell the server the call ended (best effort: a scheduler that is gone
+    forgot the call anyway, and the client's next call takes over a run an
+    ended call of its still holds)."""
+    if lease.run is None or client.status != "running":
+        return
+    try:
+        await asyncio.wait_for(
+            client.scheduler.ftps_end_run(
+                server_id=lease.server, run=lease.run, holder=lease.holder
+            ),
+            _RELEASE_TIMEOUT,
+        )
+    except Exception as e:  # noqa: BLE001 - best effort
+        logger.debug("Run %s not released: %r", lease.run, e)
+
+
+#: The longest train() waits to tell the server it ended.
+_RELEASE_TIMEOUT = 5.0
+
+
 async def _connected(client: Client) -> None:
-    """Wait, up to the client's own timeout, for a client that is still
-    reconnecting (to a restarted scheduler, say): what it sends meanwhile waits
-    in its buffer, which is no state to start a run in."""
+    """Wait for a client that is still reconnecting (to a restarted scheduler,
+    say): what it sends meanwhile waits in its buffer, which is no state to
+    start a run in. It waits up to the client's own timeout while something
+    listens at the scheduler's address (a restarted scheduler the client will
+    reach), but gives up after ``_RECONNECT_GRACE`` seconds in a row with
+    nothing there: a scheduler that is gone is said so without the client's
+    whole timeout."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + parse_timedelta(getattr(client, "_timeout", 30) or 30)
+    absent_since: float | None = None
     while client.status != "running":
-        if client.status in ("closing", "closed") or loop.time() > deadline:
+        now = loop.time()
+        if client.status in ("closing", "closed") or now > deadline:
             raise SchedulerLost(
                 f"train() needs a client connected to a scheduler; this one is "
                 f"{client.status}"
             )
+        if await _scheduler_listens(client):
+            absent_since = None
+        elif absent_since is None:
+            absent_since = now
+        elif now - absent_since > _RECONNECT_GRACE:
+            raise SchedulerLost(
+                f"train() needs a client connected to a scheduler; this one is "
+                f"{client.status} and nothing has listened at "
+                f"{client.scheduler.address} for {_RECONNECT_GRACE:g} s: call "
+                "train() again once a scheduler serves"
+            )
         await asyncio.sleep(_WATCH_INTERVAL)
+
+
+async def _scheduler_listens(client: Client) -> bool:
+    """Whether something accepts connections at the client's scheduler address
+    (True where that cannot be told: another protocol)."""
+    from dask_ftps._scheduler_plugin import _listening
+
+    try:
+        return await _listening(client.scheduler.address, 1.0)
+    except Exception:  # noqa: BLE001 - an address we cannot probe: assume so
+        return True
 
 
 async def _run(
@@ -339,6 +465,7 @@ async def _run(
     *,
     settings: _Settings,
     validation: tuple[Any, Any] | None,
+    lease: _Lease,
 ) -> TrainResult:
     settings.check(validation)
     device, update_format = _device_settings()
@@ -346,6 +473,16 @@ async def _run(
     run_name = settings.run_name
     await require_server(client)
     status = check_reply(await client.scheduler.ftps_status(), "ftps_status")
+    if (
+        settings.registration is not None
+        and status.get("registration") != settings.registration
+    ):
+        raise ServerReplaced(
+            "the scheduler's parameter server is not the one this call registered: "
+            "another client registered its own in between, before any update was "
+            "sent; fit again once that client's training ended, or use another "
+            "scheduler"
+        )
     model = model_from_dict(status["model"])
     data = await _Data.of(client, X, y, model)
     counts = await data.check(client, model)  # before the server sees a thing
@@ -370,10 +507,18 @@ async def _run(
     sizes = tuple(len(part) for part in np.array_split(np.arange(n_samples), n_shards))
     spec = RunSpec(sizes, batch_size, epochs, seed)
     begun = check_reply(
-        await client.scheduler.ftps_begin_run(spec=spec.to_dict(), name=run_name),
+        await client.scheduler.ftps_begin_run(
+            spec=spec.to_dict(),
+            name=run_name,
+            holder=lease.holder,
+            live=_live_holders(client.id),
+            server_id=status["server_id"],  # the server whose model was read
+        ),
         "ftps_begin_run",
     )
     run = begun["run"]
+    server = ServerId(begun["server_id"])
+    lease.server, lease.run = server, run
     recorded = list(begun["history"])
     stopped = bool(recorded and recorded[-1].get("stopped"))
     if begun["finished"] and (stopped or len(recorded) >= epochs):
@@ -419,6 +564,7 @@ async def _run(
                     model=model,
                     mode=status["mode"],
                     first=UpdateKey(run, epoch, s, 0),
+                    server=server,
                     n_steps=spec.steps[s],
                     seed=seed,
                     device=device,
@@ -459,7 +605,7 @@ async def _run(
             history.append(record)
             check_reply(
                 await client.scheduler.ftps_end_epoch(
-                    run=run, epoch=epoch, values=record
+                    run=run, epoch=epoch, values=record, server_id=server
                 ),
                 "ftps_end_epoch",
             )
@@ -513,6 +659,7 @@ def _train_shard(
     model: Model,
     mode: str,
     first: UpdateKey,
+    server: ServerId,
     n_steps: int,
     seed: int,
     device: str,
@@ -526,7 +673,8 @@ def _train_shard(
     Up to ``inflight`` pushes may be unacknowledged: the next gradient is
     computed from the newest model received while they are written. A refused
     push ends the window: the shard waits for the others and goes on from where
-    the server says it stands (what was committed).
+    the server says it stands (what was committed). Every call names
+    ``server``, the server the run began on.
     """
     if mode != "async":
         secede()  # a waiting shard must never hold the thread another shard needs
@@ -549,14 +697,14 @@ def _train_shard(
     stats = {"loss_sum": 0.0, "correct": 0, "n": 0, "computed": 0, "skipped": 0}
 
     def resume() -> tuple[int, Any]:
-        next_epoch, step = plugin.next_step(run, shard)
+        next_epoch, step = plugin.next_step(run, shard, server=server)
         if next_epoch < epoch:
             raise FTPSError(
                 f"shard {shard} of run {run} has not finished epoch {next_epoch}"
             )
         if next_epoch > epoch:
             return n_steps, None
-        return step, plugin.pull(run, shard, epoch, step)
+        return step, plugin.pull(run, shard, epoch, step, server=server)
 
     window: deque[tuple[concurrent.futures.Future, float, int, int]] = deque()
 
@@ -622,6 +770,7 @@ def _train_shard(
             to_host(grads),  # only the update leaves the device
             copy.incarnation,
             nxt,
+            server=server,
         )
         window.append((future, float(loss), int(correct), len(batch)))
         step += 1

@@ -48,7 +48,13 @@ def snapshot(state) -> dict:
     }
 
 
+async def server_id(c) -> str:
+    """The id that every message of a run on the scheduler's server names."""
+    return check_reply(await c.scheduler.ftps_status(), "status")["server_id"]
+
+
 async def push(c, update_id="0:0:0:0", grads=None, incarnation=1, **kwargs):
+    kwargs.setdefault("server_id", await server_id(c))
     reply = await c.scheduler.ftps_push(
         worker="tcp://test:1",
         update_id=update_id,
@@ -120,9 +126,11 @@ async def test_push_pull_round_trip(c, s, a, b):
     begun = check_reply(await c.scheduler.ftps_begin_run(spec=SPEC), "begin")
     assert begun["run"] == 0
     assert [tuple(n) for n in begun["next"]] == [(0, 0), (0, 0)]
+    sid = begun["server_id"]
+    assert sid == await server_id(c)
     pulled = check_reply(
         await c.scheduler.ftps_pull(
-            worker="tcp://test:1", run=0, shard=0, epoch=0, step=0
+            worker="tcp://test:1", run=0, shard=0, epoch=0, step=0, server_id=sid
         ),
         "pull",
     )
@@ -147,6 +155,7 @@ async def test_push_pull_round_trip(c, s, a, b):
             step=1,
             have_version=1,
             have_server=server,
+            server_id=sid,
         ),
         "pull",
     )
@@ -161,11 +170,14 @@ async def test_push_pull_round_trip(c, s, a, b):
             step=1,
             have_version=1,
             have_server="another server",
+            server_id=sid,
         ),
         "pull",
     )
     assert isinstance(other["params"]["W"], np.ndarray)
-    step = check_reply(await c.scheduler.ftps_next_step(run=0, shard=0), "next")
+    step = check_reply(
+        await c.scheduler.ftps_next_step(run=0, shard=0, server_id=sid), "next"
+    )
     assert (step["epoch"], step["step"]) == (0, 1)
 
 
@@ -273,6 +285,8 @@ async def test_bad_request_is_refused_and_changes_nothing(c, s, a, b, case):
     check_reply(await c.scheduler.ftps_begin_run(spec=SPEC), "begin")
     state = s.plugins["ftps"].state
     before = snapshot(state)
+    if op != "ftps_begin_run":
+        kwargs = {"server_id": await server_id(c), **kwargs}
     with pytest.raises(InvalidRequest, match=match):
         check_reply(await getattr(c.scheduler, op)(**kwargs), op)
     assert snapshot(state) == before

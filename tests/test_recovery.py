@@ -24,6 +24,7 @@ from dask_ftps._core import check_reply
 from dask_ftps.models import MLP, SoftmaxRegression
 
 from .conftest import digits, same_as_offline
+from .test_plugin import server_id
 
 MODEL = MLP(n_features=64, hidden=(32,), n_classes=10, seed=0)
 
@@ -123,7 +124,11 @@ async def test_push_from_an_old_incarnation_is_refused(c, s, a, b, tmp_path):
     before = (state.version, state.updates, [list(r.clocks) for r in state.runs])
     grads = {k: np.zeros(v, np.float32) for k, v in model.param_shapes().items()}
     reply = await c.scheduler.ftps_push(
-        worker="tcp://old:1", update_id="0:0:0:0", grads=ToPickle(grads), incarnation=1
+        server_id=await server_id(c),
+        worker="tcp://old:1",
+        update_id="0:0:0:0",
+        grads=ToPickle(grads),
+        incarnation=1,
     )
     with pytest.raises(StaleIncarnation, match="incarnation 1"):
         check_reply(reply, "ftps_push")

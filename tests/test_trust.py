@@ -32,6 +32,7 @@ from dask_ftps._worker_plugin import ModelCopy
 from dask_ftps.models import MLP, SoftmaxRegression
 
 from .conftest import digits
+from .test_plugin import server_id
 
 MODEL = SoftmaxRegression(n_features=4, n_classes=3, seed=0)
 SPEC = {"shard_sizes": [8, 8], "batch_size": 4, "epochs": 1, "seed": 0}
@@ -96,8 +97,15 @@ def _valid(plugin, handler: str) -> dict:
     live = [r for r in state.runs if not r.superseded and not r.finished]
     run = live[-1] if live else state.runs[-1]
     epoch, step = run.next_step(0)
+    server_id = plugin.server.server_id
     return {
-        "begin_run": {"spec": SPEC, "name": ""},
+        "begin_run": {
+            "spec": SPEC,
+            "name": "",
+            "holder": "Client-a/1",
+            "live": ["Client-a/1"],
+            "server_id": server_id,
+        },
         "find_run": {
             "name": "",
             "n_samples": 16,
@@ -105,9 +113,16 @@ def _valid(plugin, handler: str) -> dict:
             "epochs": 1,
             "seed": 0,
         },
-        "end_epoch": {"run": int(run.run), "epoch": 0, "values": {"loss": 1.0}},
-        "next_step": {"run": int(run.run), "shard": 0},
+        "end_epoch": {
+            "run": int(run.run),
+            "epoch": 0,
+            "values": {"loss": 1.0},
+            "server_id": server_id,
+        },
+        "end_run": {"server_id": server_id, "run": int(run.run), "holder": "C/1"},
+        "next_step": {"run": int(run.run), "shard": 0, "server_id": server_id},
         "pull": {
+            "server_id": server_id,
             "worker": "tcp://w:1",
             "run": int(run.run),
             "shard": 0,
@@ -117,6 +132,7 @@ def _valid(plugin, handler: str) -> dict:
             "have_server": None,
         },
         "push": {
+            "server_id": server_id,
             "worker": "tcp://w:1",
             "update_id": f"{run.run}:{epoch}:0:{step}",
             "grads": good_grads(),
@@ -195,7 +211,8 @@ def test_after_hostile_requests_the_server_trains_and_its_store_is_exact(server)
     for shard in (0, 1):
         for step in (0, 1):
             check_reply(
-                sync(loop, plugin.push, worker=f"tcp://w{shard}:1",
+                sync(loop, plugin.push, server_id=begun["server_id"],
+                     worker=f"tcp://w{shard}:1",
                      update_id=f"{begun['run']}:0:{shard}:{step}", grads=good_grads(),
                      incarnation=plugin.state.incarnation),
                 "push",
@@ -237,11 +254,14 @@ async def test_a_hostile_worker_field_changes_nothing_and_bricks_nothing(
                        "incarnation": 1}),
         ("ftps_pull", {"run": 0, "shard": 0, "epoch": 0, "step": 0}),
     ):  # fmt: skip
-        reply = await getattr(c.scheduler, op)(worker=HOSTILE_WORKERS[case], **kwargs)
+        reply = await getattr(c.scheduler, op)(
+            worker=HOSTILE_WORKERS[case], server_id=await server_id(c), **kwargs
+        )
         with pytest.raises(dask_ftps.FTPSError, match="worker must be"):
             check_reply(reply, op)
     assert snapshot(plugin) == before
     reply = await c.scheduler.ftps_push(
+        server_id=await server_id(c),
         worker="tcp://w:1", update_id="0:0:0:0", grads=ToPickle(good_grads()),
         incarnation=1,
     )  # fmt: skip
@@ -296,6 +316,7 @@ async def test_a_full_disk_refuses_the_update_and_counts_nothing(
 
     async def push(step):
         return await c.scheduler.ftps_push(
+            server_id=await server_id(c),
             worker="tcp://w:1", update_id=f"0:0:0:{step}", grads=ToPickle(good_grads()),
             incarnation=1,
         )  # fmt: skip
@@ -368,6 +389,7 @@ async def test_a_push_whose_next_step_is_not_a_step_is_refused_before_it_counts(
     before = snapshot(plugin)
     for next_step in ((10**6, 0), (0, 99), (1, 0)):
         reply = await c.scheduler.ftps_push(
+            server_id=await server_id(c),
             worker="tcp://w:1", update_id="0:0:0:0", grads=ToPickle(good_grads()),
             incarnation=1, next_step=next_step,
         )  # fmt: skip
@@ -387,6 +409,7 @@ async def test_a_replaced_or_closed_server_stops_its_tasks_and_closes_its_store(
     await c.register_plugin(ParameterServer(store, model=MODEL, snapshot_every=1))
     check_reply(await c.scheduler.ftps_begin_run(spec=SPEC), "begin")
     reply = await c.scheduler.ftps_push(
+        server_id=await server_id(c),
         worker="tcp://w:1", update_id="0:0:0:0", grads=ToPickle(good_grads()),
         incarnation=1,
     )  # fmt: skip
@@ -549,6 +572,7 @@ async def test_sync_mode_has_one_version_live_in_the_store_and_recovered(
         step = 1 if shard == 0 and s.plugins["ftps"].state.version else 0
         check_reply(
             await c.scheduler.ftps_push(
+                server_id=await server_id(c),
                 worker=f"tcp://w{shard}:1", update_id=f"0:0:{shard}:{step}",
                 grads=ToPickle(good_grads()), incarnation=1,
             ),

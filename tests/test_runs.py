@@ -1,0 +1,377 @@
+"""Runs that cannot mix: a run's identity on every message, one call per run,
+the same call means the same run, and clear errors when a server or the
+scheduler goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from distributed import Client
+from distributed.comm import CommClosedError
+from distributed.protocol.serialize import ToPickle
+from distributed.utils_test import async_poll_for, gen_cluster
+
+import dask_ftps
+from dask_ftps import (
+    SGD,
+    InvalidRequest,
+    ParameterServer,
+    RunInUse,
+    SchedulerLost,
+    ServerReplaced,
+    SpecMismatch,
+)
+from dask_ftps import training as training_module
+from dask_ftps._core import Holder, RunSpec, Update, UpdateKey, WorkerId, check_reply
+from dask_ftps._state import ParameterServerState
+from dask_ftps.models import SoftmaxRegression
+
+from .conftest import digits
+from .test_plugin import MODEL, SPEC, good_grads, push, server_id
+
+DIGITS = SoftmaxRegression(64, 10, seed=0)
+
+
+def _state() -> ParameterServerState:
+    return ParameterServerState(MODEL, SGD(lr=0.1), mode="async")
+
+
+def _alive(*holders: str):
+    return lambda holder: holder in holders
+
+
+# -- the state machine: holders and the same call --------------------------------------
+
+
+def test_a_run_a_live_call_holds_is_neither_resumed_nor_superseded_by_another():
+    state = _state()
+    spec = RunSpec((8, 8), batch_size=4, epochs=1)
+    a, b = Holder("Client-a/1"), Holder("Client-b/1")
+    run = state.begin_run(spec, holder=a)
+    assert run.holder == a
+    with pytest.raises(RunInUse, match="Client-a"):
+        state.begin_run(spec, holder=b, alive=_alive(a))  # the same run
+    with pytest.raises(RunInUse, match="supersedes"):
+        state.begin_run(RunSpec((8, 8), 2, 1), "other", holder=b, alive=_alive(a))
+    assert len(state.runs) == 1 and not run.superseded and run.holder == a
+    # Its holder gone (client closed, call ended): resumed as before, by b.
+    assert state.begin_run(spec, holder=b, alive=_alive()) is run
+    assert run.holder == b
+    state.release(0, a)  # not a's any more: a no-op
+    assert run.holder == b
+    state.release(0, b)
+    assert run.holder is None
+    assert state.held(_alive(a, b)) is None
+
+
+def test_a_finished_run_is_returned_for_the_same_spec_and_refused_for_another():
+    state = _state()
+    spec = RunSpec((8,), batch_size=4, epochs=1)
+    run = state.begin_run(spec)
+    for step in (0, 1):
+        state.push(Update(UpdateKey(0, 0, 0, step), WorkerId("w"), good_grads()))
+    assert run.finished
+    assert state.begin_run(spec) is run
+    for other in (
+        RunSpec((4, 4), batch_size=4, epochs=1),  # shards
+        RunSpec((8,), batch_size=2, epochs=1),  # batch size
+        RunSpec((8,), batch_size=4, epochs=2),  # epochs
+        RunSpec((8,), batch_size=4, epochs=1, seed=1),  # seed
+        RunSpec((9,), batch_size=4, epochs=1),  # data size
+    ):
+        with pytest.raises(SpecMismatch, match="give another run_name"):
+            state.begin_run(other)
+    assert len(state.runs) == 1
+    assert state.begin_run(RunSpec((4, 4), 4, 1), "more").run == 1
+
+
+# -- the server: every message names its server -----------------------------------------
+
+
+@gen_cluster(client=True)
+async def test_messages_of_another_servers_run_are_refused_before_they_change_anything(
+    c, s, a, b
+):
+    await c.register_plugin(ParameterServer(model=MODEL, mode="async"))
+    begun = check_reply(await c.scheduler.ftps_begin_run(spec=SPEC), "begin")
+    sid = begun["server_id"]
+    assert sid == s.plugins["ftps"].server.server_id
+    state = s.plugins["ftps"].state
+    await push(c, server_id=sid)
+    before = (state.version, state.updates, [list(r.clocks) for r in state.runs])
+    pull = {"worker": "tcp://w:1", "run": 0, "shard": 1, "epoch": 0, "step": 0}
+    for op, kwargs in [
+        ("ftps_push", {"worker": "tcp://w:1", "update_id": "0:0:1:0",
+                       "grads": ToPickle(good_grads()), "incarnation": 1}),
+        ("ftps_pull", pull),
+        ("ftps_next_step", {"run": 0, "shard": 1}),
+        ("ftps_end_epoch", {"run": 0, "epoch": 0, "values": {"loss": 1.0}}),
+    ]:  # fmt: skip
+        for other, error in [
+            ("another-server", ServerReplaced),
+            (None, InvalidRequest),
+        ]:
+            reply = await getattr(c.scheduler, op)(server_id=other, **kwargs)
+            with pytest.raises(error, match=r"server_id|not served here"):
+                check_reply(reply, op)
+    assert (
+        state.version,
+        state.updates,
+        [list(r.clocks) for r in state.runs],
+    ) == before
+    assert state.runs[0].history == {}
+    # A fresh memory-only server shares no run with the one it replaced: the same
+    # message, run 0 and incarnation 1 on both, is refused.
+    await c.register_plugin(ParameterServer(model=MODEL, mode="async"))
+    check_reply(await c.scheduler.ftps_begin_run(spec=SPEC), "begin")
+    assert await server_id(c) != sid
+    with pytest.raises(ServerReplaced, match="not served here"):
+        await push(c, "0:0:1:0", server_id=sid)
+    assert s.plugins["ftps"].state.updates == 0
+
+
+@gen_cluster(client=True)
+async def test_a_server_on_the_same_store_goes_on_with_its_runs(c, s, a, b, tmp_path):
+    store = str(tmp_path / "run.zarr")
+    await c.register_plugin(ParameterServer(store, model=MODEL))
+    begun = check_reply(await c.scheduler.ftps_begin_run(spec=SPEC), "begin")
+    await push(c, server_id=begun["server_id"])
+    await c.register_plugin(ParameterServer(store))  # a rebuild: the same runs
+    assert await server_id(c) == begun["server_id"]
+    await push(c, "0:0:1:0", server_id=begun["server_id"], incarnation=2)
+    assert s.plugins["ftps"].state.updates == 2
+
+
+# -- two calls at once ----------------------------------------------------------------
+
+
+def _relabelled(y: np.ndarray, shift: int) -> np.ndarray:
+    return (y + shift) % 10
+
+
+async def _train_waiting_for(c, y, other_done: threading.Event, **kwargs):
+    """train() whose first epoch's callback waits (at most 30 s) for the other
+    call to end: the two calls overlap whichever starts first."""
+    X_train, _, _, _ = digits()
+
+    def wait(epoch, record):
+        other_done.wait(30)
+
+    return await dask_ftps.train(
+        c, X_train, y, epochs=2, batch_size=32, progress=False, callbacks=[wait],
+        **kwargs,
+    )  # fmt: skip
+
+
+async def _both(c1, c2, **kwargs):
+    """Two train() calls at once, same settings, different labels: each result
+    or error, and each call's labels."""
+    _, _, y_train, _ = digits()
+    labels = [y_train, _relabelled(y_train, 3)]
+    done = [threading.Event(), threading.Event()]
+
+    async def one(i, c):
+        try:
+            return await _train_waiting_for(c, labels[i], done[1 - i], **kwargs)
+        except Exception as e:  # noqa: BLE001 - compared below
+            return e
+        finally:
+            done[i].set()
+
+    outcomes = await asyncio.gather(one(0, c1), one(1, c2))
+    return outcomes, labels
+
+
+def _check_one_trained_and_one_refused(outcomes, labels, params, rows) -> None:
+    trained = [i for i, o in enumerate(outcomes) if not isinstance(o, Exception)]
+    refused = [i for i, o in enumerate(outcomes) if isinstance(o, Exception)]
+    assert len(trained) == len(refused) == 1, outcomes
+    (i,), (j,) = trained, refused
+    assert isinstance(outcomes[j], RunInUse), outcomes[j]
+    result = outcomes[i]
+    assert result.trained
+    # The global dataset: the run's minibatches, each once, nothing else.
+    ids = [r["update_id"] for r in rows]
+    assert len(ids) == len(set(ids)) == result.minibatches == result.version
+    assert {u.split(":")[0] for u in ids} == {str(result.run)}
+    # The model is the trainer's own: it learned its labels, not the other's.
+    X_train, _, _, _ = digits()
+    predicted = DIGITS.predict(params, X_train)
+    assert (predicted == labels[i]).mean() > 0.8
+    assert (predicted == labels[j]).mean() < 0.3
+
+
+@gen_cluster(client=True, timeout=120)
+async def test_two_clients_training_at_once_never_mix(c, s, a, b):
+    await c.register_plugin(ParameterServer(model=DIGITS, optimizer=SGD(lr=0.5)))
+    async with Client(s.address, asynchronous=True) as c2:
+        outcomes, labels = await _both(c, c2)
+    _, params = await dask_ftps.get_model(c)
+    rows = (await dask_ftps.records(c))["global"]
+    _check_one_trained_and_one_refused(outcomes, labels, params, rows)
+    refused = next(o for o in outcomes if isinstance(o, Exception))
+    assert "still connected" in str(refused)
+
+
+@gen_cluster(client=True, timeout=120)
+async def test_two_calls_of_one_client_at_once_never_mix(c, s, a, b):
+    """Threads sharing one client: each call holds its run by its own id."""
+    await c.register_plugin(ParameterServer(model=DIGITS, optimizer=SGD(lr=0.5)))
+    outcomes, labels = await _both(c, c)
+    _, params = await dask_ftps.get_model(c)
+    rows = (await dask_ftps.records(c))["global"]
+    _check_one_trained_and_one_refused(outcomes, labels, params, rows)
+
+
+@gen_cluster(client=True, timeout=120)
+async def test_a_call_after_one_that_ended_takes_its_run_over(c, s, a, b):
+    """A call that ended without saying so (its release was lost) holds its run
+    no more: the client's next call resumes it."""
+    X_train, _, y_train, _ = digits()
+    await c.register_plugin(ParameterServer(model=DIGITS, optimizer=SGD(lr=0.5)))
+    plugin = s.plugins["ftps"]
+    spec = RunSpec((len(y_train),), batch_size=32, epochs=1)
+    stale = Holder(f"{c.id}/ended")
+    check_reply(
+        await c.scheduler.ftps_begin_run(spec=spec.to_dict(), holder=stale), "begin"
+    )
+    assert plugin.state.runs[0].holder == stale
+    result = await dask_ftps.train(
+        c, X_train, y_train, epochs=1, batch_size=32, n_shards=1, progress=False
+    )
+    assert (result.run, result.trained) == (0, True)
+    assert plugin.state.runs[0].holder is None  # released at the end
+
+
+# -- a server replaced mid-training ---------------------------------------------------
+
+
+async def _wait_updates(s, n: int) -> None:
+    """Wait until the scheduler's server accepted ``n`` updates."""
+    await async_poll_for(lambda: s.plugins["ftps"].server.accepted >= n, timeout=30)
+
+
+@gen_cluster(client=True, timeout=120)
+async def test_a_server_a_connected_client_trains_on_is_not_replaced(c, s, a, b):
+    X_train, _, y_train, _ = digits()
+    await c.register_plugin(ParameterServer(model=DIGITS, optimizer=SGD(lr=0.5)))
+    old = s.plugins["ftps"]
+    task = asyncio.ensure_future(
+        dask_ftps.train(c, X_train, y_train, epochs=3, batch_size=16, progress=False)
+    )
+    await _wait_updates(s, 5)
+    async with Client(s.address, asynchronous=True) as c2:
+        with pytest.raises(RunInUse, match=f"client {c.id!r}, which is still conn"):
+            await c2.register_plugin(ParameterServer(model=DIGITS))
+    assert s.plugins["ftps"] is old
+    result = await task
+    assert result.trained and result.version == result.minibatches
+    rows = (await dask_ftps.records(c))["global"]
+    assert len({r["update_id"] for r in rows}) == len(rows) == result.minibatches
+    await c.register_plugin(ParameterServer(model=DIGITS))  # the run is finished
+
+
+@gen_cluster(client=True, timeout=120)
+async def test_a_fresh_server_never_receives_a_replaced_runs_updates(c, s, a, b):
+    """A run whose server was replaced anyway (its holder gone, its tasks still
+    running): its pushes reach the new server, which refuses every one, and the
+    call raises ServerReplaced at once, not after ftps.wait-timeout."""
+    X_train, _, y_train, _ = digits()
+    await c.register_plugin(ParameterServer(model=DIGITS, optimizer=SGD(lr=0.5)))
+    old = s.plugins["ftps"]
+    task = asyncio.ensure_future(
+        dask_ftps.train(c, X_train, y_train, epochs=3, batch_size=16, progress=False)
+    )
+    await _wait_updates(s, 5)
+    old.state.runs[0].holder = None  # as if its client had gone
+    await c.register_plugin(ParameterServer(model=DIGITS, optimizer=SGD(lr=0.5)))
+    new = s.plugins["ftps"]
+    assert new is not old
+    t0 = time.monotonic()
+    with pytest.raises(ServerReplaced, match="not served here"):
+        await task
+    assert time.monotonic() - t0 < 20  # not ftps.wait-timeout
+    assert new.state.updates == 0 and len(new.state.runs) == 0
+    assert len((await dask_ftps.records(c))["global"]) == 0
+
+
+# -- the same call means the same run -----------------------------------------------------
+
+
+@gen_cluster(client=True, timeout=120)
+async def test_train_with_other_settings_after_a_finished_run_is_refused(c, s, a, b):
+    X_train, _, y_train, _ = digits()
+    await c.register_plugin(ParameterServer(model=DIGITS, optimizer=SGD(lr=0.5)))
+    kwargs = {"epochs": 1, "batch_size": 64, "progress": False}
+    first = await dask_ftps.train(c, X_train, y_train, n_shards=2, **kwargs)
+    before = await dask_ftps.status(c)
+    for other in ({"n_shards": 3}, {"seed": 1}, {"batch_size": 32}, {"epochs": 2}):
+        with pytest.raises(SpecMismatch, match="give another run_name"):
+            await dask_ftps.train(c, X_train, y_train, **{**kwargs, **other})
+    with pytest.raises(SpecMismatch, match="samples"):
+        await dask_ftps.train(c, X_train[:-5], y_train[:-5], **kwargs)
+    assert await dask_ftps.status(c) == before
+    again = await dask_ftps.train(c, X_train, y_train, **kwargs)  # its own shards
+    assert (again.trained, again.run, again.version) == (False, 0, first.version)
+    more = await dask_ftps.train(c, X_train, y_train, run_name="more", **kwargs)
+    assert (more.trained, more.run) == (True, 1)
+
+
+# -- clear errors when the scheduler goes --------------------------------------------------
+
+
+def test_a_broken_connection_after_the_last_epoch_is_scheduler_lost():
+    """The scheduler killed right after the last epoch: the final request fails
+    with CommClosedError before the client notices; train() says SchedulerLost."""
+    client = SimpleNamespace(status="running")
+
+    async def body():
+        raise CommClosedError("in <TCP (closed)>: Stream is closed")
+
+    async def main():
+        with pytest.raises(SchedulerLost, match="call train\\(\\) again") as info:
+            await training_module._watched(client, body())
+        assert isinstance(info.value.__cause__, CommClosedError)
+
+    asyncio.run(main())
+
+
+def test_a_call_made_while_nothing_listens_at_the_scheduler_gives_up_in_its_grace(
+    monkeypatch,
+):
+    """A client still 'connecting' to a scheduler that is gone: train() raises
+    SchedulerLost after its grace, not after the client's (90 s) timeout; while
+    something listens there (a restarted scheduler), it waits."""
+    monkeypatch.setattr(training_module, "_RECONNECT_GRACE", 0.5)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: refused
+        gone = SimpleNamespace(
+            status="connecting",
+            _timeout=90,
+            scheduler=SimpleNamespace(address=f"tcp://127.0.0.1:{port}"),
+        )
+
+        async def main():
+            t0 = time.monotonic()
+            with pytest.raises(SchedulerLost, match="nothing has listened"):
+                await training_module._connected(gone)
+            return time.monotonic() - t0
+
+        assert asyncio.run(main()) < 10
+        sock.listen()
+        restarting = SimpleNamespace(**{**vars(gone), "_timeout": 2})
+
+        async def waits():
+            t0 = time.monotonic()
+            with pytest.raises(SchedulerLost, match="connecting"):
+                await training_module._connected(restarting)
+            return time.monotonic() - t0
+
+        assert asyncio.run(waits()) >= 1.5  # the client's timeout, not the grace
