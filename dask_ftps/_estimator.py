@@ -28,9 +28,9 @@ from dask_ftps.training import (
     _class_weights,
     _known_chunks,
     _Settings,
+    _train_call,
     dask_array,
     is_dask_collection,
-    train,
 )
 
 if TYPE_CHECKING:
@@ -53,9 +53,17 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
     ``Client`` object: give an address or None then). Labels may be of any
     type: they are encoded with :class:`~sklearn.preprocessing.LabelEncoder`.
 
-    The settings and NumPy input are checked before the cluster is touched;
-    NaN or Inf in Dask input is found on the cluster before any update, but
-    after the fresh server replaced the one there.
+    The settings (``class_weight`` included) and NumPy input are checked
+    before the cluster is touched; NaN or Inf in Dask input is found on the
+    cluster before any update, but after the fresh server replaced the one
+    there.
+
+    Fits in threads of one process take turns. A fit is refused with
+    :class:`~dask_ftps.RunInUse` while another client trains on the
+    scheduler's server (another process's fit, a ``GridSearchCV`` whose fits
+    run on Dask workers), and with :class:`~dask_ftps.ServerReplaced` if
+    another client's server replaced the one it registered before it began: a
+    fit never trains, or returns, another's model.
 
     Parameters
     ----------
@@ -97,9 +105,10 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
     store : str, os.PathLike, zarr Store or None, default None
         A Zarr journal for the server: a fit interrupted by a lost scheduler is
         resumed by the same fit (same data size, settings and integer
-        ``random_state``) on the same store; a fit with other data or
-        ``epochs`` trains on top of the stored model. The store holds one
-        model: another model (``random_state=None`` draws another one),
+        ``random_state``) on the same store, and a finished one returned; a
+        fit with another data size or ``epochs`` is refused with
+        :class:`~dask_ftps.SpecMismatch` (give it another store). The store
+        holds one model: another model (``random_state=None`` draws another one),
         optimizer or mode on it is refused with :class:`~dask_ftps.SpecMismatch`.
         Give a search (``GridSearchCV``) no store: its clones would share it.
     client : distributed.Client, str or None, default None
@@ -338,34 +347,34 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
         with _FITTING:  # one server per scheduler: fits in threads take turns
             if first:
                 model = self._model(seed)
-                client.register_plugin(
-                    ParameterServer(
-                        self.store,
-                        model=model,
-                        optimizer=self._optimizer(),
-                        mode=self.mode,
-                    )
+                server = ParameterServer(
+                    self.store,
+                    model=model,
+                    optimizer=self._optimizer(),
+                    mode=self.mode,
                 )
+                client.register_plugin(server)
                 self.model_ = model
+                self._registration = server.registration
                 history, run_name = [], ""
             else:
                 self._check_server(client)
                 history, run_name = self.history_, f"partial-{self.n_iter_}"
-            result = train(
-                client,
-                X,
-                y,
+            settings = _Settings(
                 epochs=epochs,
                 batch_size=self.batch_size,
                 seed=seed,
-                validation=validation,
+                n_shards=None,
                 progress=bool(self.verbose),
                 run_name=run_name,
                 class_weight=self._class_weight(),
                 early_stopping=self.n_iter_no_change if self.early_stopping else None,
                 tol=self.tol,
                 callbacks=tuple(self.callbacks or ()),
+                # The server this estimator registered, and no other's.
+                registration=getattr(self, "_registration", None),
             )
+            result = _train_call(client, X, y, settings, validation)
             version, params = get_model(client)
         self.params_ = {k: np.asarray(v) for k, v in params.items()}
         self._params64 = {k: v.astype(np.float64) for k, v in self.params_.items()}

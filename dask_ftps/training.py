@@ -218,12 +218,11 @@ def train(
         If the client lost its scheduler, at the latest ``10 s`` after it did
         (``train()`` again resumes a run with a store).
     """
-    return client.sync(
-        _train,
+    return _train_call(
         client,
         X,
         y,
-        settings=_Settings(
+        _Settings(
             epochs=epochs,
             batch_size=batch_size,
             seed=seed,
@@ -235,8 +234,19 @@ def train(
             tol=tol,
             callbacks=tuple(callbacks),
         ),
-        validation=validation,
+        validation,
     )
+
+
+def _train_call(
+    client: Client,
+    X: Any,
+    y: Any,
+    settings: _Settings,
+    validation: tuple[Any, Any] | None,
+) -> TrainResult:
+    """:func:`train` with its settings made (the estimator's way in)."""
+    return client.sync(_train, client, X, y, settings=settings, validation=validation)
 
 
 @dataclass(frozen=True)

@@ -375,3 +375,101 @@ def test_a_call_made_while_nothing_listens_at_the_scheduler_gives_up_in_its_grac
             return time.monotonic() - t0
 
         assert asyncio.run(waits()) >= 1.5  # the client's timeout, not the grace
+
+
+# -- the estimator ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def cluster_client():
+    from distributed import LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
+        yield client
+
+
+def _iris():
+    from sklearn.datasets import load_iris
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = load_iris(return_X_y=True)
+    return StandardScaler().fit_transform(X), y
+
+
+@pytest.mark.parametrize(
+    "class_weight",
+    [{0: -1.0}, {1: float("nan")}, {2: "2"}, {0: True}],
+    ids=["negative", "nan", "string", "bool"],
+)
+def test_a_bad_class_weight_leaves_the_clusters_server_alone(
+    cluster_client, class_weight
+):
+    from dask_ftps import FTPSClassifier
+
+    X, y = _iris()
+    FTPSClassifier(epochs=1, client=cluster_client, random_state=0).fit(X, y)
+    registration = cluster_client.run_on_scheduler(
+        lambda dask_scheduler: dask_scheduler.plugins["ftps"].registration
+    )
+    before = dask_ftps.status(cluster_client)
+    with pytest.raises(ValueError, match="class_weight"):
+        FTPSClassifier(client=cluster_client, class_weight=class_weight).fit(X, y)
+    assert dask_ftps.status(cluster_client) == before
+    assert (
+        cluster_client.run_on_scheduler(
+            lambda dask_scheduler: dask_scheduler.plugins["ftps"].registration
+        )
+        == registration
+    )
+
+
+def test_a_fit_whose_server_another_client_replaced_never_trains_it(
+    cluster_client, monkeypatch
+):
+    """Another client registers its server between this fit's registration and
+    its first update: the fit is refused, and the other server is untouched."""
+    from dask_ftps import FTPSClassifier, _estimator
+
+    X, y = _iris()
+    real = _estimator._train_call
+
+    def other_client_registers_first(client, *args):
+        with Client(client.scheduler.address, set_as_default=False) as other:
+            other.register_plugin(ParameterServer(model=SoftmaxRegression(4, 3)))
+        return real(client, *args)
+
+    monkeypatch.setattr(_estimator, "_train_call", other_client_registers_first)
+    with pytest.raises(ServerReplaced, match="not the one this call registered"):
+        FTPSClassifier(epochs=2, client=cluster_client).fit(X, y)
+    status = dask_ftps.status(cluster_client)
+    assert (status["updates"], status["runs"]) == (0, 0)
+
+
+def test_a_grid_search_in_threads_fits_each_clone_its_own_model(cluster_client):
+    from joblib import parallel_backend
+    from sklearn.model_selection import GridSearchCV
+
+    from dask_ftps import FTPSClassifier
+
+    X, y = _iris()
+    search = GridSearchCV(
+        FTPSClassifier(epochs=3, client=cluster_client, random_state=0),
+        {"hidden_layer_sizes": [(), (8,)]},
+        cv=2,
+        n_jobs=2,
+        error_score="raise",
+    )
+    with parallel_backend("threading", n_jobs=2):
+        search.fit(X, y)
+    assert np.isfinite(search.cv_results_["mean_test_score"]).all()
+    best = search.best_estimator_
+    # The refit's model is the one the cluster's server trained last.
+    _, params = dask_ftps.get_model(cluster_client)
+    assert set(params) == set(best.params_)
+    for k, v in best.params_.items():
+        np.testing.assert_array_equal(np.asarray(params[k]), v)
