@@ -5,6 +5,7 @@ scheduler goes away."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
@@ -473,3 +474,102 @@ def test_a_grid_search_in_threads_fits_each_clone_its_own_model(cluster_client):
     assert set(params) == set(best.params_)
     for k, v in best.params_.items():
         np.testing.assert_array_equal(np.asarray(params[k]), v)
+
+
+# -- real processes ------------------------------------------------------------------------
+
+_CHILD = """
+import json, pathlib, sys, time
+import numpy as np
+from distributed import Client
+import dask_ftps
+from tests.conftest import digits
+
+address, shift, me, other, out = sys.argv[1:]
+X, _, y, _ = digits()
+y = (y + int(shift)) % 10
+with Client(address, timeout="30s") as client:
+    pathlib.Path(me + ".ready").touch()
+    while not pathlib.Path(out + ".go").exists():
+        time.sleep(0.05)
+
+    def wait(epoch, record):  # overlap the other call, whoever starts first
+        deadline = time.monotonic() + 30
+        while not pathlib.Path(other).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    try:
+        r = dask_ftps.train(client, X, y, epochs=2, batch_size=32, progress=False,
+                            callbacks=[wait])
+        result = {"trained": r.trained, "run": r.run, "version": r.version,
+                  "minibatches": r.minibatches}
+    except Exception as e:
+        result = {"error": type(e).__name__, "message": str(e)}
+    finally:
+        pathlib.Path(me).touch()
+pathlib.Path(out).write_text(json.dumps(result))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_training_at_once_on_one_scheduler_never_mix(tmp_path):
+    """Two client processes, same settings, other labels, at once against one
+    scheduler (with worker processes): one trains its own model, the other is
+    refused before any update; the global dataset holds the one run, once."""
+    import json
+    import subprocess
+    import sys
+
+    from distributed.utils import open_port
+
+    from dask_ftps._processes import PACKAGE_ROOT, environment
+
+    from .test_scheduler_loss import scheduler, wait_for_workers, workers
+
+    port = open_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = environment({"PYTHONPATH": f"{PACKAGE_ROOT}"})
+    with scheduler(port), workers(address), Client(address, timeout="30s") as client:
+        wait_for_workers(client, 2)
+        client.register_plugin(ParameterServer(model=DIGITS, optimizer=SGD(lr=0.5)))
+        go = tmp_path / "out"
+        names = [str(tmp_path / f"p{i}") for i in (0, 1)]
+        children = [
+            subprocess.Popen(
+                [
+                    *(sys.executable, "-c", _CHILD, address, str(3 * i)),
+                    *(names[i], names[1 - i], f"{go}{i}"),
+                ],
+                env=env,
+                cwd=str(PACKAGE_ROOT),
+            )
+            for i in (0, 1)
+        ]
+        try:
+            deadline = time.monotonic() + 60
+            while not all(os.path.exists(n + ".ready") for n in names):
+                assert time.monotonic() < deadline, "the clients did not connect"
+                time.sleep(0.05)
+            for i in (0, 1):
+                (tmp_path / f"out{i}.go").touch()
+            for child in children:
+                assert child.wait(120) == 0
+        finally:
+            for child in children:
+                child.kill()
+        outcomes = [json.loads((tmp_path / f"out{i}").read_text()) for i in (0, 1)]
+        _, params = dask_ftps.get_model(client)
+        rows = dask_ftps.records(client)["global"]
+    trained = [i for i, o in enumerate(outcomes) if "error" not in o]
+    assert len(trained) == 1, outcomes
+    (i,) = trained
+    j = 1 - i
+    assert outcomes[j]["error"] == "RunInUse", outcomes[j]
+    assert outcomes[i]["trained"]
+    ids = [r["update_id"] for r in rows]
+    assert len(ids) == len(set(ids)) == outcomes[i]["minibatches"]
+    assert outcomes[i]["version"] == len(ids)
+    X_train, _, y_train, _ = digits()
+    predicted = DIGITS.predict(params, X_train)
+    assert (predicted == (y_train + 3 * i) % 10).mean() > 0.8
+    assert (predicted == (y_train + 3 * j) % 10).mean() < 0.3
