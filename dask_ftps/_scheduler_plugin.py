@@ -275,6 +275,7 @@ class ParameterServer(SchedulerPlugin):
             inflight=_window(config.get("inflight")),
             reorder_timeout=parse_timedelta(config.get("reorder-timeout")),
         )
+        _worker_copies()  # checked before the old server is retired
         if self.store is None:
             if old_server is not None:
                 self._check_replaceable(old_server)
@@ -679,6 +680,12 @@ class ParameterServer(SchedulerPlugin):
                 journal.meta.optimizer,
             )
             candidates = []
+        if candidates and not _worker_copies():
+            logger.info(
+                "Workers hold newer model copies; ftps.store.worker-copies is off: "
+                "rebuilding from the store alone"
+            )
+            candidates = []
         timeout = parse_timedelta(config.get("store.copy-timeout"))
         for version, worker in candidates:
             try:
@@ -782,6 +789,17 @@ def _checked_copy(journal: Journal, reply: object, row_version: int) -> ModelVer
             f"its copy of version {held} differs from the model that version was"
         )
     return ModelVersion(Version(held), params, {})
+
+
+def _worker_copies() -> bool:
+    """``ftps.store.worker-copies``: whether a recovery may start from a worker's
+    model copy (the patent's path) or only from the store."""
+    value = config.get("store.worker-copies")
+    if not isinstance(value, bool):
+        raise FTPSError(
+            f"ftps.store.worker-copies must be true or false, got {value!r}"
+        )
+    return value
 
 
 def _window(value: object) -> int:

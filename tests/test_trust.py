@@ -13,6 +13,7 @@ import errno
 import logging
 from collections import Counter
 
+import dask
 import numpy as np
 import pytest
 from distributed import Scheduler
@@ -31,7 +32,7 @@ from dask_ftps._store import _io
 from dask_ftps._worker_plugin import ModelCopy
 from dask_ftps.models import MLP, SoftmaxRegression
 
-from .conftest import digits
+from .conftest import digits, same_as_offline
 from .test_plugin import server_id
 
 MODEL = SoftmaxRegression(n_features=4, n_classes=3, seed=0)
@@ -302,10 +303,13 @@ class FullDisk(WrapperStore):
 async def test_a_full_disk_refuses_the_update_and_counts_nothing(
     c, s, a, b, tmp_path, monkeypatch, path, fails
 ):
-    """After ENOSPC the refused update is nowhere: not in status(), records(),
-    the model or the store (when its payload array got written but its record
-    did not, the array is removed: nothing can adopt it later); once there is
-    room again the server goes on."""
+    """After ENOSPC the refused update is nowhere in the live server: not in
+    status(), records() or the model. When its payload array got written whole
+    but its record did not, the array stays (the server cannot know that no
+    start adopted it meanwhile): a start, or recover(), would adopt it, and the
+    update would count once, as the one its task pushes again. Once there is
+    room again the server goes on with an array of another name, and the store
+    and the live server agree bit for bit."""
     where = str(tmp_path / "run.zarr")
     part = "data/" if fails == "payload" else "ftps/log/"
     FullDisk.part = part
@@ -340,12 +344,14 @@ async def test_a_full_disk_refuses_the_update_and_counts_nothing(
     assert snapshot(plugin) == before
     assert await dask_ftps.status(c) == status
     assert await dask_ftps.records(c) == records
-    assert dask_ftps.inspect(where)["updates"] == 1
-    assert dask_ftps.recover(where)[0] == plugin.state.version == 1  # nothing adopted
+    whole = 2 if fails == "record" else 1  # a torn array is never adopted
+    assert dask_ftps.inspect(where)["updates"] == whole
+    assert dask_ftps.recover(where)[0] == whole
+    assert plugin.state.version == 1
     check_reply(await push(1), "push")  # room again: the same update goes in
     assert (await dask_ftps.status(c))["updates"] == 2
-    version, _params = dask_ftps.recover(where)
-    assert version == plugin.state.version == 2
+    assert dask_ftps.inspect(where)["updates"] == 2
+    assert (await same_as_offline(c, where))[0] == plugin.state.version == 2
 
 
 @gen_cluster(client=True)
@@ -609,3 +615,28 @@ async def test_each_check_of_a_workers_copy_refuses_on_its_own(c, s, a, b, tmp_p
         _checked_copy(journal, {**good, "params": other}, version)
     with pytest.raises(dask_ftps.FTPSError, match="arrays"):
         _checked_copy(journal, {**good, "params": {"W0": params["W0"]}}, version)
+
+
+@gen_cluster(client=True, timeout=120)
+async def test_worker_copies_off_rebuilds_from_the_store_alone(c, s, a, b, tmp_path):
+    """``ftps.store.worker-copies: false``: workers hold copies the store vouches
+    for, yet the recovery starts from the snapshot; on (the default), the same
+    recovery starts from a worker's copy. Both give the same model."""
+    store, _journal = await _trained_without_optimizer_state(c, s, tmp_path)
+    expected_version, expected = await dask_ftps.get_model(c)
+    with dask.config.set({"ftps.store.worker-copies": False}):
+        await c.register_plugin(ParameterServer(store))
+    assert (await dask_ftps.status(c))["recovery"]["source"] == "snapshot"
+    await same_as_offline(c, store)
+    await c.register_plugin(ParameterServer(store))
+    assert (await dask_ftps.status(c))["recovery"]["source"] in (a.address, b.address)
+    version, params = await dask_ftps.get_model(c)
+    assert version == expected_version
+    for k, v in expected.items():
+        np.testing.assert_array_equal(params[k], v)
+    with (
+        dask.config.set({"ftps.store.worker-copies": "no"}),
+        pytest.raises(dask_ftps.FTPSError, match="worker-copies must be"),
+    ):
+        await c.register_plugin(ParameterServer(store))
+    assert (await dask_ftps.get_model(c))[0] == expected_version  # still serving
