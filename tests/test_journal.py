@@ -7,6 +7,8 @@ real SIGKILLs of a forked child.
 from __future__ import annotations
 
 import asyncio
+import copy
+import errno
 import itertools
 import json
 import logging
@@ -27,6 +29,7 @@ from dask_ftps import (
     SGD,
     Adam,
     Fenced,
+    NotDurable,
     SpecMismatch,
     StoreCorrupted,
     StoreFormatError,
@@ -391,6 +394,72 @@ def test_damage_to_a_snapshot_written_last_falls_back_exactly(tmp_path):
         for name, value in expected[1].items():
             np.testing.assert_array_equal(got[name], value, err_msg=done)
             np.testing.assert_array_equal(started[name], value, err_msg=done)
+
+
+def _failed_attempt_then(path: str, then: str) -> tuple[int, tuple]:
+    """A store whose writer failed a commit after its payload array was whole
+    (no space for the record), then went on with ``then``: ``"commit"`` (another
+    batch at the same serial, acknowledged) or ``"release"`` (a clean close at
+    that serial). Returns the serial and the live state."""
+
+    async def run():
+        await scenario(path, keep=1)
+        journal = await Journal.open(path)
+        await journal.claim(ADDRESS)
+        state = (await rebuild(journal)).state
+        refused = copy.deepcopy(state)
+        create = journal.io._create
+
+        def no_space(key, value):
+            raise OSError(errno.ENOSPC, "No space left on device", key)
+
+        journal.io._create = no_space
+        with pytest.raises(NotDurable):
+            await commit(journal, refused, scripted_updates(refused, SPEC, 2), 2)
+        journal.io._create = create
+        if then == "commit":
+            await commit(journal, state, scripted_updates(state, SPEC, 1), 1)
+        else:
+            await journal.release("closed")
+        await journal.close()
+        return journal.head.serial, _copy(state)
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("order", [sorted, lambda n: sorted(n, reverse=True)])
+@pytest.mark.parametrize("then", ["commit", "release"])
+def test_a_failed_attempts_array_never_stands_in_for_a_damaged_record(
+    tmp_path, monkeypatch, then, order
+):
+    """A refused batch's whole array stays at its serial (a start may have
+    adopted it). With the record at that serial damaged, only the array the
+    record was the copy of stands in for it, whatever order the store lists
+    them in: the next attempt's (the acknowledged batch), or none (a release
+    record: the damage is named), and a start deletes nothing acknowledged."""
+    from dask_ftps._store import _journal
+
+    path = tmp_path / "run.zarr"
+    serial, expected = _failed_attempt_then(str(path), then)
+    folders = sorted((path / "data").glob(f"{serial:016d}.*"))
+    assert len(folders) == (2 if then == "commit" else 1)
+    listed = _journal._data_dirs
+    monkeypatch.setattr(_journal, "_data_dirs", lambda names: listed(order(names)))
+    record = path / "ftps" / "log" / f"{serial:016d}"
+    raw = bytearray(record.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    record.write_bytes(bytes(raw))
+    if then == "release":
+        with pytest.raises(StoreCorrupted, match=f"{serial:016d}"):
+            dask_ftps.recover(str(path))
+        return
+    version, params = dask_ftps.recover(str(path))
+    assert version == expected[0]
+    for name, value in expected[1].items():
+        np.testing.assert_array_equal(params[name], value)
+    _, state = start(str(path))
+    assert_state(state, expected)
+    assert folders[-1].exists()  # the acknowledged attempt's array
 
 
 def test_a_changed_digit_in_the_newest_record_changes_nothing_and_deletes_nothing(

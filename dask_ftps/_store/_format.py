@@ -125,6 +125,12 @@ def data_dir(serial: int, writer: str, attempt: int = 0) -> str:
     return f"{DATA_PREFIX}{serial:0{_SERIAL_DIGITS}d}.{writer}{suffix}"
 
 
+def data_attempt(folder: str) -> int:
+    """The writer's attempt a payload array's folder (:func:`data_dir`) names."""
+    tail = folder.rstrip("/").rpartition(".")[2]
+    return int(tail.partition("-")[2] or 0)
+
+
 def parse_data_key(key: str) -> tuple[int, str] | None:
     match = _DATA_DIR.match(key)
     return None if match is None else (int(match.group(1)), match.group(2))

@@ -72,6 +72,7 @@ from dask_ftps._store._format import (
     array_document,
     checked_attrs,
     commit_attributes,
+    data_attempt,
     data_dir,
     decode_chunk,
     encode_chunk,
@@ -229,6 +230,7 @@ class Journal:
         raws = await io.get_many([log_key(s) for s in serials])
         records: dict[int, Record] = {}
         damaged: dict[int, StoreCorrupted] = {}
+        damaged_raw: dict[int, bytes] = {}
         for serial, raw in zip(serials, raws, strict=True):
             key = log_key(serial)
             if raw is None:  # deleted since listed (a trim): below any floor
@@ -236,13 +238,13 @@ class Journal:
             try:
                 records[serial] = Record.decode(raw, key)
             except StoreCorrupted as e:
-                damaged[serial] = e
+                damaged[serial], damaged_raw[serial] = e, raw
         if not records:
             if raw_root is not None:
                 parse_root(raw_root)  # another program's, or another format version
             raise next(iter(damaged.values()))
         head = max(max(records), max(damaged, default=-1))
-        await _substitute_from_payloads(io, records, damaged, data_dirs, head)
+        await _substitute_from_payloads(io, records, damaged_raw, data_dirs, head)
         if damaged and max(damaged) > max(records):
             raise damaged[max(damaged)]  # the newest record: nothing stands in for it
         adopted = await _adoptable(io, records, data_dirs, head)
@@ -658,7 +660,8 @@ class Journal:
             # read the store while this writer was paused may have adopted it
             # into its log, and a writer cannot know it was not (see the module's
             # docstring). An array no record names is deleted by the owner's
-            # start or trims; this writer's next commit at ``serial`` replaces it.
+            # start or trims; this writer's next attempt at ``serial`` writes an
+            # array of another name.
             try:
                 await self._write_record(build, built, serial)
             except BaseException:
@@ -737,7 +740,9 @@ class Journal:
         kept = self.snapshots()[:keep][::-1]  # oldest first
         if len(kept) < keep:
             return {"records": 0, "payloads": 0, "snapshots": 0}
-        return await self._delete_below(kept[0], torn=False)
+        # torn: also what a replaced writer left at or below this one's claim
+        # after the start's clean-up ran (a late attempt of a paused writer).
+        return await self._delete_below(kept[0], torn=True)
 
     async def cleanup(self) -> dict[str, int]:
         """After a claim: delete what a crash, a stale server or a torn trim left
@@ -979,37 +984,70 @@ async def _commit_in_payloads(io: StoreIO, folder: str, serial: int) -> Record |
 async def _substitute_from_payloads(
     io: StoreIO,
     records: dict[int, Record],
-    damaged: dict[int, StoreCorrupted],
+    damaged_raw: dict[int, bytes],
     data_dirs: dict[int, list[str]],
     head: int,
 ) -> None:
     """Fill missing or damaged commit records from their payload arrays, from the
-    oldest retained snapshot's range on (below it, a trim may be deleting them)."""
+    oldest retained snapshot's range on (below it, a trim may be deleting them).
+
+    A serial may hold several whole arrays (a writer's failed attempts, a
+    replaced writer's late one): a copy stands in only if it is the one record
+    that fits where it stands: chained to the record before it (and written by
+    that record's writer, as every commit is), chained to by the record after
+    it, and, for a damaged record, the same bytes but for the damage (a few
+    flipped bytes, or a truncation). Otherwise the damage stays named.
+    """
     floors = [r.body.first_serial for r in records.values() if r.kind == "snapshot"]
     low = min(floors, default=0)
     for serial in sorted(data_dirs):
         if serial in records or serial > head or serial < low:
             continue
-        found = [
-            r
-            for r in [
-                await _commit_in_payloads(io, f, serial) for f in data_dirs[serial]
-            ]
-            if r is not None
-        ]
-        # A writer's failed attempts at this serial are complete arrays too: the
-        # one the next record chains to is the one the log held.
-        after = records.get(serial + 1)
-        found.sort(key=lambda r: after is None or r.crc != after.prev)
-        if found:
+        before, after = records.get(serial - 1), records.get(serial + 1)
+        raw = damaged_raw.get(serial)
+        found = []
+        for folder in data_dirs[serial]:
+            record = await _commit_in_payloads(io, folder, serial)
+            if (
+                record is None
+                or (before is not None and record.prev != before.crc)
+                or (before is not None and record.writer != before.writer)
+                or (after is not None and record.crc != after.prev)
+                or (raw is not None and not _damaged_copy(raw, record.encode()))
+            ):
+                continue
+            found.append(record)
+        if len(found) == 1:
             records[serial] = found[0]
             logger.warning(
                 "%s: log record %d is %s; its copy in %s/zarr.json serves",
                 io,
                 serial,
-                "damaged" if serial in damaged else "missing",
+                "damaged" if raw is not None else "missing",
                 found[0].body.data.key,
             )
+        elif found:
+            logger.warning(
+                "%s: log record %d is %s and %d payload arrays could stand in for "
+                "it: none is used",
+                io,
+                serial,
+                "damaged" if raw is not None else "missing",
+                len(found),
+            )
+
+
+def _damaged_copy(damaged: bytes, intact: bytes) -> bool:
+    """Whether ``damaged`` is ``intact`` with a few bytes changed, or cut short."""
+    if len(damaged) == len(intact):
+        a = np.frombuffer(damaged, np.uint8)
+        b = np.frombuffer(intact, np.uint8)
+        return int(np.count_nonzero(a != b)) <= _DAMAGED_BYTES
+    return len(damaged) < len(intact) and intact.startswith(damaged)
+
+
+#: Bytes a damaged record may differ in from the copy that stands in for it.
+_DAMAGED_BYTES = 8
 
 
 async def _adoptable(
@@ -1018,12 +1056,16 @@ async def _adoptable(
     data_dirs: dict[int, list[str]],
     head: int,
 ) -> Record | None:
-    """A complete commit right after the log's head whose record is missing."""
+    """A complete commit right after the log's head whose record is missing: by
+    the head's writer (only it continues the log without a claim), chained to
+    the head, its chunk whole; of several such (attempts whose record failed),
+    the writer's last attempt."""
     if head not in records:
         return None
-    for folder in data_dirs.get(head + 1, ()):
+    last = records[head]
+    for folder in sorted(data_dirs.get(head + 1, ()), key=data_attempt, reverse=True):
         record = await _commit_in_payloads(io, folder, head + 1)
-        if record is None or record.prev != records[head].crc:
+        if record is None or record.prev != last.crc or record.writer != last.writer:
             continue
         key = f"{folder}/{COMMIT_CHUNK_KEY}"
         raw = await io.get(key)
