@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from distributed.comm import CommClosedError
 
 import dask_ftps
 from dask_ftps._processes import Process, free_port, start_scheduler, start_workers
@@ -429,13 +430,19 @@ class _Harness:
         cluster.start_scheduler(aimed_share)
         status = self.wait_served()
         served = time.perf_counter() - cluster.scheduler.started
-        try:
-            exact, duplicates = _exact(self.client, cluster.store)
-        except Exception:
-            if cluster.scheduler.alive:
-                raise
-            logger.info("the scheduler died during its checks", exc_info=True)
-            return None
+        for attempt in range(3):
+            try:
+                exact, duplicates = _exact(self.client, cluster.store)
+                break
+            except Exception as e:
+                if not cluster.scheduler.alive:
+                    logger.info("the scheduler died during its checks", exc_info=True)
+                    return None
+                if attempt == 2 or not isinstance(e, (CommClosedError, OSError)):
+                    raise
+                # A pooled connection to the scheduler before the restart.
+                logger.info("checks met a closed connection (%r): again", e)
+                time.sleep(0.2)
         return Recovery(
             kind, acknowledged, before["updates"], status["updates"],
             before["version"], status["version"], served, exact, duplicates,

@@ -49,19 +49,33 @@ def records(client: Client) -> dict[str, list[dict]]:
     return client.sync(_records, client)
 
 
+async def _read(client: Client, op: str) -> dict:
+    """Ask the scheduler ``op`` (a read that changes nothing); asked once more on a
+    closed connection: the client's pool may hand out a connection to a
+    scheduler that has since been restarted on the same address."""
+    from distributed.comm import CommClosedError
+
+    handler = getattr(client.scheduler, op)
+    try:
+        reply = await handler()
+    except CommClosedError:
+        reply = await handler()
+    return check_reply(reply, op)
+
+
 async def _records(client: Client) -> dict[str, list[dict]]:
-    reply = check_reply(await client.scheduler.ftps_records(), "ftps_records")
+    reply = await _read(client, "ftps_records")
     reply.pop("status")
     return reply
 
 
 async def _get_model(client: Client) -> tuple[int, dict[str, np.ndarray]]:
-    reply = check_reply(await client.scheduler.ftps_get_model(), "ftps_get_model")
+    reply = await _read(client, "ftps_get_model")
     return reply["version"], reply["params"]
 
 
 async def _status(client: Client) -> dict:
-    reply = check_reply(await client.scheduler.ftps_status(), "ftps_status")
+    reply = await _read(client, "ftps_status")
     reply.pop("status")
     return reply
 
