@@ -186,16 +186,58 @@ class ModelVersion:
 
 def field_server(value: object, op: str) -> ServerId:
     """The ``server_id`` field every message of a run carries (as
-    ``ftps_begin_run`` answered it): a short non-empty string."""
-    from dask_ftps._exceptions import ServerReplaced
-
+    ``ftps_begin_run`` answered it): a non-empty string of at most
+    ``MAX_SERVER_ID`` characters. A malformed one is :class:`InvalidRequest`;
+    a well-formed one of another server is the server's to refuse
+    (:class:`~dask_ftps.ServerReplaced`)."""
     if value is None:
         raise InvalidRequest(
             f"{op} must name the server_id its run began on (ftps_begin_run answers it)"
         )
-    if not isinstance(value, str) or not 0 < len(value) <= 128:
-        raise ServerReplaced(f"{op}: server_id {value!r:.80} names no server")
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_SERVER_ID:
+        raise InvalidRequest(
+            f"{op}: server_id must be a non-empty string of at most "
+            f"{MAX_SERVER_ID} characters, got {type(value).__name__} {value!r:.80}"
+        )
     return ServerId(value)
+
+
+#: Longest server id a message may name.
+MAX_SERVER_ID = 128
+#: A ``train()`` call's holder id: ``"<Dask client id>/<hex token>"``.
+_HOLDER = re.compile(r"[A-Za-z0-9_.:-]{1,128}/[0-9a-f]{1,64}")
+#: Most holders a ``live`` list may name (one client's train() calls at once).
+MAX_LIVE = 64
+
+
+def field_holder(value: object, name: str = "holder") -> Holder:
+    """A ``train()`` call's holder id, ``"<client id>/<hex token>"`` (the
+    client id of letters, digits and ``_.:-``, at most 128 characters; the
+    token of at most 64 lowercase hex digits)."""
+    if not isinstance(value, str) or _HOLDER.fullmatch(value) is None:
+        raise InvalidRequest(
+            f"{name} must be '<client id>/<hex token>', got "
+            f"{type(value).__name__} {value!r:.80}"
+        )
+    return Holder(value)
+
+
+def field_live(value: object, holder: Holder | None) -> frozenset[Holder]:
+    """``live``: the caller's client's train() calls still running, each a
+    holder of that same client (at most ``MAX_LIVE``); none without a holder."""
+    if not isinstance(value, list | tuple) or len(value) > MAX_LIVE:
+        raise InvalidRequest(f"live must be a list of at most {MAX_LIVE} holders")
+    own = None if holder is None else holder_client(holder)
+    live = set()
+    for entry in value:
+        checked = field_holder(entry, "a live holder")
+        if holder_client(checked) != own:
+            raise InvalidRequest(
+                f"live may only name the calls of the caller's own client "
+                f"({own!r}), got {checked!r:.80}"
+            )
+        live.add(checked)
+    return frozenset(live)
 
 
 def holder_client(holder: str) -> str:

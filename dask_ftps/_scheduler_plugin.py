@@ -42,7 +42,9 @@ from dask_ftps._core import (
     Version,
     WorkerId,
     download_entries,
+    field_holder,
     field_int,
+    field_live,
     field_server,
     field_step,
     field_str,
@@ -408,10 +410,8 @@ class ParameterServer(SchedulerPlugin):
         ``server_id`` the server the caller expects (from ``ftps_status``)."""
         run_spec = RunSpec.from_dict(spec)
         run_name = field_str("name", name)
-        caller = None if holder is None else Holder(field_str("holder", holder))
-        if not isinstance(live, list | tuple) or len(live) > 10_000:
-            raise InvalidRequest("live must be a list of holders")
-        mine = {field_str("a live holder", h) for h in live}
+        caller = None if holder is None else field_holder(holder)
+        mine = field_live(live, caller)
         expect = None if server_id is None else field_server(server_id, "begin_run")
         clients = self.scheduler.clients
         own = None if caller is None else holder_client(caller)
@@ -428,11 +428,11 @@ class ParameterServer(SchedulerPlugin):
     async def end_run(self, server_id: object, run: object, holder: object) -> dict:
         """The ``train()`` call ``holder`` ended: it holds ``run`` no more."""
         server = self.server
-        server.check_server(field_server(server_id, "end_run"), "the run")
-        return server.release(
-            field_int("run", run, maximum=MAX_COUNT),
-            Holder(field_str("holder", holder)),
-        )
+        expect = field_server(server_id, "end_run")
+        run_number = field_int("run", run, maximum=MAX_COUNT)
+        caller = field_holder(holder)
+        server.check_server(expect, "the run")
+        return server.release(run_number, caller)
 
     @_replies_errors
     async def find_run(

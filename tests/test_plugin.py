@@ -44,6 +44,7 @@ def snapshot(state) -> dict:
         "global": list(state.global_rows),
         "downloads": list(state.downloads),
         "clocks": [list(r.clocks) for r in state.runs],
+        "holders": [(r.holder, r.superseded) for r in state.runs],
         "pending": copy.copy(state.pending),
     }
 
@@ -273,6 +274,61 @@ BAD_REQUESTS = {
         "unknown run",
     ),
     "pull-missing-keys": ("ftps_pull", {"worker": "w"}, "ftps_pull|pull"),
+    # Who holds a run, and which server a message names (contract 8).
+    "begin-holder-not-hex": (
+        "ftps_begin_run",
+        {"spec": SPEC, "holder": "Client-a/ended"},
+        "holder",
+    ),
+    "begin-holder-no-client": ("ftps_begin_run", {"spec": SPEC, "holder": "/1"}, "holder"),
+    "begin-holder-long": (
+        "ftps_begin_run",
+        {"spec": SPEC, "holder": "C" * 129 + "/1"},
+        "holder",
+    ),
+    "begin-holder-newline": (
+        "ftps_begin_run",
+        {"spec": SPEC, "holder": "Client-a/1\n"},
+        "holder",
+    ),
+    "begin-live-another-client": (
+        "ftps_begin_run",
+        {"spec": SPEC, "holder": "Client-a/1", "live": ["Client-a/1", "Client-b/1"]},
+        "own client",
+    ),
+    "begin-live-without-holder": (
+        "ftps_begin_run",
+        {"spec": SPEC, "live": ["Client-a/1"]},
+        "own client",
+    ),
+    "begin-live-bad-entry": (
+        "ftps_begin_run",
+        {"spec": SPEC, "holder": "Client-a/1", "live": ["Client-a/1", "Client-a"]},
+        "live holder",
+    ),
+    "begin-live-too-many": (
+        "ftps_begin_run",
+        {"spec": SPEC, "holder": "Client-a/1", "live": [f"Client-a/{i:x}" for i in range(65)]},
+        "at most 64",
+    ),
+    "begin-server-id-int": ("ftps_begin_run", {"spec": SPEC, "server_id": 7}, "server_id"),
+    "begin-server-id-empty": ("ftps_begin_run", {"spec": SPEC, "server_id": ""}, "server_id"),
+    "next-server-id-long": (
+        "ftps_next_step",
+        {"run": 0, "shard": 0, "server_id": "s" * 129},
+        "server_id",
+    ),
+    "next-server-id-bytes": (
+        "ftps_next_step",
+        {"run": 0, "shard": 0, "server_id": b"id"},
+        "server_id",
+    ),
+    "end-run-holder-not-hex": ("ftps_end_run", {"run": 0, "holder": "Client-a/x"}, "holder"),
+    "end-run-server-id-list": (
+        "ftps_end_run",
+        {"run": 0, "holder": "Client-a/1", "server_id": ["id"]},
+        "server_id",
+    ),
     "push-missing-keys": ("ftps_push", {"worker": "w"}, "push"),
 }
 

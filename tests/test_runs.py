@@ -238,7 +238,7 @@ async def test_a_call_after_one_that_ended_takes_its_run_over(c, s, a, b):
     await c.register_plugin(ParameterServer(model=DIGITS, optimizer=SGD(lr=0.5)))
     plugin = s.plugins["ftps"]
     spec = RunSpec((len(y_train),), batch_size=32, epochs=1)
-    stale = Holder(f"{c.id}/ended")
+    stale = Holder(f"{c.id}/e0ded")
     check_reply(
         await c.scheduler.ftps_begin_run(spec=spec.to_dict(), holder=stale), "begin"
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import errno
 import logging
+import re
 from collections import Counter
 
 import dask
@@ -21,7 +22,7 @@ from distributed.comm.core import CommClosedError
 from distributed.protocol.serialize import ToPickle
 from distributed.utils import sync
 from distributed.utils_test import captured_logger, gen_cluster
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from zarr.storage import LocalStore, WrapperStore
 
@@ -58,7 +59,7 @@ def snapshot(plugin) -> dict:
         "global": list(state.global_rows),
         "downloads": list(state.downloads),
         "runs": [
-            (r.name, r.spec, list(r.clocks), r.superseded, dict(r.history))
+            (r.name, r.spec, list(r.clocks), r.superseded, dict(r.history), r.holder)
             for r in state.runs
         ],
         "pending": copy.copy(state.pending),
@@ -198,6 +199,76 @@ def test_hostile_fields_of_every_handler_are_refused_and_change_nothing(server, 
     if reply["status"] != "OK":
         assert hostile  # a valid request is never refused
         assert snapshot(plugin) == before, (name, kwargs)
+
+
+#: Who holds a run and which server a message names: hostile values, also
+#: near misses of the valid forms.
+HOSTILE_IDENTITY = st.one_of(
+    HOSTILE,
+    st.sampled_from(
+        [
+            "", "s" * 129, "Client-a/ended", "Client-a/1\n", "/1", "Client-a/",
+            "Client a/1", "Client-a/" + "0" * 65, "C" * 129 + "/1", "Client-b/1",
+            "Client-a/1/2", "Client-a/ABC",
+        ]
+    ),
+    st.lists(
+        st.sampled_from(["Client-a/1", "Client-a/2f", "Client-b/1", "Client-a/zz", 7]),
+        max_size=3,
+    ),
+    st.just([f"Client-a/{i:x}" for i in range(65)]),
+)  # fmt: skip
+_HOLDER = re.compile(r"[A-Za-z0-9_.:-]{1,128}/[0-9a-f]{1,64}")
+
+
+def _malformed(name: str, kwargs: dict) -> bool:
+    """Whether contract 8 refuses the identity fields of a ``name`` request."""
+    sid = kwargs.get("server_id")
+    if not (sid is None and name == "begin_run") and not (
+        isinstance(sid, str) and 0 < len(sid) <= 128
+    ):
+        return True
+    holder = kwargs.get("holder")
+
+    def is_holder(h):
+        return isinstance(h, str) and _HOLDER.fullmatch(h) is not None
+
+    if name == "end_run" or (name == "begin_run" and holder is not None):
+        if not is_holder(holder):
+            return True
+    if name != "begin_run":
+        return False
+    live = kwargs.get("live")
+    own = None if holder is None else holder.rpartition("/")[0]
+    return (
+        not isinstance(live, list | tuple)
+        or len(live) > 64
+        or not all(is_holder(h) and h.rpartition("/")[0] == own for h in live)
+    )
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_malformed_holders_and_server_ids_are_invalid_requests(server, data):
+    """Contract 8 for the fields that say who holds a run and which server a
+    message is for: a malformed one is InvalidRequest (not ServerReplaced, not
+    accepted), and changes nothing."""
+    loop, plugin, _ = server
+    name = data.draw(st.sampled_from(["begin_run", "end_run", "next_step", "pull"]))
+    kwargs = _valid(plugin, name)
+    fields = [f for f in ("server_id", "holder", "live") if f in kwargs]
+    for field in data.draw(st.lists(st.sampled_from(fields), min_size=1, unique=True)):
+        kwargs[field] = data.draw(HOSTILE_IDENTITY)
+    assume(_malformed(name, kwargs))
+    before = snapshot(plugin)
+    reply = sync(loop, getattr(plugin, name), **kwargs)
+    assert reply["status"] == "error", (name, kwargs)
+    assert reply["exception_text"].startswith("InvalidRequest("), reply
+    assert snapshot(plugin) == before, (name, kwargs)
 
 
 def test_after_hostile_requests_the_server_trains_and_its_store_is_exact(server):
