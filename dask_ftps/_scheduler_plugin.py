@@ -380,6 +380,20 @@ class ParameterServer(SchedulerPlugin):
         if self._server is not None:
             self._server.forget_worker(worker)
 
+    def remove_client(self, scheduler: Scheduler, client: str) -> None:
+        """A client disconnected: its train() calls hold no run any more (also
+        the calls that ended without releasing theirs: a lost ``ftps_begin_run``
+        reply, a client that was reconnecting when the call ended)."""
+        if self._server is None:
+            return
+        for run in self._server.state.release_client(client):
+            logger.info(
+                "Run %d (%r) released: its client %s disconnected",
+                run.run,
+                run.name,
+                client,
+            )
+
     # -- handlers: every field is checked here, before anything changes ---------
 
     def _check_replaceable(self, old: Server) -> None:
@@ -395,6 +409,10 @@ class ParameterServer(SchedulerPlugin):
                 "still connected: a new server would end that run. Wait for its "
                 "train() to end (or close that client), or use another scheduler"
             )
+        # No await between this check and the retirement's: a begin_run waiting
+        # for the old server's state is refused from now on, and takes no hold
+        # that the retirement would end.
+        old.retiring = True
 
     @_replies_errors
     async def begin_run(
@@ -631,6 +649,9 @@ class ParameterServer(SchedulerPlugin):
             open_journal, self.scheduler.address, self._owner_alive, self._rebuild
         )
         rebuilt.state.incarnation = incarnation
+        if old_server is not None and old_server.server_id == journal.meta.run_id:
+            # The same runs go on here: so do the train() calls holding them.
+            rebuilt.state.adopt_holders(old_server.state)
         previous = journal.records[journal.claim_serial - 1].incarnation
         if journal.committed or previous:
             logger.warning(

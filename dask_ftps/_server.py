@@ -145,6 +145,9 @@ class Server:
         #: id (a fresh memory-only server shares no run with another).
         self.server_id = ServerId(self.run_id or self.identity)
         self.published: ModelVersion = state.model
+        #: Set (with no await before its retirement) once a newly registered
+        #: server is to replace this one: no run begins here any more.
+        self.retiring = False
         #: Called with a dict for each run started, snapshot and refusal (the
         #: plugin logs them as events on the scheduler's ``ftps`` topic).
         self.on_event: Callable[[dict], None] | None = None
@@ -199,8 +202,10 @@ class Server:
         """Begin (or find) the run ``name`` with ``spec`` for ``holder``; with
         ``expect``, only if this server is still the one the caller asked."""
         self.check_server(expect, "the run to begin")
+        self._check_not_retiring()
         async with self._quiet():
             self.check_healthy()
+            self._check_not_retiring()  # marked while this call waited
             mark = self.state.mark()
             runs = len(self.state.runs)
             run = self.state.begin_run(spec, name, holder, alive)
@@ -248,6 +253,14 @@ class Server:
             "history": [run.history[e] for e in sorted(run.history)],
             "version": int(self.published.version),
         }
+
+    def _check_not_retiring(self) -> None:
+        if self.retiring:
+            raise ServerReplaced(
+                "the scheduler's parameter server is being replaced by a newly "
+                "registered one: no run begins on it. Call train() again to train "
+                "on the new server"
+            )
 
     def release(self, run: int, holder: Holder) -> dict:
         """``holder`` ended: it no longer trains ``run``."""

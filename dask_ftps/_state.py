@@ -33,6 +33,7 @@ from dask_ftps._core import (
     UpdateId,
     Version,
     WorkerId,
+    holder_client,
 )
 from dask_ftps._exceptions import (
     DuplicateUpdate,
@@ -251,7 +252,6 @@ class ParameterServerState:
             last = self.runs[-1]
             self._check_free(last, holder, alive, "start a run that supersedes it")
             last.superseded = True
-            last.holder = None
             self.pending.clear()  # its open sync round will never merge
             logger.warning(
                 "Run %d superseded by a new run with another spec at version %d",
@@ -291,6 +291,29 @@ class ParameterServerState:
         state = self.get_run(run)
         if state.holder == holder:
             state.holder = None
+
+    def release_client(self, client: str) -> list[RunState]:
+        """Every call of Dask client ``client`` ended (it disconnected): the runs
+        they held are free; return them."""
+        freed = []
+        for run in self.runs:
+            if run.holder is not None and holder_client(run.holder) == client:
+                run.holder = None
+                freed.append(run)
+        return freed
+
+    def adopt_holders(self, old: ParameterServerState) -> None:
+        """Keep the holds of ``old``, a server of the same runs (its store's run
+        id) that this one replaces: each unfinished run here is held by the call
+        that held the run of the same number and spec there."""
+        for run in self.runs:
+            if run.finished or run.superseded or run.run >= len(old.runs):
+                continue
+            before = old.runs[run.run]
+            if (before.spec, before.name) == (run.spec, run.name) and not (
+                before.superseded
+            ):
+                run.holder = before.holder
 
     def held(self, alive: Callable[[Holder], bool]) -> RunState | None:
         """The unfinished run a live call trains, if any."""

@@ -71,6 +71,23 @@ def test_a_run_a_live_call_holds_is_neither_resumed_nor_superseded_by_another():
     assert state.held(_alive(a, b)) is None
 
 
+def test_a_failed_run_start_leaves_the_current_runs_holder_alone():
+    """A call starting a run that supersedes the one it holds, whose start is
+    then rolled back (its record could not be made durable): the run it held
+    is held as before, not left free for another client."""
+    state = _state()
+    a, b = Holder("Client-a/1"), Holder("Client-b/1")
+    run = state.begin_run(RunSpec((8, 8), batch_size=4, epochs=1), holder=a)
+    mark = state.mark()
+    state.begin_run(RunSpec((8, 8), 2, 1), "other", holder=a, alive=_alive(a))
+    assert run.superseded
+    state.rollback(mark)
+    assert not run.superseded and run.holder == a
+    with pytest.raises(RunInUse, match="Client-a"):
+        state.begin_run(RunSpec((8, 8), 2, 1), "b's", holder=b, alive=_alive(a))
+    assert state.held(_alive(a)) is run
+
+
 def test_a_finished_run_is_returned_for_the_same_spec_and_refused_for_another():
     state = _state()
     spec = RunSpec((8,), batch_size=4, epochs=1)
@@ -147,6 +164,110 @@ async def test_a_server_on_the_same_store_goes_on_with_its_runs(c, s, a, b, tmp_
     assert await server_id(c) == begun["server_id"]
     await push(c, "0:0:1:0", server_id=begun["server_id"], incarnation=2)
     assert s.plugins["ftps"].state.updates == 2
+
+
+@gen_cluster(client=True)
+async def test_a_server_on_the_same_store_keeps_the_holds_of_its_runs(
+    c, s, a, b, tmp_path
+):
+    """Registered again on the same store (a rebuild) while a connected
+    client's call trains a run: that call still holds it, so another client can
+    neither resume it nor supersede it."""
+    store = str(tmp_path / "run.zarr")
+    await c.register_plugin(ParameterServer(store, model=MODEL))
+    holder = Holder(f"{c.id}/a1")
+    begun = check_reply(
+        await c.scheduler.ftps_begin_run(spec=SPEC, name="r", holder=holder), "begin"
+    )
+    await push(c, server_id=begun["server_id"])
+    async with Client(s.address, asynchronous=True) as c2:
+        await c2.register_plugin(ParameterServer(store))  # the same runs go on
+        state = s.plugins["ftps"].state
+        assert state.incarnation == 2 and state.runs[0].holder == holder
+        other = Holder(f"{c2.id}/b2")
+        for name, spec in (("r", SPEC), ("other", {**SPEC, "epochs": 2})):
+            reply = await c2.scheduler.ftps_begin_run(
+                spec=spec, name=name, holder=other, live=[other]
+            )
+            with pytest.raises(RunInUse, match=c.id):
+                check_reply(reply, "begin")
+        assert len(state.runs) == 1 and state.runs[0].holder == holder
+    await push(c, "0:0:1:0", server_id=begun["server_id"], incarnation=2)
+    assert s.plugins["ftps"].state.updates == 2
+
+
+@gen_cluster(client=True)
+async def test_a_client_that_goes_holds_no_run(c, s, a, b):
+    """A client's call that never released its run (its begin_run reply was
+    lost, or the client was reconnecting when it ended): once the client
+    disconnects, the run is free, also when the same client comes back."""
+    await c.register_plugin(ParameterServer(model=MODEL))
+    state = s.plugins["ftps"].state
+    async with Client(s.address, asynchronous=True) as c2:
+        leaked = Holder(f"{c2.id}/1eaced")
+        check_reply(
+            await c2.scheduler.ftps_begin_run(spec=SPEC, holder=leaked), "begin"
+        )
+        assert state.runs[0].holder == leaked
+        # The comm drops; the client reconnects with its id.
+        await s.client_comms[c2.id].comm.close()
+        await async_poll_for(lambda: state.runs[0].holder is None, timeout=10)
+        await async_poll_for(lambda: c2.id in s.clients, timeout=20)
+        await async_poll_for(lambda: c2.status == "running", timeout=20)
+        other = Holder(f"{c.id}/2")
+        begun = check_reply(
+            await c.scheduler.ftps_begin_run(
+                spec={**SPEC, "epochs": 2}, name="mine", holder=other
+            ),
+            "begin",
+        )
+        assert begun["run"] == 1 and state.runs[0].superseded
+        check_reply(
+            await c.scheduler.ftps_end_run(
+                server_id=begun["server_id"], run=1, holder=other
+            ),
+            "end",
+        )
+        # A client that closes without releasing: free as well.
+        check_reply(
+            await c2.scheduler.ftps_begin_run(
+                spec=SPEC, name="again", holder=leaked, live=[leaked]
+            ),
+            "begin",
+        )
+        assert state.runs[2].holder == leaked
+    await async_poll_for(lambda: state.runs[2].holder is None, timeout=10)
+
+
+@gen_cluster(client=True)
+async def test_a_run_begun_while_its_server_is_replaced_is_refused(c, s, a, b):
+    """A begin_run waiting for the old server's state when a new server passed
+    its check: it takes no hold there (the retirement would end its run)."""
+    await c.register_plugin(ParameterServer(model=MODEL))
+    old = s.plugins["ftps"].server
+    await old._lock.acquire()  # the old server is busy (a batch being written)
+    released = False
+    try:
+        begin = asyncio.ensure_future(
+            c.scheduler.ftps_begin_run(
+                spec=SPEC, holder=f"{c.id}/1", server_id=old.server_id
+            )
+        )
+        await async_poll_for(lambda: len(old._lock._waiters or ()) == 1, timeout=10)
+        register = asyncio.ensure_future(
+            c.register_plugin(ParameterServer(model=MODEL))
+        )
+        await async_poll_for(lambda: len(old._lock._waiters or ()) == 2, timeout=10)
+        old._lock.release()  # the begin_run waited first: it goes first
+        released = True
+        with pytest.raises(ServerReplaced, match="being replaced"):
+            check_reply(await begin, "begin")
+        await register
+    finally:
+        if not released:
+            old._lock.release()
+    assert s.plugins["ftps"].server is not old
+    assert old.state.runs == []
 
 
 # -- two calls at once ----------------------------------------------------------------
