@@ -278,7 +278,7 @@ def _read_table(path: Path, kind: str):
         ) from None
     try:
         if kind == ".csv":
-            return pd.read_csv(path)
+            return pd.read_csv(path, **_float_parsing(pd))
         return pd.read_parquet(path)
     except ImportError:
         raise DataError(
@@ -289,6 +289,22 @@ def _read_table(path: Path, kind: str):
     except Exception as e:  # any failure to parse is the file's
         what = "CSV" if kind == ".csv" else "Parquet"
         raise DataError(f"cannot read {path} as {what}: {one_line(e)}") from e
+
+
+def _float_parsing(pd) -> dict[str, str]:
+    """``read_csv``'s options that parse each number to the float64 nearest it.
+
+    Before pandas 3.1 the C parser's default converter is not correctly rounded
+    (``987901288843104896.0``, a float64 exactly, reads as the next float64,
+    ``987901288843105024``): ``float_precision="round_trip"`` parses as Python's
+    :func:`float` does. From 3.1 every converter is the correctly rounded one and
+    the option is deprecated.
+    """
+    try:
+        major, minor = (int(part) for part in pd.__version__.split(".")[:2])
+    except ValueError:  # an unusual version string: keep the option
+        return {"float_precision": "round_trip"}
+    return {} if (major, minor) >= (3, 1) else {"float_precision": "round_trip"}
 
 
 def _split_columns(frame, target: str | None, path: Path):
@@ -335,6 +351,8 @@ def _check_exact_text(path: Path, column: int, y: np.ndarray, target: str) -> No
     such as ``2.0000000000000001``: two labels could become one class. Every
     label whose parsed value is a whole number must equal its text exactly;
     labels that parse to fractions are left to :func:`_encode`, which refuses them.
+    Each text is compared with the value parsed from it in its own row (``y``),
+    so a parser that rounds a text other than :func:`float` does is caught too.
 
     Parameters
     ----------
@@ -363,11 +381,15 @@ def _check_exact_text(path: Path, column: int, y: np.ndarray, target: str) -> No
         ).iloc[:, 0]
     except Exception as e:  # read once already: a failure now is the file's
         raise DataError(f"cannot read {path} as CSV: {one_line(e)}") from e
-    for text in texts.unique():
+    if len(texts) != len(y):  # both reads skip the same lines: never expected
+        raise DataError(
+            f"{path}: the label column {target!r} read as {len(y)} values but "
+            f"{len(texts)} texts: cannot check that each label is read exactly"
+        )
+    for text, value in dict.fromkeys(zip(texts.tolist(), y.tolist(), strict=True)):
         try:
             exact = Decimal(text.strip())
-            value = float(text)
-        except (InvalidOperation, ValueError):
+        except InvalidOperation:
             logger.debug("%s: label text %r not checked for exactness", path, text)
             continue
         if exact.is_finite() and exact != Decimal(value):

@@ -8,6 +8,7 @@ run ``dask-ftps train`` itself.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tempfile
@@ -132,6 +133,18 @@ def test_parquet_and_npz_float_labels_beyond_int64(tmp_path) -> None:
         _classes_are_the_labels(data, [Decimal(v) for v in y])
 
 
+def test_whole_float64_labels_written_exactly_are_two_classes(tmp_path) -> None:
+    """Two neighbouring float64s, each written exactly: pandas 2's default float
+    parser read the first as the second (one class of two labels); they are
+    parsed correctly rounded, and the check compares each text with the value
+    parsed from it."""
+    texts = ["987901288843104896.0", "987901288843105024.0"]
+    assert all(not _float64_cannot_hold(text) for text in texts)
+    data = _data.load(_csv(tmp_path, texts * 2), test_size=0, scale=False)
+    assert data.labels() == [987901288843104896, 987901288843105024]
+    _classes_are_the_labels(data, [Decimal(text) for text in texts * 2])
+
+
 # -- any set of distinct labels ----------------------------------------------------
 
 #: A label as (its exact value, its text in a CSV): integers of any size, written
@@ -145,7 +158,29 @@ _labels = st.one_of(
     st.integers(-(2**64), 2**64).map(
         lambda n: (Decimal(float(n)), repr(float(n)))  # whole floats, large too
     ),
+    st.integers(-(2**70), 2**70).map(
+        lambda n: (Decimal(float(n)), f"{int(float(n))}.0")  # written exactly
+    ),
 )
+
+
+def _float64_cannot_hold(text: str) -> bool:
+    """Whether a number's text is not exactly any float64 (``0.1``, ``1e23``)."""
+    return Decimal(text) != Decimal(float(text))
+
+
+def _refused_for_a_reason(texts: list[str], error: _data.DataError) -> None:
+    """A refusal names a label that float64 cannot hold, or the labels hold a
+    fraction (``0.5`` is a float64, but no class label)."""
+    message = str(error)
+    assert "\n" not in message
+    named = re.search(r"the label '(.*)' of 'y' cannot be held exactly", message)
+    if named:
+        assert named[1] in texts and _float64_cannot_hold(named[1]), (texts, message)
+    else:
+        assert "non-integer numbers" in message, (texts, message)
+        fractions = [t for t in texts if Decimal(t) != Decimal(t).to_integral_value()]
+        assert fractions, (texts, message)
 
 
 @settings(max_examples=150, deadline=None)
@@ -153,13 +188,16 @@ _labels = st.one_of(
 def test_distinct_csv_labels_are_that_many_classes_or_refused(labels) -> None:
     values = [value for value, _ in labels]
     with tempfile.TemporaryDirectory() as folder:
-        path = _csv(Path(folder), [text for _, text in labels])
+        texts = [text for _, text in labels]
         try:
-            data = _data.load(path, test_size=0, scale=False)
+            data = _data.load(_csv(Path(folder), texts), test_size=0, scale=False)
         except _data.DataError as e:
-            assert "\n" not in str(e)
+            _refused_for_a_reason(texts, e)
             return
-    _classes_are_the_labels(data, values)
+    assert data.n_classes == len(labels), (data.labels(), texts)  # all distinct
+    for code, text, value in zip(data.y_train, texts, values, strict=True):
+        label = data.classes[code]  # a name if pandas read the column as text
+        assert label == text if isinstance(label, str) else _exact(label) == value
 
 
 @settings(max_examples=100, deadline=None)
