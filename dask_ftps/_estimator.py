@@ -17,9 +17,9 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from dask_ftps._client import get_model
+from dask_ftps._client import get_model, status
 from dask_ftps._core import MODES
-from dask_ftps._exceptions import FTPSError
+from dask_ftps._exceptions import FTPSError, ServerReplaced
 from dask_ftps._scheduler_plugin import ParameterServer
 from dask_ftps.models import MLP, Model, SoftmaxRegression
 from dask_ftps.optim import SGD, Adam, Optimizer
@@ -39,6 +39,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _OPTIMIZERS = ("sgd", "adam")
+
+
+def _server_id_of(client: Client, registration: str) -> str | None:
+    """The server id of the server registered as ``registration``, or None if
+    another one replaced it already (train() then refuses it)."""
+    reply = status(client)
+    if reply.get("registration") != registration:
+        return None
+    return reply.get("server_id")
 
 
 class FTPSClassifier(ClassifierMixin, BaseEstimator):
@@ -355,10 +364,14 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
                 )
                 client.register_plugin(server)
                 self.model_ = model
-                self._registration = server.registration
+                # The server this call registered, and no other's (train()
+                # refuses another); later calls check the server's id, which
+                # the store's runs keep across restarts and re-registrations.
+                registration = server.registration
+                self._server_id = _server_id_of(client, registration)
                 history, run_name = [], ""
             else:
-                self._check_server(client)
+                registration = self._check_server(client)
                 history, run_name = self.history_, f"partial-{self.n_iter_}"
             settings = _Settings(
                 epochs=epochs,
@@ -371,8 +384,7 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
                 early_stopping=self.n_iter_no_change if self.early_stopping else None,
                 tol=self.tol,
                 callbacks=tuple(self.callbacks or ()),
-                # The server this estimator registered, and no other's.
-                registration=getattr(self, "_registration", None),
+                registration=registration,
             )
             result = _train_call(client, X, y, settings, validation)
             version, params = get_model(client)
@@ -384,7 +396,21 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
         self.n_iter_ = len(self.history_)
         return self
 
-    def _check_server(self, client: Client) -> None:
+    def _check_server(self, client: Client) -> str | None:
+        """Refuse a server that does not go on with this estimator's model: not
+        the server id saved at registration (another store's server, or a fresh
+        memory-only one), or another model there (trained by someone else since).
+        A server of the same store (the scheduler restarted with a preload, or
+        one registered again on the store) goes on. Returns its registration,
+        for train() to refuse any server that replaces it meanwhile."""
+        reply = status(client)
+        expected = getattr(self, "_server_id", None)
+        if expected is not None and reply.get("server_id") != expected:
+            raise ServerReplaced(
+                "the cluster's parameter server no longer holds this estimator's "
+                "model: it is not the one this estimator trained (another fit or "
+                "client replaced it). Call fit to start again"
+            )
         version, params = get_model(client)
         ours = version == self.version_ and set(params) == set(self.params_)
         ours = ours and all(
@@ -395,6 +421,7 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
                 "the cluster's parameter server no longer holds this estimator's "
                 "model (another fit replaced it): call fit to start again"
             )
+        return None if expected is None else reply.get("registration")
 
     def _model(self, seed: int) -> Model:
         hidden = tuple(self.hidden_layer_sizes)

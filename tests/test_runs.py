@@ -572,6 +572,29 @@ def test_a_fit_whose_server_another_client_replaced_never_trains_it(
     assert (status["updates"], status["runs"]) == (0, 0)
 
 
+def test_partial_fit_goes_on_on_a_server_registered_again_on_its_store(
+    cluster_client, tmp_path
+):
+    """Another ParameterServer registered on the estimator's store (or a
+    scheduler restarted with a preload) goes on with the same runs: partial_fit
+    trains it; a server of another store is refused."""
+    from dask_ftps import FTPSClassifier
+
+    X, y = _iris()
+    store = str(tmp_path / "iris.zarr")
+    clf = FTPSClassifier(store=store, client=cluster_client, random_state=0)
+    clf.partial_fit(X, y, classes=np.unique(y))
+    cluster_client.register_plugin(ParameterServer(store))  # a new registration
+    version = clf.version_
+    clf.partial_fit(X, y)
+    assert clf.n_iter_ == 2 and clf.version_ > version
+    cluster_client.register_plugin(
+        ParameterServer(str(tmp_path / "other.zarr"), model=clf.model_)
+    )
+    with pytest.raises(ServerReplaced, match="not the one this estimator trained"):
+        clf.partial_fit(X, y)
+
+
 def test_a_grid_search_in_threads_fits_each_clone_its_own_model(cluster_client):
     from joblib import parallel_backend
     from sklearn.model_selection import GridSearchCV
