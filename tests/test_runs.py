@@ -381,17 +381,19 @@ async def _wait_updates(s, n: int) -> None:
 
 @gen_cluster(client=True, timeout=120)
 async def test_a_server_a_connected_client_trains_on_is_not_replaced(c, s, a, b):
-    X_train, _, y_train, _ = digits()
+    _, _, y_train, _ = digits()
     await c.register_plugin(ParameterServer(model=DIGITS, optimizer=SGD(lr=0.5)))
     old = s.plugins["ftps"]
-    task = asyncio.ensure_future(
-        dask_ftps.train(c, X_train, y_train, epochs=3, batch_size=16, progress=False)
-    )
-    await _wait_updates(s, 5)
-    async with Client(s.address, asynchronous=True) as c2:
-        with pytest.raises(RunInUse, match=f"client {c.id!r}, which is still conn"):
-            await c2.register_plugin(ParameterServer(model=DIGITS))
-    assert s.plugins["ftps"] is old
+    checked = threading.Event()  # the first epoch's callback waits for it
+    task = asyncio.ensure_future(_train_waiting_for(c, y_train, checked))
+    try:
+        await _wait_updates(s, 5)
+        async with Client(s.address, asynchronous=True) as c2:
+            with pytest.raises(RunInUse, match=f"client {c.id!r}, which is still co"):
+                await c2.register_plugin(ParameterServer(model=DIGITS))
+        assert s.plugins["ftps"] is old
+    finally:
+        checked.set()
     result = await task
     assert result.trained and result.version == result.minibatches
     rows = (await dask_ftps.records(c))["global"]
@@ -404,21 +406,24 @@ async def test_a_fresh_server_never_receives_a_replaced_runs_updates(c, s, a, b)
     """A run whose server was replaced anyway (its holder gone, its tasks still
     running): its pushes reach the new server, which refuses every one, and the
     call raises ServerReplaced at once, not after ftps.wait-timeout."""
-    X_train, _, y_train, _ = digits()
+    _, _, y_train, _ = digits()
     await c.register_plugin(ParameterServer(model=DIGITS, optimizer=SGD(lr=0.5)))
     old = s.plugins["ftps"]
-    task = asyncio.ensure_future(
-        dask_ftps.train(c, X_train, y_train, epochs=3, batch_size=16, progress=False)
-    )
-    await _wait_updates(s, 5)
-    old.state.runs[0].holder = None  # as if its client had gone
-    await c.register_plugin(ParameterServer(model=DIGITS, optimizer=SGD(lr=0.5)))
+    replaced = threading.Event()  # the first epoch's callback waits for it
+    task = asyncio.ensure_future(_train_waiting_for(c, y_train, replaced))
+    try:
+        await _wait_updates(s, 5)
+        assert not task.done()  # held by its first epoch's callback
+        old.state.runs[0].holder = None  # as if its client had gone
+        await c.register_plugin(ParameterServer(model=DIGITS, optimizer=SGD(lr=0.5)))
+    finally:
+        replaced.set()
     new = s.plugins["ftps"]
     assert new is not old
     t0 = time.monotonic()
     with pytest.raises(ServerReplaced, match="not served here"):
         await task
-    assert time.monotonic() - t0 < 20  # not ftps.wait-timeout
+    assert time.monotonic() - t0 < 120  # not ftps.wait-timeout (300 s)
     assert new.state.updates == 0 and len(new.state.runs) == 0
     assert len((await dask_ftps.records(c))["global"]) == 0
 
