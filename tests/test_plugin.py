@@ -280,7 +280,11 @@ BAD_REQUESTS = {
         {"spec": SPEC, "holder": "Client-a/ended"},
         "holder",
     ),
-    "begin-holder-no-client": ("ftps_begin_run", {"spec": SPEC, "holder": "/1"}, "holder"),
+    "begin-holder-no-client": (
+        "ftps_begin_run",
+        {"spec": SPEC, "holder": "/1"},
+        "holder",
+    ),
     "begin-holder-long": (
         "ftps_begin_run",
         {"spec": SPEC, "holder": "C" * 129 + "/1"},
@@ -308,11 +312,23 @@ BAD_REQUESTS = {
     ),
     "begin-live-too-many": (
         "ftps_begin_run",
-        {"spec": SPEC, "holder": "Client-a/1", "live": [f"Client-a/{i:x}" for i in range(65)]},
+        {
+            "spec": SPEC,
+            "holder": "Client-a/1",
+            "live": [f"Client-a/{i:x}" for i in range(65)],
+        },
         "at most 64",
     ),
-    "begin-server-id-int": ("ftps_begin_run", {"spec": SPEC, "server_id": 7}, "server_id"),
-    "begin-server-id-empty": ("ftps_begin_run", {"spec": SPEC, "server_id": ""}, "server_id"),
+    "begin-server-id-int": (
+        "ftps_begin_run",
+        {"spec": SPEC, "server_id": 7},
+        "server_id",
+    ),
+    "begin-server-id-empty": (
+        "ftps_begin_run",
+        {"spec": SPEC, "server_id": ""},
+        "server_id",
+    ),
     "next-server-id-long": (
         "ftps_next_step",
         {"run": 0, "shard": 0, "server_id": "s" * 129},
@@ -323,7 +339,11 @@ BAD_REQUESTS = {
         {"run": 0, "shard": 0, "server_id": b"id"},
         "server_id",
     ),
-    "end-run-holder-not-hex": ("ftps_end_run", {"run": 0, "holder": "Client-a/x"}, "holder"),
+    "end-run-holder-not-hex": (
+        "ftps_end_run",
+        {"run": 0, "holder": "Client-a/x"},
+        "holder",
+    ),
     "end-run-server-id-list": (
         "ftps_end_run",
         {"run": 0, "holder": "Client-a/1", "server_id": ["id"]},

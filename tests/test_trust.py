@@ -233,9 +233,9 @@ def _malformed(name: str, kwargs: dict) -> bool:
     def is_holder(h):
         return isinstance(h, str) and _HOLDER.fullmatch(h) is not None
 
-    if name == "end_run" or (name == "begin_run" and holder is not None):
-        if not is_holder(holder):
-            return True
+    needs_holder = name == "end_run" or (name == "begin_run" and holder is not None)
+    if needs_holder and not is_holder(holder):
+        return True
     if name != "begin_run":
         return False
     live = kwargs.get("live")
