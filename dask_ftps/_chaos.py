@@ -67,6 +67,7 @@ class ChaosOptions:
     worker_share: float = 0.3  # of the kills, the share that hit a worker
     aimed_share: float = 0.4  # of the schedulers, the share started armed
     snapshot_every: int = 20
+    kills: int | None = None  # stop killing after this many (None: until the time)
 
 
 @dataclass
@@ -320,7 +321,9 @@ class _Harness:
         )  # fmt: skip
         self.driver = _Driver(client, self.data, 0)
         self.driver.start()
-        while time.perf_counter() < deadline:
+        while time.perf_counter() < deadline and (
+            options.kills is None or sum(self.report.kills.values()) < options.kills
+        ):
             self.one_kill()
         # The last run goes to its end; an armed scheduler that dies in it is
         # recovered like any other, and its successors are unarmed.

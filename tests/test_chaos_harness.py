@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 
 import pytest
 
@@ -13,35 +14,51 @@ from dask_ftps import _chaos
 
 pytestmark = pytest.mark.slow
 
+#: How long the test waits for what it forces (the client to close, the recovery
+#: to be checked) before it gives up and lets the assertions fail.
+PATIENCE = 60.0
+
 
 def test_a_slow_train_and_a_closed_client_do_not_stop_the_harness(
     tmp_path, monkeypatch
 ) -> None:
-    """The first restart comes 5 s late and the client gives up after 3 s, so it
-    closes; a train() that failed takes 20 s more to return (as one waiting out
-    its client's reconnection did). The harness restarts and checks the
-    scheduler before that train() returns, makes a new client, and every check
-    holds."""
+    """One kill, and it is the scheduler's (no worker kills, no armed schedulers,
+    ``kills=1``). The client gives up after 3 s, and the restart waits until it
+    has closed, so the harness must make a new client. A train() that failed
+    returns only once the recovery was checked (or after ``PATIENCE``, as one
+    waiting out its client's reconnection did): a harness that waited for it
+    before checking would check after it returned. Every check holds."""
     real_train = dask_ftps.train
+    checked = threading.Event()  # the first recovery was checked
     returned: list[float] = []  # when a failed train() returned
 
     def slow_to_fail(*args, **kwargs):
         try:
             return real_train(*args, **kwargs)
         except BaseException:
-            time.sleep(20)
+            checked.wait(PATIENCE)
             returned.append(time.monotonic())
             raise
 
     monkeypatch.setattr(dask_ftps, "train", slow_to_fail)
     monkeypatch.setattr(_chaos, "CLIENT_TIMEOUT", "3s")
+    harnesses: list[_chaos._Harness] = []
+    real_init = _chaos._Harness.__init__
+
+    def init(harness, *args, **kwargs):
+        real_init(harness, *args, **kwargs)
+        harnesses.append(harness)
+
+    monkeypatch.setattr(_chaos._Harness, "__init__", init)
     real_start = _chaos._Cluster.start_scheduler
-    late = threading.Event()
+    closed_first: list[str] = []  # the client's status when the restart began
 
     def start_scheduler(cluster, aimed_share):
-        if cluster.starts == 1 and not late.is_set():  # the first restart only
-            late.set()
-            time.sleep(5)
+        if cluster.starts == 1:  # the first restart: once the client has closed
+            client, t_end = harnesses[0].client, time.monotonic() + PATIENCE
+            while client.status != "closed" and time.monotonic() < t_end:
+                time.sleep(0.05)
+            closed_first.append(client.status)
         return real_start(cluster, aimed_share)
 
     monkeypatch.setattr(_chaos._Cluster, "start_scheduler", start_scheduler)
@@ -50,12 +67,21 @@ def test_a_slow_train_and_a_closed_client_do_not_stop_the_harness(
     def say(line: str) -> None:
         if line.startswith("scheduler died"):
             recovered.append(time.monotonic())
+            checked.set()
 
-    options = _chaos.ChaosOptions(seconds=15, seed=5, store=str(tmp_path / "run.zarr"))
+    options = _chaos.ChaosOptions(
+        seconds=600, seed=5, store=str(tmp_path / "run.zarr"), interval=(0.5, 0.5),
+        worker_share=0.0, aimed_share=0.0, kills=1,
+    )  # fmt: skip
     report = _chaos.run_chaos(options, say=say)
-    assert late.is_set() and recovered and returned, (report.lines(), returned)
+    lines = report.lines()
+    # The scenario: one SIGKILLed scheduler, restarted after its client closed.
+    assert report.kills == Counter(scheduler=1), lines
+    assert [r.kind for r in report.recoveries] == ["scheduler"], lines
+    assert closed_first == ["closed"], (closed_first, lines)
+    assert report.new_clients == 1, lines
+    assert recovered and returned, (lines, recovered, returned)
     assert recovered[0] < returned[0]  # checked before the old train() returned
-    assert report.new_clients >= 1
     assert report.errors == []
     assert report.lost == report.duplicates == 0
     assert all(r.exact for r in report.recoveries) and report.final_exact
