@@ -145,6 +145,9 @@ def fit_ftps(
             epochs=1,
             batch_size=problem.batch_size,
             seed=epoch,
+            # one run per epoch, each its own: the same name would mean the
+            # same run (SpecMismatch for another seed); a retry resumes it
+            run_name=f"epoch-{epoch}",
             n_shards=N_WORKERS,
             validation=(X_test, y_test),
             progress=False,
