@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,7 +82,7 @@ def _gradient(model: Any, batch: int, update_format: str, seed: int) -> dict:
 
 def _push_loop(
     model: Any,
-    run: tuple[str, int],
+    run: tuple[str, int, str],
     shard: int,
     batch: int,
     update_format: str,
@@ -94,13 +95,20 @@ def _push_loop(
 
     plugin = get_worker_plugin()
     grads = _gradient(model, batch, update_format, seed=shard)
-    server, run = run  # every message of a run names its server
-    incarnation = plugin.pull(run, shard, 0, 0, server=server).incarnation
+    server, run, holder = run  # every message of a run names its server, holder
+    incarnation = plugin.pull(
+        run, shard, 0, 0, server=server, holder=holder
+    ).incarnation
 
     def send(step: int) -> Any:
         nxt = (0, step + 1) if step + 1 < n_steps else None
         return plugin.push_async(
-            UpdateKey(run, 0, shard, step), grads, incarnation, nxt, server=server
+            UpdateKey(run, 0, shard, step),
+            grads,
+            incarnation,
+            nxt,
+            server=server,
+            holder=holder,
         )
 
     return {**_windowed(send, n_steps, 0, 1), "nbytes": update_nbytes(grads)}
@@ -135,9 +143,16 @@ def measure(
         ParameterServer(str(store), model=model, optimizer=SGD(lr=1e-3)),
     )
     spec = RunSpec((n_steps * batch,) * len(workers), batch_size=batch, epochs=1)
-    reply = client.sync(client.scheduler.ftps_begin_run, spec=spec.to_dict(), name="")
+    holder = f"{client.id}/{uuid.uuid4().hex[:16]}"  # every push names it
+    reply = client.sync(
+        client.scheduler.ftps_begin_run,
+        spec=spec.to_dict(),
+        name="",
+        holder=holder,
+        live=[holder],
+    )
     begun = check_reply(reply, "ftps_begin_run")
-    run = (begun["server_id"], begun["run"])
+    run = (begun["server_id"], begun["run"], holder)
     before = cpu_snapshot()
     t0 = time.perf_counter()
     futures = [

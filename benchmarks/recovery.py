@@ -25,6 +25,7 @@ import logging
 import re
 import signal
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,8 +100,12 @@ async def _push_updates(address: str, model: Any, store: str, point: Point) -> d
             )
         )
         spec = RunSpec((point.updates,), batch_size=1, epochs=1)
+        holder = f"{client.id}/{uuid.uuid4().hex[:16]}"  # every push names it
         begun = check_reply(
-            await client.scheduler.ftps_begin_run(spec=spec.to_dict()), "begin_run"
+            await client.scheduler.ftps_begin_run(
+                spec=spec.to_dict(), holder=holder, live=[holder]
+            ),
+            "begin_run",
         )
         grads = ToPickle(fixed_grads(model))
         t0 = time.perf_counter()
@@ -108,6 +113,7 @@ async def _push_updates(address: str, model: Any, store: str, point: Point) -> d
             check_reply(
                 await client.scheduler.ftps_push(
                     server_id=begun["server_id"],
+                    holder=holder,
                     worker="bench-driver",
                     update_id=f"{begun['run']}:0:0:{step}",
                     grads=grads,

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import math
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,7 +140,7 @@ def _echo_loop(
 
 def _ps_loop(
     model: Any,
-    run: tuple[str, int],
+    run: tuple[str, int, str],
     shard: int,
     n_steps: int,
     warmup: int,
@@ -153,13 +154,20 @@ def _ps_loop(
 
     plugin = get_worker_plugin()
     grads = fixed_grads(model, seed=shard)
-    server, run = run  # every message of a run names its server
-    incarnation = plugin.pull(run, shard, 0, 0, server=server).incarnation
+    server, run, holder = run  # every message of a run names its server, holder
+    incarnation = plugin.pull(
+        run, shard, 0, 0, server=server, holder=holder
+    ).incarnation
 
     def send(step: int) -> Any:
         nxt = (0, step + 1) if step + 1 < n_steps else None
         return plugin.push_async(
-            UpdateKey(run, 0, shard, step), grads, incarnation, nxt, server=server
+            UpdateKey(run, 0, shard, step),
+            grads,
+            incarnation,
+            nxt,
+            server=server,
+            holder=holder,
         )
 
     return _windowed(send, n_steps, warmup, inflight)
@@ -167,15 +175,23 @@ def _ps_loop(
 
 def _begin_run(
     client: Any, n_workers: int, n_steps: int, name: str = ""
-) -> tuple[str, int]:
-    """A run of ``n_steps`` per worker, as ``(server id, run)``; runs are known by
-    name and spec, so one more of the same spec needs another ``name``."""
+) -> tuple[str, int, str]:
+    """A run of ``n_steps`` per worker, as ``(server id, run, holder)`` (every
+    push and pull names the holder that began the run); runs are known by name
+    and spec, so one more of the same spec needs another ``name``."""
     from dask_ftps._core import RunSpec, check_reply
 
     spec = RunSpec((n_steps,) * n_workers, batch_size=1, epochs=1, seed=0)
-    reply = client.sync(client.scheduler.ftps_begin_run, spec=spec.to_dict(), name=name)
+    holder = f"{client.id}/{uuid.uuid4().hex[:16]}"
+    reply = client.sync(
+        client.scheduler.ftps_begin_run,
+        spec=spec.to_dict(),
+        name=name,
+        holder=holder,
+        live=[holder],
+    )
     begun = check_reply(reply, "ftps_begin_run")
-    return begun["server_id"], begun["run"]
+    return begun["server_id"], begun["run"], holder
 
 
 def measure(

@@ -173,6 +173,9 @@ class Update:
     key: UpdateKey
     worker: WorkerId
     grads: dict[str, np.ndarray]
+    #: The train() call it belongs to (None: replayed from the journal): it is
+    #: refused while another call holds its run.
+    holder: Holder | None = None
 
 
 @dataclass(frozen=True)

@@ -287,6 +287,7 @@ class ParameterServer(SchedulerPlugin):
             server = await self._open_store(old_server, settings)
         self._server = server
         server.on_event = self._log_event
+        server.connected = self._connected
         if server.recovered:
             self._log_event(
                 {
@@ -482,13 +483,24 @@ class ParameterServer(SchedulerPlugin):
 
     @_replies_errors
     async def next_step(
-        self, run: object, shard: object, server_id: object = None
+        self,
+        run: object,
+        shard: object,
+        server_id: object = None,
+        holder: object = None,
     ) -> dict:
-        self.server.check_server(field_server(server_id, "next_step"), f"run {run}")
+        expect = field_server(server_id, "next_step")
+        caller = field_holder(holder)  # malformed: InvalidRequest, whatever server
+        self.server.check_server(expect, f"run {run}")
         return await self.server.next_step(
             field_int("run", run, maximum=MAX_COUNT),
             field_int("shard", shard, maximum=MAX_COUNT),
+            caller,
         )
+
+    def _connected(self, holder: Holder) -> bool:
+        """Whether the client of the train() call ``holder`` is connected."""
+        return holder_client(holder) in self.scheduler.clients
 
     @_replies_errors
     async def pull(
@@ -501,8 +513,14 @@ class ParameterServer(SchedulerPlugin):
         have_version: object = -1,
         have_server: object = None,
         server_id: object = None,
+        holder: object = None,
     ) -> ModelMessage:
-        self.server.check_server(field_server(server_id, "pull"), f"run {run}")
+        """The model to compute ``(epoch, step)`` of a shard from. ``holder``
+        names the train() call the asking task belongs to (every pull, push
+        and next_step does): it must hold the run."""
+        expect = field_server(server_id, "pull")
+        caller = field_holder(holder)
+        self.server.check_server(expect, f"run {run}")
         return await self.server.pull(
             WorkerId(check_worker(worker, InvalidRequest)),
             field_int("run", run, maximum=MAX_COUNT),
@@ -511,6 +529,7 @@ class ParameterServer(SchedulerPlugin):
             field_int("step", step, maximum=MAX_COUNT),
             field_int("have_version", have_version, minimum=-1),
             field_str("have_server", have_server, optional=True),
+            caller,
         )
 
     @_replies_errors
@@ -524,20 +543,24 @@ class ParameterServer(SchedulerPlugin):
         have_version: object = -1,
         have_server: object = None,
         server_id: object = None,
+        holder: object = None,
     ) -> ModelMessage:
         """Accept one update once it is durable; with ``next_step``, answer with
         the model for that step. ``server_id`` names the server the update's run
-        began on: an update of another server's run is refused first."""
+        began on: an update of another server's run is refused first; ``holder``
+        the train() call it belongs to: an update of a run another call holds
+        is refused before it changes anything."""
         server = self.server
-        server.check_server(
-            field_server(server_id, "push"), f"update {str(update_id)[:40]!r}"
-        )
+        expect = field_server(server_id, "push")
+        caller = field_holder(holder)
+        server.check_server(expect, f"update {str(update_id)[:40]!r}")
         if not isinstance(incarnation, int) or isinstance(incarnation, bool):
             raise StaleIncarnation(f"message from incarnation {incarnation!r:.40}")
         update = Update(
             UpdateKey.parse(update_id),
             WorkerId(check_worker(worker, InvalidUpdate)),
             _grads(grads),
+            caller,
         )
         return await server.push(
             update,

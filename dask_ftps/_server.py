@@ -151,6 +151,9 @@ class Server:
         #: Called with a dict for each run started, snapshot and refusal (the
         #: plugin logs them as events on the scheduler's ``ftps`` topic).
         self.on_event: Callable[[dict], None] | None = None
+        #: Whether the client of a train() call (a holder) is connected: a run
+        #: no call holds is taken again by a connected caller's tasks.
+        self.connected: Callable[[Holder], bool] = lambda holder: False
         self._offload = state.model_spec.n_params() >= config.offload_threshold
         self._durable = self._view()
         self._lock = asyncio.Lock()  # held while the state changes
@@ -297,11 +300,20 @@ class Server:
             self._durable = self._view()  # a run stopped early is finished now
         return {"status": "OK"}
 
-    async def next_step(self, run: int, shard: int) -> dict:
+    async def next_step(
+        self,
+        run: int,
+        shard: int,
+        holder: Holder,
+    ) -> dict:
         """Where a shard goes on: answered between batches, so that a batch being
-        written (which may yet be refused) is never counted as done."""
+        written (which may yet be refused) is never counted as done. ``holder``
+        names the train() call asking: it must hold the run (or take it again
+        where no call holds it: see ``ParameterServerState.check_holder``)."""
         async with self._quiet():
             self.check_healthy()
+            self.state.next_step(run, shard)  # validates run and shard first
+            self.state.check_holder(run, holder, self.connected)
             epoch, step = self.state.next_step(run, shard)
         return {"status": "OK", "epoch": epoch, "step": step}
 
@@ -314,10 +326,13 @@ class Server:
         step: int,
         have_version: int,
         have_server: str | None,
+        holder: Holder,
     ) -> ModelMessage:
         self.check_healthy()
         self.state.next_step(run, shard)  # validates run and shard
+        self.state.check_holder(run, holder, self.connected)
         await self._wait_ready(run, shard, epoch, step)
+        self.state.check_holder(run, holder)  # another call took it meanwhile?
         return self._model_reply(worker, have_version, have_server)
 
     async def push(
@@ -329,12 +344,21 @@ class Server:
         have_server: str | None,
     ) -> ModelMessage:
         """Accept one update once it is durable; with ``next_step``, answer with
-        the model for that step."""
+        the model for that step. ``update.holder`` names the train() call it
+        belongs to: an update of a run another call holds is refused with
+        RunInUse before it changes anything (also at its admission: a call may
+        take the run while it is queued); its acceptance takes a run no call
+        holds again for its call, if that call's client is connected."""
         self.state.check_incarnation(incarnation)
         self.check_healthy()
-        if next_step is not None:  # checked before the update changes anything
+        if next_step is not None:
             self.state.get_run(update.key.run)
-            run = self.state.runs[update.key.run]
+        if not 0 <= update.key.run < len(self.state.runs):
+            raise InvalidUpdate(f"update {update.key.id}: unknown run {update.key.run}")
+        run = self.state.runs[update.key.run]
+        if update.holder is not None:
+            self.state.check_holder(update.key.run, update.holder)
+        if next_step is not None:  # checked before the update changes anything
             shard = update.key.shard
             epoch, step = next_step
             if (
@@ -604,8 +628,23 @@ class Server:
                 outcomes.append(InvalidUpdate(f"update {update.key.id}: {e!r}"))
                 continue
             state.commit(admission, model)
+            self._take_run(update)
             outcomes.append(int(admission.version))
         return outcomes
+
+    def _take_run(self, update: Update) -> None:
+        """An accepted update of a run no call holds (its call's client dropped
+        its connection, or the scheduler restarted): its call, if its client is
+        connected, holds the run again; another call's begin_run is refused."""
+        run = self.state.runs[update.key.run]
+        holder = update.holder
+        if (
+            holder is not None
+            and run.holder is None
+            and not (run.finished or run.superseded)
+            and self.connected(holder)
+        ):
+            run.holder = holder
 
     async def _write_loop(self) -> None:
         """Make merged batches durable in order; acknowledge and publish each."""

@@ -286,6 +286,33 @@ class ParameterServerState:
                 "it ended, or use another scheduler"
             )
 
+    def check_holder(
+        self,
+        run: int,
+        holder: Holder,
+        connected: Callable[[Holder], bool] = lambda holder: False,
+    ) -> RunState:
+        """Refuse a push, pull or next_step of ``run`` by ``holder`` (the train()
+        call its tasks belong to) unless that call holds the run. A run no call
+        holds (its client's connection dropped, or the scheduler restarted) is
+        held again by ``holder`` when ``connected(holder)`` (its client is
+        connected), so that no other call can begin it while this one trains.
+
+        Raises
+        ------
+        InvalidRequest
+            If ``run`` is unknown.
+        RunInUse
+            If another call holds the run.
+        """
+        state = self.get_run(run)
+        if state.holder is None:
+            if not (state.finished or state.superseded) and connected(holder):
+                state.holder = holder
+        elif state.holder != holder:
+            raise _held_by_another(state, holder)
+        return state
+
     def release(self, run: int, holder: Holder) -> None:
         """``holder`` no longer trains ``run`` (a no-op if it does not hold it)."""
         state = self.get_run(run)
@@ -414,6 +441,8 @@ class ParameterServerState:
         InvalidUpdate
             If the id, names, shapes, dtypes or values are bad, or the update
             comes out of order.
+        RunInUse
+            If another train() call than the update's holds its run.
         """
         key = update.key
         check_worker(update.worker, InvalidUpdate)
@@ -421,6 +450,8 @@ class ParameterServerState:
             raise InvalidUpdate(f"update {key.id}: unknown run {key.run}")
         run = self.runs[key.run]
         spec = run.spec
+        if update.holder is not None and run.holder not in (None, update.holder):
+            raise _held_by_another(run, update.holder)
         if run.superseded:
             raise InvalidUpdate(f"update {key.id}: run {key.run} was superseded")
         if key.shard >= spec.n_shards or key.epoch >= spec.epochs:
@@ -718,3 +749,15 @@ def _mean(grads: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         acc /= len(grads)
         out[name] = acc
     return out
+
+
+def _held_by_another(run: RunState, holder: Holder) -> RunInUse:
+    """The refusal of a message of ``holder``'s tasks for ``run``, which another
+    train() call holds."""
+    return RunInUse(
+        f"run {run.run} ({run.name!r}) is held by another train() call (client "
+        f"{holder_client(run.holder or '')!r}), not by the call of client "
+        f"{holder_client(holder)!r} these tasks belong to: two calls at once would "
+        "merge their updates into one model. Call train() again once the other "
+        "call ended"
+    )

@@ -15,7 +15,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.protocol.serialize import ToPickle
 from distributed.utils import sync
 
-from dask_ftps._core import ServerId, UpdateKey, check_reply
+from dask_ftps._core import Holder, ServerId, UpdateKey, check_reply
 from dask_ftps._exceptions import NotRegistered
 
 if TYPE_CHECKING:
@@ -86,21 +86,35 @@ class FTPSWorkerPlugin(WorkerPlugin):
 
     # Every call names the server its run began on (``server``, as
     # ``ftps_begin_run`` answered): a server that replaced it refuses the call
-    # with ServerReplaced instead of taking it for one of its own runs.
+    # with ServerReplaced instead of taking it for one of its own runs. It names
+    # the train() call it belongs to (``holder``, as given to
+    # ``ftps_begin_run``): a run another call holds refuses it with RunInUse.
 
-    def next_step(self, run: int, shard: int, *, server: ServerId) -> tuple[int, int]:
+    def next_step(
+        self, run: int, shard: int, *, server: ServerId, holder: Holder
+    ) -> tuple[int, int]:
         """``(epoch, step)`` where shard ``shard`` of ``run`` goes on."""
-        reply = self._call("ftps_next_step", run=run, shard=shard, server_id=server)
+        reply = self._call(
+            "ftps_next_step", run=run, shard=shard, server_id=server, holder=holder
+        )
         return reply["epoch"], reply["step"]
 
     def pull(
-        self, run: int, shard: int, epoch: int, step: int, *, server: ServerId
+        self,
+        run: int,
+        shard: int,
+        epoch: int,
+        step: int,
+        *,
+        server: ServerId,
+        holder: Holder,
     ) -> ModelCopy:
         """The model to compute ``(epoch, step)`` of a shard from (may wait)."""
         have = self.latest
         reply = self._call(
             "ftps_pull",
             server_id=server,
+            holder=holder,
             worker=self.worker.address,
             run=run,
             shard=shard,
@@ -118,10 +132,11 @@ class FTPSWorkerPlugin(WorkerPlugin):
         next_step: tuple[int, int] | None,
         *,
         server: ServerId,
+        holder: Holder,
     ) -> ModelCopy | None:
         """Push an update; with ``next_step``, return the model for that step."""
         return self.push_async(
-            key, grads, incarnation, next_step, server=server
+            key, grads, incarnation, next_step, server=server, holder=holder
         ).result()
 
     def push_async(
@@ -132,11 +147,13 @@ class FTPSWorkerPlugin(WorkerPlugin):
         next_step: tuple[int, int] | None,
         *,
         server: ServerId,
+        holder: Holder,
     ) -> concurrent.futures.Future[ModelCopy | None]:
         """Send a push and return at once: the future is done once the server
         accepted it (it is durable then), with the model for ``next_step``."""
         kwargs = {
             "server_id": server,
+            "holder": holder,
             "worker": self.worker.address,
             "update_id": key.id,
             "grads": ToPickle(grads),

@@ -575,6 +575,7 @@ async def _run(
                     mode=status["mode"],
                     first=UpdateKey(run, epoch, s, 0),
                     server=server,
+                    holder=lease.holder,
                     n_steps=spec.steps[s],
                     seed=seed,
                     device=device,
@@ -670,6 +671,7 @@ def _train_shard(
     mode: str,
     first: UpdateKey,
     server: ServerId,
+    holder: Holder,
     n_steps: int,
     seed: int,
     device: str,
@@ -684,7 +686,8 @@ def _train_shard(
     computed from the newest model received while they are written. A refused
     push ends the window: the shard waits for the others and goes on from where
     the server says it stands (what was committed). Every call names
-    ``server``, the server the run began on.
+    ``server``, the server the run began on, and ``holder``, the train() call
+    it belongs to (a run another call holds refuses it with RunInUse).
     """
     if mode != "async":
         secede()  # a waiting shard must never hold the thread another shard needs
@@ -707,14 +710,14 @@ def _train_shard(
     stats = {"loss_sum": 0.0, "correct": 0, "n": 0, "computed": 0, "skipped": 0}
 
     def resume() -> tuple[int, Any]:
-        next_epoch, step = plugin.next_step(run, shard, server=server)
+        next_epoch, step = plugin.next_step(run, shard, server=server, holder=holder)
         if next_epoch < epoch:
             raise FTPSError(
                 f"shard {shard} of run {run} has not finished epoch {next_epoch}"
             )
         if next_epoch > epoch:
             return n_steps, None
-        return step, plugin.pull(run, shard, epoch, step, server=server)
+        return step, plugin.pull(run, shard, epoch, step, server=server, holder=holder)
 
     window: deque[tuple[concurrent.futures.Future, float, int, int]] = deque()
 
@@ -781,6 +784,7 @@ def _train_shard(
             copy.incarnation,
             nxt,
             server=server,
+            holder=holder,
         )
         window.append((future, float(loss), int(correct), len(batch)))
         step += 1

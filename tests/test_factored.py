@@ -33,7 +33,7 @@ from dask_ftps.models import MLP, SoftmaxRegression
 from dask_ftps.optim import SGD, Adam
 
 from .conftest import digits, same_as_offline
-from .test_plugin import server_id
+from .test_plugin import holder_of, server_id
 
 # W0 is 64 x 128: factored pays for minibatches of fewer than 42 samples.
 WIDE = MLP(n_features=64, hidden=(128,), n_classes=10, seed=0)
@@ -498,6 +498,7 @@ async def test_hostile_factored_pushes_over_the_wire_change_nothing(c, s, a, b):
     async def push(grads):
         reply = await c.scheduler.ftps_push(
             server_id=await server_id(c),
+            holder=holder_of(c),
             worker="tcp://w:1", update_id="0:0:0:0", grads=ToPickle(grads),
             incarnation=state.incarnation,
         )  # fmt: skip

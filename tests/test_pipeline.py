@@ -34,7 +34,7 @@ from dask_ftps._store import _io
 from dask_ftps.models import MLP, SoftmaxRegression
 
 from .conftest import digits
-from .test_plugin import server_id
+from .test_plugin import holder_of, server_id
 
 MODEL = SoftmaxRegression(n_features=4, n_classes=3, seed=0)
 SPEC = {"shard_sizes": [24, 8], "batch_size": 4, "epochs": 1, "seed": 0}  # 6, 2 steps
@@ -49,6 +49,7 @@ def grads(scale: float) -> dict[str, np.ndarray]:
 async def push(c, update_id: str, scale: float = 0.01, **kwargs):
     return await c.scheduler.ftps_push(
         server_id=await server_id(c),
+        holder=holder_of(c),
         worker="tcp://w:1",
         update_id=update_id,
         grads=ToPickle(grads(scale)),

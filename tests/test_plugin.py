@@ -54,8 +54,15 @@ async def server_id(c) -> str:
     return check_reply(await c.scheduler.ftps_status(), "status")["server_id"]
 
 
+def holder_of(c) -> str:
+    """The train() call that the raw pushes, pulls and next_steps of client
+    ``c`` name (every one names its call: the run's holder, if it has one)."""
+    return f"{c.id}/0"
+
+
 async def push(c, update_id="0:0:0:0", grads=None, incarnation=1, **kwargs):
     kwargs.setdefault("server_id", await server_id(c))
+    kwargs.setdefault("holder", holder_of(c))
     reply = await c.scheduler.ftps_push(
         worker="tcp://test:1",
         update_id=update_id,
@@ -131,7 +138,13 @@ async def test_push_pull_round_trip(c, s, a, b):
     assert sid == await server_id(c)
     pulled = check_reply(
         await c.scheduler.ftps_pull(
-            worker="tcp://test:1", run=0, shard=0, epoch=0, step=0, server_id=sid
+            worker="tcp://test:1",
+            run=0,
+            shard=0,
+            epoch=0,
+            step=0,
+            server_id=sid,
+            holder=holder_of(c),
         ),
         "pull",
     )
@@ -157,6 +170,7 @@ async def test_push_pull_round_trip(c, s, a, b):
             have_version=1,
             have_server=server,
             server_id=sid,
+            holder=holder_of(c),
         ),
         "pull",
     )
@@ -172,12 +186,16 @@ async def test_push_pull_round_trip(c, s, a, b):
             have_version=1,
             have_server="another server",
             server_id=sid,
+            holder=holder_of(c),
         ),
         "pull",
     )
     assert isinstance(other["params"]["W"], np.ndarray)
     step = check_reply(
-        await c.scheduler.ftps_next_step(run=0, shard=0, server_id=sid), "next"
+        await c.scheduler.ftps_next_step(
+            run=0, shard=0, server_id=sid, holder=holder_of(c)
+        ),
+        "next",
     )
     assert (step["epoch"], step["step"]) == (0, 1)
 
@@ -252,6 +270,14 @@ async def test_duplicate_push_is_refused_and_changes_nothing(c, s, a, b):
         await push(c)
     assert snapshot(state) == before
 
+
+#: A valid push of run 0 but for the field a case spoils.
+_PUSH = {
+    "worker": "tcp://w:1",
+    "update_id": "0:0:0:0",
+    "grads": ToPickle(good_grads()),
+    "incarnation": 1,
+}
 
 BAD_REQUESTS = {
     "begin-not-dict": ("ftps_begin_run", {"spec": [1, 2]}, "must be a dict"),
@@ -350,7 +376,17 @@ BAD_REQUESTS = {
         "server_id",
     ),
     "push-missing-keys": ("ftps_push", {"worker": "w"}, "push"),
-}
+    # Every push, pull and next_step names the train() call it belongs to.
+    "next-holder-missing": ("ftps_next_step", {"run": 0, "shard": 0, "holder": None}, "holder"),
+    "next-holder-not-hex": ("ftps_next_step", {"run": 0, "shard": 0, "holder": "Client-a/zz"}, "holder"),
+    "pull-holder-missing": ("ftps_pull", {"worker": "w", "run": 0, "shard": 0, "epoch": 0, "step": 0, "holder": None}, "holder"),
+    "pull-holder-int": ("ftps_pull", {"worker": "w", "run": 0, "shard": 0, "epoch": 0, "step": 0, "holder": 7}, "holder"),
+    "pull-holder-no-token": ("ftps_pull", {"worker": "w", "run": 0, "shard": 0, "epoch": 0, "step": 0, "holder": "Client-a/"}, "holder"),
+    "push-holder-missing": ("ftps_push", {**_PUSH, "holder": None}, "holder"),
+    "push-holder-list": ("ftps_push", {**_PUSH, "holder": ["Client-a/1"]}, "holder"),
+    "push-holder-long": ("ftps_push", {**_PUSH, "holder": "C" * 129 + "/1"}, "holder"),
+    "push-holder-two-slashes": ("ftps_push", {**_PUSH, "holder": "Client-a/1/2"}, "holder"),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
@@ -363,6 +399,8 @@ async def test_bad_request_is_refused_and_changes_nothing(c, s, a, b, case):
     before = snapshot(state)
     if op != "ftps_begin_run":
         kwargs = {"server_id": await server_id(c), **kwargs}
+    if op in ("ftps_next_step", "ftps_pull", "ftps_push"):
+        kwargs = {"holder": holder_of(c), **kwargs}
     with pytest.raises(InvalidRequest, match=match):
         check_reply(await getattr(c.scheduler, op)(**kwargs), op)
     assert snapshot(state) == before

@@ -24,7 +24,7 @@ from dask_ftps._core import check_reply
 from dask_ftps.models import MLP, SoftmaxRegression
 
 from .conftest import digits, same_as_offline
-from .test_plugin import server_id
+from .test_plugin import holder_of, server_id
 
 MODEL = MLP(n_features=64, hidden=(32,), n_classes=10, seed=0)
 
@@ -125,6 +125,7 @@ async def test_push_from_an_old_incarnation_is_refused(c, s, a, b, tmp_path):
     grads = {k: np.zeros(v, np.float32) for k, v in model.param_shapes().items()}
     reply = await c.scheduler.ftps_push(
         server_id=await server_id(c),
+        holder=holder_of(c),
         worker="tcp://old:1",
         update_id="0:0:0:0",
         grads=ToPickle(grads),

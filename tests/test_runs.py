@@ -34,7 +34,14 @@ from dask_ftps._state import ParameterServerState
 from dask_ftps.models import SoftmaxRegression
 
 from .conftest import digits
-from .test_plugin import MODEL, SPEC, good_grads, push, server_id
+from .test_plugin import (
+    MODEL,
+    SPEC,
+    good_grads,
+    holder_of,
+    push,
+    server_id,
+)
 
 DIGITS = SoftmaxRegression(64, 10, seed=0)
 
@@ -135,6 +142,8 @@ async def test_messages_of_another_servers_run_are_refused_before_they_change_an
             ("another-server", ServerReplaced),
             (None, InvalidRequest),
         ]:
+            if op != "ftps_end_epoch":
+                kwargs = {"holder": holder_of(c), **kwargs}
             reply = await getattr(c.scheduler, op)(server_id=other, **kwargs)
             with pytest.raises(error, match=r"server_id|not served here"):
                 check_reply(reply, op)
@@ -145,7 +154,13 @@ async def test_messages_of_another_servers_run_are_refused_before_they_change_an
     ) == before
     assert state.runs[0].history == {}
     # A fresh memory-only server shares no run with the one it replaced: the same
-    # message, run 0 and incarnation 1 on both, is refused.
+    # message, run 0 and incarnation 1 on both, is refused. (The pushes' call,
+    # which holds run 0 since its first push, ends first: else no server replaces
+    # the one it trains on.)
+    check_reply(
+        await c.scheduler.ftps_end_run(server_id=sid, run=0, holder=holder_of(c)),
+        "end",
+    )
     await c.register_plugin(ParameterServer(model=MODEL, mode="async"))
     check_reply(await c.scheduler.ftps_begin_run(spec=SPEC), "begin")
     assert await server_id(c) != sid
@@ -179,7 +194,7 @@ async def test_a_server_on_the_same_store_keeps_the_holds_of_its_runs(
     begun = check_reply(
         await c.scheduler.ftps_begin_run(spec=SPEC, name="r", holder=holder), "begin"
     )
-    await push(c, server_id=begun["server_id"])
+    await push(c, server_id=begun["server_id"], holder=holder)
     async with Client(s.address, asynchronous=True) as c2:
         await c2.register_plugin(ParameterServer(store))  # the same runs go on
         state = s.plugins["ftps"].state
@@ -192,7 +207,7 @@ async def test_a_server_on_the_same_store_keeps_the_holds_of_its_runs(
             with pytest.raises(RunInUse, match=c.id):
                 check_reply(reply, "begin")
         assert len(state.runs) == 1 and state.runs[0].holder == holder
-    await push(c, "0:0:1:0", server_id=begun["server_id"], incarnation=2)
+    await push(c, "0:0:1:0", server_id=begun["server_id"], incarnation=2, holder=holder)
     assert s.plugins["ftps"].state.updates == 2
 
 
@@ -277,12 +292,17 @@ def _relabelled(y: np.ndarray, shift: int) -> np.ndarray:
     return (y + shift) % 10
 
 
-async def _train_waiting_for(c, y, other_done: threading.Event, **kwargs):
+async def _train_waiting_for(
+    c, y, other_done: threading.Event, reached: threading.Event | None = None, **kwargs
+):
     """train() whose first epoch's callback waits (at most 30 s) for the other
-    call to end: the two calls overlap whichever starts first."""
+    call to end: the two calls overlap whichever starts first. ``reached`` is
+    set once the callback waits (no task of the call is running then)."""
     X_train, _, _, _ = digits()
 
     def wait(epoch, record):
+        if reached is not None:
+            reached.set()
         other_done.wait(30)
 
     return await dask_ftps.train(
@@ -410,10 +430,13 @@ async def test_a_fresh_server_never_receives_a_replaced_runs_updates(c, s, a, b)
     await c.register_plugin(ParameterServer(model=DIGITS, optimizer=SGD(lr=0.5)))
     old = s.plugins["ftps"]
     replaced = threading.Event()  # the first epoch's callback waits for it
-    task = asyncio.ensure_future(_train_waiting_for(c, y_train, replaced))
+    reached = threading.Event()
+    task = asyncio.ensure_future(_train_waiting_for(c, y_train, replaced, reached))
     try:
-        await _wait_updates(s, 5)
-        assert not task.done()  # held by its first epoch's callback
+        # Held by its first epoch's callback: no task pushes (a push of its call
+        # would take the run again, its client being connected).
+        await async_poll_for(reached.is_set, timeout=60)
+        assert not task.done()
         old.state.runs[0].holder = None  # as if its client had gone
         await c.register_plugin(ParameterServer(model=DIGITS, optimizer=SGD(lr=0.5)))
     finally:

@@ -26,7 +26,7 @@ from dask_ftps.models import SoftmaxRegression
 from dask_ftps.training import _class_weights
 
 from .conftest import digits
-from .test_plugin import server_id
+from .test_plugin import holder_of, server_id
 
 MODEL = SoftmaxRegression(n_features=64, n_classes=10, seed=0)
 
@@ -76,6 +76,7 @@ async def test_early_stopping_ends_the_run_and_the_same_call_returns_it(c, s, a,
     ]:
         reply = await c.scheduler.ftps_push(
             server_id=await server_id(c),
+            holder=holder_of(c),
             worker="tcp://test:1",
             update_id=update_id,
             grads=ToPickle(grads),

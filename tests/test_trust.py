@@ -34,7 +34,7 @@ from dask_ftps._worker_plugin import ModelCopy
 from dask_ftps.models import MLP, SoftmaxRegression
 
 from .conftest import digits, same_as_offline
-from .test_plugin import server_id
+from .test_plugin import holder_of, server_id
 
 MODEL = SoftmaxRegression(n_features=4, n_classes=3, seed=0)
 SPEC = {"shard_sizes": [8, 8], "batch_size": 4, "epochs": 1, "seed": 0}
@@ -122,9 +122,15 @@ def _valid(plugin, handler: str) -> dict:
             "server_id": server_id,
         },
         "end_run": {"server_id": server_id, "run": int(run.run), "holder": "C/1"},
-        "next_step": {"run": int(run.run), "shard": 0, "server_id": server_id},
+        "next_step": {
+            "run": int(run.run),
+            "shard": 0,
+            "server_id": server_id,
+            "holder": "Client-a/1",
+        },
         "pull": {
             "server_id": server_id,
+            "holder": "Client-a/1",
             "worker": "tcp://w:1",
             "run": int(run.run),
             "shard": 0,
@@ -135,6 +141,7 @@ def _valid(plugin, handler: str) -> dict:
         },
         "push": {
             "server_id": server_id,
+            "holder": "Client-a/1",
             "worker": "tcp://w:1",
             "update_id": f"{run.run}:{epoch}:0:{step}",
             "grads": good_grads(),
@@ -233,7 +240,7 @@ def _malformed(name: str, kwargs: dict) -> bool:
     def is_holder(h):
         return isinstance(h, str) and _HOLDER.fullmatch(h) is not None
 
-    needs_holder = name == "end_run" or (name == "begin_run" and holder is not None)
+    needs_holder = name != "begin_run" or holder is not None
     if needs_holder and not is_holder(holder):
         return True
     if name != "begin_run":
@@ -258,7 +265,9 @@ def test_malformed_holders_and_server_ids_are_invalid_requests(server, data):
     message is for: a malformed one is InvalidRequest (not ServerReplaced, not
     accepted), and changes nothing."""
     loop, plugin, _ = server
-    name = data.draw(st.sampled_from(["begin_run", "end_run", "next_step", "pull"]))
+    name = data.draw(
+        st.sampled_from(["begin_run", "end_run", "next_step", "pull", "push"])
+    )
     kwargs = _valid(plugin, name)
     fields = [f for f in ("server_id", "holder", "live") if f in kwargs]
     for field in data.draw(st.lists(st.sampled_from(fields), min_size=1, unique=True)):
@@ -284,7 +293,7 @@ def test_after_hostile_requests_the_server_trains_and_its_store_is_exact(server)
         for step in (0, 1):
             check_reply(
                 sync(loop, plugin.push, server_id=begun["server_id"],
-                     worker=f"tcp://w{shard}:1",
+                     holder="Client-a/1", worker=f"tcp://w{shard}:1",
                      update_id=f"{begun['run']}:0:{shard}:{step}", grads=good_grads(),
                      incarnation=plugin.state.incarnation),
                 "push",
@@ -327,13 +336,17 @@ async def test_a_hostile_worker_field_changes_nothing_and_bricks_nothing(
         ("ftps_pull", {"run": 0, "shard": 0, "epoch": 0, "step": 0}),
     ):  # fmt: skip
         reply = await getattr(c.scheduler, op)(
-            worker=HOSTILE_WORKERS[case], server_id=await server_id(c), **kwargs
+            worker=HOSTILE_WORKERS[case],
+            server_id=await server_id(c),
+            holder=holder_of(c),
+            **kwargs,
         )
         with pytest.raises(dask_ftps.FTPSError, match="worker must be"):
             check_reply(reply, op)
     assert snapshot(plugin) == before
     reply = await c.scheduler.ftps_push(
         server_id=await server_id(c),
+        holder=holder_of(c),
         worker="tcp://w:1", update_id="0:0:0:0", grads=ToPickle(good_grads()),
         incarnation=1,
     )  # fmt: skip
@@ -392,6 +405,7 @@ async def test_a_full_disk_refuses_the_update_and_counts_nothing(
     async def push(step):
         return await c.scheduler.ftps_push(
             server_id=await server_id(c),
+            holder=holder_of(c),
             worker="tcp://w:1", update_id=f"0:0:0:{step}", grads=ToPickle(good_grads()),
             incarnation=1,
         )  # fmt: skip
@@ -467,6 +481,7 @@ async def test_a_push_whose_next_step_is_not_a_step_is_refused_before_it_counts(
     for next_step in ((10**6, 0), (0, 99), (1, 0)):
         reply = await c.scheduler.ftps_push(
             server_id=await server_id(c),
+            holder=holder_of(c),
             worker="tcp://w:1", update_id="0:0:0:0", grads=ToPickle(good_grads()),
             incarnation=1, next_step=next_step,
         )  # fmt: skip
@@ -487,6 +502,7 @@ async def test_a_replaced_or_closed_server_stops_its_tasks_and_closes_its_store(
     check_reply(await c.scheduler.ftps_begin_run(spec=SPEC), "begin")
     reply = await c.scheduler.ftps_push(
         server_id=await server_id(c),
+        holder=holder_of(c),
         worker="tcp://w:1", update_id="0:0:0:0", grads=ToPickle(good_grads()),
         incarnation=1,
     )  # fmt: skip
@@ -650,6 +666,7 @@ async def test_sync_mode_has_one_version_live_in_the_store_and_recovered(
         check_reply(
             await c.scheduler.ftps_push(
                 server_id=await server_id(c),
+                holder=holder_of(c),
                 worker=f"tcp://w{shard}:1", update_id=f"0:0:{shard}:{step}",
                 grads=ToPickle(good_grads()), incarnation=1,
             ),
