@@ -41,6 +41,7 @@ from .test_plugin import (
     holder_of,
     push,
     server_id,
+    snapshot,
 )
 
 DIGITS = SoftmaxRegression(64, 10, seed=0)
@@ -449,6 +450,112 @@ async def test_a_fresh_server_never_receives_a_replaced_runs_updates(c, s, a, b)
     assert time.monotonic() - t0 < 120  # not ftps.wait-timeout (300 s)
     assert new.state.updates == 0 and len(new.state.runs) == 0
     assert len((await dask_ftps.records(c))["global"]) == 0
+
+
+@gen_cluster(client=True, timeout=180)
+async def test_a_run_freed_by_a_dropped_connection_is_taken_again_by_its_call(
+    c, s, a, b
+):
+    """A train() call's client connection drops briefly: the scheduler frees its
+    run's hold (``remove_client``) while the call goes on. Its tasks' next
+    next_step, pull or push takes the run again for it, so another client's
+    train() of the same run is refused with RunInUse rather than merged into
+    the same model; the first call finishes its own model, each minibatch once."""
+    X_train, _, y_train, _ = digits()
+    await c.register_plugin(ParameterServer(model=DIGITS, optimizer=SGD(lr=0.5)))
+    plugin = s.plugins["ftps"]
+    kwargs = {"epochs": 3, "batch_size": 64, "progress": False, "run_name": "r"}
+    seen = {}
+    async with Client(s.address, asynchronous=True) as c2:
+
+        async def callback(epoch, record):  # awaited on the event loop
+            run = plugin.state.runs[0]
+            if epoch == 0:
+                assert run.holder.startswith(f"{c.id}/")
+                seen["holder"] = run.holder
+                plugin.remove_client(s, c.id)  # as a dropped connection frees it
+                assert run.holder is None
+            elif epoch == 1:
+                # The call's tasks trained epoch 1: its run is its own again.
+                seen["retaken"] = run.holder
+                try:
+                    seen["other"] = await dask_ftps.train(
+                        c2, X_train, y_train, **kwargs
+                    )
+                except Exception as e:  # noqa: BLE001 - checked below
+                    seen["other"] = e
+
+        result = await dask_ftps.train(
+            c, X_train, y_train, callbacks=[callback], **kwargs
+        )
+    assert isinstance(seen["other"], RunInUse), seen["other"]
+    assert seen["retaken"] == seen["holder"]
+    assert result.trained and result.run == 0 and len(plugin.state.runs) == 1
+    assert result.version == result.minibatches == plugin.state.updates
+    rows = (await dask_ftps.records(c))["global"]
+    assert len({r["update_id"] for r in rows}) == len(rows) == result.minibatches
+    assert plugin.state.runs[0].holder is None  # released when the call ended
+
+
+@gen_cluster(client=True)
+async def test_messages_of_another_call_are_refused_before_they_change_anything(
+    c, s, a, b
+):
+    """Every push, pull and next_step names the train() call it belongs to: one
+    of a call that does not hold the run (another client's, or another call
+    of the same client) is refused with RunInUse and changes nothing, the
+    hold included."""
+    await c.register_plugin(ParameterServer(model=MODEL, mode="async"))
+    mine = Holder(f"{c.id}/a1")
+    sid = check_reply(
+        await c.scheduler.ftps_begin_run(spec=SPEC, holder=mine), "begin"
+    )["server_id"]
+    await push(c, holder=mine)
+    state = s.plugins["ftps"].state
+    before = snapshot(state)
+    async with Client(s.address, asynchronous=True) as c2:
+        for other in (Holder(f"{c2.id}/b2"), Holder(f"{c.id}/c3")):
+            for op, kwargs in [
+                ("ftps_push", {"worker": "tcp://w:1", "update_id": "0:0:1:0",
+                               "grads": ToPickle(good_grads()), "incarnation": 1,
+                               "next_step": (0, 1)}),
+                ("ftps_pull", {"worker": "tcp://w:1", "run": 0, "shard": 1,
+                               "epoch": 0, "step": 0}),
+                ("ftps_next_step", {"run": 0, "shard": 1}),
+            ]:  # fmt: skip
+                reply = await getattr(c2.scheduler, op)(
+                    server_id=sid, holder=other, **kwargs
+                )
+                with pytest.raises(RunInUse, match="held by another train"):
+                    check_reply(reply, op)
+                assert snapshot(state) == before, op
+    assert state.runs[0].holder == mine
+    await push(c, "0:0:1:0", holder=mine)  # its own call's goes on
+    assert state.updates == 2
+
+
+def test_a_queued_update_of_a_run_another_call_took_is_refused_at_admission():
+    """A push admitted once the run was taken by another call (its own call's
+    hold freed while it was queued) is refused there, before it changes
+    anything; a free run is taken again only by a call whose client is
+    connected, and never once finished."""
+    state = _state()
+    a, b = Holder("Client-a/1"), Holder("Client-b/1")
+    run = state.begin_run(RunSpec((8, 8), batch_size=4, epochs=1), holder=a)
+    state.push(Update(UpdateKey(0, 0, 0, 0), WorkerId("w"), good_grads(), a))
+    run.holder = b  # a's hold freed, b began the run
+    update = Update(UpdateKey(0, 0, 0, 1), WorkerId("w"), good_grads(), a)
+    with pytest.raises(RunInUse, match="held by another"):
+        state.admit(update)
+    with pytest.raises(RunInUse, match="held by another"):
+        state.check_holder(0, a, _alive(a))
+    assert (state.updates, list(run.clocks), run.holder) == (1, [1, 0], b)
+    run.holder = None  # b's client dropped its connection too
+    state.check_holder(0, a, _alive())  # a's client is gone as well: not taken
+    assert run.holder is None
+    assert state.check_holder(0, a, _alive(a)) is run and run.holder == a
+    state.check_holder(0, a, _alive(a, b))  # its own: goes on
+    assert run.holder == a
 
 
 # -- the same call means the same run -----------------------------------------------------
