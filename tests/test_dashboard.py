@@ -21,7 +21,7 @@ from dask_ftps._dashboard import NO_SERVER, FTPSPage, Sample, _rules
 from dask_ftps.models import SoftmaxRegression
 
 from .conftest import digits
-from .test_plugin import MODEL, SPEC, push
+from .test_plugin import MODEL, SPEC, holder_of, push
 
 #: The module to list in ``distributed.scheduler.http.routes``.
 ROUTES = "dask_ftps._dashboard"
@@ -265,6 +265,12 @@ async def test_routes_listed_in_config_under_a_prefix(c, s, a):
     check_reply(await c.scheduler.ftps_begin_run(spec=SPEC), "begin")
     await push(c, "0:0:0:0")
     assert (await view(port, "/dask/"))["version"] == 1
+    # The pushes' call holds the run: it ends before a fresh server may replace it.
+    server_id = (await dask_ftps.status(c))["server_id"]
+    check_reply(
+        await c.scheduler.ftps_end_run(server_id=server_id, run=0, holder=holder_of(c)),
+        "end",
+    )
     await c.register_plugin(ParameterServer(model=MODEL))  # a fresh one: version 0
     assert page_routes(s) == 1
     v = await view(port, "/dask/")
