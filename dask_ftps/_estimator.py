@@ -353,7 +353,7 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
         validation = None
         if self.early_stopping:
             X, y, validation = _hold_out(X, y, self.validation_fraction, seed)
-        with _FITTING:  # one server per scheduler: fits in threads take turns
+        with _seceded(), _FITTING:  # one server per scheduler: fits take turns
             if first:
                 model = self._model(seed)
                 server = ParameterServer(
@@ -634,6 +634,25 @@ def _hold_out(X: Any, y: Any, fraction: float, seed: int):
 
 _LOCK = threading.Lock()
 _FITTING = threading.Lock()  # held by a fit from registering its server to the end
+
+
+@contextlib.contextmanager
+def _seceded():
+    """Inside a Dask task (a search whose fits run on Dask workers, with joblib's
+    ``dask`` backend), leave the worker's thread pool while the fit waits for its
+    turn and for its training tasks: fits holding every thread of a worker that
+    their training tasks need would wait for each other for ever."""
+    from distributed import rejoin, secede
+    from distributed.worker import thread_state
+
+    if getattr(thread_state, "key", None) is None:  # not in a task
+        yield
+        return
+    secede()
+    try:
+        yield
+    finally:
+        rejoin()
 _LOCAL: list[Client] = []  # the local cluster's client, started on first use
 
 

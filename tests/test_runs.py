@@ -755,6 +755,46 @@ def test_a_grid_search_in_threads_fits_each_clone_its_own_model(cluster_client):
         np.testing.assert_array_equal(np.asarray(params[k]), v)
 
 
+def test_a_grid_search_on_dask_workers_fits_each_clone_its_own_model():
+    """Joblib's ``dask`` backend runs each fit as a task on the cluster's workers:
+    the fits take turns on the scheduler's server (no fit holds a worker thread
+    its training needs: they waited for each other for ever before), and each
+    scores exactly as in a search that fits one clone after the other."""
+    from distributed import LocalCluster
+    from joblib import parallel_backend
+    from sklearn.model_selection import GridSearchCV
+
+    from dask_ftps import FTPSClassifier
+
+    X, y = _iris()
+
+    def search():
+        return GridSearchCV(
+            FTPSClassifier(epochs=3, random_state=0),
+            {"hidden_layer_sizes": [(), (8,)]},
+            cv=2,
+            n_jobs=2,
+            error_score="raise",
+        )
+
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=2, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster),
+    ):
+        on_workers = search()
+        with parallel_backend("dask"):
+            on_workers.fit(X, y)
+        one_by_one = search()
+        with parallel_backend("threading", n_jobs=1):
+            one_by_one.fit(X, y)
+    np.testing.assert_array_equal(
+        on_workers.cv_results_["mean_test_score"],
+        one_by_one.cv_results_["mean_test_score"],
+    )
+
+
 # -- real processes ------------------------------------------------------------------------
 
 _CHILD = """
