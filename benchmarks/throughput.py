@@ -2,7 +2,7 @@
 
 Each worker process runs one task that loops pull+push of a fixed random float32
 update for a model of 1e4, 1e5 or 1e6 parameters, exactly as
-``dask_ftps.training._train_shard`` does (a push that also asks for the model of
+``dask_ftps.training._worker._train_shard`` does (a push that also asks for the model of
 the next step, one round trip per update), so that gradient compute is left out.
 Three servers run on the same cluster, interleaved, several repeats each:
 

@@ -859,9 +859,7 @@ def _yes(flag: bool) -> str:
 
 def _accuracy_rows(report: DemoReport) -> list[tuple[str, str]]:
     model = report.model
-    layers = "-".join(
-        str(n) for n in (model.n_features, *model.hidden, model.n_classes)
-    )
+    layers = model.summary().split()[-1]
     fit_on = (
         f" (fit on the {report.sklearn_samples} original images)"
         if report.sklearn_samples

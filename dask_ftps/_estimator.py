@@ -21,17 +21,11 @@ from dask_ftps._client import get_model, status
 from dask_ftps._core import MODES
 from dask_ftps._exceptions import FTPSError, ServerReplaced
 from dask_ftps._scheduler_plugin import ParameterServer
-from dask_ftps.models import MLP, Model, SoftmaxRegression
+from dask_ftps.models import Model, dense_model
 from dask_ftps.optim import SGD, Adam, Optimizer
-from dask_ftps.training import (
-    _check_settings,
-    _class_weights,
-    _known_chunks,
-    _Settings,
-    _train_call,
-    dask_array,
-    is_dask_collection,
-)
+from dask_ftps.training._driver import _check_settings, _Settings, _train_call
+from dask_ftps.training._ingest import _known_chunks, dask_array, is_dask_collection
+from dask_ftps.training._task import _class_weights
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -424,13 +418,12 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
         return None if expected is None else reply.get("registration")
 
     def _model(self, seed: int) -> Model:
-        hidden = tuple(self.hidden_layer_sizes)
-        n_features, n_classes = self.n_features_in_, len(self.classes_)
-        if not hidden:
-            return SoftmaxRegression(
-                n_features=n_features, n_classes=n_classes, seed=seed
-            )
-        return MLP(n_features=n_features, hidden=hidden, n_classes=n_classes, seed=seed)
+        return dense_model(
+            self.n_features_in_,
+            tuple(self.hidden_layer_sizes),
+            len(self.classes_),
+            seed,
+        )
 
     def _optimizer(self) -> Optimizer:
         schedule = {"schedule": self.lr_schedule, "decay": self.lr_decay}
@@ -653,6 +646,8 @@ def _seceded():
         yield
     finally:
         rejoin()
+
+
 _LOCAL: list[Client] = []  # the local cluster's client, started on first use
 
 

@@ -11,6 +11,8 @@
     ├── ServerReplaced                    a message naming a server or run not served here
     ├── RunInUse                          another live train() trains that run (or server)
     ├── SpecMismatch (ValueError)         a model/optimizer/mode other than the store's
+    ├── ModelError (ValueError)           a model that misbehaves or cannot be rebuilt
+    │   └── ModelNotAllowed               a store names a module not in ftps.models.allowed
     ├── NotRegistered (RuntimeError)      no ParameterServer on the scheduler
     ├── SchedulerLost (ConnectionError)   train() lost its scheduler: call it again
     ├── WaitTimeout (TimeoutError)        a pull waited too long for its round
@@ -79,6 +81,33 @@ class RunInUse(FTPSError):
 
 class SpecMismatch(FTPSError, ValueError):
     """A model, optimizer or run spec differs from the one the server holds."""
+
+
+class ModelError(FTPSError, ValueError):
+    """A model misbehaves (its parameters or gradients are not what it declares,
+    or its code raised), or a model named by a description cannot be rebuilt.
+
+    Raised on the worker before anything is pushed, or where the model is
+    registered: the server's state is unchanged.
+    """
+
+
+class ModelNotAllowed(ModelError):
+    """A store (or message) names a model whose module the operator has not
+    allowed this process to import: ``ftps.models.allowed``.
+
+    Attributes
+    ----------
+    module
+        The module's name.
+    """
+
+    def __init__(self, message: str, module: str = "") -> None:
+        super().__init__(message)
+        self.module = module
+
+    def __reduce__(self):
+        return type(self), (str(self), self.module)
 
 
 class NotRegistered(FTPSError, RuntimeError):

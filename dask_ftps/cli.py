@@ -29,8 +29,9 @@ from dask_ftps._demo import (
     run_demo,
 )
 from dask_ftps._exceptions import one_line
-from dask_ftps.models import MLP, Model, SoftmaxRegression, model_from_dict
+from dask_ftps.models import Model, dense_model, model_from_dict
 from dask_ftps.preload import storage_options
+from dask_ftps.training._task import Classification
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -275,15 +276,7 @@ def _cluster(
 
 
 def _make_model(hidden: tuple[int, ...], data: Dataset, seed: int) -> Model:
-    n_features, n_classes = data.n_features, data.n_classes
-    if not hidden:
-        model: Model = SoftmaxRegression(
-            n_features=n_features, n_classes=n_classes, seed=seed
-        )
-    else:
-        model = MLP(
-            n_features=n_features, hidden=hidden, n_classes=n_classes, seed=seed
-        )
+    model = dense_model(data.n_features, hidden, data.n_classes, seed)
     if model.n_params() > MAX_PARAMS:
         raise click.BadParameter(
             f"{_layers(model)} would have {model.n_params():.3g} parameters, more "
@@ -294,10 +287,8 @@ def _make_model(hidden: tuple[int, ...], data: Dataset, seed: int) -> Model:
 
 
 def _layers(model: Model) -> str:
-    """``MLP 64-128-10``."""
-    hidden = getattr(model, "hidden", ())
-    sizes = "-".join(str(n) for n in (model.n_features, *hidden, model.n_classes))
-    return f"{type(model).__name__} {sizes}"
+    """``MLP 64-128-10``, or what the model's ``summary()`` says."""
+    return model.summary()
 
 
 def _same_store(mine: str, running: str) -> bool:
@@ -349,11 +340,14 @@ def _server_to_register(
             "or pass --replace"
         )
     model = model_from_dict(status["model"])
-    if (model.n_features, model.n_classes) != (data.n_features, data.n_classes):
+    task = Classification.of(model)
+    if task.n_features not in (None, data.n_features) or task.n_classes != (
+        data.n_classes
+    ):
         raise click.ClickException(
             f"the scheduler's parameter server journals to {running} and its model "
-            f"({_layers(model)}) takes {model.n_features} features and "
-            f"{model.n_classes} classes, but the data has {data.n_features} features "
+            f"({_layers(model)}) takes {task.n_features} features and "
+            f"{task.n_classes} classes, but the data has {data.n_features} features "
             f"and {data.n_classes} classes: refusing to replace it (--replace replaces it)"
         )
     click.echo(

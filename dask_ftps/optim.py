@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 import numbers
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
+from ._registry import Registry
 from ._xp import to_numpy
 
 __all__ = ["SGD", "Adam", "Optimizer", "optimizer_from_dict"]
@@ -19,7 +20,8 @@ Arrays = dict[str, np.ndarray]
 #: Learning-rate schedules: the rate an update of epoch ``e`` is merged with.
 SCHEDULES = ("constant", "exponential", "inverse")
 
-_REGISTRY: dict[str, type[Optimizer]] = {}
+#: The optimizer kinds (dask_ftps's own only: a store names them by short name).
+OPTIMIZERS: Registry[Optimizer] = Registry("optimizer", imports=False)
 
 
 def _check_float(
@@ -72,8 +74,7 @@ class Optimizer(ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls.kind = cls.__name__
-        _REGISTRY[cls.__name__] = cls
+        OPTIMIZERS.defines(cls)
 
     @abstractmethod
     def _state_prefixes(self) -> tuple[str, ...]:
@@ -204,7 +205,7 @@ class Optimizer(ABC):
         A constant rate is described without ``schedule`` and ``decay``, as
         before schedules existed: stores written either way read the same.
         """
-        d = {"kind": self.kind} | {f.name: getattr(self, f.name) for f in fields(self)}
+        d = OPTIMIZERS.describe(self)
         if d["schedule"] == "constant" and d["decay"] == 0.0:
             del d["schedule"], d["decay"]
         return d
@@ -215,6 +216,7 @@ def _float_dtype(p: Any) -> np.dtype:
     return dt if np.issubdtype(dt, np.floating) else np.dtype(np.float32)
 
 
+@OPTIMIZERS.builtin
 @dataclass(frozen=True)
 class SGD(Optimizer):
     """Stochastic gradient descent with optional heavy-ball momentum.
@@ -271,6 +273,7 @@ class SGD(Optimizer):
         return p - lr * v, [v]
 
 
+@OPTIMIZERS.builtin
 @dataclass(frozen=True)
 class Adam(Optimizer):
     """Adam with bias correction (Kingma & Ba, 2015).
@@ -333,14 +336,4 @@ def optimizer_from_dict(d: dict[str, Any]) -> Optimizer:
     ValueError
         For an unknown kind or bad fields.
     """
-    if not isinstance(d, dict) or "kind" not in d:
-        raise ValueError(f"expected a dict with a 'kind' key, got {d!r}")
-    kw = dict(d)
-    kind = kw.pop("kind")
-    cls = _REGISTRY.get(kind)
-    if cls is None:
-        raise ValueError(f"unknown optimizer kind {kind!r}; known: {sorted(_REGISTRY)}")
-    try:
-        return cls(**kw)
-    except TypeError as exc:
-        raise ValueError(f"bad fields for {kind}: {exc}") from exc
+    return OPTIMIZERS.rebuild(d)

@@ -121,7 +121,7 @@ def test_device_gpu_without_cupy_is_a_clear_error(monkeypatch):
 
 
 def test_device_auto_without_a_gpu_computes_with_numpy(monkeypatch):
-    from dask_ftps.training import _namespace
+    from dask_ftps.training._worker import _namespace
 
     monkeypatch.setitem(sys.modules, "cupy", None)
     assert not gpu_available()

@@ -24,7 +24,7 @@ from distributed.utils import open_port
 
 import dask_ftps
 from dask_ftps import SGD, ParameterServer
-from dask_ftps import training as training_module
+from dask_ftps.training import _driver as training_module
 from dask_ftps._core import RunSpec
 
 from .conftest import digits

@@ -23,7 +23,7 @@ from dask_ftps import (
 from dask_ftps._core import check_reply
 from dask_ftps._server import Server
 from dask_ftps.models import SoftmaxRegression
-from dask_ftps.training import _class_weights
+from dask_ftps.training._task import _class_weights
 
 from .conftest import digits
 from .test_plugin import holder_of, server_id
@@ -236,8 +236,14 @@ def test_balanced_class_weights() -> None:
         ({"tol": -1.0}, "tol must be"),
         ({"callbacks": [1]}, "callbacks must be callables"),
         ({"n_shards": True}, "n_shards"),
-        ({"validation": (np.zeros((4, 3)), np.zeros(4, int))}, "validation must be"),
-        ({"validation": (np.zeros((4, 64)), np.full(4, 11))}, "validation labels"),
+        (
+            {"validation": (np.zeros((4, 3)), np.zeros(4, int))},
+            "validation X has 3 features",
+        ),
+        (
+            {"validation": (np.zeros((4, 64)), np.full(4, 11))},
+            "validation y holds the label 11",
+        ),
     ],
 )
 @gen_cluster(client=True)

@@ -7,11 +7,13 @@ from itertools import pairwise
 
 import numpy as np
 
-from ._base import Model, _check_int, _freeze_int
+from ._base import MODELS, _check_int, _freeze_int
+from ._dense import DenseStack
 
 
+@MODELS.builtin
 @dataclass(frozen=True)
-class MLP(Model):
+class MLP(DenseStack):
     """Dense ReLU network trained with softmax cross-entropy.
 
     Parameters

@@ -6,11 +6,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._base import Model, _freeze_int
+from ._base import MODELS, _freeze_int
+from ._dense import DenseStack
 
 
+@MODELS.builtin
 @dataclass(frozen=True)
-class SoftmaxRegression(Model):
+class SoftmaxRegression(DenseStack):
     """Linear softmax classifier ``softmax(X @ W + b)``.
 
     Parameters

@@ -1,25 +1,22 @@
-"""``train()``: minibatch loops on Dask workers, merged by the parameter server."""
+"""``train()``: the call a user makes, and the driver that runs a run's epochs as
+one task per shard on the workers."""
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import inspect
-import itertools
 import logging
 import numbers
 import sys
 import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from dask.utils import parse_timedelta
-from distributed import secede
 from distributed.client import FutureCancelledError
 from distributed.comm import CommClosedError
 
@@ -27,22 +24,19 @@ from dask_ftps import config
 from dask_ftps._client import require_server
 from dask_ftps._core import Holder, RunSpec, ServerId, UpdateKey, check_reply
 from dask_ftps._exceptions import (
-    DuplicateUpdate,
-    FTPSError,
     InvalidRequest,
-    OutOfOrder,
     SchedulerLost,
     ServerReplaced,
-    StaleIncarnation,
-    Voided,
 )
-from dask_ftps._factored import UPDATE_FORMATS, to_host
-from dask_ftps._worker_plugin import get_worker_plugin
-from dask_ftps._xp import DEVICES, gpu_available, to_namespace
+from dask_ftps._factored import UPDATE_FORMATS
+from dask_ftps._xp import DEVICES
 from dask_ftps.models import Model, model_from_dict
 
+from ._ingest import _Data, _Shards, _validation
+from ._task import Classification
+from ._worker import _train_shard
+
 if TYPE_CHECKING:
-    import dask.array as da
     from distributed import Client
 
 logger = logging.getLogger(__name__)
@@ -494,10 +488,11 @@ async def _run(
             "scheduler"
         )
     model = model_from_dict(status["model"])
-    data = await _Data.of(client, X, y, model)
-    counts = await data.check(client, model)  # before the server sees a thing
-    weights = _class_weights(settings.class_weight, counts)
-    val = None if validation is None else await _validation(client, validation, model)
+    task = Classification.of(model)
+    data = await _Data.of(client, X, y, task)
+    counts = await data.check(client, task)  # before the server sees a thing
+    weights = task.class_weights(settings.class_weight, counts)
+    val = None if validation is None else await _validation(client, validation, task)
     n_samples = data.n_samples
     n_shards = settings.n_shards
     if n_shards is None:
@@ -588,7 +583,7 @@ async def _run(
 
             stats = await _run_epoch(client, submit, shards, n_shards, bar)
             record = await _epoch_record(
-                client, model, stats, val, time.perf_counter() - t0
+                client, model, task, stats, val, time.perf_counter() - t0
             )
             stop = stopper.update(record)
             if stop:
@@ -663,171 +658,6 @@ async def _known_run_shards(
     return None if found["spec"] is None else len(found["spec"]["shard_sizes"])
 
 
-def _train_shard(
-    X: np.ndarray,
-    y: np.ndarray,
-    *,
-    model: Model,
-    mode: str,
-    first: UpdateKey,
-    server: ServerId,
-    holder: Holder,
-    n_steps: int,
-    seed: int,
-    device: str,
-    update_format: str = "auto",
-    batch_size: int | None = None,
-    inflight: int = 1,
-    class_weight: np.ndarray | None = None,
-) -> dict[str, float]:
-    """One shard's minibatch loop for one epoch; runs in a task on a worker.
-
-    Up to ``inflight`` pushes may be unacknowledged: the next gradient is
-    computed from the newest model received while they are written. A refused
-    push ends the window: the shard waits for the others and goes on from where
-    the server says it stands (what was committed). Every call names
-    ``server``, the server the run began on, and ``holder``, the train() call
-    it belongs to (a run another call holds refuses it with RunInUse).
-    """
-    if mode != "async":
-        secede()  # a waiting shard must never hold the thread another shard needs
-    plugin = get_worker_plugin()
-    run, epoch, shard = first.run, first.epoch, first.shard
-    xp = _namespace(device)
-    sparse = _is_sparse(X)  # kept sparse; each minibatch is made dense
-    if sparse:
-        X = X.tocsr().astype(np.float32)
-    else:
-        X = to_namespace({"X": np.asarray(X, dtype=np.float32)}, xp)["X"]
-    y = to_namespace({"y": np.asarray(y, dtype=np.int64)}, xp)["y"]
-    weight = (
-        None
-        if class_weight is None
-        else to_namespace({"w": np.asarray(class_weight, dtype=np.float32)}, xp)["w"]
-    )
-    order = np.random.default_rng([seed, epoch, shard]).permutation(X.shape[0])
-    batches = np.array_split(order, n_steps)  # near-equal: no tiny last minibatch
-    stats = {"loss_sum": 0.0, "correct": 0, "n": 0, "computed": 0, "skipped": 0}
-
-    def resume() -> tuple[int, Any]:
-        next_epoch, step = plugin.next_step(run, shard, server=server, holder=holder)
-        if next_epoch < epoch:
-            raise FTPSError(
-                f"shard {shard} of run {run} has not finished epoch {next_epoch}"
-            )
-        if next_epoch > epoch:
-            return n_steps, None
-        return step, plugin.pull(run, shard, epoch, step, server=server, holder=holder)
-
-    window: deque[tuple[concurrent.futures.Future, float, int, int]] = deque()
-
-    def settle(until: int) -> Exception | None:
-        """Take replies, oldest first, until at most ``until`` are in flight (and
-        the ones already there); count what was accepted; the first refusal."""
-        nonlocal copy
-        refusal = None
-        while window and (
-            refusal is not None or len(window) > until or window[0][0].done()
-        ):
-            future, loss, correct, n = window.popleft()
-            try:
-                reply = future.result()
-            except Exception as e:  # noqa: BLE001 - handled once the window is empty
-                refusal = refusal or e
-                continue
-            if refusal is None and reply is not None:
-                copy = reply
-            stats["loss_sum"] += loss * n
-            stats["correct"] += correct
-            stats["n"] += n
-            stats["computed"] += 1
-        return refusal
-
-    step, copy = resume()
-    stats["skipped"] = step
-    device_version, params = None, None
-    while step < n_steps or window:
-        refusal = settle(inflight - 1 if step < n_steps else 0)
-        if isinstance(refusal, (DuplicateUpdate, OutOfOrder, Voided)):
-            # Another attempt got there first, a push in flight was lost, or one
-            # was undone with a batch that could not be made durable: go on from
-            # where the server says the shard stands.
-            step, copy = resume()
-            continue
-        if isinstance(refusal, StaleIncarnation):
-            step, copy = _resume_after_rebuild(resume, copy.incarnation)
-            continue
-        if refusal is not None:
-            raise refusal
-        if step == n_steps:
-            continue
-        if device_version != (copy.server, copy.version):
-            params = to_namespace(copy.params, xp)
-            device_version = (copy.server, copy.version)
-        batch = batches[step]
-        xb = X[batch]
-        if sparse:
-            xb = to_namespace({"X": xb.toarray()}, xp)["X"]
-        yb = y[batch]
-        loss, grads, correct = model.loss_and_grad(
-            params,
-            xb,
-            yb,
-            None if weight is None else weight[yb],
-            update_format=update_format,
-            factor_batch=batch_size,
-        )
-        nxt = (epoch, step + 1) if step + 1 < n_steps else None
-        future = plugin.push_async(
-            UpdateKey(run, epoch, shard, step),
-            to_host(grads),  # only the update leaves the device
-            copy.incarnation,
-            nxt,
-            server=server,
-            holder=holder,
-        )
-        window.append((future, float(loss), int(correct), len(batch)))
-        step += 1
-    return stats
-
-
-def _resume_after_rebuild(resume, incarnation: int):
-    """``resume()`` once a new server incarnation serves (it may be rebuilding)."""
-    deadline = time.monotonic() + parse_timedelta(config.get("wait-timeout"))
-    while True:
-        try:
-            step, copy = resume()
-            if copy is None or copy.incarnation != incarnation:
-                return step, copy
-        except StaleIncarnation:
-            pass
-        if time.monotonic() > deadline:
-            raise StaleIncarnation(
-                f"incarnation {incarnation} was replaced and no new server answered"
-            )
-        time.sleep(0.1)
-
-
-def _namespace(device: str):
-    """The array module a worker computes with for ``ftps.device``: CuPy on a
-    GPU (``"gpu"``, or ``"auto"`` where one is usable), else NumPy."""
-    if device == "gpu" or (device == "auto" and gpu_available()):
-        try:
-            import cupy
-        except ImportError as e:
-            raise FTPSError(
-                "ftps.device is 'gpu' but CuPy does not import on this worker "
-                f"({e}); install dask_ftps[gpu] or set ftps.device to 'auto'"
-            ) from e
-        if not gpu_available():
-            raise FTPSError(
-                "ftps.device is 'gpu' but CuPy sees no usable CUDA device on this "
-                "worker; set ftps.device to 'auto' to compute with NumPy there"
-            )
-        return cupy
-    return np
-
-
 def _device_settings() -> tuple[str, str]:
     """``ftps.device`` and ``ftps.update-format``, checked on the client."""
     device, update_format = config.get("device"), config.get("update-format")
@@ -850,283 +680,10 @@ def _check_settings(**settings: object) -> None:
             raise InvalidRequest(f"{name} must be at least {least}, got {value}")
 
 
-def _is_sparse(a: Any) -> bool:
-    """A SciPy sparse matrix or array (without importing SciPy)."""
-    return hasattr(a, "tocsr") and hasattr(a, "nnz")
-
-
-def is_dask_collection(a: Any) -> bool:
-    """Whether ``a`` is a Dask collection (array, DataFrame, ...)."""
-    return hasattr(a, "__dask_graph__")
-
-
-def _local(a: Any, name: str, dtype: Any = None) -> Any:
-    """NumPy (or SciPy sparse, for X) from array-likes such as pandas objects."""
-    if _is_sparse(a) and name == "X":
-        return a.tocsr()
-    if _is_sparse(a):
-        raise InvalidRequest("y must be dense: a 1-D array of labels")
-    try:
-        return np.asarray(a, dtype=dtype)
-    except (TypeError, ValueError) as e:
-        raise InvalidRequest(f"{name} cannot be read as numbers: {e}") from None
-
-
-async def _known_chunks(client: Client, a: da.Array) -> da.Array:
-    """``a`` with the row counts of its chunks known (computed on the cluster
-    when they are not, as ``compute_chunk_sizes()`` would, without blocking)."""
-    import dask
-    import dask.array as da
-
-    if not any(np.isnan(c) for c in a.chunks[0]):
-        return a
-    if a.ndim == 2 and any(np.isnan(c) for c in a.chunks[1]):
-        raise InvalidRequest("X needs a known number of columns")
-    blocks = a.to_delayed().ravel() if a.ndim == 1 else a.to_delayed()[:, 0]
-    futures = client.compute([dask.delayed(len)(b) for b in blocks])
-    lengths = tuple(await client.gather(futures, asynchronous=True))
-    chunks = (lengths,) if a.ndim == 1 else (lengths, *a.chunks[1:])
-    return da.Array(a.dask, a.name, chunks, dtype=a.dtype, meta=a._meta)
-
-
-@dataclass(frozen=True)
-class _Data:
-    """``train()``'s input, either local (NumPy, SciPy sparse) or Dask arrays."""
-
-    X: Any
-    y: Any
-    local: bool
-
-    @classmethod
-    async def of(cls, client: Client, X: Any, y: Any, model: Model) -> _Data:
-        """Read ``X`` and ``y``; check their shapes against each other and the
-        model."""
-        if X is None or y is None:
-            raise InvalidRequest("train() needs both X and y")
-        lazy = [is_dask_collection(a) for a in (X, y)]
-        if any(lazy):
-            X = await _known_chunks(client, dask_array(X, "X"))
-            y = await _known_chunks(client, dask_array(y, "y"))
-            data = cls(X, y, local=False)
-        else:
-            data = cls(_local(X, "X"), _local(y, "y"), local=True)
-        X, y = data.X, data.y
-        if X.ndim != 2 or y.ndim != 1:
-            raise InvalidRequest(
-                f"X must be 2-D and y 1-D, got {X.ndim}-D and {y.ndim}-D"
-            )
-        if X.shape[0] != y.shape[0]:
-            raise InvalidRequest(f"X has {X.shape[0]} rows but y has {y.shape[0]}")
-        if X.shape[0] == 0:
-            raise InvalidRequest("X has no samples: there is nothing to train on")
-        if X.shape[1] != model.n_features:
-            raise InvalidRequest(
-                f"X has {X.shape[1]} features, the server's model expects "
-                f"{model.n_features}"
-            )
-        if np.dtype(X.dtype).kind not in "biuf":
-            raise InvalidRequest(f"X must hold real numbers, not {X.dtype}")
-        if np.dtype(y.dtype).kind not in "iu":
-            raise InvalidRequest(
-                f"y must hold integer class labels, not {y.dtype} (FTPSClassifier "
-                "encodes labels of any type)"
-            )
-        return data
-
-    @property
-    def n_samples(self) -> int:
-        return int(self.X.shape[0])
-
-    async def check(self, client: Client, model: Model) -> np.ndarray:
-        """Refuse data the run would fail on half-way: NaN or infinite features,
-        labels outside the model's classes. One pass over the data, here for
-        local input and on the cluster for Dask input, before any update is
-        sent. Returns the count of each class."""
-        n_classes = model.n_classes
-        if self.local:  # in a thread: not on the client's event loop
-            finite, low, high, counts = await asyncio.to_thread(
-                _local_checks, self.X, self.y, n_classes
-            )
-        else:
-            import dask.array as da
-
-            y = self.y
-            checks = [
-                da.isfinite(self.X).all(),
-                y.min(),
-                y.max(),
-                da.bincount(da.clip(y, 0, n_classes - 1), minlength=n_classes),
-            ]
-            finite, low, high, counts = await client.gather(
-                client.compute(checks), asynchronous=True
-            )
-        if not finite:
-            raise InvalidRequest(
-                "X holds NaN or infinite values: impute or drop them first"
-            )
-        if low < 0 or high >= n_classes:
-            bad = low if low < 0 else high
-            raise InvalidRequest(
-                f"y holds the label {bad}, but the server's model has {n_classes} "
-                f"classes: labels must be integers in [0, {n_classes})"
-            )
-        return np.asarray(counts)
-
-    async def shards(self, client: Client, sizes: tuple[int, ...]) -> _Shards:
-        """Futures of each shard's X and y: local input is scattered (one piece
-        per shard, not embedded in a graph), Dask input computed in place."""
-        if self.local:
-            bounds = np.cumsum((0, *sizes))
-            parts = [(self.X[a:b], self.y[a:b]) for a, b in itertools.pairwise(bounds)]
-            futures = await client.scatter(  # one round trip for all
-                [part for pair in parts for part in pair], hash=False
-            )
-            return _Shards(list(futures[0::2]), list(futures[1::2]), parts)
-        X = self.X.rechunk({0: sizes, 1: -1})
-        y = self.y.rechunk({0: sizes})
-        xs = client.compute(list(X.to_delayed().ravel()))
-        ys = client.compute(list(y.to_delayed().ravel()))
-        return _Shards(xs, ys, None)
-
-
-def _local_checks(X: Any, y: np.ndarray, n_classes: int) -> tuple:
-    """``(finite, lowest label, highest label, class counts)`` of local input."""
-    finite = bool(np.isfinite(X.data if _is_sparse(X) else X).all())
-    low, high = int(y.min()), int(y.max())
-    counts = None
-    if low >= 0 and high < n_classes:
-        counts = np.bincount(y, minlength=n_classes)
-    return finite, low, high, counts
-
-
-@dataclass
-class _Shards:
-    """Futures of the shards' X and y. Dask recomputes a lost chunk of a Dask
-    input; a scattered shard (``parts``: local input) lost with its worker is
-    scattered again from the caller's data."""
-
-    xs: list
-    ys: list
-    parts: list[tuple[Any, Any]] | None
-
-    def lost(self, s: int) -> bool:
-        if self.parts is None:
-            return False
-        return any(f.status != "finished" for f in (self.xs[s], self.ys[s]))
-
-    async def scatter(self, client: Client, s: int) -> None:
-        """Scatter shard ``s`` again (its futures were lost)."""
-        X, y = self.parts[s]
-        x_future, y_future = await client.scatter([X, y], hash=False)
-        self.xs[s].release()
-        self.ys[s].release()
-        self.xs[s], self.ys[s] = x_future, y_future
-
-    def release(self) -> None:
-        """Drop our references (data the caller holds stays)."""
-        for future in self.xs + self.ys:
-            future.release()
-
-
-def dask_array(a: Any, name: str) -> da.Array:
-    """A Dask array from a Dask array, DataFrame or Series, or an in-memory
-    array-like (chunk sizes possibly unknown: see :func:`_known_chunks`)."""
-    import dask.array as da  # here, not at import: the scheduler preload stays light
-
-    if hasattr(a, "to_dask_array"):  # a Dask DataFrame or Series
-        return a.to_dask_array()
-    if isinstance(a, da.Array):
-        return a
-    if is_dask_collection(a):
-        raise InvalidRequest(
-            f"{name} is a {type(a).__name__}: give a Dask array or DataFrame"
-        )
-    local = _local(a, name)
-    if _is_sparse(local):
-        local = local.toarray()  # beside Dask input, it is small
-    return da.from_array(local)
-
-
-def _class_weights(class_weight: Any, counts: np.ndarray) -> np.ndarray | None:
-    """The weight of each class, from ``train()``'s ``class_weight``."""
-    if class_weight is None:
-        return None
-    n_classes = len(counts)
-    if isinstance(class_weight, str):
-        if class_weight != "balanced":
-            raise InvalidRequest(
-                f"class_weight must be None, 'balanced' or a mapping, got "
-                f"{class_weight!r}"
-            )
-        present = counts > 0
-        weights = np.ones(n_classes)
-        weights[present] = counts.sum() / (present.sum() * counts[present])
-        return weights.astype(np.float32)
-    if not isinstance(class_weight, Mapping):
-        raise InvalidRequest(
-            f"class_weight must be None, 'balanced' or a mapping of class to weight, "
-            f"got {type(class_weight).__name__}"
-        )
-    weights = np.ones(n_classes, dtype=np.float32)
-    for label, weight in class_weight.items():
-        if (
-            isinstance(label, bool)
-            or not isinstance(label, numbers.Integral)
-            or not 0 <= label < n_classes
-        ):
-            raise InvalidRequest(
-                f"class_weight names the class {label!r}: classes are integers in "
-                f"[0, {n_classes})"
-            )
-        if (
-            isinstance(weight, bool)
-            or not isinstance(weight, numbers.Real)
-            or not np.isfinite(weight)
-            or weight < 0
-        ):
-            raise InvalidRequest(
-                f"class_weight[{label}] must be a finite number >= 0, got {weight!r}"
-            )
-        weights[int(label)] = weight
-    return weights
-
-
-async def _validation(
-    client: Client, validation: Any, model: Model
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(X_val, y_val)`` in memory, checked against the model."""
-    if not isinstance(validation, tuple | list) or len(validation) != 2:
-        raise InvalidRequest("validation must be a pair (X_val, y_val)")
-    arrays = []
-    for a, name in zip(validation, ("X_val", "y_val"), strict=True):
-        if is_dask_collection(a):
-            a = await client.compute(dask_array(a, name))
-        a = _local(a, name)
-        arrays.append(a.toarray() if _is_sparse(a) else a)
-    Xv, yv = arrays
-    if (
-        Xv.ndim != 2
-        or yv.ndim != 1
-        or Xv.shape[1] != model.n_features
-        or len(Xv) != len(yv)
-        or len(yv) == 0
-    ):
-        raise InvalidRequest(
-            f"validation must be (X, y) with {model.n_features} features and one "
-            f"label per row, got shapes {Xv.shape} and {yv.shape}"
-        )
-    if yv.dtype.kind not in "iu" or yv.min() < 0 or yv.max() >= model.n_classes:
-        raise InvalidRequest(
-            f"validation labels must be integers in [0, {model.n_classes})"
-        )
-    if not np.isfinite(Xv).all():
-        raise InvalidRequest("validation X holds NaN or infinite values")
-    return Xv.astype(np.float32), yv.astype(np.int64)
-
-
 async def _epoch_record(
     client: Client,
     model: Model,
+    task: Classification,
     stats: list[dict[str, float]],
     val: tuple[np.ndarray, np.ndarray] | None,
     seconds: float,
@@ -1138,22 +695,13 @@ async def _epoch_record(
     }
     if val is not None:
         reply = check_reply(await client.scheduler.ftps_get_model(), "ftps_get_model")
-        loss, accuracy = await asyncio.to_thread(_score, model, reply["params"], *val)
+        loss, accuracy = await asyncio.to_thread(
+            task.score, model, reply["params"], *val
+        )
         record["val_loss"] = loss
         record["val_accuracy"] = accuracy
     record["seconds"] = seconds
     return record
-
-
-def _score(
-    model: Model, params: dict[str, np.ndarray], X: np.ndarray, y: np.ndarray
-) -> tuple[float, float]:
-    """Mean cross-entropy (unweighted) and accuracy of ``params`` on ``(X, y)``:
-    a forward pass, off the event loop."""
-    proba = np.asarray(model.predict_proba(params, X), dtype=np.float64)
-    p = proba[np.arange(len(y)), y]
-    loss = float(-np.log(np.maximum(p, np.finfo(np.float64).tiny)).mean())
-    return loss, float((proba.argmax(axis=1) == y).mean())
 
 
 def _progress_bar(progress: bool | None, total: int, run: int):

@@ -1,0 +1,314 @@
+"""Checks that a model does what it declares: one home for every model check.
+
+A model is the user's code: what it returns is checked where it runs, and a
+model that misbehaves is named (with the parameter) before anything it made is
+pushed or served.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from dask_ftps._exceptions import ModelError
+from dask_ftps._factored import Factored
+from dask_ftps._xp import array_namespace
+
+from ._base import Model, model_from_dict
+
+
+def model_name(model: Model) -> str:
+    """How messages name a model: its kind."""
+    return type(model).kind or type(model).__qualname__
+
+
+def check_model(model: Any) -> Model:
+    """Check a model before a server is made of it: its declared attributes,
+    its parameters' shapes and dtypes, its first parameters, its description.
+
+    Returns
+    -------
+    Model
+        ``model``.
+
+    Raises
+    ------
+    ModelError
+        Naming the model and what it declares wrong.
+    """
+    if not isinstance(model, Model):
+        raise ModelError(
+            "model must be a dask_ftps.models.Model (MLP(...), or a subclass of your "
+            f"own), got {type(model).__name__}"
+        )
+    name = model_name(model)
+    n_classes = getattr(model, "n_classes", None)
+    if (
+        isinstance(n_classes, bool)
+        or not isinstance(n_classes, numbers.Integral)
+        or n_classes < 2
+    ):
+        raise ModelError(
+            f"model {name}: n_classes must be an int >= 2 (a field or property), got "
+            f"{n_classes!r:.60}"
+        )
+    n_features = getattr(model, "n_features", None)
+    if n_features is not None and (
+        isinstance(n_features, bool)
+        or not isinstance(n_features, numbers.Integral)
+        or n_features < 1
+    ):
+        raise ModelError(
+            f"model {name}: n_features must be None or an int >= 1, got "
+            f"{n_features!r:.60}"
+        )
+    shapes = _call(model, "param_shapes")
+    if not isinstance(shapes, dict) or not shapes:
+        raise ModelError(
+            f"model {name}: param_shapes() must return a non-empty dict of name to "
+            f"shape, got {shapes!r:.80}"
+        )
+    for param, shape in shapes.items():
+        if not isinstance(param, str) or not param or "/" in param:
+            raise ModelError(
+                f"model {name}: parameter names must be non-empty strings without "
+                f"'/', got {param!r:.60}"
+            )
+        if not isinstance(shape, tuple) or not all(
+            isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1
+            for d in shape
+        ):
+            raise ModelError(
+                f"model {name}: the shape of {param!r} must be a tuple of ints >= 1, "
+                f"got {shape!r:.60}"
+            )
+    dtypes = _call(model, "param_dtypes")
+    if not isinstance(dtypes, dict) or set(dtypes) != set(shapes):
+        raise ModelError(
+            f"model {name}: param_dtypes() must name the parameters of param_shapes()"
+        )
+    for param, dtype in dtypes.items():
+        try:
+            ok = np.issubdtype(np.dtype(dtype), np.floating)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ModelError(
+                f"model {name}: parameter {param!r} must have a float dtype, got "
+                f"{dtype!r:.40}"
+            )
+    factorable = _call(model, "factorable")
+    if not isinstance(factorable, tuple) or not set(factorable) <= set(shapes):
+        raise ModelError(
+            f"model {name}: factorable() must return a tuple of parameter names, got "
+            f"{factorable!r:.80}"
+        )
+    params = _call(model, "init_params")
+    check_arrays(model, params, "init_params()", host=True)
+    description = _call(model, "to_dict")
+    try:
+        json.dumps(description, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ModelError(
+            f"model {name}: its fields must be JSON values (numbers, strings, "
+            f"lists, dicts), to be recorded in the store: {e}"
+        ) from e
+    if model_from_dict(description) != model:
+        raise ModelError(
+            f"model {name}: {description!r:.120} does not rebuild the same model: its "
+            "fields must be all of its hyper-parameters"
+        )
+    return model
+
+
+def _call(model: Model, method: str, *args: Any, **kwargs: Any) -> Any:
+    """``model.<method>(...)``, its exception a :class:`ModelError` naming it."""
+    try:
+        return getattr(model, method)(*args, **kwargs)
+    except ModelError:
+        raise
+    except Exception as e:
+        raise ModelError(
+            f"model {model_name(model)}: {method}() raised {type(e).__name__}: {e}"
+        ) from e
+
+
+def _finite(a: Any) -> bool:
+    """Whether every value of ``a`` is finite: one summing pass, and a precise
+    look only when the sum is not (a sum may overflow)."""
+    xp = array_namespace(a)
+    if bool(xp.isfinite(a.sum())):
+        return True
+    return bool(xp.isfinite(a).all())
+
+
+def _is_array(a: Any) -> bool:
+    return isinstance(a, np.ndarray) or (
+        array_namespace(a) is not np and hasattr(a, "shape") and hasattr(a, "dtype")
+    )
+
+
+def check_arrays(
+    model: Model,
+    arrays: Any,
+    source: str,
+    *,
+    expected: dict[str, Any] | None = None,
+    factors: Iterable[str] = (),
+    host: bool = False,
+) -> None:
+    """Check arrays a model made: the names of :meth:`Model.param_shapes`, each
+    an array of its shape and dtype with finite values.
+
+    Parameters
+    ----------
+    model
+        The model that made them.
+    arrays
+        What it returned.
+    source
+        What made them, for messages (``"loss_and_grad()"``).
+    expected
+        The dtype each must have (default: :meth:`Model.param_dtypes`).
+    factors
+        Names that may be a :class:`~dask_ftps.Factored` of the parameter's shape.
+    host
+        Whether they must be NumPy arrays (the first parameters).
+
+    Raises
+    ------
+    ModelError
+        Naming the model, the parameter and what is wrong.
+    """
+    name = model_name(model)
+    if not isinstance(arrays, dict):
+        raise ModelError(
+            f"model {name}: {source} must return a dict of parameter name to array, "
+            f"got {type(arrays).__name__}"
+        )
+    shapes = model.param_shapes()
+    missing, extra = set(shapes) - set(arrays), set(arrays) - set(shapes)
+    if missing or extra:
+        raise ModelError(
+            f"model {name}: {source} returned the parameters {sorted(map(str, arrays))}"
+            f", not those of param_shapes() {sorted(shapes)}: "
+            + "; ".join(
+                part
+                for part in (
+                    missing and f"missing {sorted(missing)}",
+                    extra and f"extra {sorted(map(str, extra))}",
+                )
+                if part
+            )
+        )
+    dtypes = expected if expected is not None else model.param_dtypes()
+    factored = set(factors)
+    for param, shape in shapes.items():
+        value = arrays[param]
+        parts = [value]
+        if isinstance(value, Factored):
+            if param not in factored:
+                raise ModelError(
+                    f"model {name}: {source} returned {param!r} as factors, which "
+                    "only a weight named by factorable() and asked for may be"
+                )
+            parts = [value.u, value.v]
+            got_shape = (
+                (value.u.shape[1:2] + value.v.shape[1:2])
+                if (
+                    value.u.ndim == value.v.ndim == 2
+                    and value.u.shape[0] == value.v.shape[0]
+                )
+                else None
+            )
+        elif _is_array(value):
+            got_shape = tuple(value.shape)
+        else:
+            raise ModelError(
+                f"model {name}: {source} returned {type(value).__name__} for "
+                f"{param!r}, not an array"
+            )
+        if host and not all(isinstance(p, np.ndarray) for p in parts):
+            raise ModelError(
+                f"model {name}: {source} must return NumPy arrays; {param!r} is a "
+                f"{type(value).__name__}"
+            )
+        if got_shape is None or tuple(got_shape) != tuple(shape):
+            raise ModelError(
+                f"model {name}: {source} returned {param!r} of shape "
+                f"{got_shape if got_shape is not None else 'mismatched factors'}, "
+                f"expected {tuple(shape)}"
+            )
+        want = np.dtype(dtypes[param])
+        for part in parts:
+            if np.dtype(part.dtype) != want:
+                raise ModelError(
+                    f"model {name}: {source} returned {param!r} as {part.dtype}, "
+                    f"expected {want}"
+                )
+            if not _finite(part):
+                raise ModelError(
+                    f"model {name}: {source} returned NaN or infinite values in "
+                    f"{param!r}"
+                )
+
+
+def checked_loss_and_grad(
+    model: Model,
+    params: dict[str, Any],
+    X: Any,
+    y: Any,
+    sample_weight: Any = None,
+    factors: frozenset[str] = frozenset(),
+) -> tuple[float, dict[str, Any], int]:
+    """:meth:`Model.loss_and_grad`, what it returns checked: the worker's way
+    to call a model (nothing it makes is pushed unless it passes).
+
+    Raises
+    ------
+    ModelError
+        If it raised, or returned anything but a finite loss, a gradient of
+        every parameter in its shape and dtype with finite values, and a count
+        of right answers in ``[0, n]``.
+    """
+    kwargs = {"factors": factors} if factors else {}
+    out = _call(model, "loss_and_grad", params, X, y, sample_weight, **kwargs)
+    name = model_name(model)
+    if not isinstance(out, tuple) or len(out) != 3:
+        raise ModelError(
+            f"model {name}: loss_and_grad() must return (loss, grads, n_correct), "
+            f"got {type(out).__name__}"
+        )
+    loss, grads, n_correct = out
+    try:
+        loss = float(loss)
+    except (TypeError, ValueError):
+        raise ModelError(
+            f"model {name}: loss_and_grad() returned the loss {loss!r:.40}, not a "
+            "number"
+        ) from None
+    if not np.isfinite(loss):
+        raise ModelError(f"model {name}: loss_and_grad() returned the loss {loss}")
+    check_arrays(
+        model,
+        grads,
+        "loss_and_grad()",
+        expected={k: v.dtype for k, v in params.items()},
+        factors=factors,
+    )
+    n = int(y.shape[0])
+    try:
+        count = int(n_correct)
+        exact = count == n_correct
+    except (TypeError, ValueError):
+        exact = False
+    if not exact or not 0 <= count <= n:
+        raise ModelError(
+            f"model {name}: loss_and_grad() returned n_correct {n_correct!r:.40}, "
+            f"not an integer in [0, {n}]"
+        )
+    return loss, grads, count
