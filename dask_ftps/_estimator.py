@@ -21,11 +21,11 @@ from dask_ftps._client import get_model, status
 from dask_ftps._core import MODES
 from dask_ftps._exceptions import FTPSError, ServerReplaced
 from dask_ftps._scheduler_plugin import ParameterServer
-from dask_ftps.models import Model, dense_model
+from dask_ftps.models import Model, check_model, dense_model
 from dask_ftps.optim import SGD, Adam, Optimizer
 from dask_ftps.training._driver import _check_settings, _Settings, _train_call
 from dask_ftps.training._ingest import _known_chunks, dask_array, is_dask_collection
-from dask_ftps.training._task import _class_weights
+from dask_ftps.training._task import Classification, _class_weights
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -72,7 +72,13 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
     ----------
     hidden_layer_sizes : tuple of int, default (64,)
         Widths of the ReLU hidden layers; ``()`` is softmax (multinomial
-        logistic) regression.
+        logistic) regression. Not used with ``model``.
+    model : dask_ftps.models.Model, optional
+        Your own model (see "Your own model" in the docs) instead of the dense
+        network of ``hidden_layer_sizes``: its ``n_classes`` must be the number
+        of classes in ``y`` (and its ``n_features``, if it has one, the number
+        of features of ``X``). Predictions call its ``predict_proba`` with
+        float64 parameters.
     epochs : int, default 20
         Passes over the data (the most, with ``early_stopping``).
     batch_size : int, default 32
@@ -161,6 +167,7 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
         self,
         hidden_layer_sizes: Sequence[int] = (64,),
         *,
+        model: Model | None = None,
         epochs: int = 20,
         batch_size: int = 32,
         optimizer: str = "sgd",
@@ -181,6 +188,7 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
         verbose: bool = False,
     ) -> None:
         self.hidden_layer_sizes = hidden_layer_sizes
+        self.model = model
         self.epochs = epochs
         self.batch_size = batch_size
         self.optimizer = optimizer
@@ -418,6 +426,19 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
         return None if expected is None else reply.get("registration")
 
     def _model(self, seed: int) -> Model:
+        if self.model is not None:
+            task = Classification.of(self.model)
+            if task.n_classes != len(self.classes_):
+                raise ValueError(
+                    f"model {self.model.summary()} has n_classes={task.n_classes}, "
+                    f"but y holds {len(self.classes_)} classes"
+                )
+            if task.n_features not in (None, self.n_features_in_):
+                raise ValueError(
+                    f"model {self.model.summary()} has n_features="
+                    f"{task.n_features}, but X has {self.n_features_in_} features"
+                )
+            return self.model
         return dense_model(
             self.n_features_in_,
             tuple(self.hidden_layer_sizes),
@@ -446,6 +467,8 @@ class FTPSClassifier(ClassifierMixin, BaseEstimator):
         return {index[label]: w for label, w in self.class_weight.items()}
 
     def _check_params(self) -> None:
+        if self.model is not None:
+            check_model(self.model)
         hidden = self.hidden_layer_sizes
         if isinstance(hidden, numbers.Integral) and not isinstance(hidden, bool):
             hidden = (hidden,)

@@ -26,6 +26,9 @@ from dask_ftps._exceptions import ModelError, ModelNotAllowed
 
 T = TypeVar("T")
 
+#: The environment variable that sets ``ftps.models.allowed`` (a JSON list).
+MODELS_ALLOWED_ENV = "DASK_FTPS__MODELS__ALLOWED"
+
 #: Modules a store may always name: dask_ftps's own models.
 ALWAYS_ALLOWED = ("dask_ftps.models", "dask_ftps.models.*")
 
@@ -116,8 +119,12 @@ class Registry(Generic[T]):
             d[f.name] = list(v) if isinstance(v, tuple) else v
         return d
 
-    def resolve(self, kind: str) -> type[T]:
+    def resolve(self, kind: str, *, trusted: bool = False) -> type[T]:
         """The class a description's ``kind`` names.
+
+        ``trusted``: the description comes from a server that already checked it
+        against its own ``ftps.models.allowed`` (a client's ``train()`` reads its
+        scheduler's model so): the module is imported without the check here.
 
         Raises
         ------
@@ -143,7 +150,7 @@ class Registry(Generic[T]):
         parts = module_name.split(".") + qualname.split(".")
         if not all(p.isidentifier() for p in parts):
             raise ValueError(f"{self.what} kind {kind!r:.120} is not an import path")
-        if not module_allowed(module_name):
+        if not trusted and not module_allowed(module_name):
             raise ModelNotAllowed(
                 f"the {self.what} {kind} is not allowed: its module {module_name!r} "
                 "is not in ftps.models.allowed (set it, for example "
@@ -167,8 +174,9 @@ class Registry(Generic[T]):
             f"{self.what} class {qualname!r}"
         )
 
-    def rebuild(self, d: Any) -> T:
-        """The spec a :meth:`describe` output describes.
+    def rebuild(self, d: Any, *, trusted: bool = False) -> T:
+        """The spec a :meth:`describe` output describes (``trusted``: see
+        :meth:`resolve`).
 
         Raises
         ------
@@ -181,7 +189,7 @@ class Registry(Generic[T]):
             raise ValueError(f"expected a dict with a 'kind' key, got {d!r:.120}")
         kw = dict(d)
         kind = kw.pop("kind")
-        cls = self.resolve(kind)
+        cls = self.resolve(kind, trusted=trusted)
         names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         extra = set(kw) - names
         if extra:

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 import uuid
+import warnings
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -60,13 +61,15 @@ from dask_ftps._exceptions import (
     StaleIncarnation,
 )
 from dask_ftps._recovery import Rebuilt, rebuild
+from dask_ftps._registry import importable_elsewhere, module_allowed
 from dask_ftps._server import Server, ServerConfig, rebuilt_summary
 from dask_ftps._state import ParameterServerState, check_worker
 from dask_ftps._store import Journal, RunMeta, resolve, take_over
 from dask_ftps._store._format import model_crc
 from dask_ftps._store._io import check_location
 from dask_ftps._worker_plugin import FTPSWorkerPlugin
-from dask_ftps.models import Model
+from dask_ftps.models import Model, check_model
+from dask_ftps.models._base import MODELS
 from dask_ftps.optim import SGD, Optimizer
 
 if TYPE_CHECKING:
@@ -98,6 +101,37 @@ def _replies_errors(handler: Callable[..., Awaitable[dict]]):
     return wrapper
 
 
+def _warn_unimportable(model: Model) -> None:
+    """Say, where a store-backed server is made, that a restarted scheduler
+    could not import its model's class."""
+    why = importable_elsewhere(type(model))
+    if why is not None:
+        warnings.warn(
+            f"model {type(model).kind}: a restarted scheduler cannot import it "
+            f"({why}): training works, but a scheduler restarted on the store "
+            "cannot rebuild the run; put the class in a module on the scheduler's "
+            "and workers' path and list it in ftps.models.allowed",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _log_unrebuildable(model: Model) -> None:
+    """Say, on the scheduler, when a restart with this configuration would not
+    rebuild the store's model."""
+    module = type(model).__module__
+    why = importable_elsewhere(type(model))
+    builtin = MODELS.kind_of(type(model)) in MODELS.builtins
+    if why is None and not builtin and not module_allowed(module):
+        why = f"its module {module!r} is not in this scheduler's ftps.models.allowed"
+    if why is not None:
+        logger.warning(
+            "Model %s: a scheduler restarted on this store will not rebuild it (%s)",
+            type(model).kind,
+            why,
+        )
+
+
 class ParameterServer(SchedulerPlugin):
     """A fault-tolerant parameter server hosted by the Dask scheduler.
 
@@ -110,8 +144,12 @@ class ParameterServer(SchedulerPlugin):
         server registered on a store that holds a run resumes it, bit for bit.
         None keeps everything in memory (nothing survives the scheduler).
     model
-        The model spec, for example :class:`dask_ftps.models.MLP`; None resumes
-        the one the store holds.
+        The model, for example :class:`dask_ftps.models.MLP`, or your own
+        :class:`~dask_ftps.models.Model`; None resumes the one the store holds.
+        The store records it by its class's import path: a restarted scheduler
+        rebuilds it only if it can import that module and ``ftps.models.allowed``
+        lists it (a class defined in ``__main__`` or a notebook trains, with a
+        warning here that a restart could not rebuild it).
     optimizer
         Applied on the server to every merged update; default ``SGD(lr=0.05)``,
         or the store's.
@@ -131,6 +169,12 @@ class ParameterServer(SchedulerPlugin):
     TypeError
         If ``store`` is not a path, URL or Zarr store, or ``storage_options``
         go with something other than a URL.
+    ModelError
+        If the model does not do what it declares (its parameters' names,
+        shapes, dtypes or values; fields that are not JSON values).
+    ModelNotAllowed
+        At registration, if the store's model is in a module that
+        ``ftps.models.allowed`` does not list.
     SpecMismatch
         At registration, if the store holds a run with another model, optimizer
         or mode.
@@ -182,6 +226,10 @@ class ParameterServer(SchedulerPlugin):
                 "model must be a dask_ftps.models.Model such as MLP(...), got "
                 f"{type(model).__name__}"
             )
+        if model is not None:
+            check_model(model)
+            if store is not None:
+                _warn_unimportable(model)
         if optimizer is not None and not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a dask_ftps optimizer: {optimizer!r}")
         if snapshot_every is not None and (
@@ -311,11 +359,13 @@ class ParameterServer(SchedulerPlugin):
             None, dumps(FTPSWorkerPlugin()), name="ftps", idempotent=True
         )
         state = server.state
+        if server.journal is not None:
+            _log_unrebuildable(state.model_spec)
         logger.info(
             "Parameter server started in %.3fs: %s, %d parameters, mode %s, "
             "incarnation %d, version %d, store %s",
             time.perf_counter() - t0,
-            type(state.model_spec).__name__,
+            state.model_spec.summary(),
             state.model_spec.n_params(),
             state.mode,
             state.incarnation,

@@ -339,7 +339,7 @@ def _server_to_register(
             f"replace it with one on {server.store}: leave out --store to train on it, "
             "or pass --replace"
         )
-    model = model_from_dict(status["model"])
+    model = model_from_dict(status["model"], trusted=True)
     task = Classification.of(model)
     if task.n_features not in (None, data.n_features) or task.n_classes != (
         data.n_classes
@@ -620,7 +620,7 @@ def train(
         )
         status = dask_ftps.status(client)
         version, params = dask_ftps.get_model(client)
-    model = model_from_dict(status["model"])
+    model = model_from_dict(status["model"], trusted=True)
     for line in format_history(result.history):
         click.echo(line)
     if not result.trained:

@@ -8,7 +8,9 @@ On a store without a run the scheduler starts without a server (unless
 ``--ftps-require-run``), and the first client registers one with a model, so the
 same command line serves the first start and every restart. A store that holds
 a run which cannot be rebuilt exactly (damage) stops the scheduler from
-starting, with an error naming the damaged object.
+starting, with an error naming the damaged object; so does a run whose model
+is in a module that ``ftps.models.allowed`` does not list (the error names the
+module and the setting): code named by a store is not imported by default.
 """
 
 from __future__ import annotations
@@ -99,15 +101,21 @@ async def _setup(
     require_run: bool,
     snapshot_every: int | None = None,
 ) -> None:
-    from dask_ftps._exceptions import StoreError
+    from dask_ftps._exceptions import ModelError, StoreError, one_line
     from dask_ftps._scheduler_plugin import ParameterServer
 
     try:
         has_run = await holds_run(store, storage_options)
-    except StoreError as e:
+    except (StoreError, ModelError) as e:
         # distributed logs and swallows a preload's errors; a plugin whose start
-        # fails stops the scheduler: let the server's start fail on the damage.
-        logger.error("dask_ftps preload: %s cannot be rebuilt: %s", store, e)
+        # fails stops the scheduler: let the server's start fail on the damage
+        # (or on a model this scheduler may not import), and say why in one line.
+        logger.error(
+            "dask_ftps preload: %s cannot be rebuilt: %s: %s",
+            store,
+            type(e).__name__,
+            one_line(e),
+        )
         has_run = True
     if not require_run and not has_run:
         logger.warning(

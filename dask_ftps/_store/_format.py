@@ -28,7 +28,12 @@ import google_crc32c
 import numpy as np
 
 from dask_ftps._core import RunSpec
-from dask_ftps._exceptions import SpecMismatch, StoreCorrupted, StoreFormatError
+from dask_ftps._exceptions import (
+    ModelError,
+    SpecMismatch,
+    StoreCorrupted,
+    StoreFormatError,
+)
 from dask_ftps._layout import RowFormat
 from dask_ftps.models import Model, model_from_dict
 from dask_ftps.optim import Optimizer, optimizer_from_dict
@@ -189,6 +194,8 @@ class RunMeta:
                 _int(d["staleness"]),
                 _str(d["run_id"]),
             )
+        except ModelError:
+            raise  # a model that is not allowed or not importable: not damage
         except (KeyError, TypeError, ValueError) as e:
             raise StoreCorrupted(
                 f"zarr.json: bad run description: {e}", ROOT_KEY

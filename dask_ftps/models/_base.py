@@ -52,7 +52,6 @@ class Model(ABC):
 
     - ``n_features``: a field (or property), the number of features a sample
       has, which ``train()`` then checks the data against;
-    - :meth:`param_dtypes`: float dtypes other than float32;
     - :meth:`factorable`: weights whose gradient :meth:`loss_and_grad` can send
       as two factors (a dense layer's input and output error: patent claim 11);
     - :meth:`predict`: a faster prediction than the argmax of the probabilities.
@@ -119,7 +118,8 @@ class Model(ABC):
         return self.predict_proba(params, X).argmax(axis=1).astype("int64")
 
     def param_dtypes(self) -> dict[str, np.dtype]:
-        """Each parameter's dtype (default: float32 for all)."""
+        """Each parameter's dtype: float32 for all (the server merges and the
+        store keeps float32; other dtypes are not supported yet)."""
         return {name: np.dtype(np.float32) for name in self.param_shapes()}
 
     def factorable(self) -> tuple[str, ...]:
@@ -147,7 +147,7 @@ class Model(ABC):
         return MODELS.describe(self)
 
 
-def model_from_dict(d: dict[str, Any]) -> Model:
+def model_from_dict(d: dict[str, Any], *, trusted: bool = False) -> Model:
     """Rebuild a model from :meth:`Model.to_dict` output.
 
     A class this process has already defined is used as it is; a module named
@@ -158,6 +158,9 @@ def model_from_dict(d: dict[str, Any]) -> Model:
     d : dict
         ``"kind"`` (a dask_ftps model's name, or ``"module:QualName"``) and the
         model's fields.
+    trusted : bool, default False
+        ``d`` comes from a scheduler's server, which checked it against its own
+        ``ftps.models.allowed``: import the module without checking it here.
 
     Returns
     -------
@@ -172,4 +175,4 @@ def model_from_dict(d: dict[str, Any]) -> Model:
     ValueError
         For an unknown kind or bad fields.
     """
-    return MODELS.rebuild(d)
+    return MODELS.rebuild(d, trusted=trusted)

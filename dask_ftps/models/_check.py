@@ -93,13 +93,14 @@ def check_model(model: Any) -> Model:
         )
     for param, dtype in dtypes.items():
         try:
-            ok = np.issubdtype(np.dtype(dtype), np.floating)
+            ok = np.dtype(dtype) == np.float32
         except TypeError:
             ok = False
         if not ok:
             raise ModelError(
-                f"model {name}: parameter {param!r} must have a float dtype, got "
-                f"{dtype!r:.40}"
+                f"model {name}: parameter {param!r} is {dtype!r:.40}: dask_ftps "
+                "merges and stores float32 parameters (other dtypes are not "
+                "supported yet)"
             )
     factorable = _call(model, "factorable")
     if not isinstance(factorable, tuple) or not set(factorable) <= set(shapes):

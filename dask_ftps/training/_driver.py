@@ -487,7 +487,7 @@ async def _run(
             "sent; fit again once that client's training ended, or use another "
             "scheduler"
         )
-    model = model_from_dict(status["model"])
+    model = model_from_dict(status["model"], trusted=True)
     task = Classification.of(model)
     data = await _Data.of(client, X, y, task)
     counts = await data.check(client, task)  # before the server sees a thing

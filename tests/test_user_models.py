@@ -1,0 +1,302 @@
+"""A model defined outside dask_ftps survives what the built-in models survive:
+a real ``dask scheduler`` SIGKILLed and restarted with the preload rebuilds it
+(when ``ftps.models.allowed`` lets it import the module), and refuses, in one
+line, a store whose model's module is not allowed."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from distributed import Client
+from distributed.utils import open_port
+
+import dask_ftps
+from dask_ftps import SGD, ModelNotAllowed, ParameterServer
+from dask_ftps._processes import environment
+from dask_ftps._registry import MODELS_ALLOWED_ENV, importable_elsewhere
+from dask_ftps.models import Model, model_from_dict
+
+from .conftest import digits
+from .test_scheduler_loss import kill_after, scheduler, wait_for_workers, workers
+from .usermodels import LinearRidge
+
+EPOCHS, BATCH = 3, 32
+MODEL = LinearRidge(alpha=1e-3, seed=1)
+ALLOWED = {MODELS_ALLOWED_ENV: json.dumps(["tests.usermodels"])}
+
+
+def _train(client: Client):
+    X_train, _, y_train, _ = digits()
+    return dask_ftps.train(
+        client, X_train, y_train, epochs=EPOCHS, batch_size=BATCH, progress=False
+    )
+
+
+def _minibatches() -> int:
+    return EPOCHS * sum(-(-n // BATCH) for n in (674, 673))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_a_user_model_survives_a_scheduler_sigkill(tmp_path, mode):
+    """``tests.usermodels:LinearRidge`` trains on a preload scheduler, which is
+    SIGKILLed a third of the way in and started again with the preload (and the
+    module allowed): it serves the exact model the store holds, ``train()``
+    again finishes the run, every minibatch applied once, and ``recover()``
+    equals the live model bit for bit."""
+    store = str(tmp_path / "run.zarr")
+    port = open_port()
+    address = f"tcp://127.0.0.1:{port}"
+    total = _minibatches()
+    with (
+        scheduler(port, store, env=ALLOWED) as first,
+        workers(address),
+        Client(address, timeout="60s") as client,
+    ):
+        wait_for_workers(client, 2)
+        client.register_plugin(
+            ParameterServer(store, model=MODEL, optimizer=SGD(lr=0.1), mode=mode)
+        )
+        kill_after(client, first, total // 3)
+        with pytest.raises(Exception):  # noqa: B017 - the scheduler is gone
+            _train(client)
+        first.wait(30)
+        assert first.returncode == -signal.SIGKILL
+        lost = dask_ftps.inspect(store)
+        assert 0 < lost["updates"] < total
+        assert lost["model"] == MODEL.to_dict()
+        assert lost["model"]["kind"] == "tests.usermodels:LinearRidge"
+
+        with scheduler(port, store, env=ALLOWED), workers(address):
+            wait_for_workers(client, 2)
+            status = dask_ftps.status(client)
+            assert status["incarnation"] == 2
+            assert status["version"] == lost["version"]  # nothing accepted is lost
+            assert model_from_dict(status["model"]) == MODEL
+            result = _train(client)  # the same call resumes the run
+            info = dask_ftps.inspect(store)
+            ids = [row["update_id"] for row in info["global"]]
+            assert max(Counter(ids).values()) == 1  # none twice
+            assert info["updates"] == len(ids) == result.minibatches == total
+            if mode == "async":
+                assert result.version == total
+            version, params = dask_ftps.get_model(client)
+            offline_version, offline = dask_ftps.recover(store)
+            assert version == offline_version == result.version
+            assert set(params) == {"weights", "bias"}
+            for name, value in params.items():
+                np.testing.assert_array_equal(offline[name], value)
+            _, X_test, _, y_test = digits()
+            assert (MODEL.predict(params, X_test) == y_test).mean() > 0.85
+
+
+def _run_on(store: str, port: int) -> None:
+    """A run of the user model on ``store``, by a preload scheduler that allows
+    its module; the scheduler is stopped afterwards."""
+    address = f"tcp://127.0.0.1:{port}"
+    with (
+        scheduler(port, store, env=ALLOWED),
+        workers(address),
+        Client(address, timeout="60s") as client,
+    ):
+        wait_for_workers(client, 2)
+        client.register_plugin(ParameterServer(store, model=MODEL))
+        X_train, _, y_train, _ = digits()
+        dask_ftps.train(client, X_train[:256], y_train[:256], epochs=1, batch_size=64)
+
+
+@pytest.mark.slow
+def test_a_store_naming_a_module_not_allowed_stops_the_preload_scheduler(tmp_path):
+    """Code named by stored data is not imported by default: a scheduler started
+    with the preload on a store whose model's module is not in
+    ``ftps.models.allowed`` refuses to start, with a line naming the module and
+    the setting; offline ``recover()`` refuses the same way, and works once the
+    module is allowed."""
+    store = str(tmp_path / "run.zarr")
+    port = open_port()
+    _run_on(store, port)
+    before = sorted(p.name for p in (tmp_path / "run.zarr" / "ftps" / "log").iterdir())
+    with scheduler(port, store) as proc:
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the scheduler started on a store naming a module not allowed")
+    assert proc.returncode != 0
+    lines = [
+        line
+        for line in out.decode(errors="replace").splitlines()
+        if "dask_ftps preload" in line and "ModelNotAllowed" in line
+    ]
+    assert len(lines) == 1, out.decode(errors="replace")[-3000:]
+    assert "'tests.usermodels'" in lines[0] and "ftps.models.allowed" in lines[0]
+    # It served nothing and wrote nothing: no claim of a new incarnation.
+    after = sorted(p.name for p in (tmp_path / "run.zarr" / "ftps" / "log").iterdir())
+    assert after == before
+
+    code = textwrap.dedent(
+        f"""
+        import dask_ftps
+        try:
+            version, params = dask_ftps.recover({store!r})
+        except dask_ftps.ModelNotAllowed as e:
+            print("REFUSED", e.module)
+        else:
+            print("RECOVERED", version, sorted(params))
+        """
+    )
+
+    def recover_in_a_fresh_process(env: dict) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            env=environment(env),
+            capture_output=True,
+            timeout=120,
+            check=True,
+        )
+        return done.stdout.decode().strip().splitlines()[-1]
+
+    assert recover_in_a_fresh_process({}) == "REFUSED tests.usermodels"
+    recovered = recover_in_a_fresh_process(ALLOWED)
+    assert recovered.startswith("RECOVERED ") and "['bias', 'weights']" in recovered
+
+
+def test_a_pattern_in_the_setting_allows_a_package(monkeypatch):
+    """``ftps.models.allowed`` takes module names and patterns; a name allows its
+    submodules; dask_ftps's own models are always allowed."""
+    import dask
+
+    from dask_ftps._registry import module_allowed
+
+    with dask.config.set({"ftps.models.allowed": ["lab.*", "mymodels"]}):
+        assert module_allowed("lab.nets")
+        assert module_allowed("mymodels") and module_allowed("mymodels.cnn")
+        assert not module_allowed("mymodelsx") and not module_allowed("lab")
+        assert module_allowed("dask_ftps.models")
+        assert not module_allowed("os")
+    with dask.config.set({"ftps.models.allowed": []}):
+        assert not module_allowed("tests.usermodels")
+        with pytest.raises(ModelNotAllowed, match=r"ftps\.models\.allowed"):
+            model_from_dict({"kind": "not_imported_anywhere:Net", "seed": 0})
+        # A class this process defined is used as it is: nothing is imported.
+        assert model_from_dict(MODEL.to_dict()) == MODEL
+        # A module this process has imported but that defines no such model:
+        with (
+            pytest.raises(ValueError, match="no model class"),
+            dask.config.set({"ftps.models.allowed": ["json"]}),
+        ):
+            model_from_dict({"kind": "json:loads"})
+    with pytest.raises(ValueError, match="not an import path"):
+        model_from_dict({"kind": "os:system; rm"})
+
+
+def test_a_model_a_restart_cannot_import_is_named_at_registration():
+    """A store-backed server with a model class defined in a function (or a
+    notebook, ``__main__``) warns in one line that a restarted scheduler could
+    not import it; a memory-only server, or a model in a module, does not."""
+
+    @dataclass(frozen=True)
+    class Local(LinearRidge):
+        pass
+
+    assert "inside a function" in importable_elsewhere(Local)
+    with pytest.warns(UserWarning, match="a restarted scheduler cannot import it"):
+        ParameterServer("memory://never-opened.zarr", model=Local())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ParameterServer(None, model=Local())
+        ParameterServer("memory://never-opened.zarr", model=MODEL)
+
+    main = type("Net", (LinearRidge,), {"__module__": "__main__"})
+    main = dataclass(frozen=True)(main)
+    assert "__main__" in importable_elsewhere(main)
+
+
+@dataclass(frozen=True)
+class _Ridge2(LinearRidge):
+    """A second user model, for the estimator (any Model subclass works)."""
+
+
+def test_the_estimator_trains_a_user_model(tmp_path):
+    """``FTPSClassifier(model=...)`` trains the user's model on labels of any
+    type, predicts with it, and refuses a model with another number of classes."""
+    from distributed import LocalCluster
+
+    from dask_ftps import FTPSClassifier
+
+    X_train, X_test, y_train, y_test = digits()
+    names = np.array(list("abcdefghij"))
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, processes=False) as cluster,
+        Client(cluster) as client,
+    ):
+        clf = FTPSClassifier(
+            model=MODEL, epochs=3, batch_size=32, lr=0.1, client=client
+        ).fit(X_train, names[y_train])
+        assert clf.model_ is MODEL
+        assert (clf.predict(X_test) == names[y_test]).mean() > 0.85
+        assert clf.predict_proba(X_test).shape == (len(X_test), 10)
+        with pytest.raises(ValueError, match="n_classes=10, but y holds 2 classes"):
+            FTPSClassifier(model=MODEL, epochs=1, client=client).fit(
+                X_train, y_train % 2
+            )
+        with pytest.raises(ValueError, match="n_features=64, but X has 8 features"):
+            FTPSClassifier(model=MODEL, epochs=1, client=client).fit(
+                X_train[:, :8], y_train
+            )
+
+
+@pytest.mark.slow
+def test_the_cli_reads_a_user_models_store(tmp_path):
+    """``dask-ftps inspect`` and ``recover`` read a user model's store where the
+    module is allowed, and say which setting to change where it is not."""
+    store = str(tmp_path / "run.zarr")
+    _run_on(store, open_port())
+    cli = [sys.executable, "-m", "dask_ftps.cli"]
+    refused = subprocess.run(
+        [*cli, "inspect", store],
+        env=environment(),
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert b"ftps.models.allowed" in refused.stderr + refused.stdout
+    out = tmp_path / "model.npz"
+    done = subprocess.run(
+        [*cli, "recover", store, "--output", str(out)],
+        env=environment(ALLOWED),
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    _, params = dask_ftps.recover(store)
+    with np.load(out) as saved:
+        for name, value in params.items():
+            np.testing.assert_array_equal(saved[name], value)
+
+
+def test_a_model_class_of_the_same_name_as_a_builtin_is_not_taken_for_it():
+    """Models are named by import path: a user class called ``MLP`` is not
+    dask_ftps's MLP, in a description or when it is rebuilt."""
+
+    @dataclass(frozen=True)
+    class MLP(LinearRidge):
+        pass
+
+    from dask_ftps.models import MLP as BuiltinMLP
+
+    assert MLP().to_dict()["kind"].endswith("<locals>.MLP")
+    assert model_from_dict(BuiltinMLP(4, (2,), 3).to_dict()) == BuiltinMLP(4, (2,), 3)
+    assert isinstance(model_from_dict(MLP().to_dict()), MLP)
+    assert not isinstance(MLP(), BuiltinMLP)
+    assert issubclass(MLP, Model)
