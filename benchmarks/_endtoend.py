@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -81,15 +80,22 @@ def minibatch_loop(
 ) -> int:
     """``train()``'s loop: gradient of each minibatch from the newest model
     received, ``send(grads)`` a future of the next model, at most ``inflight``
-    unanswered. Returns the number of updates."""
-    window: deque = deque()
+    unanswered (the worker loop's own :class:`PushWindow`). Returns the number
+    of updates."""
+    from dask_ftps.training._worker import PushWindow
+
+    window = PushWindow()
     for batch in batches:
-        while window and (len(window) >= inflight or window[0].done()):
-            params = window.popleft().result()
+        accepted, refusal = window.settle(inflight - 1)
+        if refusal is not None:
+            raise refusal
+        if accepted:
+            params = accepted[-1][0]
         _, grads, _ = model.loss_and_grad(params, X[batch], y[batch])
-        window.append(send(grads))
-    while window:
-        window.popleft().result()
+        window.add(send(grads))
+    _, refusal = window.settle(0)
+    if refusal is not None:
+        raise refusal
     return len(batches)
 
 

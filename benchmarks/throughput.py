@@ -25,7 +25,6 @@ import logging
 import math
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,18 +93,23 @@ class Config:
 
 
 def _windowed(send: Any, n_steps: int, warmup: int, inflight: int) -> dict:
-    """Send ``n_steps`` pushes with at most ``inflight`` unanswered, as
-    ``_train_shard`` does; ``send(step)`` returns a future of the reply."""
-    window: deque = deque()
+    """Send ``n_steps`` pushes with at most ``inflight`` unanswered, through the
+    worker loop's own :class:`~dask_ftps.training._worker.PushWindow`;
+    ``send(step)`` returns a future of the reply."""
+    from dask_ftps.training._worker import PushWindow
+
+    window = PushWindow()
     t0 = time.time()
     for step in range(n_steps):
         if step == warmup:
             t0 = time.time()
-        while len(window) >= inflight:
-            window.popleft().result()
-        window.append(send(step))
-    while window:
-        window.popleft().result()
+        _, refusal = window.settle(inflight - 1)
+        if refusal is not None:
+            raise refusal
+        window.add(send(step))
+    _, refusal = window.settle(0)
+    if refusal is not None:
+        raise refusal
     return {"t0": t0, "t1": time.time(), "n": n_steps - warmup}
 
 

@@ -60,10 +60,12 @@ class PushWindow:
         Returns
         -------
         accepted : list of (reply, info)
-            The pushes answered before the first refusal, oldest first.
+            The pushes the server accepted, oldest first; the reply of one
+            answered after the first refusal is None (it is not the newest
+            model the loop may go on from).
         refusal : Exception or None
             The first refusal; every push after it is taken too (the window is
-            empty then), its reply dropped.
+            empty then).
         """
         accepted: list[tuple[Any, Any]] = []
         refusal = None
@@ -78,8 +80,7 @@ class PushWindow:
             except Exception as e:  # noqa: BLE001 - returned once the window is empty
                 refusal = refusal or e
                 continue
-            if refusal is None:
-                accepted.append((reply, info))
+            accepted.append((reply if refusal is None else None, info))
         return accepted, refusal
 
 
