@@ -6,10 +6,13 @@ line, a store whose model's module is not allowed."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -21,7 +24,7 @@ from distributed.utils import open_port
 
 import dask_ftps
 from dask_ftps import SGD, ModelNotAllowed, ParameterServer
-from dask_ftps._processes import environment
+from dask_ftps._processes import PACKAGE_ROOT, environment, start_workers
 from dask_ftps._registry import MODELS_ALLOWED_ENV, importable_elsewhere
 from dask_ftps.models import Model, model_from_dict
 
@@ -300,3 +303,101 @@ def test_a_model_class_of_the_same_name_as_a_builtin_is_not_taken_for_it():
     assert isinstance(model_from_dict(MLP().to_dict()), MLP)
     assert not isinstance(MLP(), BuiltinMLP)
     assert issubclass(MLP, Model)
+
+
+EXAMPLES = PACKAGE_ROOT / "docs" / "examples"
+
+
+def _examples_env() -> dict[str, str]:
+    """Scheduler and workers import ``docs/examples`` (the CNN's module), and the
+    scheduler may rebuild a run of it."""
+    path = os.pathsep.join((str(EXAMPLES), environment()["PYTHONPATH"]))
+    return {"PYTHONPATH": path, MODELS_ALLOWED_ENV: json.dumps(["cnn_digits"])}
+
+
+def _kill_when(client: Client, updates: int, kill) -> threading.Thread:
+    """Call ``kill()`` once the server holds ``updates`` updates."""
+
+    def watch() -> None:
+        while dask_ftps.status(client)["updates"] < updates:
+            time.sleep(0.01)
+        kill()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+def test_the_cnn_example_survives_a_worker_and_a_scheduler_kill(tmp_path):
+    """``docs/examples/cnn_digits.py``'s ConvNet trains on two worker processes
+    and a preload scheduler: one worker is SIGKILLed a quarter of the way in
+    (its task runs again on the other, from where the server says its shard
+    stands), then the scheduler, half-way. A scheduler restarted with the
+    preload rebuilds the exact model; ``train()`` again finishes the run, every
+    minibatch applied once; ``recover()`` equals the live model bit for bit."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from cnn_digits import ConvNet
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    model = ConvNet(seed=0)
+    env = _examples_env()
+    store = str(tmp_path / "run.zarr")
+    port = open_port()
+    address = f"tcp://127.0.0.1:{port}"
+    epochs = 4
+    total = epochs * sum(-(-n // BATCH) for n in (674, 673))
+
+    def train(client: Client):
+        X_train, _, y_train, _ = digits()
+        return dask_ftps.train(
+            client, X_train, y_train, epochs=epochs, batch_size=BATCH, progress=False
+        )
+
+    with (
+        scheduler(port, store, env=env) as first,
+        start_workers(address, 1, tmp_path / "a.log", env) as doomed,
+        start_workers(address, 1, tmp_path / "b.log", env),
+        Client(address, timeout="60s") as client,
+    ):
+        wait_for_workers(client, 2)
+        client.register_plugin(
+            ParameterServer(store, model=model, optimizer=SGD(lr=0.05, momentum=0.9))
+        )
+        killers = [
+            _kill_when(client, total // 4, doomed.kill_group),
+            _kill_when(client, total // 2, lambda: first.send_signal(signal.SIGKILL)),
+        ]
+        with pytest.raises(Exception):  # noqa: B017 - the scheduler is gone
+            train(client)
+        first.wait(30)
+        assert first.returncode == -signal.SIGKILL
+        assert not doomed.alive
+        for killer in killers:
+            killer.join(5)
+        lost = dask_ftps.inspect(store)
+        assert total // 2 <= lost["updates"] < total
+        assert lost["model"]["kind"] == "cnn_digits:ConvNet"
+
+        with (
+            scheduler(port, store, env=env),
+            start_workers(address, 2, tmp_path / "c.log", env),
+        ):
+            wait_for_workers(client, 2)
+            status = dask_ftps.status(client)
+            assert status["version"] == lost["version"]  # nothing accepted is lost
+            assert status["incarnation"] == 2
+            result = train(client)  # the same call resumes the run
+            info = dask_ftps.inspect(store)
+            ids = [row["update_id"] for row in info["global"]]
+            assert max(Counter(ids).values()) == 1  # none twice
+            assert info["updates"] == len(ids) == result.minibatches == total
+            assert result.version == total
+            version, params = dask_ftps.get_model(client)
+            offline_version, offline = dask_ftps.recover(store)
+            assert version == offline_version == total
+            for name, value in params.items():
+                np.testing.assert_array_equal(offline[name], value)
+            _, X_test, _, y_test = digits()
+            assert (model.predict(params, X_test) == y_test).mean() > 0.9
