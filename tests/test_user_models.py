@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from distributed import Client
 from distributed.utils import open_port
+from distributed.utils_test import gen_cluster
 
 import dask_ftps
 from dask_ftps import SGD, ModelNotAllowed, ParameterServer
@@ -401,3 +402,22 @@ def test_the_cnn_example_survives_a_worker_and_a_scheduler_kill(tmp_path):
                 np.testing.assert_array_equal(offline[name], value)
             _, X_test, _, y_test = digits()
             assert (model.predict(params, X_test) == y_test).mean() > 0.9
+
+
+@gen_cluster(client=True, timeout=120)
+async def test_the_dashboard_and_status_show_a_user_model(c, s, a, b, tmp_path):
+    """The ``/ftps`` page's view and ``status()`` name a user model and count its
+    parameters as it declares them."""
+    from .test_dashboard import view
+
+    await c.register_plugin(ParameterServer(str(tmp_path / "run.zarr"), model=MODEL))
+    X_train, _, y_train, _ = digits()
+    result = await dask_ftps.train(
+        c, X_train, y_train, epochs=1, batch_size=64, progress=False
+    )
+    shown = await view(s.http_server.port)
+    assert shown["model"] == "LinearRidge"
+    assert shown["n_params"] == MODEL.n_params() == 64 * 10 + 10
+    assert shown["version"] == result.version > 0
+    status = await dask_ftps.status(c)
+    assert status["model"] == MODEL.to_dict()
