@@ -6,7 +6,7 @@ dense ReLU layer and a dense softmax layer, with its exact backward pass. It is
 written once in array-API style (``xp = array_namespace(...)``, then ``xp.``
 functions and array methods only): the same lines run on NumPy and on CuPy.
 
-Run it (a ``LocalCluster`` of two worker processes; about 25 s on two cores)::
+Run it (a ``LocalCluster`` of two worker processes; about 20 s on two cores)::
 
     python docs/examples/cnn_digits.py            # --quick: 4 epochs; --seed 3
 
