@@ -91,13 +91,32 @@ class Registry(Generic[T]):
         self.what = what
         self.imports = imports
         self.builtins: dict[str, type[T]] = {}
-        #: Classes defined in this process, by import path: the newest of a name
-        #: (a notebook cell run again) is the one used.
-        self.defined: dict[str, type[T]] = {}
+        #: Classes defined in this process, by import path, oldest first (a
+        #: notebook cell run again defines a second one).
+        self.defined: dict[str, list[type[T]]] = {}
 
     def defines(self, cls: type[T]) -> None:
         """Note a class of the family as defined here (``__init_subclass__``)."""
-        self.defined[import_path(cls)] = cls
+        self.defined.setdefault(import_path(cls), []).append(cls)
+
+    def _defined(self, kind: str) -> type[T] | None:
+        """The class this process has for ``kind``, if any: the one its module
+        holds under that name, else the newest complete one defined.
+
+        A class a pickle brings by value (one defined in ``__main__`` or a
+        notebook) is first made as an empty skeleton, which cloudpickle throws
+        away where the class already exists: a skeleton is never made a
+        dataclass, and is never the one used.
+        """
+        classes = self.defined.get(kind, [])
+        module_name, _, qualname = kind.partition(":")
+        target: Any = sys.modules.get(module_name)
+        for part in qualname.split("."):
+            target = getattr(target, part, None)
+        if any(target is c for c in classes):
+            return target
+        complete = [c for c in classes if "__dataclass_fields__" in vars(c)]
+        return complete[-1] if complete else None
 
     def builtin(self, cls: type[T]) -> type[T]:
         """Register one of dask_ftps's classes under its short name."""
@@ -144,8 +163,9 @@ class Registry(Generic[T]):
                 f"unknown {self.what} kind {kind!r}; known: {sorted(self.builtins)}"
                 + ("" if not self.imports else " or an import path 'module:Class'")
             )
-        if kind in self.defined:
-            return self.defined[kind]
+        known = self._defined(kind)
+        if known is not None:
+            return known
         module_name, _, qualname = kind.partition(":")
         parts = module_name.split(".") + qualname.split(".")
         if not all(p.isidentifier() for p in parts):
@@ -167,8 +187,9 @@ class Registry(Generic[T]):
                 "process can import"
             ) from e
         del target
-        if kind in self.defined:  # the import defined it
-            return self.defined[kind]
+        known = self._defined(kind)  # the import defined it
+        if known is not None:
+            return known
         raise ModelError(
             f"the {self.what} {kind} cannot be rebuilt: module {module_name!r} has no "
             f"{self.what} class {qualname!r}"

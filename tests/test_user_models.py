@@ -421,3 +421,101 @@ async def test_the_dashboard_and_status_show_a_user_model(c, s, a, b, tmp_path):
     assert shown["version"] == result.version > 0
     status = await dask_ftps.status(c)
     assert status["model"] == MODEL.to_dict()
+
+
+MAIN_SCRIPT = """
+import numpy as np
+from dataclasses import dataclass
+from distributed import Client, LocalCluster
+import dask_ftps
+from dask_ftps.models import Model, array_namespace
+from tests.usermodels import LinearRidge
+from tests.conftest import digits
+
+
+@dataclass(frozen=True)
+class Frozen(LinearRidge):
+    '''Overrides loss_and_grad: every gradient is zero, so the model stays.'''
+
+    def loss_and_grad(self, params, X, y, sample_weight=None):
+        loss, grads, correct = super().loss_and_grad(params, X, y, sample_weight)
+        return loss, {k: g * 0 for k, g in grads.items()}, correct
+
+
+@dataclass(frozen=True)
+class Mean(Model):
+    '''A direct Model subclass in __main__: predicts from class means.'''
+
+    n_features: int = 64
+    n_classes: int = 10
+
+    def param_shapes(self):
+        return {"means": (self.n_classes, self.n_features)}
+
+    def init_params(self):
+        return {"means": np.zeros((self.n_classes, self.n_features), np.float32)}
+
+    def _scores(self, params, X):
+        xp = array_namespace(X, *params.values())
+        return xp, -((X[:, None, :] - params["means"][None]) ** 2).sum(axis=2)
+
+    def loss_and_grad(self, params, X, y, sample_weight=None):
+        xp, scores = self._scores(params, X)
+        onehot = xp.eye(self.n_classes, dtype=X.dtype)[y]
+        diff = params["means"] - (onehot.T @ X) / xp.maximum(onehot.sum(0), 1)[:, None]
+        return float((diff**2).sum()), {"means": diff}, int((scores.argmax(1) == y).sum())
+
+    def predict_proba(self, params, X):
+        xp, scores = self._scores(params, X)
+        e = xp.exp(scores - scores.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+
+if __name__ == "__main__":
+    X_train, X_test, y_train, y_test = digits()
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes={processes}) as cl:
+        with Client(cl) as client:
+            for model in (Frozen(), Mean()):
+                client.register_plugin(
+                    dask_ftps.ParameterServer(
+                        model=model, optimizer=dask_ftps.SGD(lr=0.1)
+                    )
+                )
+                dask_ftps.train(
+                    client, X_train, y_train, epochs=1, batch_size=64, progress=False
+                )
+                _, params = dask_ftps.get_model(client)
+                same = all(
+                    np.array_equal(params[k], v) for k, v in model.init_params().items()
+                )
+                accuracy = (model.predict(params, X_test) == y_test).mean()
+                print(type(model).__name__, "UNCHANGED" if same else "CHANGED",
+                      round(float(accuracy), 3))
+"""
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_model_classes_defined_in_main_train_with_their_own_code(tmp_path, processes):
+    """A model class defined in a script's ``__main__`` (as in a notebook) trains
+    with its own code: a subclass's override of ``loss_and_grad`` is the one the
+    workers run (all-zero gradients leave the model as it began), and a direct
+    ``Model`` subclass trains. (Pickling such a class by value used to leave an
+    empty skeleton class where the model was looked up by name.)"""
+    script = tmp_path / "main_models.py"
+    script.write_text(MAIN_SCRIPT.replace("{processes}", str(processes)))
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        env=environment(),
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
+    lines = [
+        line
+        for line in done.stdout.decode().splitlines()
+        if line.startswith(("Frozen", "Mean"))
+    ]
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    frozen, mean = lines
+    assert frozen.startswith("Frozen UNCHANGED")
+    assert mean.startswith("Mean CHANGED") and float(mean.split()[-1]) > 0.8
