@@ -112,13 +112,20 @@ def check_model(model: Any) -> Model:
     check_arrays(model, params, "init_params()", host=True)
     description = _call(model, "to_dict")
     try:
-        json.dumps(description, allow_nan=False)
+        recorded = json.dumps(description, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ModelError(
             f"model {name}: its fields must be JSON values (numbers, strings, "
             f"lists, dicts), to be recorded in the store: {e}"
         ) from e
-    if model_from_dict(description) != model:
+    try:
+        # What the store records is read back: rebuilt as a restart would.
+        rebuilt = model_from_dict(json.loads(recorded))
+    except (TypeError, ValueError) as e:
+        raise ModelError(
+            f"model {name}: {description!r:.120} does not rebuild it: {e}"
+        ) from e
+    if rebuilt != model:
         raise ModelError(
             f"model {name}: {description!r:.120} does not rebuild the same model: its "
             "fields must be all of its hyper-parameters"
@@ -218,6 +225,11 @@ def check_arrays(
                     "only a weight named by factorable() and asked for may be"
                 )
             parts = [value.u, value.v]
+            if not all(_is_array(p) for p in parts):
+                raise ModelError(
+                    f"model {name}: {source} returned {param!r} as factors that are "
+                    f"not arrays ({type(value.u).__name__}, {type(value.v).__name__})"
+                )
             got_shape = (
                 (value.u.shape[1:2] + value.v.shape[1:2])
                 if (
@@ -246,6 +258,10 @@ def check_arrays(
             )
         want = np.dtype(dtypes[param])
         for part in parts:
+            if isinstance(part, np.ndarray):
+                # What is pushed: a subclass's data as NumPy sees it (a masked
+                # array's sum leaves out the values it masks).
+                part = np.asarray(part)
             if np.dtype(part.dtype) != want:
                 raise ModelError(
                     f"model {name}: {source} returned {param!r} as {part.dtype}, "
@@ -256,6 +272,17 @@ def check_arrays(
                     f"model {name}: {source} returned NaN or infinite values in "
                     f"{param!r}"
                 )
+
+
+def _read_only(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with each NumPy array a view that cannot be written through."""
+    views = {}
+    for param, value in params.items():
+        if isinstance(value, np.ndarray):
+            value = value.view()
+            value.flags.writeable = False
+        views[param] = value
+    return views
 
 
 def checked_loss_and_grad(
@@ -269,15 +296,21 @@ def checked_loss_and_grad(
     """:meth:`Model.loss_and_grad`, what it returns checked: the worker's way
     to call a model (nothing it makes is pushed unless it passes).
 
+    The model is given read-only views of NumPy parameters: they are the
+    worker's model copy, and in an in-process cluster may be the server's own
+    arrays, which a write into them would change unseen.
+
     Raises
     ------
     ModelError
-        If it raised, or returned anything but a finite loss, a gradient of
-        every parameter in its shape and dtype with finite values, and a count
-        of right answers in ``[0, n]``.
+        If it raised (a write into the parameters raises), or returned anything
+        but a finite loss, a gradient of every parameter in its shape and dtype
+        with finite values, and a count of right answers in ``[0, n]``.
     """
     kwargs = {"factors": factors} if factors else {}
-    out = _call(model, "loss_and_grad", params, X, y, sample_weight, **kwargs)
+    out = _call(
+        model, "loss_and_grad", _read_only(params), X, y, sample_weight, **kwargs
+    )
     name = model_name(model)
     if not isinstance(out, tuple) or len(out) != 3:
         raise ModelError(
@@ -286,8 +319,10 @@ def checked_loss_and_grad(
         )
     loss, grads, n_correct = out
     try:
+        if isinstance(loss, str | bytes):  # float() would parse it
+            raise TypeError(loss)
         loss = float(loss)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ModelError(
             f"model {name}: loss_and_grad() returned the loss {loss!r:.40}, not a "
             "number"
@@ -305,7 +340,7 @@ def checked_loss_and_grad(
     try:
         count = int(n_correct)
         exact = count == n_correct
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # None, "3", nan, inf
         exact = False
     if not exact or not 0 <= count <= n:
         raise ModelError(
