@@ -16,6 +16,9 @@ if TYPE_CHECKING:
 def get_model(client: Client) -> tuple[int, dict[str, np.ndarray]]:
     """The live model on the parameter server: ``(version, params)``.
 
+    ``params`` are the caller's own NumPy arrays: changing them changes nothing
+    on the server.
+
     Examples
     --------
     >>> version, params = dask_ftps.get_model(client)  # doctest: +SKIP
@@ -71,7 +74,12 @@ async def _records(client: Client) -> dict[str, list[dict]]:
 
 async def _get_model(client: Client) -> tuple[int, dict[str, np.ndarray]]:
     reply = await _read(client, "ftps_get_model")
-    return reply["version"], reply["params"]
+    # The caller's own arrays: in an in-process cluster the reply holds the
+    # server's (read-only) ones themselves.
+    params = {
+        k: v if v.flags.writeable else v.copy() for k, v in reply["params"].items()
+    }
+    return reply["version"], params
 
 
 async def _status(client: Client) -> dict:

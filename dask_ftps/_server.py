@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from distributed.protocol.serialize import ToPickle
 from distributed.utils import offload
 
@@ -144,7 +145,7 @@ class Server:
         #: server goes on with the runs its store holds), else this object's own
         #: id (a fresh memory-only server shares no run with another).
         self.server_id = ServerId(self.run_id or self.identity)
-        self.published: ModelVersion = state.model
+        self.published: ModelVersion = _read_only(state.model)
         #: Set (with no await before its retirement) once a newly registered
         #: server is to replace this one: no run begins here any more.
         self.retiring = False
@@ -695,7 +696,7 @@ class Server:
                 self._refuse([f for _, _, f in item.accepted], self._refusal(e))
                 await self._wake()
                 return
-        self.published = item.model
+        self.published = _read_only(item.model)
         self._durable = item.view
         for _, version, future in item.accepted:
             if not future.done():
@@ -952,6 +953,17 @@ class Server:
             "version": int(model.version),
             "params": ToPickle(model.params) if fresh else None,
         }
+
+
+def _read_only(model: ModelVersion) -> ModelVersion:
+    """``model``, its arrays made read-only: readers in this process (an
+    in-process cluster's workers and clients get these very arrays) cannot
+    change the served model behind the journal's back."""
+    for arrays in (model.params, model.opt_state):
+        for a in arrays.values():
+            if isinstance(a, np.ndarray):
+                a.flags.writeable = False
+    return model
 
 
 def rebuilt_summary(rebuilt: Rebuilt) -> dict:

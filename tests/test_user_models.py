@@ -519,3 +519,18 @@ def test_model_classes_defined_in_main_train_with_their_own_code(tmp_path, proce
     frozen, mean = lines
     assert frozen.startswith("Frozen UNCHANGED")
     assert mean.startswith("Mean CHANGED") and float(mean.split()[-1]) > 0.8
+
+
+@gen_cluster(client=True)
+async def test_the_served_model_cannot_be_changed_through_a_reader(c, s, a, b):
+    """In an in-process cluster, readers get the server's arrays themselves: they
+    are read-only there, and ``get_model`` hands the caller its own copy, so
+    writing into what it returned changes nothing served."""
+    await c.register_plugin(ParameterServer(model=MODEL))
+    _, params = await dask_ftps.get_model(c)
+    params["weights"][...] = 7.0  # the caller's own copy
+    _, again = await dask_ftps.get_model(c)
+    np.testing.assert_array_equal(again["weights"], MODEL.init_params()["weights"])
+    served = s.plugins["ftps"].server.published.params["weights"]
+    with pytest.raises(ValueError, match="read-only"):
+        served[0, 0] = 7.0

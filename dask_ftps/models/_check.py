@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from dask_ftps._core import field_int
 from dask_ftps._exceptions import ModelError
 from dask_ftps._factored import Factored
 from dask_ftps._xp import array_namespace
@@ -46,26 +47,12 @@ def check_model(model: Any) -> Model:
             f"own), got {type(model).__name__}"
         )
     name = model_name(model)
-    n_classes = getattr(model, "n_classes", None)
-    if (
-        isinstance(n_classes, bool)
-        or not isinstance(n_classes, numbers.Integral)
-        or n_classes < 2
-    ):
-        raise ModelError(
-            f"model {name}: n_classes must be an int >= 2 (a field or property), got "
-            f"{n_classes!r:.60}"
-        )
-    n_features = getattr(model, "n_features", None)
-    if n_features is not None and (
-        isinstance(n_features, bool)
-        or not isinstance(n_features, numbers.Integral)
-        or n_features < 1
-    ):
-        raise ModelError(
-            f"model {name}: n_features must be None or an int >= 1, got "
-            f"{n_features!r:.60}"
-        )
+    # n_classes is required (a field or property), n_features optional.
+    field_int(
+        f"model {name}: n_classes", getattr(model, "n_classes", None), ModelError, 2
+    )
+    if getattr(model, "n_features", None) is not None:
+        field_int(f"model {name}: n_features", model.n_features, ModelError, 1)
     shapes = _call(model, "param_shapes")
     if not isinstance(shapes, dict) or not shapes:
         raise ModelError(
