@@ -10,9 +10,9 @@ minibatch's
   checks);
 - ``checked``: ``checked_loss_and_grad(...)``, what the worker calls now;
 
-interleaved (the same warm window), the median of ``--repeats`` rounds of this
-process's CPU time, with the update format the workers use by default
-(``auto``).
+interleaved (the same warm window), the median of ``--repeats`` rounds of wall
+time (run it on a quiet machine: BLAS's threads make CPU time say more than
+the wall), with the update format the workers use by default (``auto``).
 
     python -m benchmarks.model_checks [--sizes 10000,100000,1000000] [--out DIR]
 """
@@ -64,10 +64,10 @@ def measure(sizes: list[int], repeats: int) -> list[dict]:
         times: dict[str, list[float]] = {k: [] for k in kinds}
         for _ in range(repeats):
             for kind, fn in kinds.items():
-                t0 = time.process_time()  # CPU time: other processes add none
+                t0 = time.perf_counter()
                 for _ in range(inner):
                     fn()
-                times[kind].append((time.process_time() - t0) / inner)
+                times[kind].append((time.perf_counter() - t0) / inner)
         row = {"params": model.n_params(), "factored": sorted(factors)}
         for kind, values in times.items():
             row[f"{kind}_ms"] = 1e3 * statistics.median(values)
