@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dask_ftps._core import check_reply
-from dask_ftps._exceptions import NotRegistered
+from dask_ftps._exceptions import NotRegistered, ServerReplaced
 
 if TYPE_CHECKING:
     from distributed import Client
+
+    from dask_ftps.models import Model
 
 
 def get_model(client: Client) -> tuple[int, dict[str, np.ndarray]]:
@@ -70,6 +72,19 @@ async def _records(client: Client) -> dict[str, list[dict]]:
     reply = await _read(client, "ftps_records")
     reply.pop("status")
     return reply
+
+
+async def model_spec(client: Client, server_id: str | None = None) -> Model:
+    """The served model object (not rebuilt from its description: no class is
+    looked up by name here); with ``server_id``, :class:`ServerReplaced` if
+    another server serves now."""
+    reply = await _read(client, "ftps_model_spec")
+    if server_id is not None and reply["server_id"] != server_id:
+        raise ServerReplaced(
+            "the scheduler's parameter server was replaced while train() read its "
+            "model: call train() again"
+        )
+    return reply["model"]
 
 
 async def _get_model(client: Client) -> tuple[int, dict[str, np.ndarray]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import inspect
 import sys
 from dataclasses import fields
 from typing import Any, Generic, TypeVar
@@ -109,14 +110,18 @@ class Registry(Generic[T]):
         dataclass, and is never the one used.
         """
         classes = self.defined.get(kind, [])
+        if not classes:  # nothing of the name here: look nothing up (no code runs)
+            return None
+        if len(classes) == 1:
+            return classes[0]
         module_name, _, qualname = kind.partition(":")
         target: Any = sys.modules.get(module_name)
-        for part in qualname.split("."):
-            target = getattr(target, part, None)
+        for part in qualname.split("."):  # static: runs no __getattr__, no property
+            target = inspect.getattr_static(target, part, None)
         if any(target is c for c in classes):
             return target
         complete = [c for c in classes if "__dataclass_fields__" in vars(c)]
-        return complete[-1] if complete else None
+        return complete[-1] if complete else classes[-1]
 
     def builtin(self, cls: type[T]) -> type[T]:
         """Register one of dask_ftps's classes under its short name."""
@@ -138,12 +143,8 @@ class Registry(Generic[T]):
             d[f.name] = list(v) if isinstance(v, tuple) else v
         return d
 
-    def resolve(self, kind: str, *, trusted: bool = False) -> type[T]:
+    def resolve(self, kind: str) -> type[T]:
         """The class a description's ``kind`` names.
-
-        ``trusted``: the description comes from a server that already checked it
-        against its own ``ftps.models.allowed`` (a client's ``train()`` reads its
-        scheduler's model so): the module is imported without the check here.
 
         Raises
         ------
@@ -170,7 +171,7 @@ class Registry(Generic[T]):
         parts = module_name.split(".") + qualname.split(".")
         if not all(p.isidentifier() for p in parts):
             raise ValueError(f"{self.what} kind {kind!r:.120} is not an import path")
-        if not trusted and not module_allowed(module_name):
+        if not module_allowed(module_name):
             raise ModelNotAllowed(
                 f"the {self.what} {kind} is not allowed: its module {module_name!r} "
                 "is not in ftps.models.allowed (set it, for example "
@@ -195,9 +196,8 @@ class Registry(Generic[T]):
             f"{self.what} class {qualname!r}"
         )
 
-    def rebuild(self, d: Any, *, trusted: bool = False) -> T:
-        """The spec a :meth:`describe` output describes (``trusted``: see
-        :meth:`resolve`).
+    def rebuild(self, d: Any) -> T:
+        """The spec a :meth:`describe` output describes.
 
         Raises
         ------
@@ -210,7 +210,7 @@ class Registry(Generic[T]):
             raise ValueError(f"expected a dict with a 'kind' key, got {d!r:.120}")
         kw = dict(d)
         kind = kw.pop("kind")
-        cls = self.resolve(kind, trusted=trusted)
+        cls = self.resolve(kind)
         names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         extra = set(kw) - names
         if extra:

@@ -70,7 +70,7 @@ from dask_ftps._store._io import check_location
 from dask_ftps._worker_plugin import FTPSWorkerPlugin
 from dask_ftps.models import Model, check_model
 from dask_ftps.models._base import MODELS
-from dask_ftps.optim import SGD, Optimizer
+from dask_ftps.optim import OPTIMIZERS, SGD, Optimizer
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -230,8 +230,15 @@ class ParameterServer(SchedulerPlugin):
             check_model(model)
             if store is not None:
                 _warn_unimportable(model)
-        if optimizer is not None and not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer must be a dask_ftps optimizer: {optimizer!r}")
+        if optimizer is not None and (
+            not isinstance(optimizer, Optimizer)
+            or OPTIMIZERS.kind_of(type(optimizer)) not in OPTIMIZERS.builtins
+        ):
+            # A store names its optimizer, and only dask_ftps's can be rebuilt.
+            raise TypeError(
+                f"optimizer must be dask_ftps.SGD or dask_ftps.Adam, got {optimizer!r:.80}"
+                " (optimizers of your own are not supported yet)"
+            )
         if snapshot_every is not None and (
             not isinstance(snapshot_every, int)
             or isinstance(snapshot_every, bool)
@@ -274,6 +281,7 @@ class ParameterServer(SchedulerPlugin):
             "ftps_push": self.push,
             "ftps_status": self.status,
             "ftps_get_model": self.get_model,
+            "ftps_model_spec": self.model_spec,
             "ftps_records": self.records,
         }
 
@@ -632,6 +640,17 @@ class ParameterServer(SchedulerPlugin):
         reply["nthreads"] = sum(ws.nthreads for ws in workers.values())
         reply["registration"] = self.registration
         return reply
+
+    @_replies_errors
+    async def model_spec(self) -> dict:
+        """The served model object itself (pickled, as the client registered it,
+        or as this scheduler rebuilt it): what ``train()`` ships to its tasks,
+        with no lookup of the class by name on the client."""
+        return {
+            "status": "OK",
+            "server_id": self.server.server_id,
+            "model": ToPickle(self.server.state.model_spec),
+        }
 
     @_replies_errors
     async def get_model(self) -> dict:

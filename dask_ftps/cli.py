@@ -16,6 +16,7 @@ import numpy as np
 from click.core import ParameterSource
 
 import dask_ftps
+from dask_ftps._client import model_spec
 from dask_ftps._core import MODES
 from dask_ftps._data import DataError, Dataset
 from dask_ftps._data import load as load_data
@@ -29,7 +30,7 @@ from dask_ftps._demo import (
     run_demo,
 )
 from dask_ftps._exceptions import one_line
-from dask_ftps.models import Model, dense_model, model_from_dict
+from dask_ftps.models import Model, dense_model
 from dask_ftps.preload import storage_options
 from dask_ftps.training._task import Classification
 
@@ -339,7 +340,7 @@ def _server_to_register(
             f"replace it with one on {server.store}: leave out --store to train on it, "
             "or pass --replace"
         )
-    model = model_from_dict(status["model"], trusted=True)
+    model = client.sync(model_spec, client)
     task = Classification.of(model)
     if task.n_features not in (None, data.n_features) or task.n_classes != (
         data.n_classes
@@ -620,7 +621,7 @@ def train(
         )
         status = dask_ftps.status(client)
         version, params = dask_ftps.get_model(client)
-    model = model_from_dict(status["model"], trusted=True)
+        model = client.sync(model_spec, client)
     for line in format_history(result.history):
         click.echo(line)
     if not result.trained:

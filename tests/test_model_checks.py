@@ -353,6 +353,19 @@ FACTOR_FAULTS: dict[str, tuple[Callable, str, str]] = {
     "v-nan": (lambda X, d: (X, _nan_at(d, (0, 1))), "W", "NaN or infinite"),
     "u-inf": (lambda X, d: (X + np.float32(np.inf), d), "W", "NaN or infinite"),
     "b": (lambda X, d: (d[:, :1], d), "b", "'b' as factors"),
+    # What the server refuses too: no rows; more rows than samples (here the
+    # exact gradient, X twice and d halved twice); a product that may overflow.
+    "empty": (lambda X, d: (X[:0], d[:0]), "W", "0 rows"),
+    "more-rows": (
+        lambda X, d: (np.vstack([X, X]), np.vstack([d, d]) / 2),
+        "W",
+        "80 rows",
+    ),
+    "overflow": (
+        lambda X, d: (X * np.float32(1e30), d * np.float32(1e30)),
+        "W",
+        "may overflow float32",
+    ),
 }
 
 

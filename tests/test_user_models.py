@@ -534,3 +534,80 @@ async def test_the_served_model_cannot_be_changed_through_a_reader(c, s, a, b):
     served = s.plugins["ftps"].server.published.params["weights"]
     with pytest.raises(ValueError, match="read-only"):
         served[0, 0] = 7.0
+
+
+LOOKUP_SCRIPT = """
+import sys
+import dask
+from dask_ftps import ModelNotAllowed
+from dask_ftps.models import model_from_dict
+
+before = set(sys.modules)
+with dask.config.set({"ftps.models.allowed": []}):
+    for kind in ("numpy:testing", "numpy:f2py"):
+        try:
+            model_from_dict({"kind": kind})
+        except ModelNotAllowed:
+            pass
+print("NEW", sorted(m for m in set(sys.modules) - before if m.startswith("numpy")))
+"""
+
+
+def test_a_kind_not_allowed_looks_nothing_up_and_imports_nothing():
+    """A store's kind naming a module that is loaded but not allowed is refused
+    before anything is looked up on it: a module's lazy ``__getattr__`` (NumPy
+    imports ``numpy.testing`` and ``numpy.f2py`` on first access) does not run.
+    In a fresh process, where neither is imported yet."""
+    done = subprocess.run(
+        [sys.executable, "-c", LOOKUP_SCRIPT],
+        env=environment(),
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    assert done.stdout.decode().strip().splitlines()[-1] == "NEW []"
+
+
+def test_an_optimizer_of_ones_own_is_refused_at_once():
+    """Only dask_ftps's optimizers can be rebuilt from a store: another is
+    refused where the server is made, not found 'damaged' at the next start."""
+    from dask_ftps import SGD as BuiltinSGD
+
+    @dataclass(frozen=True)
+    class MySGD(BuiltinSGD):
+        pass
+
+    with pytest.raises(TypeError, match="not supported yet"):
+        ParameterServer("memory://never-opened.zarr", model=MODEL, optimizer=MySGD(0.1))
+
+
+def test_check_model_takes_classes_made_in_functions():
+    """A class made in a function (a subclass without a decorator of its own, or
+    one factory called twice) is checked like any other; a tuple field, which
+    the store keeps as a list, is named as the reason it does not rebuild."""
+    from dask_ftps.models import check_model
+
+    def plain():
+        class Plain(LinearRidge):
+            pass
+
+        return Plain()
+
+    def factory(alpha):
+        @dataclass(frozen=True)
+        class Made(LinearRidge):
+            pass
+
+        return Made(alpha=alpha)
+
+    check_model(plain())
+    first, second = factory(0.1), factory(0.2)
+    check_model(first)
+    check_model(second)
+
+    @dataclass(frozen=True)
+    class WithTuple(LinearRidge):
+        widths: tuple = (8,)
+
+    with pytest.raises(dask_ftps.ModelError, match="tuple fields"):
+        check_model(WithTuple())

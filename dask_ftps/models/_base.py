@@ -147,7 +147,7 @@ class Model(ABC):
         return MODELS.describe(self)
 
 
-def model_from_dict(d: dict[str, Any], *, trusted: bool = False) -> Model:
+def model_from_dict(d: dict[str, Any]) -> Model:
     """Rebuild a model from :meth:`Model.to_dict` output.
 
     A class this process has already defined is used as it is; a module named
@@ -158,9 +158,6 @@ def model_from_dict(d: dict[str, Any], *, trusted: bool = False) -> Model:
     d : dict
         ``"kind"`` (a dask_ftps model's name, or ``"module:QualName"``) and the
         model's fields.
-    trusted : bool, default False
-        ``d`` comes from a scheduler's server, which checked it against its own
-        ``ftps.models.allowed``: import the module without checking it here.
 
     Returns
     -------
@@ -175,4 +172,4 @@ def model_from_dict(d: dict[str, Any], *, trusted: bool = False) -> Model:
     ValueError
         For an unknown kind or bad fields.
     """
-    return MODELS.rebuild(d, trusted=trusted)
+    return MODELS.rebuild(d)

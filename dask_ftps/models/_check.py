@@ -113,10 +113,23 @@ def check_model(model: Any) -> Model:
         raise ModelError(
             f"model {name}: {description!r:.120} does not rebuild it: {e}"
         ) from e
-    if rebuilt != model:
+    # The same kind with the same fields: a class made twice under one name (a
+    # factory function called twice) rebuilds as the newest, an equal spec.
+    if type(rebuilt).kind != type(model).kind or rebuilt.to_dict() != description:
         raise ModelError(
             f"model {name}: {description!r:.120} does not rebuild the same model: its "
             "fields must be all of its hyper-parameters"
+        )
+    if type(rebuilt) is type(model) and rebuilt != model:
+        tuples = [k for k, v in vars(model).items() if isinstance(v, tuple)]
+        raise ModelError(
+            f"model {name}: {description!r:.120} does not rebuild the same model: "
+            + (
+                f"its tuple fields {tuples} come back as lists: make them tuples in "
+                "__post_init__ (as MLP does with hidden)"
+                if tuples
+                else "its fields must be all of its hyper-parameters"
+            )
         )
     return model
 
@@ -161,9 +174,15 @@ def check_arrays(
     expected: dict[str, Any] | None = None,
     factors: Iterable[str] = (),
     host: bool = False,
+    batch: int | None = None,
 ) -> None:
     """Check arrays a model made: the names of :meth:`Model.param_shapes`, each
     an array of its shape and dtype with finite values.
+
+    A weight sent as factors ``(B, m)`` and ``(B, n)`` has ``1 <= B <= batch``
+    (one row per sample of the minibatch, or fewer), the same ``B`` as any other
+    factored weight, and a product that cannot overflow: what the server
+    accepts.
 
     Parameters
     ----------
@@ -177,6 +196,8 @@ def check_arrays(
         The dtype each must have (default: :meth:`Model.param_dtypes`).
     factors
         Names that may be a :class:`~dask_ftps.Factored` of the parameter's shape.
+    batch
+        The minibatch's number of samples (the most rows factors may have).
     host
         Whether they must be NumPy arrays (the first parameters).
 
@@ -208,6 +229,7 @@ def check_arrays(
         )
     dtypes = expected if expected is not None else model.param_dtypes()
     factored = set(factors)
+    rows: set[int] = set()
     for param, shape in shapes.items():
         value = arrays[param]
         parts = [value]
@@ -265,6 +287,35 @@ def check_arrays(
                     f"model {name}: {source} returned NaN or infinite values in "
                     f"{param!r}"
                 )
+        if isinstance(value, Factored):
+            rows.add(_check_factor_rows(name, source, param, value, batch))
+    if len(rows) > 1:
+        raise ModelError(
+            f"model {name}: {source} returned factors with {sorted(rows)} rows: every "
+            "factored weight of a minibatch has one row count"
+        )
+
+
+def _check_factor_rows(
+    name: str, source: str, param: str, value: Factored, batch: int | None
+) -> int:
+    """A factored weight's row count ``B`` (checked against ``batch``) and the
+    bound on its product: ``|u.T @ v| <= B * max|u| * max|v|``."""
+    u, v = value.u, value.v
+    rows = int(u.shape[0])
+    if not 1 <= rows <= (batch if batch is not None else rows):
+        raise ModelError(
+            f"model {name}: {source} returned {param!r} as factors of {rows} rows: "
+            f"a minibatch of {batch} samples sends 1 to {batch} (one per sample)"
+        )
+    xp = array_namespace(u, v)
+    bound = rows * float(xp.abs(u).max()) * float(xp.abs(v).max())
+    if not bound <= float(np.finfo(np.float32).max):
+        raise ModelError(
+            f"model {name}: {source} returned {param!r} as factors whose product may "
+            "overflow float32"
+        )
+    return rows
 
 
 def _read_only(params: dict[str, Any]) -> dict[str, Any]:
@@ -328,6 +379,7 @@ def checked_loss_and_grad(
         "loss_and_grad()",
         expected={k: v.dtype for k, v in params.items()},
         factors=factors,
+        batch=int(y.shape[0]),
     )
     n = int(y.shape[0])
     try:

@@ -21,7 +21,7 @@ from distributed.client import FutureCancelledError
 from distributed.comm import CommClosedError
 
 from dask_ftps import config
-from dask_ftps._client import require_server
+from dask_ftps._client import model_spec, require_server
 from dask_ftps._core import Holder, RunSpec, ServerId, UpdateKey, check_reply
 from dask_ftps._exceptions import (
     InvalidRequest,
@@ -30,7 +30,7 @@ from dask_ftps._exceptions import (
 )
 from dask_ftps._factored import UPDATE_FORMATS
 from dask_ftps._xp import DEVICES
-from dask_ftps.models import Model, model_from_dict
+from dask_ftps.models import Model
 
 from ._ingest import _Data, _Shards, _validation
 from ._task import Classification
@@ -487,7 +487,7 @@ async def _run(
             "sent; fit again once that client's training ended, or use another "
             "scheduler"
         )
-    model = model_from_dict(status["model"], trusted=True)
+    model = await model_spec(client, status["server_id"])
     task = Classification.of(model)
     data = await _Data.of(client, X, y, task)
     counts = await data.check(client, task)  # before the server sees a thing
