@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from dask_ftps._xp import to_numpy
+from dask_ftps._xp import array_namespace, to_numpy
 
 __all__ = [
     "UPDATE_FORMATS",
@@ -90,6 +90,15 @@ class Factored:
     def dense(self) -> np.ndarray:
         """The ``m x n`` float32 update, computed by :func:`product`."""
         return product(self.u, self.v)
+
+
+def may_overflow(u: Any, v: Any) -> bool:
+    """Whether the float32 product ``u.T @ v`` of factors ``(B, m)`` and
+    ``(B, n)`` may overflow: ``|u.T @ v| <= B * max|u| * max|v|`` (NumPy or
+    CuPy factors)."""
+    xp = array_namespace(u, v)
+    bound = u.shape[0] * float(xp.abs(u).max()) * float(xp.abs(v).max())
+    return not bound <= float(np.finfo(np.float32).max)
 
 
 def factor_pays(batch: int, shape: tuple[int, ...]) -> bool:

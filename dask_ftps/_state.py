@@ -44,7 +44,7 @@ from dask_ftps._exceptions import (
     SpecMismatch,
     StaleIncarnation,
 )
-from dask_ftps._factored import Factored, densify, update_nbytes
+from dask_ftps._factored import Factored, densify, may_overflow, update_nbytes
 from dask_ftps.models import Model
 from dask_ftps.optim import Optimizer
 
@@ -710,9 +710,7 @@ class ParameterServerState:
             )
         if not (np.isfinite(u).all() and np.isfinite(v).all()):
             raise InvalidUpdate(f"update {update_id}: {name} holds NaN or Inf")
-        # |u.T @ v| <= batch * max|u| * max|v|: the float32 product is finite.
-        bound = batch * float(np.abs(u).max()) * float(np.abs(v).max())
-        if not bound <= float(np.finfo(np.float32).max):
+        if may_overflow(u, v):
             raise InvalidUpdate(
                 f"update {update_id}: the product of the factors of {name} may "
                 "overflow float32"

@@ -17,7 +17,7 @@ import numpy as np
 
 from dask_ftps._core import field_int
 from dask_ftps._exceptions import ModelError
-from dask_ftps._factored import Factored
+from dask_ftps._factored import Factored, may_overflow
 from dask_ftps._xp import array_namespace
 
 from ._base import Model, model_from_dict
@@ -299,8 +299,8 @@ def check_arrays(
 def _check_factor_rows(
     name: str, source: str, param: str, value: Factored, batch: int | None
 ) -> int:
-    """A factored weight's row count ``B`` (checked against ``batch``) and the
-    bound on its product: ``|u.T @ v| <= B * max|u| * max|v|``."""
+    """A factored weight's row count ``B`` (checked against ``batch``), and that
+    its product cannot overflow (as the server checks it)."""
     u, v = value.u, value.v
     rows = int(u.shape[0])
     if not 1 <= rows <= (batch if batch is not None else rows):
@@ -308,9 +308,7 @@ def _check_factor_rows(
             f"model {name}: {source} returned {param!r} as factors of {rows} rows: "
             f"a minibatch of {batch} samples sends 1 to {batch} (one per sample)"
         )
-    xp = array_namespace(u, v)
-    bound = rows * float(xp.abs(u).max()) * float(xp.abs(v).max())
-    if not bound <= float(np.finfo(np.float32).max):
+    if may_overflow(u, v):
         raise ModelError(
             f"model {name}: {source} returned {param!r} as factors whose product may "
             "overflow float32"
