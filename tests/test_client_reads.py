@@ -1,4 +1,4 @@
-"""The client's reads of the server (status, model, records) survive one stale
+"""The client's reads of the server (status, model, records, model spec) survive one stale
 pooled connection: after a scheduler restarted on the same address, the
 client's connection pool may hand out a connection to the dead one."""
 
@@ -9,7 +9,7 @@ import asyncio
 import pytest
 from distributed.comm import CommClosedError
 
-from dask_ftps._client import _get_model, _records, _status
+from dask_ftps._client import _get_model, _records, _status, model_spec
 
 
 class _Scheduler:
@@ -31,13 +31,16 @@ class _Scheduler:
     async def ftps_records(self):
         return await self._answer(**{"global": [], "download": []})
 
+    async def ftps_model_spec(self):
+        return await self._answer(server_id="s", model="the model")
+
 
 class _Client:
     def __init__(self, closed: int) -> None:
         self.scheduler = _Scheduler(closed)
 
 
-@pytest.mark.parametrize("read", [_status, _get_model, _records])
+@pytest.mark.parametrize("read", [_status, _get_model, _records, model_spec])
 def test_a_read_is_asked_again_once_on_a_closed_connection(read):
     client = _Client(closed=1)
     assert asyncio.run(read(client))
