@@ -152,6 +152,7 @@ def _valid(plugin, handler: str) -> dict:
         },
         "status": {},
         "get_model": {},
+        "model_spec": {},
         "records": {},
     }[handler]
 
