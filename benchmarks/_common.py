@@ -93,6 +93,22 @@ def _quiet(record: logging.LogRecord) -> bool:
 # -- results ---------------------------------------------------------------------
 
 
+def interleaved_ms(
+    kinds: dict[str, Callable[[], Any]], repeats: int, inner: int
+) -> dict[str, float]:
+    """Each call's median wall time in ms over ``repeats`` rounds, the kinds
+    timed in turn in every round (the same warm window), ``inner`` calls a
+    round each."""
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for _ in range(repeats):
+        for kind, fn in kinds.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times[kind].append((time.perf_counter() - t0) / inner)
+    return {kind: 1e3 * statistics.median(values) for kind, values in times.items()}
+
+
 def median(values: Iterable[float]) -> float:
     values = [v for v in values if v is not None and not math.isnan(v)]
     return statistics.median(values) if values else float("nan")

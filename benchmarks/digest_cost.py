@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import statistics
-import time
 
 import numpy as np
 
-from benchmarks._common import write_json
+from benchmarks._common import interleaved_ms, write_json
 
 NAME = "digest_cost"
 
@@ -49,17 +47,9 @@ def measure(sizes: list[int], repeats: int) -> list[dict]:
     for n in sizes:
         a = rng.standard_normal(n).astype(np.float32)
         kinds = _kinds(a, np.empty_like(a))
-        times: dict[str, list[float]] = {k: [] for k in kinds}
-        inner = max(1, 2_000_000 // n)
-        for _ in range(repeats):
-            for kind, fn in kinds.items():  # interleaved: the same warm window
-                t0 = time.perf_counter()
-                for _ in range(inner):
-                    fn()
-                times[kind].append((time.perf_counter() - t0) / inner)
         row = {"params": n, "bytes": 4 * n}
-        for kind, values in times.items():
-            row[f"{kind}_ms"] = 1e3 * statistics.median(values)
+        for kind, ms in interleaved_ms(kinds, repeats, max(1, 2_000_000 // n)).items():
+            row[f"{kind}_ms"] = ms
         for kind in ("crc32c", "sha256", "blake2b"):
             row[f"{kind}_over_copy"] = row[f"{kind}_ms"] / row["copy_ms"]
         rows.append(row)

@@ -38,7 +38,7 @@ from benchmarks._common import (
     write_json,
 )
 from benchmarks.storage import measure_store
-from benchmarks.throughput import _windowed
+from benchmarks.throughput import _ps_loop
 
 logger = logging.getLogger("benchmarks.factored")
 
@@ -88,30 +88,13 @@ def _push_loop(
     update_format: str,
     n_steps: int,
 ) -> dict:
-    """On a worker: pull once, then push one gradient ``n_steps`` times."""
-    from dask_ftps import UpdateKey
+    """On a worker: pull once, then push one gradient ``n_steps`` times (the
+    throughput benchmark's loop, with this gradient)."""
     from dask_ftps._factored import update_nbytes
-    from dask_ftps._worker_plugin import get_worker_plugin
 
-    plugin = get_worker_plugin()
     grads = _gradient(model, batch, update_format, seed=shard)
-    server, run, holder = run  # every message of a run names its server, holder
-    incarnation = plugin.pull(
-        run, shard, 0, 0, server=server, holder=holder
-    ).incarnation
-
-    def send(step: int) -> Any:
-        nxt = (0, step + 1) if step + 1 < n_steps else None
-        return plugin.push_async(
-            UpdateKey(run, 0, shard, step),
-            grads,
-            incarnation,
-            nxt,
-            server=server,
-            holder=holder,
-        )
-
-    return {**_windowed(send, n_steps, 0, 1), "nbytes": update_nbytes(grads)}
+    timed = _ps_loop(model, run, shard, n_steps, 0, 1, grads=grads)
+    return {**timed, "nbytes": update_nbytes(grads)}
 
 
 def _product_seconds(model: Any, batch: int) -> float:

@@ -20,12 +20,10 @@ the wall), with the update format the workers use by default (``auto``).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 
-from benchmarks._common import machine_info, write_json
+from benchmarks._common import interleaved_ms, machine_info, write_json
 
 NAME = "model_checks"
 BATCH = 64
@@ -61,16 +59,9 @@ def measure(sizes: list[int], repeats: int) -> list[dict]:
         inner = max(1, 200_000 // n)
         for fn in kinds.values():
             fn()  # warm
-        times: dict[str, list[float]] = {k: [] for k in kinds}
-        for _ in range(repeats):
-            for kind, fn in kinds.items():
-                t0 = time.perf_counter()
-                for _ in range(inner):
-                    fn()
-                times[kind].append((time.perf_counter() - t0) / inner)
         row = {"params": model.n_params(), "factored": sorted(factors)}
-        for kind, values in times.items():
-            row[f"{kind}_ms"] = 1e3 * statistics.median(values)
+        for kind, ms in interleaved_ms(kinds, repeats, inner).items():
+            row[f"{kind}_ms"] = ms
         row["checked_over_raw"] = row["checked_ms"] / row["raw_ms"]
         rows.append(row)
     return rows

@@ -149,15 +149,18 @@ def _ps_loop(
     n_steps: int,
     warmup: int,
     inflight: int = 1,
+    grads: dict | None = None,
 ) -> dict:
     """(b), (c) on a worker: pull once, then push with ``next_step`` like
     ``_train_shard`` (the same window of unacknowledged pushes), with a fixed
-    update instead of a computed gradient."""
+    update instead of a computed gradient (``grads``, default
+    ``fixed_grads(model)``)."""
     from dask_ftps import UpdateKey
     from dask_ftps._worker_plugin import get_worker_plugin
 
     plugin = get_worker_plugin()
-    grads = fixed_grads(model, seed=shard)
+    if grads is None:
+        grads = fixed_grads(model, seed=shard)
     server, run, holder = run  # every message of a run names its server, holder
     incarnation = plugin.pull(
         run, shard, 0, 0, server=server, holder=holder

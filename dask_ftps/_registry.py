@@ -97,8 +97,11 @@ class Registry(Generic[T]):
         self.defined: dict[str, list[type[T]]] = {}
 
     def defines(self, cls: type[T]) -> None:
-        """Note a class of the family as defined here (``__init_subclass__``)."""
-        self.defined.setdefault(import_path(cls), []).append(cls)
+        """Note a class of the family as defined here (its base's
+        ``__init_subclass__``), named by its import path until :meth:`builtin`
+        names it otherwise."""
+        cls.kind = import_path(cls)  # type: ignore[attr-defined]
+        self.defined.setdefault(cls.kind, []).append(cls)  # type: ignore[attr-defined]
 
     def _defined(self, kind: str) -> type[T] | None:
         """The class this process has for ``kind``, if any: the one its module
@@ -129,15 +132,9 @@ class Registry(Generic[T]):
         cls.kind = cls.__name__  # type: ignore[attr-defined]
         return cls
 
-    def kind_of(self, cls: type) -> str:
-        """The kind that names ``cls`` in a description."""
-        if self.builtins.get(cls.__name__) is cls:
-            return cls.__name__
-        return import_path(cls)
-
     def describe(self, spec: Any) -> dict[str, Any]:
         """``{"kind": ..., field: value}`` of a spec; tuples become lists."""
-        d: dict[str, Any] = {"kind": self.kind_of(type(spec))}
+        d: dict[str, Any] = {"kind": type(spec).kind}
         for f in fields(spec):
             v = getattr(spec, f.name)
             d[f.name] = list(v) if isinstance(v, tuple) else v
@@ -180,14 +177,13 @@ class Registry(Generic[T]):
                 module_name,
             )
         try:
-            target = importlib.import_module(module_name)
+            importlib.import_module(module_name)
         except Exception as e:
             raise ModelError(
                 f"the {self.what} {kind} cannot be rebuilt: importing {module_name!r} "
                 f"failed ({type(e).__name__}: {e}); put the class in a module this "
                 "process can import"
             ) from e
-        del target
         known = self._defined(kind)  # the import defined it
         if known is not None:
             return known

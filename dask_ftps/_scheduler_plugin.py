@@ -121,7 +121,7 @@ def _log_unrebuildable(model: Model) -> None:
     rebuild the store's model."""
     module = type(model).__module__
     why = importable_elsewhere(type(model))
-    builtin = MODELS.kind_of(type(model)) in MODELS.builtins
+    builtin = type(model).kind in MODELS.builtins
     if why is None and not builtin and not module_allowed(module):
         why = f"its module {module!r} is not in this scheduler's ftps.models.allowed"
     if why is not None:
@@ -232,7 +232,7 @@ class ParameterServer(SchedulerPlugin):
                 _warn_unimportable(model)
         if optimizer is not None and (
             not isinstance(optimizer, Optimizer)
-            or OPTIMIZERS.kind_of(type(optimizer)) not in OPTIMIZERS.builtins
+            or type(optimizer).kind not in OPTIMIZERS.builtins
         ):
             # A store names its optimizer, and only dask_ftps's can be rebuilt.
             raise TypeError(

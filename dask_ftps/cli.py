@@ -280,16 +280,11 @@ def _make_model(hidden: tuple[int, ...], data: Dataset, seed: int) -> Model:
     model = dense_model(data.n_features, hidden, data.n_classes, seed)
     if model.n_params() > MAX_PARAMS:
         raise click.BadParameter(
-            f"{_layers(model)} would have {model.n_params():.3g} parameters, more "
+            f"{model.summary()} would have {model.n_params():.3g} parameters, more "
             f"than {MAX_PARAMS:.0e}: give narrower layers",
             param_hint="'--hidden'",
         )
     return model
-
-
-def _layers(model: Model) -> str:
-    """``MLP 64-128-10``, or what the model's ``summary()`` says."""
-    return model.summary()
 
 
 def _same_store(mine: str, running: str) -> bool:
@@ -347,12 +342,12 @@ def _server_to_register(
     ):
         raise click.ClickException(
             f"the scheduler's parameter server journals to {running} and its model "
-            f"({_layers(model)}) takes {task.n_features} features and "
+            f"({model.summary()}) takes {task.n_features} features and "
             f"{task.n_classes} classes, but the data has {data.n_features} features "
             f"and {data.n_classes} classes: refusing to replace it (--replace replaces it)"
         )
     click.echo(
-        f"Training on the scheduler's parameter server: {_layers(model)}, store "
+        f"Training on the scheduler's parameter server: {model.summary()}, store "
         f"{running}, version {status['version']}, mode {status['mode']}"
     )
     given = [

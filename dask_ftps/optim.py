@@ -68,6 +68,7 @@ class Optimizer(ABC):
     with the rate it was merged with live.
     """
 
+    #: The class's name in descriptions (see dask_ftps._registry).
     kind: ClassVar[str] = ""
     # Every subclass has the fields lr, schedule and decay (last, with defaults,
     # so that positional arguments keep their meaning).

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from dask_ftps._registry import Registry, import_path
+from dask_ftps._registry import Registry
 
 #: The model kinds: dask_ftps's own by short name, any other by import path.
 MODELS: Registry[Model] = Registry("model", imports=True)
@@ -67,7 +67,6 @@ class Model(ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls.kind = import_path(cls)
         MODELS.defines(cls)
 
     @abstractmethod
