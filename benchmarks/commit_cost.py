@@ -1,39 +1,52 @@
-"""Where a commit's time goes: a diagnostic for the journal overhead.
+"""What a commit costs the scheduler, against the physical cost of its bytes.
 
-Runs the server benchmark's loop (``benchmarks/throughput.py``: fixed updates,
-2 worker processes, async; the scheduler runs in this process) three ways,
-alternating, and prints updates/s:
+The default run (in this process, no cluster) times, in CPU seconds of the
+whole process (event loop and store thread together), the journal's
+``commit()`` of a batch of dense updates as the server calls it, and beside it
+the physical cost of the same bytes on the same disk: one copy of the payload
+bytes into the page cache (a new file written with them) plus one small file
+created exclusively (the size of a commit record). The two alternate in blocks
+over the same warm window, repeated; the ratio is the median of the paired
+blocks' ratios. Sizes 1e4, 1e5 and 1e6 parameters, batches of 1 and 4 updates.
 
-- (b) ``store=None``;
-- (c) the Zarr journal, with every local commit timed in its three parts (build
-  the objects, write payload chunk and ``zarr.json``, create the record);
-- (c0) the journal's commit replaced by one empty thread hop: the pipeline's
-  cost without the commit's work.
-
-``--profile FILE`` instead sums a ``py-spy record --format raw`` file of a
+``--loop`` instead runs the server benchmark's loop (``benchmarks/throughput.py``:
+fixed updates, 2 worker processes, async; the scheduler in this process) three
+ways, alternating, and prints updates/s: (b) ``store=None``; (c) the journal,
+every local commit timed in its parts (build the objects, write the payload
+array, create the record); (c0) the journal's commit replaced by one empty
+thread hop. ``--profile FILE`` sums a ``py-spy record --format raw`` file of a
 scheduler process by thread kind and by dask_ftps function.
 
-    python -m benchmarks.commit_cost [--size 100000] [--steps 1500] [--out DIR]
+    python -m benchmarks.commit_cost [--quick] [--out DIR] [--store-dir DIR]
+    python -m benchmarks.commit_cost --loop [--size 100000] [--steps 1500]
     py-spy record -r 100 --format raw -o prof.raw -- python -m benchmarks.commit_cost --e2e
     python -m benchmarks.commit_cost --profile prof.raw
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
+import os
 import re
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmarks._common import (
     Column,
+    disk_info,
+    fixed_grads,
     format_table,
     local_cluster,
+    make_parser,
     median,
+    print_header,
+    scratch_dir,
+    setup_logging,
     softmax_model,
     write_json,
 )
@@ -121,6 +134,150 @@ def run(size: int, steps: int, repeats: int, out: str) -> dict[str, Any]:
     return payload
 
 
+# -- the physical bound ----------------------------------------------------------------
+
+#: What a commit's record takes on disk (about; a batch of a few rows).
+RECORD_BYTES = 600
+#: The target: the journal's CPU per commit within this factor of the physical cost.
+TARGET = 1.5
+
+
+def _physical(folder: Path, payload: np.ndarray, n: int, start: int) -> None:
+    """``n`` times: the payload bytes into a new file, and a small file created
+    exclusively (what a commit cannot do without)."""
+    record = b"r" * RECORD_BYTES
+    for i in range(start, start + n):
+        fd = os.open(folder / f"p{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, payload)
+        os.close(fd)
+        fd = os.open(folder / f"r{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, record)
+        os.close(fd)
+
+
+async def _journal_for(path: Path, n_params: int) -> tuple[Any, dict, Any]:
+    from dask_ftps._core import ModelVersion, Version
+    from dask_ftps._store._format import RunMeta
+    from dask_ftps._store._journal import Journal
+    from dask_ftps.optim import SGD
+
+    model = softmax_model(n_params)
+    optimizer = SGD(lr=0.1)
+    params = model.init_params()
+    initial = ModelVersion(Version(0), params, optimizer.init_state(params))
+    journal = await Journal.create(
+        str(path), RunMeta(model, optimizer, "async", 0), initial
+    )
+    await journal.claim("tcp://127.0.0.1:1")
+    return journal, params, model
+
+
+def _updates(model: Any, batch: int, step: int) -> list:
+    from dask_ftps._core import Update, UpdateKey, WorkerId
+
+    grads = fixed_grads(model)
+    return [
+        Update(UpdateKey(0, 0, shard, step), WorkerId(f"tcp://10.0.0.{shard}:1"), grads)
+        for shard in range(batch)
+    ]
+
+
+def physical_point(
+    n_params: int, batch: int, commits: int, repeats: int, folder: Path
+) -> dict[str, Any]:
+    """CPU ms per commit of the journal and of the physical bound, paired blocks."""
+
+    async def main() -> dict[str, Any]:
+        journal, params, model = await _journal_for(folder / "store.zarr", n_params)
+        updates = _updates(model, batch, 0)
+        payload = np.concatenate(
+            [np.concatenate([g.reshape(-1) for g in u.grads.values()]) for u in updates]
+        )
+        phys = folder / "physical"
+        phys.mkdir()
+        step = 0
+
+        async def commit_block() -> float:
+            nonlocal step
+            t0 = time.process_time()
+            for _ in range(commits):
+                step += 1
+                await journal.commit(
+                    updates,
+                    range(step * batch, (step + 1) * batch),
+                    step,
+                    params,
+                    [(str(updates[0].worker), step)],
+                )
+            return (time.process_time() - t0) / commits
+
+        def physical_block(start: int) -> float:
+            t0 = time.process_time()
+            _physical(phys, payload, commits, start)
+            return (time.process_time() - t0) / commits
+
+        await commit_block()  # warm: caches, the first folders, the thread pool
+        physical_block(10**6)
+        journal_ms, physical_ms = [], []
+        for r in range(repeats):
+            if r % 2:  # alternate which goes first
+                physical_ms.append(1e3 * physical_block(r * commits))
+                journal_ms.append(1e3 * await commit_block())
+            else:
+                journal_ms.append(1e3 * await commit_block())
+                physical_ms.append(1e3 * physical_block(r * commits))
+        await journal.close()
+        ratios = [j / p for j, p in zip(journal_ms, physical_ms, strict=True)]
+        return {
+            "n_params": n_params,
+            "batch": batch,
+            "payload_mb": payload.nbytes / 1e6,
+            "journal_ms": median(journal_ms),
+            "physical_ms": median(physical_ms),
+            "ratio": median(ratios),
+            "met": median(ratios) <= TARGET,
+            "blocks": {"journal_ms": journal_ms, "physical_ms": physical_ms},
+        }
+
+    return asyncio.run(main())
+
+
+PHYSICAL_TITLE = (
+    "CPU per commit: the journal against the physical cost of its bytes "
+    f"(medians of paired blocks; target ratio <= {TARGET})"
+)
+PHYSICAL_COLUMNS = (
+    Column("n_params", "params", "{:.0e}"),
+    Column("batch", "updates/commit", "{}"),
+    Column("payload_mb", "MB", "{:.2f}"),
+    Column("journal_ms", "journal ms", "{:.3f}"),
+    Column("physical_ms", "physical ms", "{:.3f}"),
+    Column("ratio", "ratio", "{:.2f}"),
+    Column("met", "met", "{}"),
+)
+
+
+def run_physical(
+    quick: bool = False, out: str = "bench-results", store_dir: str | None = None
+) -> dict[str, Any]:
+    sizes = (10_000, 100_000) if quick else (10_000, 100_000, 1_000_000)
+    batches = (1,) if quick else (1, 4)
+    rows = []
+    for n_params in sizes:
+        for batch in batches:
+            commits = max(10, min(200, int(2e7 / (4 * n_params * batch))))
+            with scratch_dir(store_dir, NAME) as folder:
+                row = physical_point(
+                    n_params, batch, 20 if quick else commits, 3 if quick else 7, folder
+                )
+            rows.append(row)
+            print(format_table(PHYSICAL_TITLE, PHYSICAL_COLUMNS, [row]), flush=True)
+    print(format_table(PHYSICAL_TITLE, PHYSICAL_COLUMNS, rows))
+    payload = {"results": rows, "target": TARGET, "disk": disk_info(store_dir or ".")}
+    write_json(out, NAME, payload)
+    return payload
+
+
 TITLE = "Commit cost (server loop, 2 workers, async; medians)"
 COLUMNS = (
     Column("n_params", "params", "{:.0e}"),
@@ -173,20 +330,26 @@ def profile(path: str, top: int = 12) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.commit_cost")
+    parser = make_parser(NAME, "What a commit costs the scheduler.")
+    parser.add_argument(
+        "--loop", action="store_true", help="the server-loop diagnostic"
+    )
     parser.add_argument("--size", type=int, default=100_000)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", default="bench-results")
     parser.add_argument("--e2e", action="store_true", help="a train() to profile")
     parser.add_argument("--profile", help="sum this py-spy raw file")
     args = parser.parse_args(argv)
+    setup_logging(args.verbose)
     if args.profile:
         profile(args.profile)
     elif args.e2e:
         e2e()
-    else:
+    elif args.loop:
         run(args.size, args.steps, args.repeats, args.out)
+    else:
+        print_header(NAME, args.quick)
+        run_physical(args.quick, args.out, args.store_dir)
 
 
 if __name__ == "__main__":

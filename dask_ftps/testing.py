@@ -64,8 +64,29 @@ def kill_at(pattern: str, n: int, sig: int = signal.SIGKILL) -> None:
         check(path)
         remove(path)
 
+    def killing_create(path: Path, value: Any, *, durable: bool) -> None:
+        # Two steps: before the file, and half-way through it (a torn file).
+        check(path)
+        create_in_halves(path, value, lambda: check(path))
+
     _io.write_file = killing_write
     _io.remove_path = killing_remove
+    _io.create_file = killing_create
+
+
+def create_in_halves(path: Path, value: Any, between: Any) -> None:
+    """:func:`~dask_ftps._store._io.create_file`, calling ``between()`` when half
+    of ``value`` is written: where a crash or a pause leaves a torn file."""
+    data = memoryview(value).cast("B")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, data[: len(data) // 2])
+        between()
+        rest = data[len(data) // 2 :]
+        while rest:
+            rest = rest[os.write(fd, rest) :]
+    finally:
+        os.close(fd)
 
 
 def parse_kill_at(spec: str) -> tuple[str, int]:
@@ -135,6 +156,18 @@ class PauseWrites:
                 for key, value in objects:
                     self._step(f"write {key}")
                     write_all([(key, value)])
+
+            def gated_write_fresh(objects: Any) -> None:
+                # Each file in two steps: before it, and half-way (torn).
+                for key, value in objects:
+                    path = io.root / key
+                    _io.make_folder(path.parent)
+                    self._step(f"write {key}")
+                    create_in_halves(
+                        path, value, lambda key=key: self._step(f"write half of {key}")
+                    )
+
+            io._write_fresh = gated_write_fresh
 
             def gated_create(key: str, value: bytes) -> bool:
                 self._step(f"create {key}")

@@ -935,9 +935,10 @@ def test_durable_commits_fsync_data_before_the_record_and_the_record_before_ack(
     link_at = events.index(("link", record))
     before = [p for op, p in events[:link_at] if op == "fsync"]
     after = [p for op, p in events[link_at:] if op == "fsync"]
-    # The data files were renamed into place: fsync'd under their temporary names.
-    assert any(p.startswith(f"{folder}/c.0.0.") for p in before), events
-    assert any(p.startswith(f"{folder}/zarr.json.") for p in before), events
+    # The payload array's files are created in place (its folder is new and the
+    # writer's own): fsync'd under their names, before the record is linked.
+    assert f"{folder}/c.0.0" in before, events
+    assert f"{folder}/zarr.json" in before, events
     assert folder in before, events  # their folder entries
     assert any(p.startswith(f"{record}.") for p in before), events  # the record
     assert str(path / "ftps" / "log") in after, events  # its folder entry

@@ -414,19 +414,26 @@ async def test_a_full_disk_refuses_the_update_and_counts_nothing(
     check_reply(await push(0), "push")
     status, records = await dask_ftps.status(c), await dask_ftps.records(c)
     before = snapshot(plugin)
-    real_write = _io.write_file
+    real_write, real_create = _io.write_file, _io.create_file
 
-    def no_space(p, value, **kwargs):
-        if f"/{part}" in str(p):
-            raise OSError(errno.ENOSPC, "No space left on device", str(p))
-        return real_write(p, value, **kwargs)
+    def full(real):
+        def no_space(p, value, **kwargs):
+            if f"/{part}" in str(p):
+                raise OSError(errno.ENOSPC, "No space left on device", str(p))
+            return real(p, value, **kwargs)
+
+        return no_space
 
     FullDisk.full = True
-    monkeypatch.setattr(_io, "write_file", no_space)
+    # Both ways a local store writes a file: replaced (a temporary file renamed or
+    # linked into place) and created in place (a payload array's files).
+    monkeypatch.setattr(_io, "write_file", full(real_write))
+    monkeypatch.setattr(_io, "create_file", full(real_create))
     with pytest.raises(NotDurable, match="No space left"):
         check_reply(await push(1), "push")
     FullDisk.full = False
     monkeypatch.setattr(_io, "write_file", real_write)
+    monkeypatch.setattr(_io, "create_file", real_create)
     assert snapshot(plugin) == before
     assert await dask_ftps.status(c) == status
     assert await dask_ftps.records(c) == records

@@ -265,29 +265,43 @@ def array_document(
     """``zarr.json`` of a float32 array whose chunks are raw little-endian bytes
     plus a CRC-32C, with keys ``c.0``/``c.0.0`` (separator ``.``: no folders)."""
     attrs = {**attributes, "crc32c": crc32c(canonical(attributes))}
-    return _zarr_json(
-        {
-            "zarr_format": 3,
-            "node_type": "array",
-            "shape": list(shape),
-            "data_type": "float32",
-            "chunk_grid": {
-                "name": "regular",
-                "configuration": {"chunk_shape": list(chunks)},
-            },
-            "chunk_key_encoding": {
-                "name": "default",
-                "configuration": {"separator": "."},
-            },
-            "fill_value": 0.0,
-            "codecs": [
-                {"name": "bytes", "configuration": {"endian": "little"}},
-                {"name": "crc32c"},
-            ],
-            "storage_transformers": [],
-        },
-        {"dask_ftps": attrs},
+    return _zarr_json(_array_node(shape, chunks), {"dask_ftps": attrs})
+
+
+def commit_document(shape: tuple[int, int], record: Record) -> bytes:
+    """A commit's payload array's ``zarr.json``: :func:`array_document` (one
+    chunk) with the attribute :func:`commit_attributes`, compact, the record's
+    canonical bytes spliced in rather than encoded again (a commit's hot path)."""
+    body = b'{"record":' + record._canonical + b"}"  # canonical(commit_attributes)
+    node = json.dumps(_array_node(shape, shape), separators=(",", ":")).encode()
+    return b'%s,"attributes":{"dask_ftps":{"crc32c":%d,%s}}' % (
+        node[:-1],
+        crc32c(body),
+        body[1:],
     )
+
+
+def _array_node(shape: tuple[int, ...], chunks: tuple[int, ...]) -> dict:
+    return {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": list(shape),
+        "data_type": "float32",
+        "chunk_grid": {
+            "name": "regular",
+            "configuration": {"chunk_shape": list(chunks)},
+        },
+        "chunk_key_encoding": {
+            "name": "default",
+            "configuration": {"separator": "."},
+        },
+        "fill_value": 0.0,
+        "codecs": [
+            {"name": "bytes", "configuration": {"endian": "little"}},
+            {"name": "crc32c"},
+        ],
+        "storage_transformers": [],
+    }
 
 
 # -- log records ---------------------------------------------------------------------

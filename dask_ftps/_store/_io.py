@@ -2,9 +2,12 @@
 
 Three implementations behind one interface:
 
-- :class:`LocalIO` for a local folder (:class:`zarr.storage.LocalStore`): every
-  object is written to a temporary file and renamed into place (an exclusive
-  create is a hard link, which fails if the name exists), optionally with
+- :class:`LocalIO` for a local folder (:class:`zarr.storage.LocalStore`): an
+  object that may replace another is written to a temporary file and renamed
+  into place; an exclusive create is a hard link of a temporary file, which
+  fails if the name exists; a commit's payload array, whose folder is new and
+  its writer's own, is written in place (a torn file fails its checksum, and
+  the record that names it is created only after it). Optionally with
   ``fsync``; a whole commit is one hop to a thread.
 - :class:`FsspecIO` for an fsspec URL (:class:`zarr.storage.FsspecStore`): one
   PUT per object, concurrent where order does not matter; exclusive creates
@@ -311,8 +314,26 @@ class LocalIO(StoreIO):
 
     def _commit(self, build: Build) -> bool:
         objects, key, record = build()
-        self._write_all(objects)
+        self._write_fresh(objects)
         return self._create(key, record)
+
+    def _write_fresh(self, objects: Objects) -> None:
+        """Write a commit's payload array: its folder is new (named by serial,
+        writer and attempt: no other writer, and no earlier attempt, uses it),
+        so each file is created in place, with no temporary file and no
+        rename. A file cut short by a crash fails its checksum; the record
+        naming it is created only after every file is whole."""
+        folders: list[Path] = []
+        for key, value in objects:
+            path = self.root / key
+            if path.parent not in folders:
+                make_folder(path.parent)
+                folders.append(path.parent)
+            create_file(path, value, durable=self.durable)
+        if self.durable:
+            for folder in folders:
+                fsync_path(folder)
+                fsync_path(folder.parent)
 
     def _write_all(self, objects: Objects) -> None:
         folders = set()
@@ -361,6 +382,31 @@ def write_file(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def make_folder(path: Path) -> None:
+    """Create ``path`` (its parent exists or is created); no error if it exists."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        path.mkdir(parents=True, exist_ok=True)
+
+
+def create_file(path: Path, value: Any, *, durable: bool) -> None:
+    """Create ``path`` with ``value`` in place (no temporary file): for objects
+    whose name no other writer uses and whose damage a checksum detects.
+    Raises :class:`FileExistsError` if ``path`` exists."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(value).cast("B")
+        while view:
+            view = view[os.write(fd, view) :]
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_path(path: Path) -> None:

@@ -71,7 +71,7 @@ from dask_ftps._store._format import (
     Snapshot,
     array_document,
     checked_attrs,
-    commit_attributes,
+    commit_document,
     data_attempt,
     data_dir,
     decode_chunk,
@@ -649,7 +649,7 @@ class Journal:
                 )
                 record = self._record(serial, body)
                 built["record"], built["raw"] = record, record.encode()
-                meta = array_document(shape, shape, commit_attributes(record))
+                meta = commit_document(shape, record)
                 objects = [
                     (f"{folder}/{COMMIT_CHUNK_KEY}", chunk),
                     (f"{folder}/zarr.json", meta),
