@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import logging
 import math
@@ -88,6 +89,152 @@ def setup_logging(verbose: bool) -> None:
 
 def _quiet(record: logging.LogRecord) -> bool:
     return record.name.startswith("benchmarks") or record.levelno >= logging.CRITICAL
+
+
+# -- the warm window: the one timing rule of every throughput variant --------------
+
+#: Minibatches (pushes) per shard left out of the warm window: the first ones pay
+#: for imports, connections, caches and the first model download.
+WARMUP = 3
+
+
+def warm_window(stamps: Iterable[tuple[float, Any]], warmup: int = WARMUP) -> dict:
+    """The rate over the warm window, from one timestamp per answered update.
+
+    The rule, the same for every variant of every throughput benchmark (bare Dask
+    loop, memory-only and journalled parameter server, Ray's actor): each update
+    is stamped by its server when the server answers it (one process, one clock),
+    tagged with its shard (one stream of pushes, one per worker). The window opens
+    when every shard has had ``warmup`` updates answered (the latest of the
+    shards' ``warmup``-th stamps) and closes when the first shard is done (the
+    earliest of the shards' last stamps); the rate is the updates answered inside
+    it, all shards together, over its length. Neither end of a call (starting
+    tasks, the first pull, the last shard finishing alone) is in it.
+
+    Parameters
+    ----------
+    stamps : iterable of (float, hashable)
+        ``(time, shard)`` of each answered update, in seconds of one clock.
+    warmup : int
+        Updates per shard before the window opens (at least 1: the window opens
+        at an update).
+
+    Returns
+    -------
+    dict
+        ``updates`` (answered inside the window), ``seconds`` (its length),
+        ``updates_per_s`` (NaN when a shard has no update after its warm-up or
+        the window is empty), ``shards`` and ``stamped`` (all stamps).
+    """
+    warmup = max(1, warmup)
+    streams: dict[Any, list[float]] = {}
+    for t, shard in stamps:
+        streams.setdefault(shard, []).append(float(t))
+    for times in streams.values():
+        times.sort()
+    stamped = sum(len(times) for times in streams.values())
+    out = {
+        "updates": 0,
+        "seconds": float("nan"),
+        "updates_per_s": float("nan"),
+        "shards": len(streams),
+        "stamped": stamped,
+    }
+    if not streams or any(len(times) <= warmup for times in streams.values()):
+        return out
+    t0 = max(times[warmup - 1] for times in streams.values())
+    t1 = min(times[-1] for times in streams.values())
+    if t1 <= t0:
+        return out
+    n = sum(1 for times in streams.values() for t in times if t0 < t <= t1)
+    return {**out, "updates": n, "seconds": t1 - t0, "updates_per_s": n / (t1 - t0)}
+
+
+def with_call_rate(window: dict, updates: int, seconds: float) -> dict:
+    """A measurement: the warm window's figures (:func:`warm_window`) and the
+    whole call's beside them, ``call_updates`` over ``call_seconds`` (every
+    update, its start and end included)."""
+    return {
+        "updates": window["updates"],
+        "seconds": window["seconds"],
+        "updates_per_s": window["updates_per_s"],
+        "call_updates": updates,
+        "call_seconds": seconds,
+        "call_updates_per_s": ratio(updates, seconds),
+    }
+
+
+#: The scheduler handlers that answer updates: the parameter server's push and
+#: the bare round trip's echo (``benchmarks._endtoend.EchoServer``).
+CLOCKED_OPS = ("ftps_push", "ftps_bench_echo")
+_CLOCK = "ftps-bench-clock"
+
+
+def _shard_of(update_id: Any) -> int | None:
+    """The shard of an update id ``run:epoch:shard:step`` (None if not one)."""
+    parts = str(update_id).split(":")
+    return int(parts[2]) if len(parts) == 4 and parts[2].isdigit() else None
+
+
+def start_clock(dask_scheduler: Any, ops: Sequence[str] = CLOCKED_OPS) -> None:
+    """On the scheduler (``client.run_on_scheduler``): stamp every update that
+    the handlers ``ops`` answer (``status`` OK) with the time and its shard, until
+    :func:`read_clock`. Start it after the server is registered: it wraps the
+    handlers registered now."""
+    _stop_clock(dask_scheduler)
+    stamps: list[tuple[float, int | None]] = []
+    wrapped = {}
+    for op in ops:
+        handler = dask_scheduler.handlers.get(op)
+        if handler is not None:
+            wrapped[op] = (handler, _stamped(handler, stamps))
+            dask_scheduler.handlers[op] = wrapped[op][1]
+    dask_scheduler.extensions[_CLOCK] = (wrapped, stamps)
+
+
+def read_clock(dask_scheduler: Any) -> list[tuple[float, int | None]]:
+    """On the scheduler: stop the clock of :func:`start_clock` (the handlers are
+    as before) and return its ``(time, shard)`` stamps."""
+    return _stop_clock(dask_scheduler)
+
+
+def _stop_clock(dask_scheduler: Any) -> list[tuple[float, int | None]]:
+    wrapped, stamps = dask_scheduler.extensions.pop(_CLOCK, ({}, []))
+    for op, (handler, stamped) in wrapped.items():
+        if dask_scheduler.handlers.get(op) is stamped:
+            dask_scheduler.handlers[op] = handler
+    return list(stamps)
+
+
+def _stamped(handler: Callable, stamps: list) -> Callable:
+    clock = time.perf_counter
+
+    async def stamped(**kwargs: Any) -> Any:
+        reply = handler(**kwargs)
+        if inspect.isawaitable(reply):
+            reply = await reply
+        if not isinstance(reply, dict) or reply.get("status", "OK") == "OK":
+            stamps.append((clock(), _shard_of(kwargs.get("update_id"))))
+        return reply
+
+    stamped.__name__ = getattr(handler, "__name__", "stamped")
+    return stamped
+
+
+def clocked_window(
+    client: Client, call: Callable[[], Any], warmup: int = WARMUP
+) -> tuple[Any, dict]:
+    """Run ``call()`` with the scheduler's clock on: its result, and the rate
+    over the warm window and the whole call's (:func:`with_call_rate`; the
+    call's updates are the stamped ones)."""
+    client.run_on_scheduler(start_clock)
+    t0 = time.perf_counter()
+    try:
+        result = call()
+    finally:
+        seconds = time.perf_counter() - t0
+        stamps = client.run_on_scheduler(read_clock)
+    return result, with_call_rate(warm_window(stamps, warmup), len(stamps), seconds)
 
 
 # -- results ---------------------------------------------------------------------

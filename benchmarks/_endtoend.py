@@ -13,7 +13,13 @@ the same gradients:
   and returns the weights; remote tasks run the same minibatch loop), when
   ``ray`` is installed. It keeps nothing: a lost actor loses the model.
 
-Rates are minibatch updates per second of wall time over whole epochs.
+Each measurement gives two rates (``benchmarks._common``, the one home of the
+rule): minibatch updates per second over the warm window (:func:`warm_window`:
+from the moment every shard has had ``warmup`` updates answered to the moment the
+first shard is done, each update stamped by its server when it answers: the
+scheduler's handler for (a), (b), (c), the actor for (r)), and over the whole
+call (``call_updates_per_s``: every update over the call's wall time, data
+placement, task start and the last shard's tail included).
 """
 
 from __future__ import annotations
@@ -28,6 +34,15 @@ import numpy as np
 from distributed import get_worker
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.serialize import ToPickle
+
+from benchmarks._common import (
+    WARMUP,
+    clocked_window,
+    remove_plugin,
+    warm_window,
+    with_call_rate,
+    worker_addresses,
+)
 
 logger = logging.getLogger("benchmarks.throughput")
 
@@ -137,15 +152,24 @@ class EchoServer(SchedulerPlugin):
 
 
 def echo_shard(
-    X: np.ndarray, y: np.ndarray, model: Any, batches: list, inflight: int
+    X: np.ndarray,
+    y: np.ndarray,
+    model: Any,
+    batches: list,
+    inflight: int,
+    shard: int = 0,
+    epoch: int = 0,
 ) -> int:
+    """(a) on a worker: ``train()``'s minibatch loop against the echo handler;
+    each update named like ``train()``'s (``0:epoch:shard:step``)."""
     worker = get_worker()
     params = model.init_params()
+    steps = iter(range(len(batches)))
 
-    async def call(grads: dict) -> dict:
+    async def call(grads: dict, step: int) -> dict:
         reply = await worker.scheduler.ftps_bench_echo(
             worker=worker.address,
-            update_id="0:0:0:0",
+            update_id=f"0:{epoch}:{shard}:{step}",
             grads=ToPickle(grads),
             incarnation=1,
             next_step=(0, 1),
@@ -155,48 +179,68 @@ def echo_shard(
         return reply["params"]
 
     def send(grads: dict) -> Any:
-        return asyncio.run_coroutine_threadsafe(call(grads), worker.loop.asyncio_loop)
+        return asyncio.run_coroutine_threadsafe(
+            call(grads, next(steps)), worker.loop.asyncio_loop
+        )
 
     return minibatch_loop(model, X, y, batches, params, send, inflight)
 
 
 def run_echo(
-    client: Any, model: Any, data: tuple, n_shards: int, epochs: int, inflight: int
+    client: Any,
+    model: Any,
+    data: tuple,
+    n_shards: int,
+    epochs: int,
+    inflight: int,
+    warmup: int = WARMUP,
 ) -> dict:
-    from benchmarks._common import remove_plugin, worker_addresses
+    """(a): ``epochs`` epochs of the minibatch loop against the echo handler,
+    one task per shard and epoch. The call (timed whole) places each shard's
+    rows on its worker, as ``train()`` does, then runs the epochs.
 
+    Returns
+    -------
+    dict
+        The warm window's and the whole call's rates
+        (:func:`benchmarks._common.with_call_rate`).
+    """
     client.run_on_scheduler(remove_plugin, name=EchoServer.name)
     client.register_plugin(EchoServer(model))
     X, y = data
     parts = np.array_split(np.arange(len(X)), n_shards)
     workers = worker_addresses(client)
-    xs = [
-        client.scatter(X[p], workers=[w]) for p, w in zip(parts, workers, strict=False)
-    ]
-    ys = [
-        client.scatter(y[p], workers=[w]) for p, w in zip(parts, workers, strict=False)
-    ]
-    t0 = time.perf_counter()
-    updates = 0
-    for epoch in range(epochs):
-        batches = shard_batches(len(X), n_shards, epoch)
-        futures = [
-            client.submit(
-                echo_shard,
-                xs[s],
-                ys[s],
-                model,
-                batches[s],
-                inflight,
-                workers=[workers[s % len(workers)]],
-                pure=False,
-            )
-            for s in range(n_shards)
+
+    def call() -> int:
+        placed = [
+            (client.scatter(X[p], workers=[w]), client.scatter(y[p], workers=[w]))
+            for p, w in zip(parts, workers, strict=False)
         ]
-        updates += sum(client.gather(futures))
-    seconds = time.perf_counter() - t0
+        updates = 0
+        for epoch in range(epochs):
+            batches = shard_batches(len(X), n_shards, epoch)
+            futures = [
+                client.submit(
+                    echo_shard,
+                    *placed[s],
+                    model,
+                    batches[s],
+                    inflight,
+                    s,
+                    epoch,
+                    workers=[workers[s % len(workers)]],
+                    pure=False,
+                )
+                for s in range(n_shards)
+            ]
+            updates += sum(client.gather(futures))
+        return updates
+
+    updates, rates = clocked_window(client, call, warmup)
     client.run_on_scheduler(remove_plugin, name=EchoServer.name)
-    return {"updates": updates, "seconds": seconds, "updates_per_s": updates / seconds}
+    if updates != rates["call_updates"]:
+        raise RuntimeError(f"echo: {updates} updates, {rates['call_updates']} stamped")
+    return rates
 
 
 # -- (b), (c) train() -------------------------------------------------------------
@@ -210,9 +254,20 @@ def run_train(
     epochs: int,
     mode: str,
     store: Path | None,
+    warmup: int = WARMUP,
 ) -> dict:
+    """(b) with ``store=None``, (c) with a store: ``train()`` of ``epochs``
+    epochs on a fresh server, timed whole and over the warm window.
+
+    Returns
+    -------
+    dict
+        The warm window's and the whole call's rates
+        (:func:`benchmarks._common.with_call_rate`), ``train()``'s own
+        ``train_seconds`` and the last epoch's ``accuracy``.
+    """
     import dask_ftps
-    from benchmarks._common import register_fresh, remove_plugin
+    from benchmarks._common import register_fresh
     from dask_ftps import SGD, ParameterServer
 
     register_fresh(
@@ -225,25 +280,34 @@ def run_train(
         ),
     )
     X, y = data
-    result = dask_ftps.train(
+    result, rates = clocked_window(
         client,
-        X,
-        y,
-        epochs=epochs,
-        batch_size=BATCH,
-        n_shards=n_shards,
-        progress=False,
+        lambda: dask_ftps.train(
+            client,
+            X,
+            y,
+            epochs=epochs,
+            batch_size=BATCH,
+            n_shards=n_shards,
+            progress=False,
+        ),
+        warmup,
     )
     client.run_on_scheduler(remove_plugin)
+    if rates["call_updates"] != result.minibatches:
+        logger.warning(
+            "train(): %d minibatches, %d pushes answered",
+            result.minibatches,
+            rates["call_updates"],
+        )
     if store is not None:
         import shutil
 
         shutil.rmtree(store, ignore_errors=True)
-    updates = result.minibatches
     return {
-        "updates": updates,
-        "seconds": result.seconds,
-        "updates_per_s": updates / result.seconds,
+        **rates,
+        "minibatches": result.minibatches,
+        "train_seconds": result.seconds,
         "accuracy": result.history[-1]["accuracy"],
     }
 
@@ -254,7 +318,12 @@ def run_train(
 class RayPeer:
     """Ray's canonical parameter server: one actor owns the weights and applies
     each gradient as it arrives (async); ``n_shards`` remote tasks per epoch run
-    the minibatch loop. Started once, reused for every measurement."""
+    the minibatch loop. Started once, reused for every measurement.
+
+    The actor stamps each update it answers with the time and its shard (one
+    ``time.perf_counter()`` and a list append, as the scheduler's clock does for
+    the Dask variants), for the warm window's rule.
+    """
 
     def __init__(self, n_workers: int) -> None:
         import ray
@@ -277,20 +346,31 @@ class RayPeer:
                 self.params = model.init_params()
                 self.state = self.optimizer.init_state(self.params)
                 self.version = 0
+                self.stamps: list[tuple[float, int]] = []
 
-            def apply(self, grads: dict) -> dict:
+            def apply(self, grads: dict, shard: int = 0) -> dict:
                 self.version += 1
                 self.params, self.state = self.optimizer.apply(
                     self.params, self.state, grads, step=self.version
                 )
+                self.stamps.append((time.perf_counter(), shard))
                 return self.params
 
             def get(self) -> dict:
                 return self.params
 
+            def clock(self) -> list[tuple[float, int]]:
+                return self.stamps
+
         @ray.remote(num_cpus=1)
         def shard(
-            ps: Any, X: np.ndarray, y: np.ndarray, model: Any, batches: list, inflight
+            ps: Any,
+            X: np.ndarray,
+            y: np.ndarray,
+            model: Any,
+            batches: list,
+            inflight: int,
+            index: int,
         ) -> int:
             params = ray.get(ps.get.remote())
 
@@ -310,7 +390,7 @@ class RayPeer:
                 y,
                 batches,
                 params,
-                lambda grads: Reply(ps.apply.remote(grads)),
+                lambda grads: Reply(ps.apply.remote(grads, index)),
                 inflight,
             )
 
@@ -318,16 +398,32 @@ class RayPeer:
         self._shard = shard
 
     def run(
-        self, model: Any, data: tuple, n_shards: int, epochs: int, inflight: int
+        self,
+        model: Any,
+        data: tuple,
+        n_shards: int,
+        epochs: int,
+        inflight: int,
+        warmup: int = WARMUP,
     ) -> dict:
+        """``epochs`` epochs on a fresh actor (started before the timing, as
+        the Dask variants' servers are); the call, timed whole, puts each
+        shard's rows in the object store, then runs the epochs.
+
+        Returns
+        -------
+        dict
+            The warm window's and the whole call's rates
+            (:func:`benchmarks._common.with_call_rate`).
+        """
         ray = self.ray
         ps = self._actor.remote(model)
         X, y = data
         parts = np.array_split(np.arange(len(X)), n_shards)
-        xs = [ray.put(X[p]) for p in parts]
-        ys = [ray.put(y[p]) for p in parts]
         ray.get(ps.get.remote())  # the actor is up
         t0 = time.perf_counter()
+        xs = [ray.put(X[p]) for p in parts]
+        ys = [ray.put(y[p]) for p in parts]
         updates = 0
         for epoch in range(epochs):
             batches = shard_batches(len(X), n_shards, epoch)
@@ -341,18 +437,18 @@ class RayPeer:
                             model,
                             batches[s],
                             inflight,
+                            s,
                         )
                         for s in range(n_shards)
                     ]
                 )
             )
         seconds = time.perf_counter() - t0
+        stamps = ray.get(ps.clock.remote())
         ray.kill(ps)
-        return {
-            "updates": updates,
-            "seconds": seconds,
-            "updates_per_s": updates / seconds,
-        }
+        if updates != len(stamps):
+            raise RuntimeError(f"ray: {updates} updates, {len(stamps)} stamped")
+        return with_call_rate(warm_window(stamps, warmup), updates, seconds)
 
     def close(self) -> None:
         self.ray.shutdown()

@@ -6,6 +6,10 @@ checkout's), starts a ``LocalCluster`` of two worker processes and times
 ``train()`` on the MLP of ``benchmarks/_endtoend.py``, memory-only (b) and with
 the Zarr journal (c) alternately. Processes alternate between the versions,
 and the order flips every round, so that drift on a noisy machine falls on both.
+Each ``train()`` is timed as in the throughput benchmark
+(``benchmarks._common.warm_window``): updates/s over the warm window (from the
+moment every shard has had its warm-up updates answered to the moment the first
+shard is done, stamped on the scheduler) and, beside it, over the whole call.
 
     python -m benchmarks.versus --old /path/to/old/checkout [--quick] [--out DIR]
 
@@ -31,6 +35,7 @@ from benchmarks._common import (
     format_table,
     median,
     print_header,
+    ratio,
     setup_logging,
     write_json,
 )
@@ -103,20 +108,30 @@ def run(old: Path, quick: bool, out: str) -> dict[str, Any]:
     rows = []
     for size, _ in sizes_epochs:
         row: dict[str, Any] = {"n_params": size}
-        for which in ("old", "new"):
-            for v in "bc":
-                row[f"{which}_{v}"] = median(
-                    x["updates_per_s"]
-                    for x in runs
-                    if (x["size"], x["code"], x["variant"]) == (size, which, v)
+        # The warm window's rates (no suffix), then the whole call's ("_call").
+        for key, suffix in (("updates_per_s", ""), ("call_updates_per_s", "_call")):
+            for which in ("old", "new"):
+                for v in "bc":
+                    row[f"{which}_{v}{suffix}"] = median(
+                        x[key]
+                        for x in runs
+                        if (x["size"], x["code"], x["variant"]) == (size, which, v)
+                    )
+                row[f"{which}_c_over_b{suffix}"] = ratio(
+                    row[f"{which}_c{suffix}"], row[f"{which}_b{suffix}"]
                 )
-            row[f"{which}_c_over_b"] = row[f"{which}_c"] / row[f"{which}_b"]
-        row["new_over_old_b"] = row["new_b"] / row["old_b"]
-        row["new_over_old_c"] = row["new_c"] / row["old_c"]
+            for v in "bc":
+                row[f"new_over_old_{v}{suffix}"] = ratio(
+                    row[f"new_{v}{suffix}"], row[f"old_{v}{suffix}"]
+                )
         rows.append(row)
     print(format_table(TITLE, COLUMNS, rows))
+    print()
+    print(format_table(CALL_TITLE, CALL_COLUMNS, rows))
     payload = {
         "quick": quick,
+        "timing": "updates_per_s over the warm window (benchmarks._common."
+        "warm_window); *_call: over the whole train() call",
         "old": str(old),
         "old_commit": _commit(old),
         "new_commit": _commit(REPO_ROOT),
@@ -141,18 +156,29 @@ def _commit(path: Path) -> str | None:
         return None
 
 
-TITLE = "train() updates/s, this code against the old one (medians; 2 workers, async)"
-COLUMNS = (
-    Column("n_params", "params", "{:.0e}"),
-    Column("old_b", "old memory", "{:.0f}"),
-    Column("old_c", "old journal", "{:.0f}"),
-    Column("old_c_over_b", "old c/b", "{:.2f}"),
-    Column("new_b", "new memory", "{:.0f}"),
-    Column("new_c", "new journal", "{:.0f}"),
-    Column("new_c_over_b", "new c/b", "{:.2f}"),
-    Column("new_over_old_b", "new/old b", "{:.2f}"),
-    Column("new_over_old_c", "new/old c", "{:.2f}"),
+TITLE = (
+    "train() updates/s over the warm window, this code against the old one "
+    "(medians; 2 workers, async)"
 )
+CALL_TITLE = "train() updates/s over the whole call (medians; 2 workers, async)"
+
+
+def _columns(suffix: str) -> tuple[Column, ...]:
+    return (
+        Column("n_params", "params", "{:.0e}"),
+        Column(f"old_b{suffix}", "old memory", "{:.0f}"),
+        Column(f"old_c{suffix}", "old journal", "{:.0f}"),
+        Column(f"old_c_over_b{suffix}", "old c/b", "{:.2f}"),
+        Column(f"new_b{suffix}", "new memory", "{:.0f}"),
+        Column(f"new_c{suffix}", "new journal", "{:.0f}"),
+        Column(f"new_c_over_b{suffix}", "new c/b", "{:.2f}"),
+        Column(f"new_over_old_b{suffix}", "new/old b", "{:.2f}"),
+        Column(f"new_over_old_c{suffix}", "new/old c", "{:.2f}"),
+    )
+
+
+COLUMNS = _columns("")
+CALL_COLUMNS = _columns("_call")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,8 +38,88 @@ def positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+def test_warm_window_rule():
+    """The window opens when every shard has had its warm-up updates answered
+    and closes when the first shard is done; only the updates inside count."""
+    from benchmarks._common import warm_window
+
+    # shard 0 answered at 0, 1, ..., 9; shard 1 at 2.5, 3.5, ..., 7.5
+    stamps = [(float(t), 0) for t in range(10)]
+    stamps += [(t + 2.5, 1) for t in range(6)]
+    w = warm_window(reversed(stamps), warmup=2)  # in any order
+    # opens at max(1, 3.5) = 3.5, closes at min(9, 7.5) = 7.5
+    assert w["seconds"] == 4.0
+    # shard 0: 4, 5, 6, 7; shard 1: 4.5, 5.5, 6.5, 7.5
+    assert w["updates"] == 8 and w["updates_per_s"] == 2.0
+    assert (w["shards"], w["stamped"]) == (2, 16)
+    # One stream at a steady rate: the rate is that rate, whatever the warm-up.
+    steady = [(0.25 * k, 0) for k in range(40)]
+    assert warm_window(steady, warmup=1)["updates_per_s"] == 4.0
+    assert warm_window(steady, warmup=7)["updates_per_s"] == 4.0
+    # A shard with nothing after its warm-up, or shards that never overlap: no rate.
+    assert math.isnan(warm_window([*stamps[:10], (3.0, 1)], 2)["updates_per_s"])
+    apart = [(0.0, 0), (1.0, 0), (2.0, 1), (3.0, 1)]
+    assert math.isnan(warm_window(apart, 1)["updates_per_s"])
+    assert math.isnan(warm_window([], 1)["updates_per_s"])
+
+
+def test_the_clock_stamps_answered_updates_and_restores_handlers():
+    """The scheduler clock wraps the handlers that answer updates, stamps each
+    answer with its shard (not a refusal), and puts the handlers back."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from benchmarks._common import read_clock, start_clock
+
+    async def push(**kwargs):
+        return {"status": "OK" if kwargs["grads"] else "error"}
+
+    def echo(**kwargs):
+        return {"status": "OK"}
+
+    scheduler = SimpleNamespace(
+        handlers={"ftps_push": push, "ftps_bench_echo": echo, "other": echo},
+        extensions={},
+    )
+    start_clock(scheduler)
+    assert scheduler.handlers["ftps_push"] is not push
+    assert scheduler.handlers["other"] is echo
+
+    async def calls():
+        h = scheduler.handlers
+        await h["ftps_push"](update_id="0:0:1:0", grads=1)
+        await h["ftps_push"](update_id="0:0:1:1", grads=0)  # refused
+        await h["ftps_bench_echo"](update_id="0:3:0:7")
+
+    asyncio.run(calls())
+    stamps = read_clock(scheduler)
+    assert [shard for _, shard in stamps] == [1, 0]
+    assert stamps[0][0] <= stamps[1][0]
+    assert scheduler.handlers == {
+        "ftps_push": push,
+        "ftps_bench_echo": echo,
+        "other": echo,
+    }
+    assert read_clock(scheduler) == []  # stopped
+
+
+def check_rates(row: dict, variants: str) -> None:
+    """Every variant's warm-window and whole-call rates, each repeat's, and the
+    paired ratios of both."""
+    for v in variants:
+        assert positive(row[f"{v}_updates_per_s"]), (v, row)
+        assert positive(row[f"{v}_call_updates_per_s"]), (v, row)
+        for m in row["repeats"][v]:
+            assert positive(m["updates_per_s"]) and positive(m["call_updates_per_s"])
+            assert 0 < m["updates"] < m["call_updates"]
+            assert 0 < m["seconds"] < m["call_seconds"]
+    for name in ("b_over_a", "c_over_b"):
+        assert positive(row[name]) and positive(row[f"{name}_call"])
+
+
 def test_throughput_quick_via_main(out, stores, capsys):
     from benchmarks.__main__ import main
+    from benchmarks.throughput import WIDE_WINDOW, default_window
 
     main(
         [
@@ -53,17 +133,39 @@ def test_throughput_quick_via_main(out, stores, capsys):
             "--no-plots",
         ]
     )
-    assert "b/a" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "b/a" in printed and "whole call" in printed and "warm window" in printed
     doc = load(out, "throughput")
+    assert "warm window" in doc["timing"]
+    windows = {1, default_window(), WIDE_WINDOW}
     rows = doc["results"]
-    assert {r["n_params"] for r in rows} == {10_000, 100_000}
+    assert {(r["n_params"], r["inflight"]) for r in rows} == {
+        (n, w) for n in (10_000, 100_000) for w in windows
+    }
     for row in rows:
-        for v in "abc":
-            assert positive(row[f"{v}_updates_per_s"])
-            assert positive(row[f"{v}_mb_per_s"])
-            assert all(positive(m["updates_per_s"]) for m in row["repeats"][v])
-        assert positive(row["b_over_a"]) and positive(row["c_over_b"])
-    assert [s["n_params"] for s in doc["summary"]] == [100_000]
+        check_rates(row, "abc")
+        assert positive(row["a_mb_per_s"]) and positive(row["c_mb_per_s"])
+    e2e = doc["endtoend"]["results"]
+    assert {r["inflight"] for r in e2e} == windows
+    ray = doc["endtoend"]["ray"] is not None
+    for row in e2e:
+        check_rates(row, "abcr" if ray else "abc")
+        assert positive(row["c_over_r"]) if ray else math.isnan(row["c_over_r"])
+    e2e_summary = doc["endtoend"]["summary"]
+    for summary, measured in ((doc["summary"], rows), (e2e_summary, e2e)):
+        assert len(summary) == len(measured)
+        for s in summary:
+            at_target = s["inflight"] in (1, default_window())
+            goal = 0.90 if s["n_params"] < 50_000 else 0.95
+            assert s["c_over_b_target"] == (goal if at_target else None)
+            assert s["b_over_a_target"] == (0.8 if at_target else None)
+            assert s["c_over_b_met"] == (
+                None if not at_target else s["c_over_b"] >= goal
+            )
+    for s in e2e_summary:
+        if ray and s["inflight"] == default_window():
+            assert s["c_over_r_target"] == 1.0
+            assert isinstance(s["c_over_r_met"], bool)
 
 
 def test_recovery_quick(out, stores):
@@ -289,6 +391,8 @@ def test_versus_quick_against_this_checkout(out):
 
     doc = run(REPO_ROOT, quick=True, out=str(out))
     (row,) = doc["results"]
-    assert all(positive(row[k]) for k in ("old_b", "old_c", "new_b", "new_c"))
+    for k in ("old_b", "old_c", "new_b", "new_c"):
+        assert positive(row[k]) and positive(row[f"{k}_call"])  # warm; whole call
+    assert all(0 < r["updates"] < r["call_updates"] for r in doc["runs"])
     assert {r["code"] for r in doc["runs"]} == {"old", "new"}
     assert load(out, "versus")["results"] == doc["results"]
