@@ -9,6 +9,8 @@ See ``docs/benchmarks.md`` for the measured results and how to read them.
 
 from __future__ import annotations
 
+#: What ``python -m benchmarks`` runs: each module's
+#: ``run(quick=..., out=..., store_dir=...)``.
 BENCHMARKS = (
     "throughput",
     "recovery",
@@ -18,4 +20,9 @@ BENCHMARKS = (
     "damage",
     "factored",
     "gpu",
+    "models",
 )
+
+#: Kernel timings in one process (seconds, no cluster, no ``--quick`` size):
+#: ``python -m benchmarks`` runs their command line, ``main(["--out", out])``.
+KERNELS = ("model_checks", "digest_cost")
