@@ -77,7 +77,7 @@ def kill_at(pattern: str, n: int, sig: int = signal.SIGKILL) -> None:
 def create_in_halves(path: Path, value: Any, between: Any) -> None:
     """:func:`~dask_ftps._store._io.create_file`, calling ``between()`` when half
     of ``value`` is written: where a crash or a pause leaves a torn file."""
-    data = memoryview(value).cast("B")
+    data = memoryview(_io.joined(value)).cast("B")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.write(fd, data[: len(data) // 2])

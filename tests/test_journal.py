@@ -156,6 +156,28 @@ def assert_state(state: ParameterServerState, expected) -> None:
     assert [list(r.clocks) for r in state.runs] == clocks
 
 
+def payload_serial(root: Path, p: Path, shard: bool = False) -> int | None:
+    """The serial of a commit's own payload array (its folder) or of a shard of a
+    rows array (with ``shard``, only of a shard); None for anything else."""
+    from dask_ftps._store._format import parse_data_key, parse_shard_key
+
+    key = p.relative_to(root).as_posix()
+    parsed = parse_shard_key(key)
+    if parsed is None and not shard and p.is_dir():
+        parsed = parse_data_key(key + "/")
+    return None if parsed is None else parsed[0]
+
+
+def payload_serials(root: Path) -> list[tuple[int, bool]]:
+    """``(serial, is a shard)`` of every payload a store holds."""
+    out = []
+    for p in (root / "data").rglob("*"):
+        serial = payload_serial(root, p)
+        if serial is not None:
+            out.append((serial, payload_serial(root, p, shard=True) is not None))
+    return out
+
+
 def reopen(path) -> tuple[Journal | None, ParameterServerState | None]:
     async def run():
         journal = await Journal.open(path)
@@ -441,10 +463,19 @@ def test_a_failed_attempts_array_never_stands_in_for_a_damaged_record(
 
     path = tmp_path / "run.zarr"
     serial, expected = _failed_attempt_then(str(path), then)
-    folders = sorted((path / "data").glob(f"{serial:016d}.*"))
-    assert len(folders) == (2 if then == "commit" else 1)
-    listed = _journal._data_dirs
-    monkeypatch.setattr(_journal, "_data_dirs", lambda names: listed(order(names)))
+    # The first attempt is a shard of the writer's rows array, the next one (a
+    # new name: the first may have been adopted) an array of its own.
+    payloads = sorted(
+        (p for p in (path / "data").rglob("*") if payload_serial(path, p) == serial),
+        key=lambda p: not payload_serial(path, p, shard=True),
+    )
+    assert len(payloads) == (2 if then == "commit" else 1)
+    listed = _journal._payload_keys
+
+    async def in_order(io, names):
+        return {s: order(keys) for s, keys in (await listed(io, names)).items()}
+
+    monkeypatch.setattr(_journal, "_payload_keys", in_order)
     record = path / "ftps" / "log" / f"{serial:016d}"
     raw = bytearray(record.read_bytes())
     raw[len(raw) // 2] ^= 0x01
@@ -459,7 +490,7 @@ def test_a_failed_attempts_array_never_stands_in_for_a_damaged_record(
         np.testing.assert_array_equal(params[name], value)
     _, state = start(str(path))
     assert_state(state, expected)
-    assert folders[-1].exists()  # the acknowledged attempt's array
+    assert payloads[-1].exists()  # the acknowledged attempt's array
 
 
 def test_a_changed_digit_in_the_newest_record_changes_nothing_and_deletes_nothing(
@@ -487,7 +518,8 @@ def test_a_changed_digit_in_the_newest_record_changes_nothing_and_deletes_nothin
     assert info["updates"] == max(states)[0]
     assert info["read_from_copies"] == [head.serial] and len(info["damaged"]) == 1
 
-    copy = path / head.body.data.key / "zarr.json"
+    copy = path / head.body.data.key  # a shard: the record's copy is in it
+    assert head.body.data.shard
     copy.write_bytes(copy.read_bytes().replace(b'"seq"', b'"sEq"'))
     files = sorted(p.relative_to(path) for p in path.rglob("*"))
     with pytest.raises(StoreCorrupted, match="checksum mismatch") as error:
@@ -542,7 +574,7 @@ def test_bad_stores_give_clear_errors(tmp_path):
         dask_ftps.recover(str(empty), storage_options={"anon": True})
 
 
-@pytest.mark.parametrize("version", [1, 4])
+@pytest.mark.parametrize("version", [1, 5])
 def test_a_store_of_another_format_version_is_refused(tmp_path, version):
     """A store written by an earlier dask_ftps (format 1: a commit document, no
     log) or a later one is named as such, not taken for an empty or damaged
@@ -562,23 +594,27 @@ def test_a_store_of_another_format_version_is_refused(tmp_path, version):
             tool(str(path))
 
 
-def test_a_version_2_store_is_read_and_taken_over_as_version_3(tmp_path, monkeypatch):
-    """Format 2 is format 3 without factored rows: this code reads it, and a start
-    that takes it over writes version 3 (root and records) from then on, factored
-    commits included."""
-    from dask_ftps._store import _format
+@pytest.mark.parametrize("old", [2, 3])
+def test_an_older_store_is_read_and_taken_over_as_version_4(tmp_path, monkeypatch, old):
+    """Format 2 is format 3 without factored rows, format 3 format 4 without rows
+    arrays (every commit an array of its own): this code reads them, and a start
+    that takes one over writes version 4 (root and records, shards of its rows
+    array) from then on, factored commits included."""
+    from dask_ftps._store import _format, _journal
 
-    path = tmp_path / "v2.zarr"
+    path = tmp_path / "old.zarr"
     with monkeypatch.context() as m:
-        m.setattr(_format, "FORMAT_VERSION", 2)
+        m.setattr(_format, "FORMAT_VERSION", old)
+        m.setattr(_journal, "SHARD_ROWS", 0)  # as the older code wrote: no shards
         states = asyncio.run(scenario(str(path)))
+    assert not any(shard for _, shard in payload_serials(path))
 
     def root_version() -> int:
         return json.loads((path / "zarr.json").read_text())["attributes"]["dask_ftps"][
             "format_version"
         ]
 
-    assert root_version() == 2
+    assert root_version() == old
     version, params = dask_ftps.recover(str(path))
     expected = states[max(states)]
     assert version == expected[0]
@@ -587,7 +623,8 @@ def test_a_version_2_store_is_read_and_taken_over_as_version_3(tmp_path, monkeyp
     assert dask_ftps.inspect(str(path))["factored_updates"] == 0
 
     state = asyncio.run(extend(str(path)))  # a new owner, factored rows too
-    assert root_version() == 3
+    assert root_version() == 4
+    assert any(shard for _, shard in payload_serials(path))  # its dense commits
     assert dask_ftps.inspect(str(path))["factored_updates"] > 0
     version, params = dask_ftps.recover(str(path))
     assert version == state[0]
@@ -744,18 +781,17 @@ def test_storage_stays_bounded_over_a_long_run(tmp_path):
                 ]
                 assert len(arrays) == 1, (i, arrays)
                 floor = journal.snapshots()[0].body.first_serial
-                payloads = [
-                    p for p in os.listdir(Path(path) / "data") if p != "zarr.json"
-                ]
-                assert all(int(p.split(".")[0]) >= floor for p in payloads), i
+                serials = [s for s, _ in payload_serials(Path(path))]
+                assert all(s >= floor for s in serials), i
             if i % 100 == 99:
                 files.append(sum(len(f) for _, _, f in os.walk(path)))
         await journal.close()
         return files
 
     files = asyncio.run(long_run(600))
-    # Three files per commit since the kept snapshot, plus a constant number.
-    assert max(files) <= 3 * 25 + 20, files
+    # Two files per commit since the kept snapshot (its shard and its record),
+    # plus a constant number.
+    assert max(files) <= 2 * 25 + 20, files
     assert files[-1] <= files[0] + 10, files
     assert dask_ftps.inspect(path)["updates"] == 600
 
@@ -769,7 +805,8 @@ def test_of_two_writers_at_the_same_point_the_second_is_fenced(tmp_path):
 
     async def race():
         first, second = await Journal.open(path), await Journal.open(path)
-        first.writer = second.writer = "x"  # both believe they own the store
+        # Both believe they own the store.
+        first.writer, second.writer = "a" * 12, "b" * 12
         state = (await rebuild(first)).state
         update = next(scripted_updates(state, SPEC, 1))
         admission = state.admit(update)
@@ -930,16 +967,16 @@ def test_durable_commits_fsync_data_before_the_record_and_the_record_before_ack(
         return journal.head
 
     head = asyncio.run(run())
-    folder = str(path / head.body.data.key)
+    assert head.body.data.shard
+    shard = path / head.body.data.key
     record = str(path / "ftps" / "log" / f"{head.serial:016d}")
     link_at = events.index(("link", record))
     before = [p for op, p in events[:link_at] if op == "fsync"]
     after = [p for op, p in events[link_at:] if op == "fsync"]
-    # The payload array's files are created in place (its folder is new and the
-    # writer's own): fsync'd under their names, before the record is linked.
-    assert f"{folder}/c.0.0" in before, events
-    assert f"{folder}/zarr.json" in before, events
-    assert folder in before, events  # their folder entries
+    # The shard is created in place (its name is the writer's own): fsync'd
+    # under its name, before the record is linked.
+    assert str(shard) in before, events
+    assert str(shard.parent) in before, events  # its folder entry
     assert any(p.startswith(f"{record}.") for p in before), events  # the record
     assert str(path / "ftps" / "log") in after, events  # its folder entry
     assert events[-1] == ("returned", "")

@@ -39,10 +39,11 @@ from dask_ftps.models import Model, model_from_dict
 from dask_ftps.optim import Optimizer, optimizer_from_dict
 
 FORMAT = "dask-ftps"
-FORMAT_VERSION = 3  # 3: payload rows may hold factored updates
+FORMAT_VERSION = 4  # 4: dense commits in their writer's rows array (shards)
 #: Versions this code reads: a version-2 store is a version-3 store without
-#: factored rows. A start that takes one over writes version 3 from then on.
-READABLE_VERSIONS = (2, 3)
+#: factored rows, a version-3 one a version-4 one without rows arrays. A start
+#: that takes one over writes version 4 from then on.
+READABLE_VERSIONS = (2, 3, 4)
 
 ROOT_KEY = "zarr.json"
 LOG_PREFIX = "ftps/log/"
@@ -59,6 +60,19 @@ _SNAPSHOT_DIR = re.compile(rf"^{SNAPSHOT_PREFIX}v(\d{{12}})\.([0-9a-f]+)$")
 _DATA_DIR = re.compile(
     rf"^{DATA_PREFIX}(\d{{{_SERIAL_DIGITS}}})\.([0-9a-f]+)(?:-[1-9]\d*)?/"
 )
+#: A writer's token (:func:`dask_ftps._store._journal._token`).
+_WRITER = "[0-9a-f]{12}"
+_ROWS_DIR = re.compile(rf"^{DATA_PREFIX}({_WRITER})/?$")
+_SHARD_KEY = re.compile(rf"^{DATA_PREFIX}({_WRITER})/c\.(\d+)\.0$")
+
+#: Rows of one commit's shard in its writer's rows array (a commit of more
+#: updates, or of factored ones, is a payload array of its own).
+SHARD_ROWS = 64
+#: Serials a rows array has room for (a later commit: a payload array of its own).
+SHARD_SERIALS = 1 << 24
+#: A shard index entry of a row the shard does not hold (the sharding codec's).
+_EMPTY = (1 << 64) - 1
+_INDEX_BYTES = 16 * SHARD_ROWS + 4
 
 Row = tuple[int, int, int, int, str, int]  # run, epoch, shard, step, worker, version
 
@@ -139,6 +153,29 @@ def data_attempt(folder: str) -> int:
 def parse_data_key(key: str) -> tuple[int, str] | None:
     match = _DATA_DIR.match(key)
     return None if match is None else (int(match.group(1)), match.group(2))
+
+
+def rows_dir(writer: str) -> str:
+    """Folder of a writer's rows array: its dense commits, one shard each."""
+    return f"{DATA_PREFIX}{writer}"
+
+
+def parse_rows_dir(key: str) -> str | None:
+    """The writer whose rows array's folder ``key`` is."""
+    match = _ROWS_DIR.match(key)
+    return None if match is None else match.group(1)
+
+
+def shard_key(writer: str, serial: int) -> str:
+    """The shard of commit ``serial`` in ``writer``'s rows array: rows
+    ``serial * SHARD_ROWS`` onwards (chunk key encoding ``default``, ``.``)."""
+    return f"{rows_dir(writer)}/c.{serial}.0"
+
+
+def parse_shard_key(key: str) -> tuple[int, str] | None:
+    """``(serial, writer)`` of a shard's key."""
+    match = _SHARD_KEY.match(key)
+    return None if match is None else (int(match.group(2)), match.group(1))
 
 
 def snapshot_dir(version: int, writer: str) -> str:
@@ -279,6 +316,98 @@ def commit_document(shape: tuple[int, int], record: Record) -> bytes:
         crc32c(body),
         body[1:],
     )
+
+
+def rows_document(n: int) -> bytes:
+    """``zarr.json`` of a writer's rows array: float32 ``(SHARD_ROWS *
+    SHARD_SERIALS, n)``, one shard of ``SHARD_ROWS`` rows per commit serial
+    (codec ``sharding_indexed``, index at the end), each row one inner chunk
+    (raw little-endian bytes plus a CRC-32C, as the index). Rows no commit
+    wrote read as zeros."""
+    node = _array_node((SHARD_ROWS * SHARD_SERIALS, n), (SHARD_ROWS, n))
+    crc_codecs = node.pop("codecs")
+    node["codecs"] = [
+        {
+            "name": "sharding_indexed",
+            "configuration": {
+                "chunk_shape": [1, n],
+                "codecs": crc_codecs,
+                "index_codecs": crc_codecs,
+                "index_location": "end",
+            },
+        }
+    ]
+    return _zarr_json(node, {})
+
+
+def shard_rows(k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of a shard of ``k`` rows of ``n`` float32 (each followed by its
+    CRC-32C) as bytes, and a ``(k, n)`` float32 view to fill in place before
+    :func:`seal_shard`."""
+    raw = np.empty((k, 4 * n + 4), np.uint8)
+    return raw, raw[:, : 4 * n].view("<f4")
+
+
+def seal_shard(raw: np.ndarray) -> int:
+    """Write each row's CRC-32C into its trailer; return the shard's CRC (of the
+    trailers one after the other, :attr:`DataRef.crc`)."""
+    for row in raw:
+        row[-4:] = np.frombuffer(crc32c(row[:-4]).to_bytes(4, "little"), np.uint8)
+    return crc32c(np.ascontiguousarray(raw[:, -4:]))
+
+
+def shard_tail(k: int, n: int, record: bytes) -> bytes:
+    """What follows a shard's rows: the commit's record (sealed, as in the log:
+    a copy the sharding codec ignores) and the shard's index with its CRC-32C."""
+    index = np.full((SHARD_ROWS, 2), _EMPTY, "<u8")
+    index[:k, 0] = np.arange(k, dtype="<u8") * (4 * n + 4)
+    index[:k, 1] = 4 * n + 4
+    raw = index.tobytes()
+    return record + raw + crc32c(raw).to_bytes(4, "little")
+
+
+def _shard_index(raw: bytes, key: str) -> np.ndarray:
+    if len(raw) < _INDEX_BYTES:
+        raise StoreCorrupted(f"{key}: truncated ({len(raw)} bytes)", key)
+    tail = raw[-_INDEX_BYTES:]
+    if crc32c(tail[:-4]) != int.from_bytes(tail[-4:], "little"):
+        raise StoreCorrupted(f"{key}: the shard's index fails its checksum", key)
+    return np.frombuffer(tail[:-4], "<u8").reshape(SHARD_ROWS, 2)
+
+
+def decode_shard(raw: bytes, key: str, k: int, n: int, crc: int) -> np.ndarray:
+    """The ``(k, n)`` float32 rows of a shard, checked against their trailers,
+    its index and ``crc``."""
+    index = _shard_index(raw, key)
+    row = 4 * n + 4
+    expected = np.full((SHARD_ROWS, 2), _EMPTY, "<u8")
+    expected[:k, 0] = np.arange(k, dtype="<u8") * row
+    expected[:k, 1] = row
+    if not np.array_equal(index, expected) or len(raw) < k * row + _INDEX_BYTES:
+        raise StoreCorrupted(
+            f"{key}: the shard does not hold {k} rows of {n} values", key
+        )
+    rows = np.frombuffer(raw, np.uint8, count=k * row).reshape(k, row)
+    for i in range(k):
+        stored = int.from_bytes(rows[i, -4:].tobytes(), "little")
+        if crc32c(rows[i, :-4]) != stored:
+            raise StoreCorrupted(f"{key}: row {i} fails its checksum", key)
+    if crc32c(np.ascontiguousarray(rows[:, -4:])) != crc:
+        raise StoreCorrupted(
+            f"{key}: the shard's rows are not those its record names", key
+        )
+    return rows[:, : 4 * n].view("<f4")
+
+
+def shard_record(raw: bytes, key: str) -> bytes:
+    """The sealed copy of its commit's record a shard keeps (between its rows and
+    its index); :class:`StoreCorrupted` if the shard's index is damaged."""
+    index = _shard_index(raw, key)
+    used = index[:, 0] != _EMPTY
+    end = int((index[used, 0] + index[used, 1]).max()) if used.any() else 0
+    if end > len(raw) - _INDEX_BYTES:
+        raise StoreCorrupted(f"{key}: the shard's index points past its end", key)
+    return raw[end : len(raw) - _INDEX_BYTES]
 
 
 def _array_node(shape: tuple[int, ...], chunks: tuple[int, ...]) -> dict:
@@ -429,15 +558,22 @@ class DataRef:
     factored update takes the room of its factors only.
     """
 
-    key: str  # the array's folder
+    key: str  # the array's folder; a shard's key (``shard``)
     shape: tuple[int, int]
-    crc: int  # of the chunk's data bytes (the chunk's own trailer repeats it)
+    #: Of the chunk's data bytes (the chunk's own trailer repeats it); of a
+    #: shard, of its rows' CRC-32C trailers one after the other.
+    crc: int
     formats: tuple[RowFormat, ...] = ()
+    #: The rows are a shard of the writer's rows array (:func:`encode_shard`):
+    #: dense, ``shape[0] <= SHARD_ROWS``.
+    shard: bool = False
 
     def to_json(self) -> dict:
         d = {"key": self.key, "shape": list(self.shape), "crc": self.crc}
         if self.formats:
             d["formats"] = [[b, list(f)] for b, f in self.formats]
+        if self.shard:
+            d["shard"] = True
         return d
 
     @classmethod
@@ -450,7 +586,13 @@ class DataRef:
         )
         if formats and shape[0] != 1:
             raise ValueError(f"bad payload shape {shape} for rows of several formats")
-        return cls(_str(d["key"]), shape, _int(d["crc"]), formats)
+        shard = _bool(d.get("shard", False))
+        key = _str(d["key"])
+        if shard and (
+            formats or not 0 < shape[0] <= SHARD_ROWS or parse_shard_key(key) is None
+        ):
+            raise ValueError(f"bad shard {key!r} of shape {shape}")
+        return cls(key, shape, _int(d["crc"]), formats, shard)
 
     @property
     def rows(self) -> int:

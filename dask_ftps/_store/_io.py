@@ -38,8 +38,16 @@ _PROTO = default_buffer_prototype()
 
 #: A commit's objects: ``(key, bytes)`` pairs written first (any order), then the
 #: record that makes them part of the log (an exclusive create). A value may be
-#: any object with the buffer protocol (a chunk is a NumPy byte array).
+#: any object with the buffer protocol (a chunk is a NumPy byte array), or a list
+#: of such parts, written one after the other (no copy to join them locally).
 Objects = list[tuple[str, Any]]
+
+
+def joined(value: Any) -> Any:
+    """An object's bytes in one buffer (a list of parts joined)."""
+    return b"".join(value) if isinstance(value, list) else value
+
+
 Build = Callable[[], tuple[Objects, str, bytes]]
 
 
@@ -192,8 +200,8 @@ class StoreIO:
             self.closed = True
             self.store.close()
 
-    async def _set(self, key: str, value: bytes) -> None:
-        await self.store.set(key, _PROTO.buffer.from_bytes(value))
+    async def _set(self, key: str, value: Any) -> None:
+        await self.store.set(key, _PROTO.buffer.from_bytes(joined(value)))
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -326,10 +334,13 @@ class LocalIO(StoreIO):
         folders: list[Path] = []
         for key, value in objects:
             path = self.root / key
-            if path.parent not in folders:
+            try:  # a rows array's folder is there after its first shard
+                create_file(path, value, durable=self.durable)
+            except FileNotFoundError:
                 make_folder(path.parent)
+                create_file(path, value, durable=self.durable)
+            if path.parent not in folders:
                 folders.append(path.parent)
-            create_file(path, value, durable=self.durable)
         if self.durable:
             for folder in folders:
                 fsync_path(folder)
@@ -366,14 +377,22 @@ def write_file(
     """Write ``path`` whole: a temporary file ``<name>.<tag>-<uuid>.partial``
     renamed (or, exclusive, linked) into place. Raises :class:`FileExistsError`
     if ``exclusive`` and ``path`` exists."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{tag}-{uuid.uuid4().hex}.partial")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     try:
-        with open(tmp, "wb") as f:
-            f.write(value)
+        try:
+            fd = os.open(tmp, flags, 0o644)
+        except FileNotFoundError:  # the first object of its folder
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, flags, 0o644)
+        try:
+            view = memoryview(value).cast("B")
+            while view:
+                view = view[os.write(fd, view) :]
             if durable:
-                f.flush()
-                os.fsync(f.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         if exclusive:
             os.link(tmp, path)  # fails if path exists: the create is exclusive
             os.unlink(tmp)
@@ -395,14 +414,21 @@ def make_folder(path: Path) -> None:
 
 
 def create_file(path: Path, value: Any, *, durable: bool) -> None:
-    """Create ``path`` with ``value`` in place (no temporary file): for objects
-    whose name no other writer uses and whose damage a checksum detects.
+    """Create ``path`` with ``value`` (bytes, or a list of parts) in place (no
+    temporary file): for objects whose name no other writer uses and whose
+    damage a checksum detects.
     Raises :class:`FileExistsError` if ``path`` exists."""
+    parts = [
+        memoryview(p).cast("B") for p in (value if isinstance(value, list) else [value])
+    ]
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        view = memoryview(value).cast("B")
-        while view:
-            view = view[os.write(fd, view) :]
+        while parts:  # one writev for all parts, unless it writes short
+            written = os.writev(fd, parts)
+            while parts and written >= len(parts[0]):
+                written -= len(parts.pop(0))
+            if parts:
+                parts[0] = parts[0][written:]
         if durable:
             os.fsync(fd)
     finally:

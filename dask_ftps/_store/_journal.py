@@ -56,6 +56,8 @@ from dask_ftps._store._format import (
     GROUP_KEYS,
     LOG_PREFIX,
     ROOT_KEY,
+    SHARD_ROWS,
+    SHARD_SERIALS,
     SNAPSHOT_CHUNK,
     SNAPSHOT_PREFIX,
     ArrayRef,
@@ -75,6 +77,7 @@ from dask_ftps._store._format import (
     data_attempt,
     data_dir,
     decode_chunk,
+    decode_shard,
     encode_chunk,
     group_document,
     log_key,
@@ -83,10 +86,19 @@ from dask_ftps._store._format import (
     parse_data_key,
     parse_log_key,
     parse_root,
+    parse_rows_dir,
+    parse_shard_key,
     parse_snapshot_dir,
     record_from_attributes,
     root_document,
+    rows_dir,
+    rows_document,
     seal_chunk,
+    seal_shard,
+    shard_key,
+    shard_record,
+    shard_rows,
+    shard_tail,
     snapshot_dir,
 )
 from dask_ftps._store._io import StoreIO, resolve
@@ -213,7 +225,7 @@ class Journal:
         serials = sorted(
             s for s in (parse_log_key(LOG_PREFIX + n) for n in names) if s is not None
         )
-        data_dirs = _data_dirs(data_names)
+        data_dirs = await _payload_keys(io, data_names)
         if not serials:
             if data_dirs:
                 raise StoreCorrupted(
@@ -510,7 +522,7 @@ class Journal:
         self, records: list[Record]
     ) -> dict[int, list[np.ndarray]]:
         """Each commit's payload rows, checked against the record and the model."""
-        keys = [f"{r.body.data.key}/{COMMIT_CHUNK_KEY}" for r in records]
+        keys = [_chunk_key(r.body.data) for r in records]
         raws = await self.io.get_many(keys)
         out = {}
         for record, key, raw in zip(records, keys, raws, strict=True):
@@ -520,6 +532,11 @@ class Journal:
                     f"{key}: the payload of commit {record.serial} is missing", key
                 )
             sizes = self._row_sizes(data, key)
+            if data.shard:
+                out[record.serial] = list(
+                    decode_shard(raw, key, data.shape[0], data.shape[1], data.crc)
+                )
+                continue
             values = decode_chunk(raw, key, data.shape[0] * data.shape[1], data.crc)
             bounds = np.cumsum([0, *sizes])
             out[record.serial] = [
@@ -585,6 +602,11 @@ class Journal:
         self.claim_serial = record.serial
         self._advance(record)
         self.io.tag = writer
+        # The writer's rows array, for Zarr readers (the journal reads its shards
+        # itself: without this document only Zarr cannot).
+        await self.io.put(
+            [(f"{rows_dir(writer)}/zarr.json", rows_document(self.params_layout.size))]
+        )
         # Temporary files of the writers this log knows are dead ones' (a later
         # owner's, unknown here, are left alone).
         known = {r.writer for r in self.records.values()}
@@ -628,6 +650,13 @@ class Journal:
 
             def build():
                 formats = [layout.row_format(u.grads) for u in updates]
+                if (
+                    attempt == 0
+                    and len(updates) <= SHARD_ROWS
+                    and serial < SHARD_SERIALS
+                    and all(f == DENSE for f in formats)
+                ):
+                    return build_shard()
                 sizes = [layout.row_size(f) for f in formats]
                 if any(f != DENSE for f in formats):
                     shape = (1, sum(sizes))  # rows one after the other
@@ -655,6 +684,26 @@ class Journal:
                     (f"{folder}/zarr.json", meta),
                 ]
                 return objects, log_key(serial), built["raw"]
+
+            def build_shard():
+                # One object: the rows, the record's copy and the shard's index.
+                raw, rows2d = shard_rows(len(updates), layout.size)
+                for update, out in zip(updates, rows2d, strict=True):
+                    layout.flatten(update.grads, out=out)
+                key = shard_key(writer, serial)
+                shape = (len(updates), layout.size)
+                body = Commit(
+                    seq,
+                    rows,
+                    int(version),
+                    model_crc(params, layout.names),
+                    tuple((str(w), int(v)) for w, v in downloads),
+                    DataRef(key, shape, seal_shard(raw), (), shard=True),
+                )
+                record = self._record(serial, body)
+                built["record"], built["raw"] = record, record.encode()
+                tail = shard_tail(len(updates), layout.size, built["raw"])
+                return [(key, [raw, tail])], log_key(serial), built["raw"]
 
             # A failed commit leaves its payload array where it is: a start that
             # read the store while this writer was paused may have adopted it
@@ -888,27 +937,40 @@ class Journal:
             and s in self.records
             and self.records[s].kind != "claim"
         ]
-        payloads = []
-        for name in data_names:
-            parsed = parse_data_key(f"{DATA_PREFIX}{name}/")
-            if parsed is None:
-                continue
-            serial, writer = parsed
-            if serial < floor:
-                payloads.append(f"{DATA_PREFIX}{name}")
-            elif (
-                torn
-                and writer != self.writer
-                and self.claim_serial is not None
-                and serial <= self.claim_serial
-            ):
-                record = self.records.get(serial)
-                if (
-                    record is None
-                    or record.kind != "commit"
-                    or record.body.data.key != f"{DATA_PREFIX}{name}"
+        payloads, shards = [], []
+        keys = await _payload_keys(self.io, data_names)
+        for serial, found in keys.items():
+            for key in found:
+                shard = parse_shard_key(key)
+                writer = shard[1] if shard else parse_data_key(f"{key}/")[1]
+                if serial < floor:
+                    (shards if shard else payloads).append(key)
+                elif (
+                    torn
+                    and writer != self.writer
+                    and self.claim_serial is not None
+                    and serial <= self.claim_serial
                 ):
-                    payloads.append(f"{DATA_PREFIX}{name}")
+                    record = self.records.get(serial)
+                    if (
+                        record is None
+                        or record.kind != "commit"
+                        or record.body.data.key != key
+                    ):
+                        (shards if shard else payloads).append(key)
+        # A rows array of a writer this log knows (not this one, not a later
+        # owner's) goes with its last shard.
+        known = {r.writer for r in self.records.values()} - {self.writer}
+        gone = set(shards)
+        for name in data_names:
+            writer = parse_rows_dir(f"{DATA_PREFIX}{name}")
+            if writer in known and all(
+                k in gone
+                for found in keys.values()
+                for k in found
+                if k.startswith(f"{DATA_PREFIX}{name}/")
+            ):
+                payloads.append(f"{DATA_PREFIX}{name}")
         arrays = {
             r.body.array.key: r.serial
             for r in self.records.values()
@@ -927,6 +989,7 @@ class Journal:
                 snapshots.append(key)
         # Data first, then the records naming it: a reader never finds a payload
         # array whose record a trim deleted (it would stand in for the record).
+        await self.io.delete(shards)
         await self.io.delete_dirs(payloads + snapshots)
         await self.io.delete([log_key(s) for s in records])
         for s in records:
@@ -934,7 +997,7 @@ class Journal:
             self.damaged.pop(s, None)
         return {
             "records": len(records),
-            "payloads": len(payloads),
+            "payloads": len(payloads) + len(shards),
             "snapshots": len(snapshots),
         }
 
@@ -946,13 +1009,35 @@ def _token() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def _data_dirs(names: list[str]) -> dict[int, list[str]]:
+async def _payload_keys(io: StoreIO, names: list[str]) -> dict[int, list[str]]:
+    """Every payload array or shard under ``data/``, by serial: a commit's own
+    array (its folder) or a shard of a writer's rows array (its key)."""
     out: dict[int, list[str]] = {}
+    writers = []
     for name in names:
         parsed = parse_data_key(f"{DATA_PREFIX}{name}/")
         if parsed is not None:
             out.setdefault(parsed[0], []).append(f"{DATA_PREFIX}{name}")
+        elif parse_rows_dir(f"{DATA_PREFIX}{name}") is not None:
+            writers.append(name)
+    listed = await asyncio.gather(*(io.list_dir(f"{DATA_PREFIX}{w}/") for w in writers))
+    for writer, files in zip(writers, listed, strict=True):
+        for file in files:
+            key = f"{DATA_PREFIX}{writer}/{file}"
+            parsed = parse_shard_key(key)
+            if parsed is not None:
+                out.setdefault(parsed[0], []).append(key)
     return out
+
+
+def _copy_key(data: DataRef) -> str:
+    """The object that repeats a commit's record."""
+    return data.key if data.shard else f"{data.key}/zarr.json"
+
+
+def _chunk_key(data: DataRef) -> str:
+    """The object that holds a commit's rows."""
+    return data.key if data.shard else f"{data.key}/{COMMIT_CHUNK_KEY}"
 
 
 async def _only_ftps_objects(io: StoreIO) -> bool:
@@ -962,20 +1047,25 @@ async def _only_ftps_objects(io: StoreIO) -> bool:
     return names <= {"data", "snapshots", "ftps"}
 
 
-async def _commit_in_payloads(io: StoreIO, folder: str, serial: int) -> Record | None:
-    """The commit record a payload array's ``zarr.json`` repeats, if it is sound."""
-    key = f"{folder}/zarr.json"
-    raw = await io.get(key)
+async def _commit_in_payloads(io: StoreIO, key: str, serial: int) -> Record | None:
+    """The commit record a payload array's ``zarr.json`` (or a shard) repeats,
+    if it is sound."""
+    shard = parse_shard_key(key) is not None
+    where = key if shard else f"{key}/zarr.json"
+    raw = await io.get(where)
     if raw is None:
         return None
     try:
-        record = record_from_attributes(checked_attrs(raw, key), key)
+        if shard:
+            record = Record.decode(shard_record(raw, where), log_key(serial))
+        else:
+            record = record_from_attributes(checked_attrs(raw, where), where)
     except (StoreCorrupted, StoreFormatError):
         return None
     if (
         record.serial != serial
         or record.kind != "commit"
-        or record.body.data.key != folder
+        or record.body.data.key != key
     ):
         return None
     return record
@@ -1020,11 +1110,11 @@ async def _substitute_from_payloads(
         if len(found) == 1:
             records[serial] = found[0]
             logger.warning(
-                "%s: log record %d is %s; its copy in %s/zarr.json serves",
+                "%s: log record %d is %s; its copy in %s serves",
                 io,
                 serial,
                 "damaged" if raw is not None else "missing",
-                found[0].body.data.key,
+                _copy_key(found[0].body.data),
             )
         elif found:
             logger.warning(
@@ -1063,17 +1153,24 @@ async def _adoptable(
     if head not in records:
         return None
     last = records[head]
-    for folder in sorted(data_dirs.get(head + 1, ()), key=data_attempt, reverse=True):
+
+    def attempt(key: str) -> int:
+        return 0 if parse_shard_key(key) is not None else data_attempt(key)
+
+    for folder in sorted(data_dirs.get(head + 1, ()), key=attempt, reverse=True):
         record = await _commit_in_payloads(io, folder, head + 1)
         if record is None or record.prev != last.crc or record.writer != last.writer:
             continue
-        key = f"{folder}/{COMMIT_CHUNK_KEY}"
-        raw = await io.get(key)
         data: DataRef = record.body.data
+        key = _chunk_key(data)
+        raw = await io.get(key)
         try:
             if raw is None:
                 continue
-            decode_chunk(raw, key, data.shape[0] * data.shape[1], data.crc)
+            if data.shard:
+                decode_shard(raw, key, data.shape[0], data.shape[1], data.crc)
+            else:
+                decode_chunk(raw, key, data.shape[0] * data.shape[1], data.crc)
         except StoreCorrupted:
             continue  # torn or damaged: it was never acknowledged
         return record
