@@ -39,6 +39,21 @@ from .test_plugin import holder_of, server_id
 WIDE = MLP(n_features=64, hidden=(128,), n_classes=10, seed=0)
 
 
+@pytest.fixture
+def slow_network(monkeypatch):
+    """Workers measure a network so slow (1 s a byte) that factors win wherever
+    they are smaller: ``ftps.update-format: auto`` then follows the size rule
+    alone (on loopback it measures the product dearer, and sends dense:
+    tests/test_defaults.py). The test cluster's workers run in this process."""
+    from dask_ftps.training import _worker
+
+    def measured(shapes, batch, replays=_worker.REPLAYS_WITH_STORE):
+        products = {(batch, *shape): 0.0 for shape in shapes}
+        return _worker.Costs(1.0, products, replays)
+
+    monkeypatch.setattr(_worker, "measure_costs", measured)
+
+
 def _factors(draw_seed: int, batch: int, m: int, n: int, spread: int, zeros: float):
     """float32 factors whose rows span ``2 ** spread`` in magnitude, some zero."""
     rng = np.random.default_rng(draw_seed)
@@ -145,10 +160,10 @@ def test_no_blas_choice_of_the_sign_of_zero_changes_a_bit(monkeypatch):
     zeros = reference == 0
     assert zeros.any() and not np.signbit(reference[zeros]).any()
 
-    def negative_zeros(a, b):
-        out = np.matmul(a, b)
-        out[out == 0] = -0.0
-        return out
+    def negative_zeros(a, b, out=None):  # as np.matmul, into ``out`` if given
+        result = np.matmul(a, b, out=out)
+        result[result == 0] = -0.0
+        return result
 
     monkeypatch.setattr(_factored, "_matmul", negative_zeros)
     np.testing.assert_array_equal(product(u, v), reference)
@@ -414,7 +429,7 @@ async def _train(c, epochs=2, batch_size=16, **kwargs):
     "optimizer", [SGD(lr=0.05), SGD(lr=0.05, momentum=0.9), Adam(lr=1e-3)]
 )
 @pytest.mark.parametrize("mode", ["async", "sync"])
-def test_factored_runs_replay_bit_for_bit(tmp_path, mode, optimizer):
+def test_factored_runs_replay_bit_for_bit(tmp_path, mode, optimizer, slow_network):
     @gen_cluster(client=True, timeout=120, config={"ftps.update-format": "auto"})
     async def run(c, s, a, b):
         store = str(tmp_path / "run.zarr")
@@ -446,6 +461,7 @@ def test_factored_runs_replay_bit_for_bit(tmp_path, mode, optimizer):
     run()
 
 
+@pytest.mark.usefixtures("slow_network")
 @gen_cluster(client=True, timeout=120)
 async def test_factored_payloads_take_their_size_in_the_store(c, s, a, b, tmp_path):
     sizes = {}
@@ -512,6 +528,7 @@ async def test_hostile_factored_pushes_over_the_wire_change_nothing(c, s, a, b):
     assert (await push(good.grads))["version"] == 1
 
 
+@pytest.mark.usefixtures("slow_network")
 @gen_cluster(client=True, timeout=120)
 async def test_auto_weighs_the_runs_batch_size_not_each_minibatchs(
     c, s, a, b, tmp_path

@@ -34,7 +34,7 @@ from dask_ftps.models import Model
 
 from ._ingest import _Data, _Shards, _validation
 from ._task import Classification
-from ._worker import _train_shard
+from ._worker import REPLAYS_WITH_STORE, _train_shard
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -473,6 +473,7 @@ async def _run(
 ) -> TrainResult:
     settings.check(validation)
     device, update_format = _device_settings()
+    scale_stale = _window_scaling()
     epochs, batch_size, seed = settings.epochs, settings.batch_size, settings.seed
     run_name = settings.run_name
     await require_server(client)
@@ -577,7 +578,10 @@ async def _run(
                     update_format=update_format,
                     batch_size=spec.batch_size,
                     inflight=status.get("inflight", 1),
+                    # A memory-only server never replays what it merged.
+                    replays=0 if status.get("store") is None else REPLAYS_WITH_STORE,
                     class_weight=weights,
+                    scale_stale=scale_stale,
                     key=f"ftps-train-{run}-{epoch}-{s}-{token}-{attempt}",
                 )
 
@@ -668,6 +672,16 @@ def _device_settings() -> tuple[str, str]:
             f"ftps.update-format must be one of {UPDATE_FORMATS}, got {update_format!r}"
         )
     return device, update_format
+
+
+def _window_scaling() -> bool:
+    """``ftps.window-scaling``, checked on the client."""
+    value = config.get("window-scaling")
+    if not isinstance(value, bool):
+        raise InvalidRequest(
+            f"ftps.window-scaling must be true or false, got {value!r}"
+        )
+    return value
 
 
 def _check_settings(**settings: object) -> None:

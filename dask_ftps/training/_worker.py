@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import statistics
+import threading
 import time
 from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,7 +27,13 @@ from dask_ftps._exceptions import (
     StaleIncarnation,
     Voided,
 )
-from dask_ftps._factored import to_host, use_factors
+from dask_ftps._factored import (
+    Factored,
+    factor_pays,
+    product,
+    to_host,
+    use_factors,
+)
 from dask_ftps._worker_plugin import get_worker_plugin
 from dask_ftps._xp import gpu_available, to_namespace
 from dask_ftps.models import Model
@@ -84,19 +94,229 @@ class PushWindow:
         return accepted, refusal
 
 
-def factor_names(model: Model, update_format: str, batch_size: int) -> frozenset[str]:
-    """The weights whose updates a worker sends as factors: those the model can
-    factor (:meth:`~dask_ftps.models.Model.factorable`) where ``update_format``
-    says so for minibatches of ``batch_size``."""
+#: The fixed-bits product (:func:`~dask_ftps._factored.product`) of a factored
+#: update is paid on the server when it is merged and again when a recovery
+#: replays it: ``replays`` counts the second one (0 for a memory-only server,
+#: which never replays).
+REPLAYS_WITH_STORE = 1
+
+#: Bytes of a float32 number: only float32 matrices are sent as factors.
+_ITEMSIZE = 4
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What sending a layer's update as factors costs and saves on a cluster,
+    measured (see :func:`measure_costs`).
+
+    Attributes
+    ----------
+    seconds_per_byte
+        The time one more byte of a push takes to reach the server (half the
+        extra round-trip time of an echo of a payload of that size).
+    product_seconds
+        The time of one fixed-bits product on this machine, by the layer's
+        ``(batch, m, n)``.
+    replays
+        How many more times the server multiplies each factored update out
+        after it merged it (a replay in a recovery): 1 with a store, 0 without.
+    """
+
+    seconds_per_byte: float
+    product_seconds: Mapping[tuple[int, int, int], float]
+    replays: int = REPLAYS_WITH_STORE
+
+
+def factor_wins(
+    shape: tuple[int, ...],
+    batch: int,
+    *,
+    seconds_per_byte: float,
+    product_seconds: float,
+    replays: int = REPLAYS_WITH_STORE,
+) -> bool:
+    """Whether sending a float32 ``shape`` layer's update of ``batch`` samples
+    as factors is faster than sending it dense: the bytes it saves, at
+    ``seconds_per_byte``, take longer than the products it costs the server
+    (``1 + replays`` of them, ``product_seconds`` each).
+
+    A pure function of its measured inputs: :func:`factor_names` calls it with
+    what :func:`measure_costs` measured on the cluster.
+
+    Parameters
+    ----------
+    shape
+        The weight's shape; only an ``(m, n)`` matrix can be factored.
+    batch
+        ``B``, the samples of a minibatch (rows of each factor).
+    seconds_per_byte
+        Push transfer time per byte (>= 0).
+    product_seconds
+        One product's time on the server (>= 0).
+    replays
+        Products paid again per update after its merge (>= 0).
+
+    Returns
+    -------
+    bool
+        False wherever the factors are not smaller
+        (:func:`~dask_ftps._factored.factor_pays`).
+
+    Examples
+    --------
+    >>> factor_wins((1024, 1024), 64, seconds_per_byte=1e-9, product_seconds=0.011)
+    False
+    >>> factor_wins((4096, 4096), 1, seconds_per_byte=1e-9, product_seconds=0.002)
+    True
+    """
+    if not factor_pays(batch, shape):
+        return False
+    m, n = shape
+    saved = _ITEMSIZE * (m * n - batch * (m + n))
+    return saved * seconds_per_byte > (1 + replays) * product_seconds
+
+
+def factor_names(
+    model: Model, update_format: str, batch_size: int, costs: Costs | None = None
+) -> frozenset[str]:
+    """The weights whose updates a worker sends as factors.
+
+    Those the model can factor (:meth:`~dask_ftps.models.Model.factorable`):
+    every float32 matrix for ``"factored"``, none for ``"dense"``, and for
+    ``"auto"`` those whose factors are smaller for minibatches of
+    ``batch_size`` *and* faster to send on this cluster
+    (:func:`factor_wins` with ``costs``; measured by :func:`measure_costs`
+    when not given, which needs a worker's connection to the scheduler).
+    """
     names = model.factorable()
     if not names:
         return frozenset()
     shapes, dtypes = model.param_shapes(), model.param_dtypes()
-    return frozenset(
+    smaller = frozenset(
         name
         for name in names
         if use_factors(update_format, batch_size, shapes[name], dtypes[name])
     )
+    if update_format != "auto" or not smaller:
+        return smaller
+    if costs is None:
+        costs = measure_costs(
+            [tuple(shapes[name]) for name in sorted(smaller)], batch_size
+        )
+    chosen = frozenset(
+        name
+        for name in smaller
+        if factor_wins(
+            shapes[name],
+            batch_size,
+            seconds_per_byte=costs.seconds_per_byte,
+            product_seconds=costs.product_seconds[(batch_size, *shapes[name])],
+            replays=costs.replays,
+        )
+    )
+    logger.info(
+        "ftps.update-format auto, minibatches of %d: factors for %s, dense for %s "
+        "(%.3g ns per pushed byte, products %s ms, %d replay(s))",
+        batch_size,
+        sorted(chosen) or "none",
+        sorted(smaller - chosen) or "none",
+        1e9 * costs.seconds_per_byte,
+        {
+            f"{shapes[n][0]}x{shapes[n][1]}": round(
+                1e3 * costs.product_seconds[(batch_size, *shapes[n])], 3
+            )
+            for n in sorted(smaller)
+        },
+        costs.replays,
+    )
+    return chosen
+
+
+#: Measurements this worker process made: they hold as long as it runs on the
+#: same machine and network (by scheduler address and payload size; by
+#: ``(batch, m, n)``).
+_MEASURED_BYTE_COST: dict[tuple[str, int], float] = {}
+_MEASURED_PRODUCT: dict[tuple[int, int, int], float] = {}
+_MEASURE_LOCK = threading.Lock()
+#: Echo payloads: at least this many bytes (below, fixed costs hide the
+#: per-byte one), at most that many (enough to see the per-byte cost).
+_ECHO_BYTES = (1 << 18, 1 << 24)
+_ECHO_REPEATS = 5
+_PRODUCT_REPEATS = 3
+
+
+def measure_costs(
+    shapes: Sequence[tuple[int, ...]], batch: int, replays: int = REPLAYS_WITH_STORE
+) -> Costs:
+    """Measure, on the worker running the current task, what factors of
+    ``shapes`` at ``batch`` samples would save and cost (once per worker
+    process; later calls read what it measured).
+
+    The per-byte cost is that of an echo to the scheduler, of about the bytes
+    the factors would save (from 256 KiB to 16 MiB): half the difference of the
+    fastest round trip of that payload and of a tiny one (the fastest: what
+    the network can do, which favours sending dense). The product's is the
+    median time of :func:`~dask_ftps._factored.product` of random factors of
+    each shape here (the server's machine may differ: on one machine, or
+    alike machines, it is the server's). Outside a worker nothing can be
+    measured: the per-byte cost is taken as 0 (dense).
+    """
+    products = {(batch, *shape): _product_seconds(batch, shape) for shape in shapes}
+    saved = sum(
+        _ITEMSIZE * (m * n - batch * (m + n)) for m, n in (s[:2] for s in shapes)
+    )
+    size = min(max(saved, _ECHO_BYTES[0]), _ECHO_BYTES[1])
+    return Costs(_byte_seconds(size), products, replays)
+
+
+def _product_seconds(batch: int, shape: tuple[int, ...]) -> float:
+    key = (batch, *shape)
+    with _MEASURE_LOCK:
+        if key in _MEASURED_PRODUCT:
+            return _MEASURED_PRODUCT[key]
+        rng = np.random.default_rng(0)
+        u = rng.standard_normal((batch, shape[0]), dtype=np.float32)
+        v = rng.standard_normal((batch, shape[1]), dtype=np.float32)
+        times = []
+        for _ in range(_PRODUCT_REPEATS):
+            t0 = time.perf_counter()
+            product(u, v)
+            times.append(time.perf_counter() - t0)
+        _MEASURED_PRODUCT[key] = seconds = statistics.median(times)
+        return seconds
+
+
+def _byte_seconds(size: int) -> float:
+    from distributed import get_worker
+    from distributed.protocol.serialize import ToPickle
+    from distributed.utils import sync
+
+    try:
+        worker = get_worker()
+    except ValueError:
+        logger.info("Not on a worker: no push to measure, sending dense")
+        return 0.0
+    key = (worker.scheduler.address, size)
+    with _MEASURE_LOCK:
+        if key in _MEASURED_BYTE_COST:
+            return _MEASURED_BYTE_COST[key]
+        payloads = {
+            "small": np.zeros(1, np.float32),
+            "large": np.zeros(size // _ITEMSIZE, np.float32),
+        }
+        fastest = dict.fromkeys(payloads, float("inf"))
+        try:
+            for _ in range(_ECHO_REPEATS):
+                for kind, payload in payloads.items():
+                    t0 = time.perf_counter()
+                    sync(worker.loop, worker.scheduler.echo, data=ToPickle([payload]))
+                    fastest[kind] = min(fastest[kind], time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - a measurement is never worth a failure
+            logger.warning("Push cost not measured (%r): sending dense", e)
+            return 0.0
+        seconds = max(0.0, fastest["large"] - fastest["small"]) / (2 * size)
+        _MEASURED_BYTE_COST[key] = seconds
+        return seconds
 
 
 def _train_shard(
@@ -114,7 +334,9 @@ def _train_shard(
     update_format: str = "auto",
     batch_size: int | None = None,
     inflight: int = 1,
+    replays: int = REPLAYS_WITH_STORE,
     class_weight: np.ndarray | None = None,
+    scale_stale: bool = False,
 ) -> dict[str, float]:
     """One shard's minibatch loop for one epoch; runs in a task on a worker.
 
@@ -148,8 +370,12 @@ def _train_shard(
     )
     order = np.random.default_rng([seed, epoch, shard]).permutation(X.shape[0])
     batches = np.array_split(order, n_steps)  # near-equal: no tiny last minibatch
+    batch_size = batch_size or max(len(b) for b in batches)
     factors = factor_names(
-        model, update_format, batch_size or max(len(b) for b in batches)
+        model,
+        update_format,
+        batch_size,
+        _costs(model, update_format, batch_size, replays),
     )
     stats = {"loss_sum": 0.0, "correct": 0, "n": 0, "computed": 0, "skipped": 0}
 
@@ -208,6 +434,11 @@ def _train_shard(
         loss, grads, correct = checked_loss_and_grad(
             model, params, xb, yb, None if weight is None else weight[yb], factors
         )
+        if scale_stale and window:
+            # Computed from a model that lacks this shard's pushes still in
+            # flight: a step that much smaller. The scaled update is what the
+            # store records, so a replay merges the same bits.
+            grads = scaled(grads, stale_scale(len(window)))
         nxt = (epoch, step + 1) if step + 1 < n_steps else None
         future = plugin.push_async(
             UpdateKey(run, epoch, shard, step),
@@ -220,6 +451,52 @@ def _train_shard(
         window.add(future, (loss, correct, len(batch)))
         step += 1
     return stats
+
+
+def _costs(
+    model: Model, update_format: str, batch_size: int, replays: int
+) -> Costs | None:
+    """What :func:`factor_names` weighs for ``"auto"`` (None: nothing to
+    weigh), with the server's ``replays``."""
+    if update_format != "auto":
+        return None
+    shapes, dtypes = model.param_shapes(), model.param_dtypes()
+    smaller = [
+        tuple(shapes[name])
+        for name in sorted(model.factorable())
+        if use_factors("auto", batch_size, shapes[name], dtypes[name])
+    ]
+    return measure_costs(smaller, batch_size, replays) if smaller else None
+
+
+def stale_scale(outstanding: int) -> float:
+    """The factor of an update computed while ``outstanding`` earlier pushes of
+    its shard were unacknowledged (``ftps.window-scaling``): ``1 / (1 +
+    outstanding)``, so a window of 1 changes nothing.
+
+    Examples
+    --------
+    >>> stale_scale(0), stale_scale(1), stale_scale(3)
+    (1.0, 0.5, 0.25)
+    """
+    if outstanding < 0:
+        raise ValueError(f"outstanding pushes must be >= 0, got {outstanding}")
+    return 1.0 / (1 + outstanding)
+
+
+def scaled(grads: dict[str, Any], factor: float) -> dict[str, Any]:
+    """``grads`` times ``factor`` (rounded to float32), in their own arrays
+    (NumPy or CuPy); a factored weight by scaling its second factor."""
+    if factor == 1.0:
+        return grads
+    f = np.float32(factor)
+    out: dict[str, Any] = {}
+    for name, g in grads.items():
+        if isinstance(g, Factored):
+            out[name] = Factored(g.u, g.v * f)
+        else:
+            out[name] = g * f.astype(g.dtype)
+    return out
 
 
 def _resume_after_rebuild(resume, incarnation: int):
