@@ -9,10 +9,13 @@ recorded: a store that disagrees is reported, never served.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +23,7 @@ import numpy as np
 
 from dask_ftps._core import ModelVersion, RunId, Version, WorkerId
 from dask_ftps._exceptions import StoreCorrupted, StoreFormatError
+from dask_ftps._factored import prepare
 from dask_ftps._state import ParameterServerState, RunState
 from dask_ftps._store import CommittedUpdates, Journal, Record
 from dask_ftps._store._format import EpochEnded, RunBegun, model_crc
@@ -154,6 +158,10 @@ def _start_state(
     return state
 
 
+#: Events read (and their factored products started) ahead of the one merged.
+_LOOKAHEAD = 8
+
+
 async def _replay(
     journal: Journal,
     start: Record,
@@ -161,24 +169,66 @@ async def _replay(
     copy: ModelVersion | None,
     offload: Offload | None,
 ) -> int:
-    """Apply the events after snapshot ``start``; return the updates merged."""
+    """Apply the events after snapshot ``start``; return the updates merged.
+
+    The log is read ahead of the merges (up to :data:`_LOOKAHEAD` events) and
+    the products of factored updates, which do not depend on the model, are
+    computed by a thread of their own as soon as they are read: reads,
+    products and merges overlap. Everything is merged in logged order, and a
+    read that fails is raised where it stands in that order, after the
+    updates before it merged (as a replay one event at a time would).
+    """
     payloads_after = -1 if copy is None else int(copy.version)
     replayed = 0
     last: Record | None = None
-    async for event in journal.replay(start, payloads_after=payloads_after):
-        if isinstance(event, RunBegun):
-            _begin_run(state, event)
-            continue
-        if isinstance(event, EpochEnded):
-            state.record_epoch(event.run, event.epoch, dict(event.values))
-            continue
-        merged = sum(1 for u in event.updates if u.grads)
-        if offload is None or not merged:
-            _apply(state, event, copy)
-        else:
-            await offload(_apply, state, event, copy)
-        replayed += merged
-        last = event.record
+    events: asyncio.Queue = asyncio.Queue(maxsize=_LOOKAHEAD)
+    products = ThreadPoolExecutor(_PRODUCT_THREADS, thread_name_prefix="ftps-product")
+    limits = contextlib.ExitStack()
+    limited = False
+
+    def submit(*args: Any) -> Future:
+        nonlocal limited
+        if not limited:  # the first product: BLAS threads limited from now on
+            limits.enter_context(_one_blas_thread())
+            limited = True
+        return products.submit(*args)
+
+    async def read() -> None:
+        try:
+            async for event in journal.replay(start, payloads_after=payloads_after):
+                if isinstance(event, CommittedUpdates):
+                    for update in event.updates:
+                        prepare(update.grads, submit)
+                await events.put(event)
+        except Exception as e:  # noqa: BLE001 - raised where it stands in the log's order
+            await events.put(_Failed(e))
+            return
+        await events.put(None)
+
+    reader = asyncio.create_task(read(), name="ftps-replay-read")
+    try:
+        while (event := await events.get()) is not None:
+            if isinstance(event, _Failed):
+                raise event.error
+            if isinstance(event, RunBegun):
+                _begin_run(state, event)
+                continue
+            if isinstance(event, EpochEnded):
+                state.record_epoch(event.run, event.epoch, dict(event.values))
+                continue
+            merged = sum(1 for u in event.updates if u.grads)
+            if offload is None or not merged:
+                _apply(state, event, copy)
+            else:
+                await offload(_apply, state, event, copy)
+            replayed += merged
+            last = event.record
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        products.shutdown(wait=True, cancel_futures=True)
+        limits.close()  # after the last product: BLAS threads as they were
     if state.updates != journal.committed:
         raise StoreCorrupted(
             f"{journal}: replay ends at update {state.updates}, the log holds "
@@ -193,6 +243,33 @@ async def _replay(
                 "does not replay to what was served",
             )
     return replayed
+
+
+#: Threads that multiply out factored updates during a replay.
+_PRODUCT_THREADS = 2
+
+
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """BLAS calls of one thread each while a replay runs: its products run in
+    threads of their own beside the merges, and a multithreaded BLAS's waiting
+    threads would compete with them for the cores (on a busy two-core machine
+    a replay of factored updates took several times longer). The products'
+    bits do not depend on it."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # no control: the BLAS's own threads
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """A read of the log that failed, in the queue where its event would be."""
+
+    error: Exception
 
 
 def _begin_run(state: ParameterServerState, event: RunBegun) -> None:

@@ -775,9 +775,6 @@ class ParameterServer(SchedulerPlugin):
         large = journal.meta.model.n_params() >= config.get("offload-threshold")
         kwargs = {"offload": offload if large else None, **self._limits}
         newest_snapshot = journal.snapshots()[0].body.version
-        stateless = not journal.meta.optimizer.init_state(
-            journal.meta.model.init_params()
-        )
         candidates = sorted(
             (
                 (v, w)
@@ -786,7 +783,9 @@ class ParameterServer(SchedulerPlugin):
             ),
             reverse=True,
         )
-        if candidates and not stateless:
+        # Asked only where a worker holds a copy (a new scheduler has no workers:
+        # no model's initial parameters are drawn for nothing).
+        if candidates and not _stateless(journal.meta):
             logger.info(
                 "Workers hold newer model copies, but %s keeps optimizer state they "
                 "lack: rebuilding from the snapshot",
@@ -902,6 +901,12 @@ def _checked_copy(journal: Journal, reply: object, row_version: int) -> ModelVer
             f"its copy of version {held} differs from the model that version was"
         )
     return ModelVersion(Version(held), params, {})
+
+
+def _stateless(meta: RunMeta) -> bool:
+    """Whether the run's optimizer keeps no state (a worker's model copy is then
+    all a rebuild needs)."""
+    return not meta.optimizer.init_state(meta.model.init_params())
 
 
 def _worker_copies() -> bool:
