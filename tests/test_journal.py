@@ -40,7 +40,7 @@ from dask_ftps._recovery import rebuild
 from dask_ftps._server import snapshot_point
 from dask_ftps._state import ParameterServerState
 from dask_ftps._store import Journal, RunMeta, resolve, take_over
-from dask_ftps._store._format import parse_root
+from dask_ftps._store._format import SHARD_ROWS, parse_root
 from dask_ftps.models import MLP, SoftmaxRegression
 from dask_ftps.testing import (
     DAMAGES,
@@ -980,3 +980,26 @@ def test_durable_commits_fsync_data_before_the_record_and_the_record_before_ack(
     assert any(p.startswith(f"{record}.") for p in before), events  # the record
     assert str(path / "ftps" / "log") in after, events  # its folder entry
     assert events[-1] == ("returned", "")
+
+
+def test_a_writers_rows_array_is_read_by_zarr_as_the_updates_it_holds(tmp_path):
+    """A dense commit is a shard of its writer's rows array: zarr itself reads the
+    rows (checking every CRC-32C) as the updates the log names, in order."""
+    import zarr
+
+    path = tmp_path / "run.zarr"
+    asyncio.run(scenario(str(path)))
+    journal, _ = reopen(str(path))
+    commits = [r for r in journal.records.values() if r.kind == "commit"]
+    shards = [r for r in commits if r.body.data.shard]
+    assert shards
+    payloads = asyncio.run(journal._read_payloads(shards))
+    for record in shards:
+        folder, _, _ = record.body.data.key.rpartition("/")
+        rows = zarr.open_array(str(path / folder), mode="r")
+        k = len(record.body.rows)
+        start = SHARD_ROWS * record.serial
+        np.testing.assert_array_equal(
+            rows[start : start + k], np.stack(payloads[record.serial])
+        )
+        assert not rows[start + k : start + SHARD_ROWS].any()  # no more rows there

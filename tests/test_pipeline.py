@@ -128,9 +128,10 @@ async def test_a_push_whose_predecessor_never_comes_is_refused_and_changes_nothi
 
 
 def blocking_writes(monkeypatch, then_raise: bool):
-    """Make the next payload write wait for ``release``; then fail it with ENOSPC
-    (``then_raise``) or let it through."""
-    real_write = _io.write_file
+    """Make the next payload write (a commit's shard, or the first file of its
+    own array: both created in place) wait for ``release``; then fail it with
+    ENOSPC (``then_raise``) or let it through."""
+    real_create = _io.create_file
     entered, release = threading.Event(), threading.Event()
 
     def blocked(path, value, **kwargs):
@@ -139,9 +140,9 @@ def blocking_writes(monkeypatch, then_raise: bool):
             release.wait(30)
             if then_raise:
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real_write(path, value, **kwargs)
+        return real_create(path, value, **kwargs)
 
-    monkeypatch.setattr(_io, "write_file", blocked)
+    monkeypatch.setattr(_io, "create_file", blocked)
     return entered, release
 
 
@@ -169,7 +170,7 @@ async def test_a_batch_refused_while_the_next_is_merged_takes_the_next_down_too(
         check_reply(await push(c, update_id, scale), "push")
     rows_before = (await dask_ftps.records(c))["global"]
     assert rows_before[-1]["update_id"] == "0:0:0:2"
-    real_write = _io.write_file
+    real_create = _io.create_file
     entered, release = blocking_writes(monkeypatch, then_raise=True)
     k = asyncio.ensure_future(push(c, "0:0:0:3", 0.04))
     await async_poll_for(entered.is_set, timeout=10)
@@ -188,7 +189,7 @@ async def test_a_batch_refused_while_the_next_is_merged_takes_the_next_down_too(
     rows = (await dask_ftps.records(c))["global"]
     assert rows and rows == rows_before[-len(rows) :]
     assert dask_ftps.inspect(where)["updates"] == 3
-    monkeypatch.setattr(_io, "write_file", real_write)
+    monkeypatch.setattr(_io, "create_file", real_create)
     for update_id, scale in (("0:0:0:3", 0.04), ("0:0:1:0", 0.05)):
         check_reply(await push(c, update_id, scale), "push")
     expected = reference([*done, ("0:0:0:3", 0.04), ("0:0:1:0", 0.05)])
