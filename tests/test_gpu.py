@@ -79,7 +79,10 @@ def test_gradients_computed_on_the_device_come_home_for_the_push(
 
 
 def test_training_on_the_device_pushes_host_arrays_and_replays(fake_cupy, tmp_path):
-    @gen_cluster(client=True, timeout=120, config={"ftps.device": "gpu"})
+    # Factors asked for (auto sends dense on a loopback network): W0 goes as two.
+    config = {"ftps.device": "gpu", "ftps.update-format": "factored"}
+
+    @gen_cluster(client=True, timeout=120, config=config)
     async def run(c, s, a, b):
         store = str(tmp_path / "run.zarr")
         await c.register_plugin(
