@@ -269,9 +269,10 @@ def _recovered_line(output: str) -> str | None:
 # -- the lower bound ------------------------------------------------------------------
 
 
-def _replay_files(store: Path) -> tuple[dict, list[Path], list[Path]]:
-    """The newest snapshot's record, its chunk files and the replayed payload
-    chunk files (one per commit after it)."""
+def _replay_files(store: Path) -> tuple[dict, list[Path], list[Path], list]:
+    """The newest snapshot's record, its chunk files, the replayed payload files
+    (one object per commit after it: a payload array's chunk, or a writer's
+    shard) and the replayed payloads' rows, decoded and checked by the journal."""
     import asyncio
 
     from dask_ftps._store import Journal
@@ -279,28 +280,38 @@ def _replay_files(store: Path) -> tuple[dict, list[Path], list[Path]]:
 
     async def read():
         journal = await Journal.open(str(store), read_only=True)
-        await journal.close()
-        return journal
+        try:
+            start = journal.snapshots()[0]
+            snap = start.body
+            records = [
+                r
+                for r in journal.commits()
+                if r.serial >= snap.first_serial and r.body.stop > snap.replay_from
+            ]
+            rows = await journal._read_payloads(records)
+        finally:
+            await journal.close()
+        return snap, records, rows
 
-    journal = asyncio.run(read())
-    start = journal.snapshots()[0]
-    snap = start.body
+    snap, records, rows = asyncio.run(read())
     snapshot = [store / snap.array.key / f"c.{i}" for i in range(len(snap.array.crcs))]
     payloads = [
-        store / r.body.data.key / COMMIT_CHUNK_KEY
-        for r in journal.commits()
-        if r.serial >= snap.first_serial and r.body.stop > snap.replay_from
+        store / r.body.data.key
+        if getattr(r.body.data, "shard", False)
+        else store / r.body.data.key / COMMIT_CHUNK_KEY
+        for r in records
     ]
-    return {"version": snap.version}, snapshot, payloads
+    decoded = [row for r in records for row in rows[r.serial]]
+    return {"version": snap.version}, snapshot, payloads, decoded
 
 
 def lower_bound(store: Path, model: Any, repeats: int = 3) -> dict[str, Any]:
-    """Time to read the snapshot plus the replayed payloads once (plain reads),
-    and to apply the replayed updates with the optimizer in NumPy."""
+    """Time to read the snapshot plus the replayed payloads once (plain reads of
+    their files), and to apply the replayed updates with the optimizer in NumPy."""
     from dask_ftps import SGD
     from dask_ftps._layout import Layout
 
-    ref, snapshot_files, payload_files = _replay_files(store)
+    ref, snapshot_files, payload_files, payloads = _replay_files(store)
     reads = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -308,15 +319,9 @@ def lower_bound(store: Path, model: Any, repeats: int = 3) -> dict[str, Any]:
         snapshot = np.concatenate(
             [np.frombuffer(p.read_bytes()[:-4], dtype="<f4") for p in snapshot_files]
         )
-        payloads = [
-            row
-            for p in payload_files
-            for row in np.frombuffer(p.read_bytes()[:-4], dtype="<f4").reshape(
-                -1, model.n_params()
-            )
-        ]
+        raw = [p.read_bytes() for p in payload_files]
         reads.append(time.perf_counter() - t0)
-    n_bytes = snapshot.nbytes + sum(p.nbytes for p in payloads)
+    n_bytes = snapshot.nbytes + sum(len(b) for b in raw)
     # Applying the replayed updates: what any exact rebuild must compute.
     params = model.init_params()
     layout = Layout.of(params)
@@ -335,7 +340,8 @@ def lower_bound(store: Path, model: Any, repeats: int = 3) -> dict[str, Any]:
         "read_s": median(reads),
         "read_bytes": n_bytes,
         "snapshot_bytes": snapshot.nbytes,
-        "replayed_bytes": n_bytes - snapshot.nbytes,
+        "replayed_bytes": sum(int(p.nbytes) for p in payloads),
+        "replayed_file_bytes": n_bytes - snapshot.nbytes,
         "replayed": len(payloads),
         "snapshot_version": ref["version"],
         "apply_s": apply_s,
@@ -485,6 +491,10 @@ class Kind:
     snapshot_every: int
     updates: int
 
+    @property
+    def label(self) -> str:
+        return f"{self.name}-n{self.n_params}-s{self.snapshot_every}-u{self.updates}"
+
 
 def outside_kinds(quick: bool) -> tuple[list[Kind], int]:
     """The stores measured from outside, and the rounds of restarts."""
@@ -529,7 +539,7 @@ def build_store(kind: Kind, folder: Path) -> dict[str, Any]:
     (the snapshot due before it on disk); kept as the original every restart
     copies."""
     model, grads, batch = kind_model(kind)
-    store = folder / f"{kind.name}-n{kind.n_params}.zarr"
+    store = folder / f"{kind.label}.zarr"
     port = free_port()
     first = start_scheduler(port, folder / f"{store.stem}-first.log")
     point = Point(kind.n_params, kind.snapshot_every, kind.updates)
@@ -669,7 +679,7 @@ def outside(quick: bool, folder: Path) -> dict[str, Any]:
     """The restart as an operator sees it, dense and factored stores, same and
     new address, interleaved with plain schedulers' starts."""
     kinds, rounds = outside_kinds(quick)
-    built = {k.name: (k, build_store(k, folder)) for k in kinds}
+    built = {k.label: (k, build_store(k, folder)) for k in kinds}
     plain: list[float] = []
     runs: dict[tuple[str, str], list[dict]] = {}
     for i in range(rounds):
@@ -681,12 +691,12 @@ def outside(quick: bool, folder: Path) -> dict[str, Any]:
                 )
     floor = median(plain)
     rows = []
-    for name, (kind, b) in built.items():
+    for label, (kind, b) in built.items():
         ref_version, ref = _in_fresh_process(
             reference, b["model"], b["committed"], b["grads"], b["batch"]
         )
         for where in ("same", "new"):
-            rs = runs[(name, where)]
+            rs = runs[(label, where)]
             exact = all(
                 r["version"] == ref_version and _same_bits(r["params"], ref) for r in rs
             )
@@ -695,8 +705,9 @@ def outside(quick: bool, folder: Path) -> dict[str, Any]:
             served = median(r["served_s"] for r in rs)
             rows.append(
                 {
-                    "kind": name,
+                    "kind": kind.name,
                     "where": where,
+                    "updates": kind.updates,
                     "n_params": kind.n_params,
                     "snapshot_every": kind.snapshot_every,
                     "committed": b["committed"],
