@@ -14,7 +14,9 @@ fixed updates, 2 worker processes, async; the scheduler in this process) three
 ways, alternating, and prints updates/s: (b) ``store=None``; (c) the journal,
 every local commit timed in its parts (build the objects, write the payload
 array, create the record); (c0) the journal's commit replaced by one empty
-thread hop. ``--profile FILE`` sums a ``py-spy record --format raw`` file of a
+thread hop; (cp) replaced by the physical cost of its bytes in one hop (the
+payload into a new file, one small exclusive create): cp/b is what any durable
+commit could reach on this disk, c/cp how close the journal comes to it. ``--profile FILE`` sums a ``py-spy record --format raw`` file of a
 scheduler process by thread kind and by dask_ftps function.
 
     python -m benchmarks.commit_cost [--quick] [--out DIR] [--store-dir DIR]
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import os
 import re
 import tempfile
@@ -64,7 +67,7 @@ def _timed_commits(totals: collections.Counter) -> Any:
         t0 = time.perf_counter()
         objects, key, record = build()
         t1 = time.perf_counter()
-        self._write_all(objects)
+        self._write_fresh(objects)
         t2 = time.perf_counter()
         created = self._create(key, record)
         t3 = time.perf_counter()
@@ -72,7 +75,11 @@ def _timed_commits(totals: collections.Counter) -> Any:
         totals["write"] += t2 - t1
         totals["create"] += t3 - t2
         totals["commits"] += 1
-        totals["bytes"] += sum(len(memoryview(v).cast("B")) for _, v in objects)
+        totals["bytes"] += sum(
+            len(memoryview(p).cast("B"))
+            for _, v in objects
+            for p in (v if isinstance(v, list) else [v])
+        )
         return created
 
     _io.LocalIO._commit = commit
@@ -88,18 +95,41 @@ def run(size: int, steps: int, repeats: int, out: str) -> dict[str, Any]:
     async def hop_only(self: Any, updates: Any, *args: Any, **kwargs: Any) -> None:
         await asyncio.to_thread(lambda: None)
 
+    counter = itertools.count()
+
+    async def physical_only(self: Any, updates: Any, *args: Any, **kwargs: Any) -> None:
+        # What any durable commit must do: its bytes into a new file, and one
+        # small file created exclusively (next to the store, in one hop).
+        parts = [
+            memoryview(np.ascontiguousarray(g)).cast("B")
+            for u in updates
+            for g in u.grads.values()
+        ]
+        folder = self.io.root.parent / f"{self.io.root.name}.physical"
+
+        def work() -> None:
+            i = next(counter)
+            folder.mkdir(exist_ok=True)
+            fd = os.open(folder / f"p{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.writev(fd, parts)
+            os.close(fd)
+            fd = os.open(folder / f"r{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.write(fd, b"r" * RECORD_BYTES)
+            os.close(fd)
+
+        await asyncio.to_thread(work)
+
+    commits = {"c": real_journal_commit, "c0": hop_only, "cp": physical_only}
     totals: collections.Counter = collections.Counter()
     real_commit = _timed_commits(totals)
-    rows: dict[str, list[float]] = {"b": [], "c": [], "c0": []}
+    rows: dict[str, list[float]] = {"b": [], "c": [], "c0": [], "cp": []}
     try:
         with local_cluster(2) as client, tempfile.TemporaryDirectory() as folder:
             model = softmax_model(size)
             measure(client, "b", model, "async", 20, 3, Path(folder), 2)  # warm up
             for _ in range(repeats):
-                for variant in ("b", "c", "c0"):
-                    _journal.Journal.commit = (
-                        hop_only if variant == "c0" else real_journal_commit
-                    )
+                for variant in ("b", "c", "c0", "cp"):
+                    _journal.Journal.commit = commits.get(variant, real_journal_commit)
                     m = measure(
                         client,
                         "c" if variant != "b" else "b",
@@ -120,6 +150,7 @@ def run(size: int, steps: int, repeats: int, out: str) -> dict[str, Any]:
         "b": median(rows["b"]),
         "c": median(rows["c"]),
         "c0": median(rows["c0"]),
+        "cp": median(rows["cp"]),
         "commits": totals["commits"],
         "mb_per_commit": totals["bytes"] / n / 1e6,
         "build_ms": 1e3 * totals["build"] / n,
@@ -128,9 +159,11 @@ def run(size: int, steps: int, repeats: int, out: str) -> dict[str, Any]:
     }
     row["c_over_b"] = row["c"] / row["b"]
     row["c0_over_b"] = row["c0"] / row["b"]
+    row["cp_over_b"] = row["cp"] / row["b"]
+    row["c_over_cp"] = row["c"] / row["cp"]
     print(format_table(TITLE, COLUMNS, [row]))
     payload = {"results": [row], "repeats": rows, "steps_per_worker": steps}
-    write_json(out, NAME, payload)
+    write_json(out, f"{NAME}_loop", payload)
     return payload
 
 
@@ -284,8 +317,11 @@ COLUMNS = (
     Column("b", "(b) upd/s", "{:.0f}"),
     Column("c", "(c) upd/s", "{:.0f}"),
     Column("c0", "(c0) hop only", "{:.0f}"),
+    Column("cp", "(cp) physical", "{:.0f}"),
     Column("c_over_b", "c/b", "{:.2f}"),
     Column("c0_over_b", "c0/b", "{:.2f}"),
+    Column("cp_over_b", "cp/b", "{:.2f}"),
+    Column("c_over_cp", "c/cp", "{:.2f}"),
     Column("mb_per_commit", "MB/commit", "{:.2f}"),
     Column("build_ms", "build ms", "{:.2f}"),
     Column("write_ms", "write ms", "{:.2f}"),
