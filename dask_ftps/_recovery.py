@@ -23,7 +23,7 @@ import numpy as np
 
 from dask_ftps._core import ModelVersion, RunId, Version, WorkerId
 from dask_ftps._exceptions import StoreCorrupted, StoreFormatError
-from dask_ftps._factored import prepare
+from dask_ftps._factored import prepare, replay_cost
 from dask_ftps._state import ParameterServerState, RunState
 from dask_ftps._store import CommittedUpdates, Journal, Record
 from dask_ftps._store._format import EpochEnded, RunBegun, model_crc
@@ -47,6 +47,10 @@ class Rebuilt:
         Updates whose payloads were read and merged.
     skipped
         Damaged snapshots passed over, newest first (``"v<version>: <error>"``).
+    cost
+        What the replayed updates cost to merge again, in parameters merged
+        (:func:`dask_ftps._factored.replay_cost`): a server that snapshots by
+        cost starts counting from it.
     """
 
     state: ParameterServerState
@@ -55,6 +59,7 @@ class Rebuilt:
     replayed: int
     seconds: float
     skipped: tuple[str, ...] = ()
+    cost: float = 0.0
 
 
 async def rebuild(
@@ -112,7 +117,7 @@ async def rebuild(
             )
             continue
         state = _start_state(journal, record, start, limits)
-        replayed = await _replay(journal, record, state, copy, offload)
+        replayed, cost = await _replay(journal, record, state, copy, offload)
         state.downloads = [(WorkerId(w), Version(v)) for w, v in journal.downloads]
         state.settle()
         return Rebuilt(
@@ -122,6 +127,7 @@ async def rebuild(
             replayed,
             time.perf_counter() - t0,
             tuple(skipped),
+            cost,
         )
     raise StoreCorrupted(
         f"{journal}: no snapshot can be read whole ({'; '.join(map(str, errors))}): "
@@ -168,8 +174,9 @@ async def _replay(
     state: ParameterServerState,
     copy: ModelVersion | None,
     offload: Offload | None,
-) -> int:
-    """Apply the events after snapshot ``start``; return the updates merged.
+) -> tuple[int, float]:
+    """Apply the events after snapshot ``start``; return the updates merged and
+    what merging them cost (:func:`~dask_ftps._factored.replay_cost`).
 
     The log is read ahead of the merges (up to :data:`_LOOKAHEAD` events) and
     the products of factored updates, which do not depend on the model, are
@@ -180,6 +187,7 @@ async def _replay(
     """
     payloads_after = -1 if copy is None else int(copy.version)
     replayed = 0
+    cost = 0.0
     last: Record | None = None
     events: asyncio.Queue = asyncio.Queue(maxsize=_LOOKAHEAD)
     products = ThreadPoolExecutor(_PRODUCT_THREADS, thread_name_prefix="ftps-product")
@@ -222,6 +230,7 @@ async def _replay(
             else:
                 await offload(_apply, state, event, copy)
             replayed += merged
+            cost += sum(replay_cost(u.grads) for u in event.updates if u.grads)
             last = event.record
     finally:
         reader.cancel()
@@ -242,7 +251,7 @@ async def _replay(
                 f"{crc:08x}, the server served {last.body.model_crc:08x}: the store "
                 "does not replay to what was served",
             )
-    return replayed
+    return replayed, cost
 
 
 #: Threads that multiply out factored updates during a replay.

@@ -304,6 +304,27 @@ def test_a_factored_store_recovers_bit_exact_through_a_real_preload_restart(
     assert version == UPDATES and _same_bits(offline, reference)
 
 
+def test_the_rebuild_counts_what_its_replay_cost(tmp_path):
+    """What a server that snapshots by cost starts counting from."""
+    from dask_ftps._recovery import rebuild
+
+    store = _store_of_factored_updates(tmp_path)
+    newest = max(dask_ftps.inspect(store)["snapshots"])
+
+    async def rebuilt():
+        journal = await Journal.open(store, read_only=True)
+        try:
+            return await rebuild(journal)
+        finally:
+            await journal.close()
+
+    done = asyncio.run(rebuilt())
+    assert done.replayed == UPDATES - newest > 0
+    per_update = replay_cost(_grads(0))
+    assert done.cost == pytest.approx(done.replayed * per_update)
+    assert per_update > MODEL.n_params()  # the product counts
+
+
 # -- what the preload refuses ------------------------------------------------------
 
 
