@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
 import time
 import uuid
@@ -332,6 +333,7 @@ class ParameterServer(SchedulerPlugin):
             address=scheduler.address,
             inflight=_window(config.get("inflight")),
             reorder_timeout=parse_timedelta(config.get("reorder-timeout")),
+            replay_budget=_replay_budget(config.get("store.replay-budget")),
         )
         _worker_copies()  # checked before the old server is retired
         if self.store is None:
@@ -918,6 +920,17 @@ def _worker_copies() -> bool:
             f"ftps.store.worker-copies must be true or false, got {value!r}"
         )
     return value
+
+
+def _replay_budget(value: Any) -> float:
+    """``ftps.store.replay-budget``: a positive number (None: no bound)."""
+    if value is None:
+        return math.inf
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(
+            f"ftps.store.replay-budget must be a positive number, got {value!r}"
+        )
+    return float(value)
 
 
 def _window(value: object) -> int:

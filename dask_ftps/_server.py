@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -44,6 +45,7 @@ from dask_ftps._exceptions import (
     Voided,
     WaitTimeout,
 )
+from dask_ftps._factored import replay_cost
 from dask_ftps._recovery import Rebuilt
 from dask_ftps._state import Mark, ParameterServerState
 from dask_ftps._store import Journal, RunEntry
@@ -62,6 +64,10 @@ class ServerConfig:
     address: str
     inflight: int = 1  # unacknowledged pushes a shard may have (async mode)
     reorder_timeout: float = 2.0  # longest a push waits for its predecessor
+    #: Replay work between snapshots, in dense updates of the model: a snapshot
+    #: is also taken when the updates since the last one would cost more than
+    #: this to merge again (a factored update costs more than a dense one).
+    replay_budget: float = math.inf
 
 
 def snapshot_point(
@@ -176,6 +182,12 @@ class Server:
             int(state.version)
             if journal is None
             else journal.snapshots()[0].body.version
+        )
+        # What merging the updates since the last snapshot again costs a
+        # replay (parameters merged), and the most it may cost.
+        self._replay_cost = rebuilt.cost if rebuilt is not None else 0.0
+        self._replay_limit = config.replay_budget * sum(
+            int(np.size(p)) for p in state.model.params.values()
         )
         self._merger = asyncio.create_task(self._merge_loop(), name="ftps-merge")
         self._writer = asyncio.create_task(self._write_loop(), name="ftps-write")
@@ -701,9 +713,11 @@ class Server:
         for _, version, future in item.accepted:
             if not future.done():
                 future.set_result(version)
-        if (
+        if self.journal is not None:
+            self._replay_cost += sum(replay_cost(u.grads) for u, _, _ in item.accepted)
+        if self._failed is None and (
             item.model.version - self._last_snapshot >= self.config.snapshot_every
-            and self._failed is None
+            or self._replay_cost >= self._replay_limit
         ):
             if self._in_flight == 1 and not self._lock.locked():
                 self._start_snapshot()  # nothing merged past it: the state is durable
@@ -816,6 +830,7 @@ class Server:
             return
         model, replay_from, entries = snapshot_point(self.state)
         self._last_snapshot = int(model.version)
+        self._replay_cost = 0.0
         self._snapshot_task = asyncio.create_task(
             self._snapshot(
                 model,

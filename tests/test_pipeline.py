@@ -353,3 +353,41 @@ async def test_a_bad_window_setting_is_a_clear_error(c, s, inflight):
         pytest.raises(Exception, match=r"ftps\.inflight must be a positive integer"),
     ):
         await c.register_plugin(ParameterServer(model=MODEL))
+
+
+@gen_cluster(
+    client=True,
+    timeout=60,
+    config={"ftps.store.replay-budget": 2.5, "ftps.store.snapshot-every": 1000},
+)
+async def test_a_snapshot_bounds_the_replay_work_not_only_the_versions(
+    c, s, a, b, tmp_path
+):
+    """With ``replay-budget`` 2.5 (dense updates of the model) and no snapshot due
+    by versions, a snapshot follows every third dense update: what a restart
+    replays stays within the budget, and the store rebuilds the same model."""
+    where = str(tmp_path / "run.zarr")
+    optimizer = SGD(lr=0.1, momentum=0.5)  # as reference() merges
+    await c.register_plugin(ParameterServer(where, model=MODEL, optimizer=optimizer))
+    check_reply(await c.scheduler.ftps_begin_run(spec=SPEC), "begin")
+    server = s.plugins["ftps"].server
+    pushed = [(f"0:0:0:{i}", 0.01 * (i + 1)) for i in range(6)]
+    for update_id, scale in pushed:
+        check_reply(await push(c, update_id, scale), "push")
+    await async_poll_for(
+        lambda: server._snapshot_task is not None and server._snapshot_task.done(),
+        timeout=10,
+    )
+    await async_poll_for(
+        lambda: [r.body.version for r in server.journal.snapshots()][:1] == [6],
+        timeout=10,
+    )
+    versions = sorted(r.body.version for r in server.journal.snapshots())
+    assert versions[-2:] == [3, 6]  # by cost: 3 x 1.0 >= 2.5, not by versions
+    info = dask_ftps.inspect(where)
+    assert info["updates"] == 6
+    version, params = dask_ftps.recover(where)
+    expected = reference(pushed)
+    assert version == 6
+    for name, value in expected.items():
+        np.testing.assert_array_equal(params[name], value)

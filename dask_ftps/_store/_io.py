@@ -25,16 +25,34 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
+from functools import cache, cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from zarr.abc.store import Store
-from zarr.core.buffer import default_buffer_prototype
-from zarr.storage import FsspecStore, LocalStore
+if TYPE_CHECKING:  # zarr is imported when a store object needs it, not before:
+    # a restarting scheduler reads a local store without it.
+    from zarr.abc.store import Store
+    from zarr.core.buffer import BufferPrototype
+    from zarr.storage import FsspecStore
 
 logger = logging.getLogger(__name__)
 
-_PROTO = default_buffer_prototype()
+
+@cache
+def _proto() -> BufferPrototype:
+    from zarr.core.buffer import default_buffer_prototype
+
+    return default_buffer_prototype()
+
+
+def _is_store(obj: Any) -> bool:
+    """Whether ``obj`` is a Zarr store object (zarr imported only for objects
+    that are not paths)."""
+    if isinstance(obj, str | os.PathLike):
+        return False
+    from zarr.abc.store import Store
+
+    return isinstance(obj, Store)
 
 #: A commit's objects: ``(key, bytes)`` pairs written first (any order), then the
 #: record that makes them part of the log (an exclusive create). A value may be
@@ -58,7 +76,7 @@ def check_location(store: Any, storage_options: dict | None = None) -> None:
         raise TypeError(
             f"storage_options must be a dict, got {type(storage_options).__name__}"
         )
-    if isinstance(store, Store):
+    if _is_store(store):
         if storage_options:
             raise TypeError(
                 "storage_options apply to a URL, not to a Zarr Store object"
@@ -89,7 +107,9 @@ def resolve(
         other than a URL.
     """
     check_location(store, storage_options)
-    if isinstance(store, Store):
+    if _is_store(store):
+        from zarr.storage import FsspecStore, LocalStore
+
         if isinstance(store, LocalStore):
             return LocalIO(Path(store.root), read_only=read_only or store.read_only)
         if isinstance(store, FsspecStore):
@@ -97,6 +117,8 @@ def resolve(
         return StoreIO(store, read_only=read_only)
     url = os.fspath(store)
     if "://" in url and not url.startswith("file://"):
+        from zarr.storage import FsspecStore
+
         options = {"skip_instance_cache": True, **(storage_options or {})}
         fs_store = FsspecStore.from_url(
             url, storage_options=options, read_only=read_only
@@ -139,7 +161,7 @@ class StoreIO:
         return True
 
     async def get(self, key: str) -> bytes | None:
-        buf = await self.store.get(key, prototype=_PROTO)
+        buf = await self.store.get(key, prototype=_proto())
         return None if buf is None else buf.to_bytes()
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
@@ -168,7 +190,7 @@ class StoreIO:
     async def put_new(self, key: str, value: bytes) -> bool:
         """Create ``key`` unless it exists; whether this call created it."""
         self._check_writable()
-        await self.store.set_if_not_exists(key, _PROTO.buffer.from_bytes(value))
+        await self.store.set_if_not_exists(key, _proto().buffer.from_bytes(value))
         return await self.get(key) == value
 
     async def commit(self, build: Build) -> bool:
@@ -201,7 +223,7 @@ class StoreIO:
             self.store.close()
 
     async def _set(self, key: str, value: Any) -> None:
-        await self.store.set(key, _PROTO.buffer.from_bytes(joined(value)))
+        await self.store.set(key, _proto().buffer.from_bytes(joined(value)))
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -262,9 +284,18 @@ class LocalIO(StoreIO):
     """
 
     def __init__(self, root: Path, *, read_only: bool = False) -> None:
-        super().__init__(LocalStore(root, read_only=read_only), read_only=read_only)
+        # No zarr store object: every operation is on files here.
+        self.read_only = read_only
+        self.closed = False
         self.root = root
         self.durable = False
+
+    @cached_property
+    def store(self) -> Store:
+        """The same folder as a Zarr store (made on first use)."""
+        from zarr.storage import LocalStore
+
+        return LocalStore(self.root, read_only=self.read_only)
 
     def __str__(self) -> str:
         return str(self.root)
