@@ -140,4 +140,10 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    # The public names and the module's own dunders and submodules, not the
+    # names this file imports for itself.
+    own = {n for n in globals() if n.startswith("__") or n in _SUBMODULES}
+    return sorted({*own, *__all__})
+
+
+_SUBMODULES = ("config", "models", "optim", "preload", "testing", "training", "cli")

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -265,13 +266,32 @@ def _one_blas_thread() -> Iterator[None]:
     threads would compete with them for the cores (on a busy two-core machine
     a replay of factored updates took several times longer). The products'
     bits do not depend on it."""
+    global _blas_users, _blas_limits
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # no control: the BLAS's own threads
         yield
         return
-    with threadpool_limits(limits=1, user_api="blas"):
+    # Process-wide: replays that overlap (a scheduler's and a client's
+    # recover() in one process) share one limit, set by the first and
+    # undone by the last, so the BLAS gets its threads back.
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_limits = threadpool_limits(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
         yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0 and _blas_limits is not None:
+                _blas_limits.restore_original_limits()
+                _blas_limits = None
+
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limits: Any = None
 
 
 @dataclass(frozen=True)

@@ -1003,3 +1003,28 @@ def test_a_writers_rows_array_is_read_by_zarr_as_the_updates_it_holds(tmp_path):
             rows[start : start + k], np.stack(payloads[record.serial])
         )
         assert not rows[start + k : start + SHARD_ROWS].any()  # no more rows there
+
+
+def test_a_commit_arrays_zarr_json_holds_exactly_its_record(tmp_path):
+    """commit_document splices the record's canonical bytes into the array
+    document (no second JSON encoding): zarr reads it as an array, and its
+    checked attributes are commit_attributes(record), the one definition."""
+    import zarr
+
+    from dask_ftps._store._format import checked_attrs, commit_attributes
+
+    path = tmp_path / "run.zarr"
+    asyncio.run(scenario(str(path)))
+    asyncio.run(extend(str(path)))  # factored rows: commits with arrays of their own
+    journal, _ = reopen(str(path))
+    own = [
+        r
+        for r in journal.records.values()
+        if r.kind == "commit" and not r.body.data.shard
+    ]
+    assert own
+    for record in own:
+        raw = (path / record.body.data.key / "zarr.json").read_bytes()
+        assert checked_attrs(raw, "k") == commit_attributes(record)
+        array = zarr.open_array(str(path / record.body.data.key), mode="r")
+        assert array.shape == record.body.data.shape

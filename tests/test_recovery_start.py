@@ -5,6 +5,7 @@ listens, the replay that reads, multiplies out and merges at once, and a real
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import signal
 import subprocess
@@ -375,3 +376,36 @@ def test_an_undamaged_store_of_factored_updates_starts_in_process(tmp_path):
     assert version == UPDATES and incarnation >= 2
     assert _same_bits(params, _reference())
     assert json.dumps(dask_ftps.inspect(store)["factored_updates"])
+
+
+def test_overlapping_replays_give_the_blas_its_threads_back(monkeypatch):
+    """Two replays in one process (a scheduler's and a client's recover()) that
+    overlap and end in either order: the first sets the BLAS to one thread,
+    the last gives it its threads back, once."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    # The module as imported now (a test above imports dask_ftps afresh).
+    _recovery = importlib.import_module("dask_ftps._recovery")
+    # No replay of an earlier test (one whose event loop closed under it) counts.
+    monkeypatch.setattr(_recovery, "_blas_users", 0)
+    monkeypatch.setattr(_recovery, "_blas_limits", None)
+    calls = []
+
+    class Limits:  # threadpoolctl's, recorded (a real BLAS's count can stick)
+        def __init__(self, limits, user_api):
+            calls.append(("limit", limits, user_api))
+
+        def restore_original_limits(self):
+            calls.append(("restore",))
+
+    monkeypatch.setattr(threadpoolctl, "threadpool_limits", Limits)
+    first, second = _recovery._one_blas_thread(), _recovery._one_blas_thread()
+    first.__enter__()
+    second.__enter__()
+    assert calls == [("limit", 1, "blas")]
+    first.__exit__(None, None, None)  # the first to begin ends first
+    assert calls == [("limit", 1, "blas")]  # the other replay still runs
+    second.__exit__(None, None, None)
+    assert calls == [("limit", 1, "blas"), ("restore",)]
+    with _recovery._one_blas_thread():  # and the next replay limits it again
+        assert calls[-1] == ("limit", 1, "blas")
+    assert calls[-1] == ("restore",)

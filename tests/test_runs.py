@@ -28,10 +28,10 @@ from dask_ftps import (
     ServerReplaced,
     SpecMismatch,
 )
-from dask_ftps.training import _driver as training_module
 from dask_ftps._core import Holder, RunSpec, Update, UpdateKey, WorkerId, check_reply
 from dask_ftps._state import ParameterServerState
 from dask_ftps.models import SoftmaxRegression
+from dask_ftps.training import _driver as training_module
 
 from .conftest import digits
 from .test_plugin import (

@@ -290,8 +290,10 @@ async def test_pandas_sparse_and_dask_dataframe_input(c, s, a, b):
     }
     for name, (X_in, y_in) in inputs.items():
         await register(c)
+        # 5 epochs: the default window's scaled steps learn a little less per
+        # epoch than a window of 1, and 0.85 must hold on every interleaving.
         result = await dask_ftps.train(
-            c, X_in, y_in, epochs=3, batch_size=64, progress=False
+            c, X_in, y_in, epochs=5, batch_size=64, progress=False
         )
         _, params = await dask_ftps.get_model(c)
         assert result.version == result.minibatches, name
@@ -306,7 +308,7 @@ async def test_dask_arrays_of_unknown_chunk_sizes(c, s, a, b):
     Xu, yu = Xd[keep], yd[keep]
     assert np.isnan(Xu.chunks[0]).any()
     await register(c)
-    result = await dask_ftps.train(c, Xu, yu, epochs=3, batch_size=64, progress=False)
+    result = await dask_ftps.train(c, Xu, yu, epochs=5, batch_size=64, progress=False)
     _, params = await dask_ftps.get_model(c)
     assert result.version == result.minibatches
     assert accuracy(params, Xv, yv) > 0.85

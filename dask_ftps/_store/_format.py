@@ -68,8 +68,17 @@ _SHARD_KEY = re.compile(rf"^{DATA_PREFIX}({_WRITER})/c\.(\d+)\.0$")
 #: Rows of one commit's shard in its writer's rows array (a commit of more
 #: updates, or of factored ones, is a payload array of its own).
 SHARD_ROWS = 64
-#: Serials a rows array has room for (a later commit: a payload array of its own).
-SHARD_SERIALS = 1 << 24
+#: Elements a rows array may declare (its shape's product stays an int64).
+_ROWS_ELEMENTS = 1 << 62
+
+
+def shard_serials(n: int) -> int:
+    """Serials a rows array of ``n`` parameters has room for (2**40, fewer for
+    a model of more than about 10**5 parameters: 2**36 at 10**6); a commit at
+    a later serial is a payload array of its own."""
+    return min(1 << 40, _ROWS_ELEMENTS // (SHARD_ROWS * max(n, 1)))
+
+
 #: A shard index entry of a row the shard does not hold (the sharding codec's).
 _EMPTY = (1 << 64) - 1
 _INDEX_BYTES = 16 * SHARD_ROWS + 4
@@ -320,11 +329,11 @@ def commit_document(shape: tuple[int, int], record: Record) -> bytes:
 
 def rows_document(n: int) -> bytes:
     """``zarr.json`` of a writer's rows array: float32 ``(SHARD_ROWS *
-    SHARD_SERIALS, n)``, one shard of ``SHARD_ROWS`` rows per commit serial
+    shard_serials(n), n)``, one shard of ``SHARD_ROWS`` rows per commit serial
     (codec ``sharding_indexed``, index at the end), each row one inner chunk
     (raw little-endian bytes plus a CRC-32C, as the index). Rows no commit
     wrote read as zeros."""
-    node = _array_node((SHARD_ROWS * SHARD_SERIALS, n), (SHARD_ROWS, n))
+    node = _array_node((SHARD_ROWS * shard_serials(n), n), (SHARD_ROWS, n))
     crc_codecs = node.pop("codecs")
     node["codecs"] = [
         {
@@ -564,7 +573,7 @@ class DataRef:
     #: shard, of its rows' CRC-32C trailers one after the other.
     crc: int
     formats: tuple[RowFormat, ...] = ()
-    #: The rows are a shard of the writer's rows array (:func:`encode_shard`):
+    #: The rows are a shard of the writer's rows array (:func:`shard_rows`):
     #: dense, ``shape[0] <= SHARD_ROWS``.
     shard: bool = False
 

@@ -54,6 +54,7 @@ def _is_store(obj: Any) -> bool:
 
     return isinstance(obj, Store)
 
+
 #: A commit's objects: ``(key, bytes)`` pairs written first (any order), then the
 #: record that makes them part of the log (an exclusive create). A value may be
 #: any object with the buffer protocol (a chunk is a NumPy byte array), or a list
@@ -276,11 +277,13 @@ class FsspecIO(StoreIO):
 class LocalIO(StoreIO):
     """A local folder, with files written directly (same layout as LocalStore).
 
-    Every object is written to ``<name>.<uuid>.partial`` and renamed into
-    place, so a reader sees the old object or the new one, never a torn one.
-    With ``durable``, each file and its folder are ``fsync``'d before the record
-    that makes them part of the log is created, and the record before the
-    commit returns.
+    An object that may replace another, and a record, is written to
+    ``<name>.<writer>-<uuid>.partial`` and renamed (a record: hard-linked) into
+    place, so a reader sees the old object or the new one, never a torn one. A
+    commit's payload, under a name only its writer uses, is created in place:
+    a crash can leave it torn, but no record names it then. With ``durable``,
+    each file and its folder are ``fsync``'d before the record that makes them
+    part of the log is created, and the record before the commit returns.
     """
 
     def __init__(self, root: Path, *, read_only: bool = False) -> None:
@@ -357,24 +360,28 @@ class LocalIO(StoreIO):
         return self._create(key, record)
 
     def _write_fresh(self, objects: Objects) -> None:
-        """Write a commit's payload array: its folder is new (named by serial,
-        writer and attempt: no other writer, and no earlier attempt, uses it),
-        so each file is created in place, with no temporary file and no
-        rename. A file cut short by a crash fails its checksum; the record
-        naming it is created only after every file is whole."""
+        """Write a commit's payload: a shard of its writer's rows array, or the
+        files of an array of its own. No other writer, and no earlier attempt,
+        uses these names (writer token, serial, attempt), so each file is
+        created in place, with no temporary file and no rename. A file cut
+        short by a crash fails its checksum; the record naming it is created
+        only after every file is whole."""
         folders: list[Path] = []
+        made: list[Path] = []
         for key, value in objects:
             path = self.root / key
             try:  # a rows array's folder is there after its first shard
                 create_file(path, value, durable=self.durable)
             except FileNotFoundError:
                 make_folder(path.parent)
+                made.append(path.parent)
                 create_file(path, value, durable=self.durable)
             if path.parent not in folders:
                 folders.append(path.parent)
         if self.durable:
             for folder in folders:
                 fsync_path(folder)
+            for folder in made:  # its entry in the folder above
                 fsync_path(folder.parent)
 
     def _write_all(self, objects: Objects) -> None:

@@ -18,11 +18,12 @@ below a snapshot) deletes payload arrays no record names.
 Records below the oldest snapshot kept are deleted, except claims: a replaced
 server's next record is always at the serial of the claim that replaced it.
 
-A commit writes its payload array (the chunk, then a ``zarr.json`` that
-repeats the commit's record) and then its record; the push is acknowledged
-after that. If the record is lost (or the server died just before writing
-it), the payload array still holds the whole commit: the next reader adopts
-it, so a deleted record changes nothing.
+A commit writes its payload (a shard of its writer's rows array, which holds
+the rows and a copy of the commit's record; or, for a commit of its own, the
+chunk, then a ``zarr.json`` that repeats the record) and then its record; the
+push is acknowledged after that. If the record is lost (or the server died
+just before writing it), the payload still holds the whole commit: the next
+reader adopts it, so a deleted record changes nothing.
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ from dask_ftps._store._format import (
     LOG_PREFIX,
     ROOT_KEY,
     SHARD_ROWS,
-    SHARD_SERIALS,
     SNAPSHOT_CHUNK,
     SNAPSHOT_PREFIX,
     ArrayRef,
@@ -98,6 +98,7 @@ from dask_ftps._store._format import (
     shard_key,
     shard_record,
     shard_rows,
+    shard_serials,
     shard_tail,
     snapshot_dir,
 )
@@ -613,7 +614,9 @@ class Journal:
         self._partial_removed = await self.io.remove_partial(known - {writer})
         if not self.root_ok:
             await self.io.put([(ROOT_KEY, root_document(self.meta))])
-            logger.warning("%s: rewrote %s from the log's copy", self.io, ROOT_KEY)
+            # Damage was named when the store was opened; an older format's
+            # root (a store taken over) is simply written in this one.
+            logger.info("%s: wrote %s again from the log's copy", self.io, ROOT_KEY)
             self.root_ok = True
         return record.incarnation
 
@@ -653,7 +656,7 @@ class Journal:
                 if (
                     attempt == 0
                     and len(updates) <= SHARD_ROWS
-                    and serial < SHARD_SERIALS
+                    and serial < shard_serials(layout.size)
                     and all(f == DENSE for f in formats)
                 ):
                     return build_shard()

@@ -214,6 +214,10 @@ def factor_names(
             replays=costs.replays,
         )
     )
+    said = (batch_size, tuple(sorted(chosen)), tuple(sorted(smaller - chosen)))
+    if said in _SAID:  # once per worker process, not once per task
+        return chosen
+    _SAID.add(said)
     logger.info(
         "ftps.update-format auto, minibatches of %d: factors for %s, dense for %s "
         "(%.3g ns per pushed byte, products %s ms, %d replay(s))",
@@ -238,10 +242,15 @@ def factor_names(
 _MEASURED_BYTE_COST: dict[tuple[str, int], float] = {}
 _MEASURED_PRODUCT: dict[tuple[int, int, int], float] = {}
 _MEASURE_LOCK = threading.Lock()
+#: Decisions already logged by this process.
+_SAID: set[tuple] = set()
 #: Echo payloads: at least this many bytes (below, fixed costs hide the
-#: per-byte one), at most that many (enough to see the per-byte cost).
-_ECHO_BYTES = (1 << 18, 1 << 24)
+#: per-byte one), at most that many (enough to see the per-byte cost, small
+#: enough not to load a scheduler that many workers measure at once).
+_ECHO_BYTES = (1 << 18, 1 << 22)
 _ECHO_REPEATS = 5
+#: Longest one echo may take before the measurement gives up (and sends dense).
+_ECHO_TIMEOUT = 10.0
 _PRODUCT_REPEATS = 3
 
 
@@ -253,7 +262,7 @@ def measure_costs(
     process; later calls read what it measured).
 
     The per-byte cost is that of an echo to the scheduler, of about the bytes
-    the factors would save (from 256 KiB to 16 MiB): half the difference of the
+    the factors would save (from 256 KiB to 4 MiB): half the difference of the
     fastest round trip of that payload and of a tiny one (the fastest: what
     the network can do, which favours sending dense). The product's is the
     median time of :func:`~dask_ftps._factored.product` of random factors of
@@ -309,10 +318,16 @@ def _byte_seconds(size: int) -> float:
             for _ in range(_ECHO_REPEATS):
                 for kind, payload in payloads.items():
                     t0 = time.perf_counter()
-                    sync(worker.loop, worker.scheduler.echo, data=ToPickle([payload]))
+                    sync(
+                        worker.loop,
+                        worker.scheduler.echo,
+                        data=ToPickle([payload]),
+                        callback_timeout=_ECHO_TIMEOUT,
+                    )
                     fastest[kind] = min(fastest[kind], time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 - a measurement is never worth a failure
             logger.warning("Push cost not measured (%r): sending dense", e)
+            _MEASURED_BYTE_COST[key] = 0.0  # not again for every task
             return 0.0
         seconds = max(0.0, fastest["large"] - fastest["small"]) / (2 * size)
         _MEASURED_BYTE_COST[key] = seconds
