@@ -276,7 +276,7 @@ def _replay_files(store: Path) -> tuple[dict, list[Path], list[Path], list]:
     import asyncio
 
     from dask_ftps._store import Journal
-    from dask_ftps._store._format import COMMIT_CHUNK_KEY
+    from dask_ftps._store._journal import _chunk_key
 
     async def read():
         journal = await Journal.open(str(store), read_only=True)
@@ -295,12 +295,7 @@ def _replay_files(store: Path) -> tuple[dict, list[Path], list[Path], list]:
 
     snap, records, rows = asyncio.run(read())
     snapshot = [store / snap.array.key / f"c.{i}" for i in range(len(snap.array.crcs))]
-    payloads = [
-        store / r.body.data.key
-        if getattr(r.body.data, "shard", False)
-        else store / r.body.data.key / COMMIT_CHUNK_KEY
-        for r in records
-    ]
+    payloads = [store / _chunk_key(r.body.data) for r in records]
     decoded = [row for r in records for row in rows[r.serial]]
     return {"version": snap.version}, snapshot, payloads, decoded
 
