@@ -24,8 +24,8 @@ from distributed.utils import open_port
 
 import dask_ftps
 from dask_ftps import SGD, ParameterServer
-from dask_ftps.training import _driver as training_module
 from dask_ftps._core import RunSpec
+from dask_ftps.training import _driver as training_module
 
 from .conftest import digits
 from .test_scheduler_loss import (
