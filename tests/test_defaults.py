@@ -192,11 +192,13 @@ async def test_auto_trains_dense_on_loopback(c, s, a, b, tmp_path):
 # -- the push window ------------------------------------------------------------------
 
 
-def test_the_default_window_is_2():
-    assert config.get("inflight") == 2
+def test_the_default_window_is_1():
+    """A window of 2 with scaled steps kept the demo's and the digits' MLPs within
+    0.005 of a window of 1, but not the ConvNet example: the default stays 1."""
+    assert config.get("inflight") == 1
 
 
-@pytest.mark.parametrize(("mode", "window"), [("async", 2), ("sync", 1), ("ssp", 1)])
+@pytest.mark.parametrize(("mode", "window"), [("async", 1), ("sync", 1), ("ssp", 1)])
 def test_status_reports_the_default_window(mode, window):
     """Async mode runs the default window; sync and ssp compute nothing ahead of
     what was acknowledged."""
@@ -210,8 +212,8 @@ def test_status_reports_the_default_window(mode, window):
     run()
 
 
-@gen_cluster(client=True, timeout=120)
-async def test_the_default_window_trains_every_minibatch_once(c, s, a, b):
+@gen_cluster(client=True, timeout=120, config={"ftps.inflight": 2})
+async def test_a_window_of_2_trains_every_minibatch_once(c, s, a, b):
     model = SoftmaxRegression(n_features=64, n_classes=10, seed=0)
     await c.register_plugin(ParameterServer(None, model=model, optimizer=SGD(0.05)))
     assert (await dask_ftps.status(c))["inflight"] == 2
@@ -224,8 +226,8 @@ async def test_the_default_window_trains_every_minibatch_once(c, s, a, b):
 
 
 def test_a_window_set_by_the_user_wins():
-    with dask.config.set({"ftps.inflight": 1}):
-        assert config.get("inflight") == 1
+    with dask.config.set({"ftps.inflight": 2}):
+        assert config.get("inflight") == 2
 
 
 # -- steps scaled by the window ------------------------------------------------------
