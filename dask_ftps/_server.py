@@ -841,6 +841,24 @@ class Server:
             ),
             name="ftps-snapshot",
         )
+        self._snapshot_task.add_done_callback(self._after_snapshot)
+
+    def _after_snapshot(self, task: asyncio.Task) -> None:
+        """A snapshot that fell due while this one was written was skipped: take
+        it now if the server is quiet (otherwise the next batch takes it), so a
+        server that goes idle does not leave more than its budget to replay."""
+        if (
+            self._failed is None
+            and self.journal is not None
+            and self._in_flight == 0
+            and not self._lock.locked()
+            and (
+                int(self.state.version) - self._last_snapshot
+                >= self.config.snapshot_every
+                or self._replay_cost >= self._replay_limit
+            )
+        ):
+            self._start_snapshot()
 
     async def _snapshot(
         self,

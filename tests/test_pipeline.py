@@ -373,13 +373,23 @@ async def test_a_snapshot_bounds_the_replay_work_not_only_the_versions(
     server = s.plugins["ftps"].server
     pushed = [(f"0:0:0:{i}", 0.01 * (i + 1)) for i in range(6)]
 
-    def quiet() -> bool:  # no snapshot being written (one due waits for it)
-        task = server._snapshot_task
-        return task is None or task.done()
+    journal = server.journal
+    write_snapshot = journal.write_snapshot
 
-    for update_id, scale in pushed:
+    async def slow_snapshot(model):  # still written when the next falls due
+        await asyncio.sleep(0.5)
+        return await write_snapshot(model)
+
+    journal.write_snapshot = slow_snapshot
+    for update_id, scale in pushed:  # no waiting: a snapshot that falls due
+        # while the one before is written is taken when that one is done, even
+        # with no push after it
         check_reply(await push(c, update_id, scale), "push")
-        await async_poll_for(quiet, timeout=30)
+    assert [r.body.version for r in journal.snapshots()][:1] != [6]  # not yet
+    await async_poll_for(
+        lambda: [r.body.version for r in server.journal.snapshots()][:1] == [6],
+        timeout=30,
+    )
     versions = sorted(r.body.version for r in server.journal.snapshots())
     assert versions[-2:] == [3, 6]  # by cost: 3 x 1.0 >= 2.5, not by versions
     info = dask_ftps.inspect(where)
