@@ -347,7 +347,9 @@ def test_the_cnn_example_survives_a_worker_and_a_scheduler_kill(tmp_path):
     store = str(tmp_path / "run.zarr")
     port = open_port()
     address = f"tcp://127.0.0.1:{port}"
-    epochs = 4
+    # 6 epochs: with a worker and the scheduler killed on the way, 4 left the
+    # test accuracy at 0.89-0.95 (momentum 0.9): the bar below must hold every time.
+    epochs = 6
     total = epochs * sum(-(-n // BATCH) for n in (674, 673))
 
     def train(client: Client):
@@ -393,7 +395,8 @@ def test_the_cnn_example_survives_a_worker_and_a_scheduler_kill(tmp_path):
             info = dask_ftps.inspect(store)
             ids = [row["update_id"] for row in info["global"]]
             assert max(Counter(ids).values()) == 1  # none twice
-            assert info["updates"] == len(ids) == result.minibatches == total
+            assert info["updates"] == result.minibatches == total
+            assert len(ids) == total - info["first_row"]  # rows below snapshots go
             assert result.version == total
             version, params = dask_ftps.get_model(client)
             offline_version, offline = dask_ftps.recover(store)
