@@ -651,6 +651,20 @@ class Journal:
             folder = data_dir(serial, writer, attempt)
             built: dict[str, Any] = {}
 
+            def sealed(data: DataRef) -> Record:
+                """The commit's record, naming its payload ``data`` (in ``built``)."""
+                body = Commit(
+                    seq,
+                    rows,
+                    int(version),
+                    model_crc(params, layout.names),
+                    tuple((str(w), int(v)) for w, v in downloads),
+                    data,
+                )
+                record = self._record(serial, body)
+                built["record"], built["raw"] = record, record.encode()
+                return record
+
             def build():
                 formats = [layout.row_format(u.grads) for u in updates]
                 if (
@@ -670,17 +684,9 @@ class Journal:
                 for update, size in zip(updates, sizes, strict=True):
                     layout.flatten(update.grads, out=flat[offset : offset + size])
                     offset += size
-                crc = seal_chunk(chunk)
-                body = Commit(
-                    seq,
-                    rows,
-                    int(version),
-                    model_crc(params, layout.names),
-                    tuple((str(w), int(v)) for w, v in downloads),
-                    DataRef(folder, shape, crc, tuple(formats)),
+                record = sealed(
+                    DataRef(folder, shape, seal_chunk(chunk), tuple(formats))
                 )
-                record = self._record(serial, body)
-                built["record"], built["raw"] = record, record.encode()
                 meta = commit_document(shape, record)
                 objects = [
                     (f"{folder}/{COMMIT_CHUNK_KEY}", chunk),
@@ -695,16 +701,7 @@ class Journal:
                     layout.flatten(update.grads, out=out)
                 key = shard_key(writer, serial)
                 shape = (len(updates), layout.size)
-                body = Commit(
-                    seq,
-                    rows,
-                    int(version),
-                    model_crc(params, layout.names),
-                    tuple((str(w), int(v)) for w, v in downloads),
-                    DataRef(key, shape, seal_shard(raw), (), shard=True),
-                )
-                record = self._record(serial, body)
-                built["record"], built["raw"] = record, record.encode()
+                sealed(DataRef(key, shape, seal_shard(raw), (), shard=True))
                 tail = shard_tail(len(updates), layout.size, built["raw"])
                 return [(key, [raw, tail])], log_key(serial), built["raw"]
 
@@ -1050,12 +1047,15 @@ async def _only_ftps_objects(io: StoreIO) -> bool:
     return names <= {"data", "snapshots", "ftps"}
 
 
-async def _commit_in_payloads(io: StoreIO, key: str, serial: int) -> Record | None:
+async def _commit_in_payloads(
+    io: StoreIO, key: str, serial: int, raw: bytes | None = None
+) -> Record | None:
     """The commit record a payload array's ``zarr.json`` (or a shard) repeats,
-    if it is sound."""
+    if it is sound; ``raw``: the shard's bytes, if read already."""
     shard = parse_shard_key(key) is not None
     where = key if shard else f"{key}/zarr.json"
-    raw = await io.get(where)
+    if raw is None:
+        raw = await io.get(where)
     if raw is None:
         return None
     try:
@@ -1161,12 +1161,14 @@ async def _adoptable(
         return 0 if parse_shard_key(key) is not None else data_attempt(key)
 
     for folder in sorted(data_dirs.get(head + 1, ()), key=attempt, reverse=True):
-        record = await _commit_in_payloads(io, folder, head + 1)
+        # A shard holds the record's copy and the rows: read it once.
+        shard = await io.get(folder) if parse_shard_key(folder) is not None else None
+        record = await _commit_in_payloads(io, folder, head + 1, shard)
         if record is None or record.prev != last.crc or record.writer != last.writer:
             continue
         data: DataRef = record.body.data
         key = _chunk_key(data)
-        raw = await io.get(key)
+        raw = shard if data.shard else await io.get(key)
         try:
             if raw is None:
                 continue
