@@ -15,18 +15,27 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from dask.utils import parse_timedelta
 
+from dask_ftps import config
 from dask_ftps._core import ModelVersion, RunId, Version, WorkerId
-from dask_ftps._exceptions import StoreCorrupted, StoreFormatError
+from dask_ftps._exceptions import FTPSError, StoreCorrupted, StoreFormatError
 from dask_ftps._factored import prepare, replay_cost
 from dask_ftps._state import ParameterServerState, RunState
-from dask_ftps._store import CommittedUpdates, Journal, Record
+from dask_ftps._store import (
+    CommittedUpdates,
+    Journal,
+    Record,
+    RunMeta,
+    resolve,
+    take_over,
+)
 from dask_ftps._store._format import EpochEnded, RunBegun, model_crc
 
 logger = logging.getLogger(__name__)
@@ -340,6 +349,262 @@ def _apply(
             f"replay of commit {event.record.serial} gave model version "
             f"{state.version}, its record says {event.commit.version}"
         )
+
+
+# -- a server's start: open the store, rebuild, claim ----------------------------
+
+
+async def read_meta(store: Any, storage_options: dict | None) -> RunMeta | None:
+    """The run a store holds (its root attributes), or None; read only."""
+    io = resolve(store, storage_options)
+    try:
+        return await Journal.read_meta(io)
+    finally:
+        await io.close()
+
+
+async def open_run(
+    store: Any,
+    storage_options: dict | None,
+    *,
+    durable: bool,
+    create: Callable[[], tuple[RunMeta, ModelVersion]],
+    given: Callable[[RunMeta], RunMeta],
+    address: str,
+    rpc: Callable[[str], Any],
+    workers: Callable[[], Collection[str]],
+    limits: dict[str, int],
+    status_op: tuple[str, dict[str, Any]],
+) -> tuple[Journal, Rebuilt]:
+    """Open a run's store for writing, rebuild its state exactly and claim it.
+
+    What a starting scheduler plugin and a starting shard server both do.
+
+    Parameters
+    ----------
+    store, storage_options
+        The run's store (a shard server's: its shard's).
+    durable
+        fsync every local write.
+    create
+        ``() -> (meta, model)`` of a new run, for a store that holds none.
+    given
+        ``given(stored) -> meta``: the run the caller asks for, the store's
+        where it says nothing (another one is :class:`SpecMismatch`).
+    address
+        This server's address: recorded in the claim.
+    rpc
+        ``rpc(address)``: a connection to another process (a worker holding a
+        model copy; the owner the log names).
+    workers
+        The workers alive now (whose model copies may serve the rebuild).
+    limits
+        Retention limits of the state (``download_limit``, ...).
+    status_op
+        The operation (name, arguments) that asks the owner the log names for
+        its status: ``("ftps_status", {})`` at a scheduler.
+
+    Returns
+    -------
+    (journal, rebuilt)
+        ``rebuilt.state.incarnation`` is the claimed incarnation.
+    """
+
+    async def open_journal() -> Journal:
+        io = resolve(store, storage_options)  # each attempt its own
+        io.durable = durable
+        try:
+            journal = await Journal.open_io(io)
+            if journal is None:
+                meta, model = create()
+                journal = await Journal.create_io(io, meta, model)
+            journal.meta.check_same(given(journal.meta))
+        except BaseException:
+            await io.close()
+            raise
+        return journal
+
+    async def alive(journal: Journal, incarnation: int, owner: str) -> bool:
+        return await owner_alive(journal, incarnation, owner, address, rpc, status_op)
+
+    async def rebuild_it(journal: Journal) -> Rebuilt:
+        return await rebuild_from_copies(journal, workers(), rpc, limits)
+
+    journal, incarnation, rebuilt = await take_over(
+        open_journal, address, alive, rebuild_it
+    )
+    rebuilt.state.incarnation = incarnation
+    previous = journal.records[journal.claim_serial - 1].incarnation
+    if journal.committed or previous:
+        logger.warning(
+            "Recovered %s: incarnation %d -> %d, version %d from the %s at version "
+            "%d plus %d replayed updates in %.3fs; 0 accepted updates lost%s",
+            journal.io,
+            previous,
+            incarnation,
+            rebuilt.state.version,
+            "snapshot"
+            if rebuilt.source == "snapshot"
+            else f"model copy of worker {rebuilt.source}",
+            rebuilt.start_version,
+            rebuilt.replayed,
+            rebuilt.seconds,
+            ""
+            if not rebuilt.skipped
+            else f"; damaged snapshots passed over: {'; '.join(rebuilt.skipped)}",
+        )
+    return journal, rebuilt
+
+
+async def rebuild_from_copies(
+    journal: Journal,
+    workers: Collection[str],
+    rpc: Callable[[str], Any],
+    limits: dict[str, int],
+) -> Rebuilt:
+    """The patent's recovery: the freshest model copy a live worker holds plus
+    replay, falling back to the next candidate, then to the snapshot."""
+    from distributed.utils import offload
+
+    large = journal.meta.model.n_params() >= config.get("offload-threshold")
+    kwargs: dict[str, Any] = {"offload": offload if large else None, **limits}
+    newest_snapshot = journal.snapshots()[0].body.version
+    candidates = sorted(
+        ((v, w) for w, v in journal.downloads if v > newest_snapshot and w in workers),
+        reverse=True,
+    )
+    # Asked only where a worker holds a copy (a new scheduler has no workers:
+    # no model's initial parameters are drawn for nothing).
+    if candidates and not stateless(journal.meta):
+        logger.info(
+            "Workers hold newer model copies, but %s keeps optimizer state they "
+            "lack: rebuilding from the snapshot",
+            journal.meta.optimizer,
+        )
+        candidates = []
+    if candidates and not worker_copies():
+        logger.info(
+            "Workers hold newer model copies; ftps.store.worker-copies is off: "
+            "rebuilding from the store alone"
+        )
+        candidates = []
+    timeout = parse_timedelta(config.get("store.copy-timeout"))
+    for version, worker in candidates:
+        try:
+            reply = await asyncio.wait_for(rpc(worker).ftps_model_copy(), timeout)
+            copy = checked_copy(journal, reply, version)
+            return await rebuild(journal, copy=copy, copy_source=worker, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any failure: next candidate
+            logger.warning(
+                "Recovery from worker %s's copy of version %d failed (%s); "
+                "trying the next candidate",
+                worker,
+                version,
+                e,
+            )
+    return await rebuild(journal, **kwargs)
+
+
+async def owner_alive(
+    journal: Journal,
+    incarnation: int,
+    owner: str,
+    address: str,
+    rpc: Callable[[str], Any],
+    status_op: tuple[str, dict[str, Any]],
+) -> bool:
+    """Whether ``owner`` still runs the server of ``incarnation`` on this store
+    (``address`` is the asking server's own)."""
+    if owner == address:
+        return False  # a server here replaces it, or this process restarted
+    timeout = parse_timedelta(config.get("store.owner-timeout"))
+    if not await listening(owner, timeout):
+        return False  # refused: nothing listens there (distributed would retry)
+    op, kwargs = status_op
+    try:
+        reply = await asyncio.wait_for(getattr(rpc(owner), op)(**kwargs), timeout)
+    except Exception:  # noqa: BLE001 - unreachable or not ours: not alive
+        return False
+    return (
+        isinstance(reply, dict)
+        and reply.get("status") == "OK"
+        and reply.get("run_id") == journal.meta.run_id
+        and reply.get("incarnation") == incarnation
+        and not reply.get("failed")
+    )
+
+
+def checked_copy(journal: Journal, reply: object, row_version: int) -> ModelVersion:
+    """A worker's model copy, if the store vouches for it: the same run, a version
+    no older than its download row and no newer than the last commit, and the
+    checksum the commit of that version recorded."""
+    if not isinstance(reply, dict) or reply.get("status") != "OK":
+        raise FTPSError(f"it answered {reply!r:.200}")
+    if reply.get("run_id") != journal.meta.run_id:
+        raise FTPSError("its copy came from another store's run")
+    held = reply.get("version")
+    if not isinstance(held, int) or not row_version <= held <= journal.version:
+        raise FTPSError(
+            f"it holds version {held!r}, outside [{row_version}, {journal.version}]"
+        )
+    record = journal.commit_at_version(held)
+    if record is None:
+        raise FTPSError(f"no retained commit produced version {held}")
+    params = reply.get("params")
+    shapes = journal.meta.model.param_shapes()
+    if (
+        not isinstance(params, dict)
+        or set(params) != set(shapes)
+        or any(
+            not isinstance(params[k], np.ndarray)
+            or params[k].shape != shapes[k]
+            or params[k].dtype != np.float32
+            for k in shapes
+        )
+    ):
+        raise FTPSError("its copy does not have the model's arrays")
+    if model_crc(params, journal.params_layout.names) != record.body.model_crc:
+        raise FTPSError(
+            f"its copy of version {held} differs from the model that version was"
+        )
+    return ModelVersion(Version(held), params, {})
+
+
+def stateless(meta: RunMeta) -> bool:
+    """Whether the run's optimizer keeps no state (a worker's model copy is then
+    all a rebuild needs)."""
+    return not meta.optimizer.init_state(meta.model.init_params())
+
+
+def worker_copies() -> bool:
+    """``ftps.store.worker-copies``: whether a recovery may start from a worker's
+    model copy (the patent's path) or only from the store."""
+    value = config.get("store.worker-copies")
+    if not isinstance(value, bool):
+        raise FTPSError(
+            f"ftps.store.worker-copies must be true or false, got {value!r}"
+        )
+    return value
+
+
+async def listening(address: str, timeout: float) -> bool:
+    """Whether a TCP ``address`` accepts connections; True for other protocols
+    (asked in full then). A refused connection answers at once: a process that
+    died leaves no listener, and its host says so."""
+    from distributed.comm import parse_address, parse_host_port
+
+    scheme, location = parse_address(address)
+    if scheme not in ("tcp", "tls"):
+        return True
+    host, port = parse_host_port(location)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 # -- offline tools -------------------------------------------------------------

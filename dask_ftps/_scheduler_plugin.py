@@ -8,70 +8,45 @@ the :class:`~dask_ftps._server.Server` that :meth:`ParameterServer.start` runs.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import functools
 import logging
 import math
 import os
 import time
 import uuid
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from dask.utils import parse_timedelta
-from distributed.core import error_message
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
-from distributed.protocol.serialize import ToPickle
-from distributed.utils import offload
 from tornado.ioloop import PeriodicCallback
 
 from dask_ftps import _dashboard, _metrics, config
 from dask_ftps._core import (
-    MAX_COUNT,
-    MAX_EPOCHS,
     MODES,
-    Holder,
     Mode,
-    ModelMessage,
     ModelVersion,
-    RunSpec,
-    Update,
-    UpdateKey,
-    Version,
-    WorkerId,
     download_entries,
-    field_holder,
-    field_int,
-    field_live,
-    field_server,
-    field_step,
-    field_str,
     holder_client,
 )
 from dask_ftps._dashboard import Tracker
 from dask_ftps._exceptions import (
     FTPSError,
-    InvalidRequest,
-    InvalidUpdate,
     NotRegistered,
     RunInUse,
-    StaleIncarnation,
 )
-from dask_ftps._recovery import Rebuilt, rebuild
+from dask_ftps._recovery import Rebuilt, open_run, read_meta, worker_copies
 from dask_ftps._registry import importable_elsewhere, module_allowed
 from dask_ftps._server import Server, ServerConfig, rebuilt_summary
-from dask_ftps._state import ParameterServerState, check_worker
-from dask_ftps._store import Journal, RunMeta, resolve, take_over
-from dask_ftps._store._format import model_crc
+from dask_ftps._state import ParameterServerState
+from dask_ftps._store import Journal, RunMeta
 from dask_ftps._store._io import check_location
 from dask_ftps._worker_plugin import FTPSWorkerPlugin
 from dask_ftps.models import Model, check_model
 from dask_ftps.models._base import MODELS
 from dask_ftps.optim import OPTIMIZERS, SGD, Optimizer
+from dask_ftps.protocol import Endpoint
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -80,26 +55,6 @@ logger = logging.getLogger(__name__)
 
 #: The scheduler's periodic callback that samples the server for the dashboard.
 _SAMPLER = "ftps-dashboard"
-
-
-def _replies_errors(handler: Callable[..., Awaitable[dict]]):
-    """Send a refusal back to the caller as an error message, never a crash."""
-
-    @functools.wraps(handler)
-    async def wrapper(*args: Any, **kwargs: Any) -> dict:
-        try:
-            return await handler(*args, **kwargs)
-        except FTPSError as e:
-            logger.info("%s refused: %s", handler.__name__, e)
-            return error_message(e)
-        except TypeError as e:  # missing or unexpected message keys
-            logger.info("%s refused: %s", handler.__name__, e)
-            return error_message(InvalidRequest(f"{handler.__name__}: {e}"))
-        except Exception as e:
-            logger.warning("%s failed on a request", handler.__name__, exc_info=True)
-            return error_message(InvalidRequest(f"{handler.__name__}: {e!r}"))
-
-    return wrapper
 
 
 def _warn_unimportable(model: Model) -> None:
@@ -133,7 +88,7 @@ def _log_unrebuildable(model: Model) -> None:
         )
 
 
-class ParameterServer(SchedulerPlugin):
+class ParameterServer(SchedulerPlugin, Endpoint):
     """A fault-tolerant parameter server hosted by the Dask scheduler.
 
     Parameters
@@ -272,19 +227,7 @@ class ParameterServer(SchedulerPlugin):
 
     @property
     def _handlers(self) -> dict[str, Callable]:
-        return {
-            "ftps_begin_run": self.begin_run,
-            "ftps_find_run": self.find_run,
-            "ftps_end_epoch": self.end_epoch,
-            "ftps_end_run": self.end_run,
-            "ftps_next_step": self.next_step,
-            "ftps_pull": self.pull,
-            "ftps_push": self.push,
-            "ftps_status": self.status,
-            "ftps_get_model": self.get_model,
-            "ftps_model_spec": self.model_spec,
-            "ftps_records": self.records,
-        }
+        return self.endpoint_handlers()
 
     @property
     def server(self) -> Server:
@@ -335,7 +278,7 @@ class ParameterServer(SchedulerPlugin):
             reorder_timeout=parse_timedelta(config.get("reorder-timeout")),
             replay_budget=_replay_budget(config.get("store.replay-budget")),
         )
-        _worker_copies()  # checked before the old server is retired
+        worker_copies()  # checked before the old server is retired
         if self.store is None:
             if old_server is not None:
                 self._check_replaceable(old_server)
@@ -475,197 +418,15 @@ class ParameterServer(SchedulerPlugin):
         # that the retirement would end.
         old.retiring = True
 
-    @_replies_errors
-    async def begin_run(
-        self,
-        spec: object,
-        name: object = "",
-        holder: object = None,
-        live: object = (),
-        server_id: object = None,
-    ) -> dict:
-        """Begin or find a run. ``holder`` (``"<client id>/<token>"``) names the
-        ``train()`` call, ``live`` the calls of the same client still running,
-        ``server_id`` the server the caller expects (from ``ftps_status``)."""
-        run_spec = RunSpec.from_dict(spec)
-        run_name = field_str("name", name)
-        caller = None if holder is None else field_holder(holder)
-        mine = field_live(live, caller)
-        expect = None if server_id is None else field_server(server_id, "begin_run")
-        clients = self.scheduler.clients
-        own = None if caller is None else holder_client(caller)
+    def _clients(self) -> Collection[str]:
+        return self.scheduler.clients
 
-        def alive(other: Holder) -> bool:
-            client = holder_client(other)
-            if client == own:  # the caller's client says which of its calls live
-                return other in mine
-            return client in clients
-
-        return await self.server.begin_run(run_spec, run_name, caller, alive, expect)
-
-    @_replies_errors
-    async def end_run(self, server_id: object, run: object, holder: object) -> dict:
-        """The ``train()`` call ``holder`` ended: it holds ``run`` no more."""
-        server = self.server
-        expect = field_server(server_id, "end_run")
-        run_number = field_int("run", run, maximum=MAX_COUNT)
-        caller = field_holder(holder)
-        server.check_server(expect, "the run")
-        return server.release(run_number, caller)
-
-    @_replies_errors
-    async def find_run(
-        self,
-        name: object,
-        n_samples: object,
-        batch_size: object,
-        epochs: object,
-        seed: object,
-    ) -> dict:
-        return self.server.find_run(
-            field_str("name", name),
-            field_int("n_samples", n_samples, maximum=MAX_COUNT),
-            field_int("batch_size", batch_size, maximum=MAX_COUNT),
-            field_int("epochs", epochs, maximum=MAX_EPOCHS),
-            field_int("seed", seed, maximum=2**63 - 1),
-        )
-
-    @_replies_errors
-    async def end_epoch(
-        self, run: object, epoch: object, values: object, server_id: object = None
-    ) -> dict:
-        self.server.check_server(field_server(server_id, "end_epoch"), f"run {run}")
-        return await self.server.end_epoch(
-            field_int("run", run, maximum=MAX_COUNT),
-            field_int("epoch", epoch, maximum=MAX_EPOCHS),
-            _history_values(values),
-        )
-
-    @_replies_errors
-    async def next_step(
-        self,
-        run: object,
-        shard: object,
-        server_id: object = None,
-        holder: object = None,
-    ) -> dict:
-        expect = field_server(server_id, "next_step")
-        caller = field_holder(holder)  # malformed: InvalidRequest, whatever server
-        self.server.check_server(expect, f"run {run}")
-        return await self.server.next_step(
-            field_int("run", run, maximum=MAX_COUNT),
-            field_int("shard", shard, maximum=MAX_COUNT),
-            caller,
-        )
-
-    def _connected(self, holder: Holder) -> bool:
-        """Whether the client of the train() call ``holder`` is connected."""
-        return holder_client(holder) in self.scheduler.clients
-
-    @_replies_errors
-    async def pull(
-        self,
-        worker: object,
-        run: object,
-        shard: object,
-        epoch: object,
-        step: object,
-        have_version: object = -1,
-        have_server: object = None,
-        server_id: object = None,
-        holder: object = None,
-    ) -> ModelMessage:
-        """The model to compute ``(epoch, step)`` of a shard from. ``holder``
-        names the train() call the asking task belongs to (every pull, push
-        and next_step does): it must hold the run."""
-        expect = field_server(server_id, "pull")
-        caller = field_holder(holder)
-        self.server.check_server(expect, f"run {run}")
-        return await self.server.pull(
-            WorkerId(check_worker(worker, InvalidRequest)),
-            field_int("run", run, maximum=MAX_COUNT),
-            field_int("shard", shard, maximum=MAX_COUNT),
-            field_int("epoch", epoch, maximum=MAX_EPOCHS),
-            field_int("step", step, maximum=MAX_COUNT),
-            field_int("have_version", have_version, minimum=-1),
-            field_str("have_server", have_server, optional=True),
-            caller,
-        )
-
-    @_replies_errors
-    async def push(
-        self,
-        worker: object,
-        update_id: object,
-        grads: object,
-        incarnation: object,
-        next_step: object = None,
-        have_version: object = -1,
-        have_server: object = None,
-        server_id: object = None,
-        holder: object = None,
-    ) -> ModelMessage:
-        """Accept one update once it is durable; with ``next_step``, answer with
-        the model for that step. ``server_id`` names the server the update's run
-        began on: an update of another server's run is refused first; ``holder``
-        the train() call it belongs to: an update of a run another call holds
-        is refused before it changes anything."""
-        server = self.server
-        expect = field_server(server_id, "push")
-        caller = field_holder(holder)
-        server.check_server(expect, f"update {str(update_id)[:40]!r}")
-        if not isinstance(incarnation, int) or isinstance(incarnation, bool):
-            raise StaleIncarnation(f"message from incarnation {incarnation!r:.40}")
-        update = Update(
-            UpdateKey.parse(update_id),
-            WorkerId(check_worker(worker, InvalidUpdate)),
-            _grads(grads),
-            caller,
-        )
-        return await server.push(
-            update,
-            incarnation,
-            field_step(next_step),
-            field_int("have_version", have_version, InvalidUpdate, minimum=-1),
-            field_str("have_server", have_server, InvalidUpdate, optional=True),
-        )
-
-    @_replies_errors
-    async def status(self) -> dict:
-        server = self.server
-        reply = server.status()
-        # Only async mode computes ahead of what was acknowledged: a sync round
-        # needs the round before it, an ssp bound counts acknowledged clocks.
-        reply["inflight"] = server.config.inflight if reply["mode"] == "async" else 1
+    def _status_extra(self, reply: dict) -> dict:
         workers = self.scheduler.workers
         reply["workers"] = sorted(workers)
         reply["nthreads"] = sum(ws.nthreads for ws in workers.values())
         reply["registration"] = self.registration
         return reply
-
-    @_replies_errors
-    async def model_spec(self) -> dict:
-        """The served model object itself (pickled, as the client registered it,
-        or as this scheduler rebuilt it): what ``train()`` ships to its tasks,
-        with no lookup of the class by name on the client."""
-        return {
-            "status": "OK",
-            "server_id": self.server.server_id,
-            "model": ToPickle(self.server.state.model_spec),
-        }
-
-    @_replies_errors
-    async def get_model(self) -> dict:
-        model = self.server.published
-        return {
-            "status": "OK",
-            "version": int(model.version),
-            "params": ToPickle(model.params),
-        }
-
-    @_replies_errors
-    async def records(self) -> dict:
-        return {"status": "OK", **(await self.server.records())}
 
     # -- store ----------------------------------------------------------------
 
@@ -703,15 +464,13 @@ class ParameterServer(SchedulerPlugin):
             self.durable if self.durable is not None else config.get("store.durable")
         )
         # Refuse another spec before the old server stops serving.
-        io = resolve(self.store, self.storage_options)
-        try:
-            existing = await Journal.read_meta(io)
-        finally:
-            await io.close()
+        existing = await read_meta(self.store, self.storage_options)
         if existing is not None:
             existing.check_same(self._given(existing))
         elif self.model is None:
-            raise FTPSError(f"the store {io} holds no run to resume: give a model")
+            raise FTPSError(
+                f"the store {self.store} holds no run to resume: give a model"
+            )
         if old_server is not None:
             if existing is None or existing.run_id != old_server.server_id:
                 # Another store's server: the runs of the old one end here. (The
@@ -719,207 +478,35 @@ class ParameterServer(SchedulerPlugin):
                 self._check_replaceable(old_server)
             await old_server.retire("replaced")
 
-        async def open_journal() -> Journal:
-            io = resolve(self.store, self.storage_options)  # each attempt its own
-            io.durable = durable
-            try:
-                journal = await Journal.open_io(io)
-                if journal is None:
-                    if self.model is None:
-                        raise FTPSError(
-                            f"the store {io} holds no run to resume: give a model"
-                        )
-                    meta = self._meta()
-                    journal = await Journal.create_io(
-                        io, meta, self._fresh_state(meta).model
-                    )
-                journal.meta.check_same(self._given(journal.meta))
-            except BaseException:
-                await io.close()
-                raise
-            return journal
+        def create() -> tuple[RunMeta, ModelVersion]:
+            if self.model is None:
+                raise FTPSError(
+                    f"the store {self.store} holds no run to resume: give a model"
+                )
+            meta = self._meta()
+            return meta, self._fresh_state(meta).model
 
-        journal, incarnation, rebuilt = await take_over(
-            open_journal, self.scheduler.address, self._owner_alive, self._rebuild
+        scheduler = self.scheduler
+        journal, rebuilt = await open_run(
+            self.store,
+            self.storage_options,
+            durable=durable,
+            create=create,
+            given=self._given,
+            address=scheduler.address,
+            rpc=scheduler.rpc,
+            workers=lambda: scheduler.workers,
+            limits=self._limits,
+            status_op=("ftps_status", {}),
         )
-        rebuilt.state.incarnation = incarnation
         if old_server is not None and old_server.server_id == journal.meta.run_id:
             # The same runs go on here: so do the train() calls holding them.
             rebuilt.state.adopt_holders(old_server.state)
-        previous = journal.records[journal.claim_serial - 1].incarnation
-        if journal.committed or previous:
-            logger.warning(
-                "Recovered %s: incarnation %d -> %d, version %d from the %s at version "
-                "%d plus %d replayed updates in %.3fs; 0 accepted updates lost%s",
-                journal.io,
-                previous,
-                incarnation,
-                rebuilt.state.version,
-                "snapshot"
-                if rebuilt.source == "snapshot"
-                else f"model copy of worker {rebuilt.source}",
-                rebuilt.start_version,
-                rebuilt.replayed,
-                rebuilt.seconds,
-                ""
-                if not rebuilt.skipped
-                else f"; damaged snapshots passed over: {'; '.join(rebuilt.skipped)}",
-            )
         return Server(rebuilt.state, journal, settings, rebuilt, str(journal.io))
 
     def _log_event(self, event: dict) -> None:
         """An event on the scheduler's ``ftps`` topic (``client.get_events("ftps")``)."""
         self.scheduler.log_event("ftps", event)
-
-    async def _rebuild(self, journal: Journal) -> Rebuilt:
-        """The patent's recovery: the freshest model copy a live worker holds plus
-        replay, falling back to the next candidate, then to the snapshot."""
-        large = journal.meta.model.n_params() >= config.get("offload-threshold")
-        kwargs = {"offload": offload if large else None, **self._limits}
-        newest_snapshot = journal.snapshots()[0].body.version
-        candidates = sorted(
-            (
-                (v, w)
-                for w, v in journal.downloads
-                if v > newest_snapshot and w in self.scheduler.workers
-            ),
-            reverse=True,
-        )
-        # Asked only where a worker holds a copy (a new scheduler has no workers:
-        # no model's initial parameters are drawn for nothing).
-        if candidates and not _stateless(journal.meta):
-            logger.info(
-                "Workers hold newer model copies, but %s keeps optimizer state they "
-                "lack: rebuilding from the snapshot",
-                journal.meta.optimizer,
-            )
-            candidates = []
-        if candidates and not _worker_copies():
-            logger.info(
-                "Workers hold newer model copies; ftps.store.worker-copies is off: "
-                "rebuilding from the store alone"
-            )
-            candidates = []
-        timeout = parse_timedelta(config.get("store.copy-timeout"))
-        for version, worker in candidates:
-            try:
-                reply = await asyncio.wait_for(
-                    self.scheduler.rpc(worker).ftps_model_copy(), timeout
-                )
-                copy = _checked_copy(journal, reply, version)
-                return await rebuild(journal, copy=copy, copy_source=worker, **kwargs)
-            except Exception as e:  # noqa: BLE001 - any failure: next candidate
-                logger.warning(
-                    "Recovery from worker %s's copy of version %d failed (%s); "
-                    "trying the next candidate",
-                    worker,
-                    version,
-                    e,
-                )
-        return await rebuild(journal, **kwargs)
-
-    async def _owner_alive(
-        self, journal: Journal, incarnation: int, address: str
-    ) -> bool:
-        """Whether ``address`` still runs the server of ``incarnation`` on this store."""
-        if address == self.scheduler.address:
-            return False  # a server here replaces it, or this scheduler restarted
-        timeout = parse_timedelta(config.get("store.owner-timeout"))
-        if not await _listening(address, timeout):
-            return False  # refused: nothing listens there (distributed would retry)
-        try:
-            reply = await asyncio.wait_for(
-                self.scheduler.rpc(address).ftps_status(), timeout
-            )
-        except Exception:  # noqa: BLE001 - unreachable or not ours: not alive
-            return False
-        return (
-            isinstance(reply, dict)
-            and reply.get("status") == "OK"
-            and reply.get("run_id") == journal.meta.run_id
-            and reply.get("incarnation") == incarnation
-            and not reply.get("failed")
-        )
-
-
-def _history_values(value: object) -> dict[str, float | None]:
-    """An epoch's history record: at most 32 short names, each a number or None
-    (NaN and infinities are kept as None)."""
-    if not isinstance(value, dict) or len(value) > 32:
-        raise InvalidRequest("values must be a dict of at most 32 numbers by name")
-    out: dict[str, float | None] = {}
-    for name, number in value.items():
-        field_str("a history name", name, max_length=64)
-        if number is not None and (
-            isinstance(number, bool) or not isinstance(number, int | float)
-        ):
-            raise InvalidRequest(f"history value {name!r} must be a number or None")
-        out[name] = None if number is None or not np.isfinite(number) else float(number)
-    return out
-
-
-def _grads(value: object) -> dict[str, np.ndarray]:
-    """The ``grads`` field: a dict of NumPy arrays by name (shapes are the state's
-    to check)."""
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise InvalidUpdate(
-            f"grads must be a dict of arrays by parameter name, got "
-            f"{type(value).__name__}"
-        )
-    return value
-
-
-def _checked_copy(journal: Journal, reply: object, row_version: int) -> ModelVersion:
-    """A worker's model copy, if the store vouches for it: the same run, a version
-    no older than its download row and no newer than the last commit, and the
-    checksum the commit of that version recorded."""
-    if not isinstance(reply, dict) or reply.get("status") != "OK":
-        raise FTPSError(f"it answered {reply!r:.200}")
-    if reply.get("run_id") != journal.meta.run_id:
-        raise FTPSError("its copy came from another store's run")
-    held = reply.get("version")
-    if not isinstance(held, int) or not row_version <= held <= journal.version:
-        raise FTPSError(
-            f"it holds version {held!r}, outside [{row_version}, {journal.version}]"
-        )
-    record = journal.commit_at_version(held)
-    if record is None:
-        raise FTPSError(f"no retained commit produced version {held}")
-    params = reply.get("params")
-    shapes = journal.meta.model.param_shapes()
-    if (
-        not isinstance(params, dict)
-        or set(params) != set(shapes)
-        or any(
-            not isinstance(params[k], np.ndarray)
-            or params[k].shape != shapes[k]
-            or params[k].dtype != np.float32
-            for k in shapes
-        )
-    ):
-        raise FTPSError("its copy does not have the model's arrays")
-    if model_crc(params, journal.params_layout.names) != record.body.model_crc:
-        raise FTPSError(
-            f"its copy of version {held} differs from the model that version was"
-        )
-    return ModelVersion(Version(held), params, {})
-
-
-def _stateless(meta: RunMeta) -> bool:
-    """Whether the run's optimizer keeps no state (a worker's model copy is then
-    all a rebuild needs)."""
-    return not meta.optimizer.init_state(meta.model.init_params())
-
-
-def _worker_copies() -> bool:
-    """``ftps.store.worker-copies``: whether a recovery may start from a worker's
-    model copy (the patent's path) or only from the store."""
-    value = config.get("store.worker-copies")
-    if not isinstance(value, bool):
-        raise FTPSError(
-            f"ftps.store.worker-copies must be true or false, got {value!r}"
-        )
-    return value
 
 
 def _replay_budget(value: Any) -> float:
@@ -938,23 +525,3 @@ def _window(value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise FTPSError(f"ftps.inflight must be a positive integer, got {value!r}")
     return value
-
-
-async def _listening(address: str, timeout: float) -> bool:
-    """Whether a TCP ``address`` accepts connections; True for other protocols
-    (asked in full then). A refused connection answers at once: a process that
-    died leaves no listener, and its host says so."""
-    from distributed.comm import parse_address, parse_host_port
-
-    scheme, location = parse_address(address)
-    if scheme not in ("tcp", "tls"):
-        return True
-    host, port = parse_host_port(location)
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True

@@ -52,7 +52,7 @@ async def test_replaced_server_rebuilds_from_a_workers_copy(c, s, a, b, tmp_path
     # Tried first: the newest version; of equal ones, the greatest address.
     freshest = max(rows, key=lambda w: (rows[w], w))
 
-    with captured_logger("dask_ftps._scheduler_plugin", level=logging.INFO) as log:
+    with captured_logger("dask_ftps._recovery", level=logging.INFO) as log:
         await c.register_plugin(ParameterServer(store))
     status = await dask_ftps.status(c)
     assert status["recovery"]["source"] == freshest
@@ -72,7 +72,7 @@ async def test_replaced_server_rebuilds_from_a_workers_copy(c, s, a, b, tmp_path
 
     by_address[freshest].handlers["ftps_model_copy"] = broken
     other = next(w for w in by_address if w != freshest)
-    with captured_logger("dask_ftps._scheduler_plugin", level=logging.INFO) as log:
+    with captured_logger("dask_ftps._recovery", level=logging.INFO) as log:
         await c.register_plugin(ParameterServer(store))
     assert f"Recovery from worker {freshest}'s copy" in log.getvalue()
     status = await dask_ftps.status(c)

@@ -453,7 +453,7 @@ async def test_a_start_that_loses_the_race_for_its_claim_reads_the_store_again(
 ):
     """Another server writes the log between this start's read and its claim: the
     claim fails, and the start reads the store again and claims after it."""
-    import dask_ftps._scheduler_plugin as plugin_module
+    import dask_ftps._recovery as plugin_module
     from dask_ftps._store import Journal
 
     store = str(tmp_path / "run.zarr")
@@ -564,7 +564,7 @@ async def test_a_push_whose_reply_is_lost_is_sent_again_and_applied_once(c, s, a
             return reply
 
         plugin._send = flaky
-    with captured_logger("dask_ftps._scheduler_plugin", level=logging.INFO) as log:
+    with captured_logger("dask_ftps.protocol", level=logging.INFO) as log:
         result = await dask_ftps.train(
             c, X_train, y_train, epochs=2, batch_size=64, progress=False
         )
@@ -648,7 +648,7 @@ async def test_a_workers_copy_is_used_only_if_the_store_vouches_for_it(
     expected_version, expected = await dask_ftps.get_model(c)
     for worker in (a, b):
         _plant(worker, **COPY_DOCTORING[case](worker.plugins["ftps"].latest, journal))
-    with captured_logger("dask_ftps._scheduler_plugin", level=logging.WARNING) as log:
+    with captured_logger("dask_ftps._recovery", level=logging.WARNING) as log:
         await c.register_plugin(ParameterServer(store))
     assert log.getvalue().count("failed") == 2, log.getvalue()  # both refused
     status = await dask_ftps.status(c)
@@ -692,7 +692,7 @@ async def test_sync_mode_has_one_version_live_in_the_store_and_recovered(
 async def test_each_check_of_a_workers_copy_refuses_on_its_own(c, s, a, b, tmp_path):
     """Each check alone: a copy with the right bits but another run's id, a
     version outside its bounds, and a version whose bits differ."""
-    from dask_ftps._scheduler_plugin import _checked_copy
+    from dask_ftps._recovery import checked_copy as _checked_copy
 
     _, journal = await _trained_without_optimizer_state(c, s, tmp_path)
     version, params = await dask_ftps.get_model(c)

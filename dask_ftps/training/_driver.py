@@ -454,7 +454,7 @@ async def _connected(client: Client) -> None:
 async def _scheduler_listens(client: Client) -> bool:
     """Whether something accepts connections at the client's scheduler address
     (True where that cannot be told: another protocol)."""
-    from dask_ftps._scheduler_plugin import _listening
+    from dask_ftps._recovery import listening as _listening
 
     try:
         return await _listening(client.scheduler.address, 1.0)
