@@ -16,6 +16,7 @@
     ├── NotRegistered (RuntimeError)      no ParameterServer on the scheduler
     ├── SchedulerLost (ConnectionError)   train() lost its scheduler: call it again
     ├── WaitTimeout (TimeoutError)        a pull waited too long for its round
+    ├── ShardUnavailable                  a shard of a sharded server is not served now
     ├── NotDurable                        an update that could not be made durable
     │   └── Voided                        undone with an earlier batch: push it again
     ├── StoreLocked                       another live server writes the store
@@ -125,6 +126,11 @@ class SchedulerLost(FTPSError, ConnectionError):
 
 class WaitTimeout(FTPSError, TimeoutError):
     """A pull waited longer than ``ftps.wait-timeout`` for its sync round or ssp bound."""
+
+
+class ShardUnavailable(FTPSError):
+    """A shard of a sharded parameter server is not served now (no worker with
+    the ``ftps-server`` resource took it, or its server is being replaced)."""
 
 
 class NotDurable(FTPSError):

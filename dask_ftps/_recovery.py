@@ -638,6 +638,9 @@ def recover(
     """
 
     async def run() -> tuple[int, dict[str, np.ndarray]]:
+        shards = await sharded_run(store, storage_options)
+        if shards is not None:
+            return await _recover_sharded(store, storage_options, shards)
         journal = await _open_read_only(store, storage_options)
         try:
             rebuilt = await rebuild(journal)
@@ -646,6 +649,38 @@ def recover(
         return int(rebuilt.state.version), rebuilt.state.model.params
 
     return _run(run())
+
+
+async def sharded_run(store: Any, storage_options: dict | None) -> RunMeta | None:
+    """The meta of shard 0 of a sharded run's store (None: not sharded)."""
+    from dask_ftps._shards import shard_store
+
+    if not isinstance(store, str):
+        return None
+    try:
+        return await read_meta(shard_store(store, 0), storage_options)
+    except StoreFormatError:
+        return None
+
+
+async def _recover_sharded(
+    store: str, storage_options: dict | None, meta: RunMeta
+) -> tuple[int, dict[str, np.ndarray]]:
+    """Every shard rebuilt from its journal, the model assembled; the version
+    is the lowest shard version (every shard has merged that many updates)."""
+    from dask_ftps._shards import assemble, plan, shard_store
+
+    versions, parts = [], []
+    for k in range(meta.model.shards):
+        journal = await _open_read_only(shard_store(store, k), storage_options)
+        try:
+            rebuilt = await rebuild(journal)
+        finally:
+            await journal.close()
+        versions.append(int(rebuilt.state.version))
+        parts.append(rebuilt.state.model.params)
+    layout = plan(meta.model.model.param_shapes(), meta.model.shards)
+    return min(versions), assemble(parts, layout)
 
 
 def inspect(store: Any, storage_options: dict | None = None) -> dict[str, Any]:
@@ -668,6 +703,9 @@ def inspect(store: Any, storage_options: dict | None = None) -> dict[str, Any]:
     """
 
     async def run() -> dict[str, Any]:
+        shards = await sharded_run(store, storage_options)
+        if shards is not None:
+            return await _describe_sharded(store, storage_options, shards)
         journal = await _open_read_only(store, storage_options)
         try:
             return _describe(journal)
@@ -675,6 +713,36 @@ def inspect(store: Any, storage_options: dict | None = None) -> dict[str, Any]:
             await journal.close()
 
     return _run(run())
+
+
+async def _describe_sharded(
+    store: str, storage_options: dict | None, meta: RunMeta
+) -> dict[str, Any]:
+    """Each shard described; the whole run's ``version`` (the lowest shard's),
+    ``versions``, ``model``, ``updates`` beside them."""
+    from dask_ftps._shards import shard_store
+
+    shards = []
+    for k in range(meta.model.shards):
+        journal = await _open_read_only(shard_store(store, k), storage_options)
+        try:
+            shards.append({"shard": k, **_describe(journal)})
+        finally:
+            await journal.close()
+    return {
+        "version": min(d["version"] for d in shards),
+        "versions": [d["version"] for d in shards],
+        "updates": min(d["updates"] for d in shards),
+        "model": meta.model.model.to_dict(),
+        "optimizer": meta.optimizer.to_dict(),
+        "mode": meta.mode,
+        "staleness": meta.staleness,
+        "run_id": shards[0]["run_id"],
+        "runs": shards[0]["runs"],
+        "shards": shards,
+        "payload_bytes": sum(d["payload_bytes"] for d in shards),
+        "damaged": [x for d in shards for x in d["damaged"]],
+    }
 
 
 def _describe(journal: Journal) -> dict[str, Any]:

@@ -8,6 +8,7 @@ the :class:`~dask_ftps._server.Server` that :meth:`ParameterServer.start` runs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -23,10 +24,12 @@ from distributed.protocol.pickle import dumps
 from tornado.ioloop import PeriodicCallback
 
 from dask_ftps import _dashboard, _metrics, config
+from dask_ftps._coordinator import Coordinator
 from dask_ftps._core import (
     MODES,
     Mode,
     ModelVersion,
+    check_reply,
     download_entries,
     holder_client,
 )
@@ -35,10 +38,12 @@ from dask_ftps._exceptions import (
     FTPSError,
     NotRegistered,
     RunInUse,
+    SpecMismatch,
 )
 from dask_ftps._recovery import Rebuilt, open_run, read_meta, worker_copies
 from dask_ftps._registry import importable_elsewhere, module_allowed
 from dask_ftps._server import Server, ServerConfig, rebuilt_summary
+from dask_ftps._shards import MAX_SHARDS, ModelShard, plan, shard_store
 from dask_ftps._state import ParameterServerState
 from dask_ftps._store import Journal, RunMeta
 from dask_ftps._store._io import check_location
@@ -46,7 +51,7 @@ from dask_ftps._worker_plugin import FTPSWorkerPlugin
 from dask_ftps.models import Model, check_model
 from dask_ftps.models._base import MODELS
 from dask_ftps.optim import OPTIMIZERS, SGD, Optimizer
-from dask_ftps.protocol import Endpoint
+from dask_ftps.protocol import SHARDS_OP, Endpoint, replies_errors
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -163,7 +168,27 @@ class ParameterServer(SchedulerPlugin, Endpoint):
         snapshot_every: int | None = None,
         durable: bool | None = None,
         storage_options: dict | None = None,
+        shards: int | None = None,
     ) -> None:
+        if shards is not None and (
+            not isinstance(shards, int)
+            or isinstance(shards, bool)
+            or not 1 <= shards <= MAX_SHARDS
+        ):
+            raise ValueError(
+                f"shards must be an integer in [1, {MAX_SHARDS}], got {shards!r}"
+            )
+        if (
+            shards is not None
+            and shards > 1
+            and not isinstance(
+                os.fspath(store) if isinstance(store, os.PathLike) else store, str
+            )
+        ):
+            raise TypeError(
+                "a sharded parameter server (shards > 1) needs a store path or URL: "
+                "each shard keeps its run in a folder of it"
+            )
         if mode is not None and mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if staleness is not None and (
@@ -217,17 +242,37 @@ class ParameterServer(SchedulerPlugin, Endpoint):
         self.staleness = staleness
         self.snapshot_every = snapshot_every
         self.durable = durable
+        self.shards = shards
         #: This object's own id, drawn where it was made (the client): whoever
         #: registered it can tell whether the scheduler still serves it.
         self.registration = uuid.uuid4().hex
         self._server: Server | None = None
+        self._coordinator: Coordinator | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_server": None, "scheduler": None}
+        return {
+            **self.__dict__,
+            "_server": None,
+            "_coordinator": None,
+            "scheduler": None,
+        }
 
     @property
     def _handlers(self) -> dict[str, Callable]:
-        return self.endpoint_handlers()
+        if self._coordinator is not None:
+            handlers = self._coordinator.handlers()
+            handlers["ftps_status"] = self._sharded_status
+            return handlers
+        return {**self.endpoint_handlers(), SHARDS_OP: self._no_shards}
+
+    async def _no_shards(self, **kwargs: Any) -> dict:
+        """``ftps_shards`` of a server that is not sharded."""
+        return {"status": "OK", "shards": None}
+
+    @property
+    def coordinator(self) -> Coordinator | None:
+        """The placement of a sharded server's shards (None: not sharded)."""
+        return self._coordinator
 
     @property
     def server(self) -> Server:
@@ -279,6 +324,20 @@ class ParameterServer(SchedulerPlugin, Endpoint):
             replay_budget=_replay_budget(config.get("store.replay-budget")),
         )
         worker_copies()  # checked before the old server is retired
+        sharded = None
+        if isinstance(self.store, str):
+            sharded = await read_meta(shard_store(self.store, 0), self.storage_options)
+        if sharded is not None or (self.shards or 1) > 1:
+            await self._start_sharded(old, old_server, settings, sharded)
+            logger.info(
+                "Sharded parameter server started in %.3fs: %s over %d shards, "
+                "store %s",
+                time.perf_counter() - t0,
+                self.model.summary(),
+                self._coordinator.shards,
+                self.store,
+            )
+            return
         if self.store is None:
             if old_server is not None:
                 self._check_replaceable(old_server)
@@ -326,12 +385,100 @@ class ParameterServer(SchedulerPlugin, Endpoint):
             server.description,
         )
 
+    async def _start_sharded(
+        self,
+        old: Any,
+        old_server: Server | None,
+        settings: ServerConfig,
+        stored: RunMeta | None,
+    ) -> None:
+        """Coordinate a sharded run: its shard servers run on tagged workers."""
+        scheduler = self.scheduler
+        if stored is None:
+            if await read_meta(self.store, self.storage_options) is not None:
+                raise SpecMismatch(
+                    f"the store {self.store} holds a run of one server: it cannot "
+                    f"be resumed with shards={self.shards}"
+                )
+            if self.model is None:
+                raise FTPSError(
+                    f"the store {self.store} holds no run to resume: give a model"
+                )
+            meta = self._meta()
+            shards = int(self.shards)
+        else:
+            shards = stored.model.shards
+            if self.shards is not None and self.shards != shards:
+                raise SpecMismatch(
+                    f"the store {self.store} holds a run of {shards} shards, this "
+                    f"server asks for {self.shards}"
+                )
+            base = stored.model.model
+            given = self._given(
+                RunMeta(base, stored.optimizer, stored.mode, stored.staleness)
+            )
+            stored.check_same(
+                RunMeta(
+                    ModelShard.of(given.model, shards, 0),
+                    given.optimizer,
+                    given.mode,
+                    given.staleness,
+                )
+            )
+            meta = given
+        plan(meta.model.param_shapes(), shards)  # a model too small: an error now
+        if old_server is not None:
+            self._check_replaceable(old_server)
+            await old_server.retire("replaced")
+        if isinstance(old, ParameterServer) and old._coordinator is not None:
+            await old._coordinator.close()
+        durable = (
+            self.durable if self.durable is not None else config.get("store.durable")
+        )
+        server_settings = dataclasses.asdict(settings)
+        del server_settings["address"]
+        if math.isinf(server_settings["replay_budget"]):
+            server_settings["replay_budget"] = math.inf
+        self._coordinator = Coordinator(
+            scheduler,
+            meta.model,
+            {
+                "store": self.store,
+                "storage_options": self.storage_options,
+                "shards": shards,
+                "model": meta.model.to_dict(),
+                "optimizer": meta.optimizer.to_dict(),
+                "mode": meta.mode,
+                "staleness": meta.staleness,
+                "durable": durable,
+                "settings": server_settings,
+                "limits": dict(self._limits),
+            },
+        )
+        self.model = meta.model
+        if old is not None and old is not self:
+            logger.info("Replacing the registered parameter server %r", self.name)
+            del scheduler.plugins[self.name]
+        scheduler.handlers.update(self._handlers)
+        await scheduler.register_worker_plugin(
+            None, dumps(FTPSWorkerPlugin()), name="ftps", idempotent=True
+        )
+
+    @replies_errors
+    async def _sharded_status(self) -> dict:
+        assert self._coordinator is not None
+        reply = check_reply(await self._coordinator.status(), "ftps_status")
+        reply["registration"] = self.registration
+        return reply
+
     async def close(self) -> None:
         handlers = getattr(getattr(self, "scheduler", None), "handlers", {})
         for op, handler in self._handlers.items():
             if handlers.get(op) == handler:
                 del handlers[op]
         self._stop_dashboard()
+        if self._coordinator is not None:
+            await self._coordinator.close()
         if self._server is not None:
             await self._server.close()
 
@@ -380,7 +527,13 @@ class ParameterServer(SchedulerPlugin, Endpoint):
         except Exception:  # a missed sample is no failure
             logger.debug("The dashboard's sample failed", exc_info=True)
 
+    def add_worker(self, scheduler: Scheduler, worker: str) -> None:
+        if self._coordinator is not None:
+            self._coordinator.worker_added()
+
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
+        if self._coordinator is not None:
+            self._coordinator.worker_removed(worker)
         if self._server is not None:
             self._server.forget_worker(worker)
 
@@ -388,6 +541,8 @@ class ParameterServer(SchedulerPlugin, Endpoint):
         """A client disconnected: its train() calls hold no run any more (also
         the calls that ended without releasing theirs: a lost ``ftps_begin_run``
         reply, a client that was reconnecting when the call ended)."""
+        if self._coordinator is not None:
+            self._coordinator.clients_changed()
         if self._server is None:
             return
         for run in self._server.state.release_client(client):

@@ -6,17 +6,22 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from dask.utils import parse_timedelta
 from distributed.core import error_message
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.protocol.serialize import ToPickle
 from distributed.utils import sync
 
+from dask_ftps import config
 from dask_ftps._core import Holder, ServerId, UpdateKey, check_reply
-from dask_ftps._exceptions import NotRegistered
+from dask_ftps._exceptions import DuplicateUpdate, NotRegistered, ShardUnavailable
+from dask_ftps._shards import Piece
+from dask_ftps.protocol import MODEL_COPY_OP, SHARDS_OP, op_name
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -58,14 +63,25 @@ class FTPSWorkerPlugin(WorkerPlugin):
     latest: ModelCopy | None
 
     def setup(self, worker: Worker) -> None:
+        from dask_ftps._shard_server import ShardHosts
+
         self.worker = worker
         self.latest = None
         self._lock = threading.Lock()
-        worker.handlers["ftps_model_copy"] = self.model_copy
+        #: The shard servers this worker runs (a sharded server's).
+        self.hosts = ShardHosts(worker)
+        #: A sharded run's layout by its server id (None: not sharded).
+        self._layouts: dict[str, _Layout | None] = {}
+        #: The newest copy of each shard of a sharded run received here.
+        self._pieces: dict[tuple[str, int], ModelCopy] = {}
+        self._handlers = {MODEL_COPY_OP: self.model_copy, **self.hosts.handlers()}
+        worker.handlers.update(self._handlers)
 
-    def teardown(self, worker: Worker) -> None:
-        if worker.handlers.get("ftps_model_copy") == self.model_copy:
-            del worker.handlers["ftps_model_copy"]
+    async def teardown(self, worker: Worker) -> None:
+        for op, handler in self._handlers.items():
+            if worker.handlers.get(op) == handler:
+                del worker.handlers[op]
+        await self.hosts.close()
 
     # -- handlers -------------------------------------------------------------
 
@@ -94,6 +110,11 @@ class FTPSWorkerPlugin(WorkerPlugin):
         self, run: int, shard: int, *, server: ServerId, holder: Holder
     ) -> tuple[int, int]:
         """``(epoch, step)`` where shard ``shard`` of ``run`` goes on."""
+        layout = self._layout(server)
+        if layout is not None:
+            return sync(
+                self.worker.loop, self._sharded_next_step, layout, run, shard, holder
+            )
         reply = self._call(
             "ftps_next_step", run=run, shard=shard, server_id=server, holder=holder
         )
@@ -110,6 +131,15 @@ class FTPSWorkerPlugin(WorkerPlugin):
         holder: Holder,
     ) -> ModelCopy:
         """The model to compute ``(epoch, step)`` of a shard from (may wait)."""
+        layout = self._layout(server)
+        if layout is not None:
+            return sync(
+                self.worker.loop,
+                self._sharded_pull,
+                layout,
+                holder,
+                {"run": run, "shard": shard, "epoch": epoch, "step": step},
+            )
         have = self.latest
         reply = self._call(
             "ftps_pull",
@@ -151,6 +181,12 @@ class FTPSWorkerPlugin(WorkerPlugin):
     ) -> concurrent.futures.Future[ModelCopy | None]:
         """Send a push and return at once: the future is done once the server
         accepted it (it is durable then), with the model for ``next_step``."""
+        layout = self._layout(server)
+        if layout is not None:
+            return asyncio.run_coroutine_threadsafe(
+                self._sharded_push(layout, key, grads, incarnation, next_step, holder),
+                self.worker.loop.asyncio_loop,
+            )
         kwargs = {
             "server_id": server,
             "holder": holder,
@@ -167,6 +203,217 @@ class FTPSWorkerPlugin(WorkerPlugin):
             return None if next_step is None else self._keep(reply)
 
         return asyncio.run_coroutine_threadsafe(push(), self.worker.loop.asyncio_loop)
+
+    # -- a sharded server: calls go to its shard servers ---------------------------
+
+    def _layout(self, server: ServerId) -> _Layout | None:
+        """The layout of the sharded run of ``server`` (None: not sharded)."""
+        if server in self._layouts:
+            return self._layouts[server]
+        return sync(self.worker.loop, self._fetch_layout, server)
+
+    async def _fetch_layout(
+        self, server: str, suspect: int | None = None, address: str | None = None
+    ) -> _Layout | None:
+        kwargs = {} if suspect is None else {"suspect": suspect, "address": address}
+        reply = await self.worker.scheduler.ftps_shards(**kwargs)
+        if reply is None:  # a scheduler with no such handler: not sharded
+            self._layouts[server] = None
+            return None
+        reply = check_reply(reply, SHARDS_OP)
+        if reply.get("shards") is None or reply["server_id"] != server:
+            self._layouts[server] = None  # the scheduler's server is not sharded
+            return None
+        layout = _Layout.of(reply)
+        self._layouts[server] = layout
+        return layout
+
+    async def _shard_call(self, server: str, k: int, op: str, **kwargs: Any) -> dict:
+        """``op`` at shard ``k``'s server, where the scheduler says it is served
+        now; sent again where it moved (every op is safe to send again: a push
+        carries its id). A call unanswered for ``ftps.shards.probe-after`` makes
+        the scheduler ask whether that server still serves."""
+        probe = parse_timedelta(config.get("shards.probe-after"))
+        deadline = time.monotonic() + parse_timedelta(
+            config.get("shards.place-timeout")
+        )
+        layout = self._layouts[server]
+        while True:
+            assert layout is not None
+            address, server_id = layout.shards[k][:2]
+            call = asyncio.ensure_future(
+                getattr(self.worker.rpc(address), op_name(op, shard=True))(
+                    ps_shard=k, server_id=server_id, **kwargs
+                )
+            )
+            try:
+                while True:
+                    done, _ = await asyncio.wait({call}, timeout=probe)
+                    if done:
+                        return check_reply(call.result(), op_name(op, shard=True))
+                    # Unanswered: still served there? (a paused process is not)
+                    layout = await self._fetch_layout(server, k, address)
+                    if layout is None:
+                        raise NotRegistered("the sharded parameter server is gone")
+                    if layout.shards[k][0] != address:
+                        call.cancel()
+                        break  # served elsewhere now: send it there
+            except (OSError, NotRegistered) as e:
+                if time.monotonic() > deadline:
+                    raise ShardUnavailable(
+                        f"shard {k} of run {server[:12]}: {e}"
+                    ) from e
+                logger.info(
+                    "shard %d at %s: %r; asking where it is served", k, address, e
+                )
+                await asyncio.sleep(0.05)
+                layout = await self._fetch_layout(server, k, address)
+                if layout is None:
+                    raise
+            finally:
+                if not call.done():
+                    call.cancel()
+
+    async def _sharded_next_step(
+        self, layout: _Layout, run: int, shard: int, holder: Holder
+    ) -> tuple[int, int]:
+        replies = await asyncio.gather(
+            *(
+                self._shard_call(
+                    layout.server_id,
+                    k,
+                    "next_step",
+                    run=run,
+                    shard=shard,
+                    holder=holder,
+                )
+                for k in range(layout.n)
+            )
+        )
+        # Where every shard has the step before: a shard ahead refuses the
+        # steps it has as duplicates (taken as accepted).
+        return min((r["epoch"], r["step"]) for r in replies)
+
+    async def _sharded_pull(
+        self, layout: _Layout, holder: Holder, where: dict
+    ) -> ModelCopy:
+        replies = await asyncio.gather(
+            *(
+                self._shard_call(
+                    layout.server_id,
+                    k,
+                    "pull",
+                    holder=holder,
+                    worker=self.worker.address,
+                    **where,
+                    **self._have(self._pieces.get((layout.server_id, k))),
+                )
+                for k in range(layout.n)
+            )
+        )
+        return self._assemble(layout, replies)
+
+    async def _sharded_push(
+        self,
+        layout: _Layout,
+        key: UpdateKey,
+        grads: dict[str, np.ndarray],
+        incarnation: Any,
+        next_step: tuple[int, int] | None,
+        holder: Holder,
+    ) -> ModelCopy | None:
+        """Push each shard its slice; accepted once every shard has it durable
+        (a shard that had it already counts: it was accepted there before)."""
+        from dask_ftps._shards import take
+
+        incarnations = (
+            incarnation if isinstance(incarnation, tuple) else (incarnation,) * layout.n
+        )
+
+        async def one(k: int) -> dict | Exception:
+            try:
+                return await self._shard_call(
+                    layout.server_id,
+                    k,
+                    "push",
+                    holder=holder,
+                    worker=self.worker.address,
+                    update_id=key.id,
+                    grads=ToPickle(take(grads, layout.pieces[k])),
+                    incarnation=incarnations[k],
+                    next_step=next_step,
+                    **self._have(self._pieces.get((layout.server_id, k))),
+                )
+            except DuplicateUpdate as e:
+                return e
+
+        replies = await asyncio.gather(*(one(k) for k in range(layout.n)))
+        duplicates = [k for k, r in enumerate(replies) if isinstance(r, Exception)]
+        if len(duplicates) == layout.n:
+            raise replies[0]
+        if next_step is None:
+            return None
+        if duplicates:  # the model for the next step from those shards too
+            epoch, step = next_step
+            pulled = await asyncio.gather(
+                *(
+                    self._shard_call(
+                        layout.server_id,
+                        k,
+                        "pull",
+                        holder=holder,
+                        worker=self.worker.address,
+                        run=key.run,
+                        shard=key.shard,
+                        epoch=epoch,
+                        step=step,
+                        **self._have(self._pieces.get((layout.server_id, k))),
+                    )
+                    for k in duplicates
+                )
+            )
+            for k, reply in zip(duplicates, pulled, strict=True):
+                replies[k] = reply
+        return self._assemble(layout, replies)
+
+    def _assemble(self, layout: _Layout, replies: list) -> ModelCopy:
+        from dask_ftps._shards import assemble
+
+        parts = []
+        for k, reply in enumerate(replies):
+            cache = (layout.server_id, k)
+            with self._lock:
+                held = self._pieces.get(cache)
+                if reply["params"] is not None:
+                    piece = ModelCopy(
+                        reply["server"],
+                        reply["run_id"],
+                        reply["incarnation"],
+                        reply["version"],
+                        reply["params"],
+                    )
+                    if (
+                        held is None
+                        or held.server != piece.server
+                        or held.version <= piece.version
+                    ):
+                        self._pieces[cache] = piece
+                elif (
+                    held is None
+                    or held.server != reply["server"]
+                    or held.version < reply["version"]
+                ):
+                    raise NotRegistered(f"shard {k} sent no model and none is cached")
+                else:
+                    piece = held
+            parts.append(piece)
+        return ModelCopy(
+            layout.server_id,
+            layout.server_id,
+            tuple(p.incarnation for p in parts),
+            min(p.version for p in parts),
+            assemble([p.params for p in parts], layout.pieces),
+        )
 
     # -- internals ------------------------------------------------------------
 
@@ -220,6 +467,30 @@ class FTPSWorkerPlugin(WorkerPlugin):
             ):
                 raise NotRegistered("the server sent no model and none is cached")
             return latest
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where each shard of a sharded run is served, and which keys it holds."""
+
+    server_id: str
+    shards: tuple[tuple[str, str], ...]  # (address, shard server id) by shard
+    pieces: tuple[tuple[Piece, ...], ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.shards)
+
+    @classmethod
+    def of(cls, reply: dict) -> _Layout:
+        return cls(
+            reply["server_id"],
+            tuple((s["address"], s["server_id"]) for s in reply["shards"]),
+            tuple(
+                tuple(Piece(str(n), int(a), int(b), bool(w)) for n, a, b, w in part)
+                for part in reply["layout"]
+            ),
+        )
 
 
 def get_worker_plugin() -> FTPSWorkerPlugin:
