@@ -299,21 +299,35 @@ class Coordinator:
 
     async def _call(self, k: int, op: str, **kwargs: Any) -> dict:
         """``op`` at shard ``k``'s server; sent again where its server was
-        replaced meanwhile (every server op is safe to repeat)."""
+        replaced meanwhile (every server op is safe to repeat). A call
+        unanswered for ``ftps.shards.probe-after`` asks whether that server
+        still answers (a paused process is replaced)."""
         deadline = time.monotonic() + self.place_timeout
+        probe = parse_timedelta(config.get("shards.probe-after"))
         while True:
             await self.served()
             address = self.placement[k]
-            try:
-                reply = await getattr(self.scheduler.rpc(address), f"ftps_shard_{op}")(
+            call = asyncio.ensure_future(
+                getattr(self.scheduler.rpc(address), f"ftps_shard_{op}")(
                     ps_shard=k, **kwargs
                 )
-                return check_reply(reply, f"ftps_shard_{op}")
+            )
+            try:
+                while True:
+                    done, _ = await asyncio.wait({call}, timeout=probe)
+                    if done:
+                        return check_reply(call.result(), f"ftps_shard_{op}")
+                    await self._suspect(k, address)
+                    if self.placement.get(k) != address:
+                        break  # replaced: send it to the new server
             except (OSError, NotRegistered) as e:
                 if time.monotonic() > deadline:
                     raise ShardUnavailable(f"shard {k}: {e}") from e
                 await self._suspect(k, address)
                 await asyncio.sleep(0.05)
+            finally:
+                if not call.done():
+                    call.cancel()
 
     async def _each(self, op: str, **kwargs: Any) -> list[dict]:
         return list(
@@ -493,6 +507,7 @@ class Coordinator:
                 for k, r in enumerate(replies)
             ],
             "recoveries": list(self.recoveries[-20:]),
+            "resource": self.resource,
             "workers": sorted(workers),
             "nthreads": sum(ws.nthreads for ws in workers.values()),
         }

@@ -88,8 +88,20 @@ def scheduler_args(
     return [*args, *extra]
 
 
-def worker_args(address: str, n: int = 2, death_timeout: int = 60) -> list[str]:
-    """``dask worker``: ``n`` worker processes of one thread, behind nannies."""
+def worker_args(
+    address: str,
+    n: int = 2,
+    death_timeout: int = 60,
+    resources: dict[str, float] | None = None,
+) -> list[str]:
+    """``dask worker``: ``n`` worker processes of one thread, behind nannies;
+    with ``resources`` (``{"ftps-server": 1}``: they may serve shards)."""
+    extra = []
+    if resources:
+        extra = [
+            "--resources",
+            " ".join(f"{k}={v:g}" for k, v in sorted(resources.items())),
+        ]
     return [
         sys.executable,
         "-m",
@@ -102,6 +114,7 @@ def worker_args(address: str, n: int = 2, death_timeout: int = 60) -> list[str]:
         "--no-dashboard",
         "--death-timeout",
         str(death_timeout),
+        *extra,
     ]
 
 
@@ -196,7 +209,13 @@ def start_scheduler(
 
 
 def start_workers(
-    address: str, n: int, log: Path, env: dict[str, str] | None = None
+    address: str,
+    n: int,
+    log: Path,
+    env: dict[str, str] | None = None,
+    resources: dict[str, float] | None = None,
 ) -> Process:
     """A ``dask worker`` process group of ``n`` one-thread workers."""
-    return Process(worker_args(address, n, death_timeout=30), log, env)
+    return Process(
+        worker_args(address, n, death_timeout=30, resources=resources), log, env
+    )

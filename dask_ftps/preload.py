@@ -154,6 +154,10 @@ async def holds_run(store, storage_options: dict | None = None) -> bool:
     try:
         if not await io.exists():
             return False
-        return await Journal.read_meta(io) is not None
+        if await Journal.read_meta(io) is not None:
+            return True
     finally:
         await io.close()
+    from dask_ftps._recovery import sharded_run
+
+    return await sharded_run(store, storage_options) is not None  # its shards'?

@@ -552,7 +552,11 @@ async def _run(
     for record in history:  # a resumed run goes on counting where it was
         stopper.update(record)
 
-    shards = await data.shards(client, sizes)
+    # A sharded server's shard servers run on the workers with its resource:
+    # the training tasks (and their data) go to the others, where there are any
+    # (a paused or busy shard server then holds up no task).
+    compute = await _compute_workers(client, status)
+    shards = await data.shards(client, sizes, compute)
     bar = _progress_bar(settings.progress, spec.minibatches, run)
     token = uuid.uuid4().hex[:8]
     start = time.perf_counter()
@@ -583,6 +587,8 @@ async def _run(
                     class_weight=weights,
                     scale_stale=scale_stale,
                     key=f"ftps-train-{run}-{epoch}-{s}-{token}-{attempt}",
+                    workers=compute,
+                    allow_other_workers=compute is not None,
                 )
 
             stats = await _run_epoch(client, submit, shards, n_shards, bar)
@@ -642,6 +648,20 @@ async def _run(
         run_name=run_name,
         first_epoch=first_epoch,
     )
+
+
+async def _compute_workers(client: Client, status: dict) -> list[str] | None:
+    """The workers without a sharded server's resource (None: any worker)."""
+    resource = status.get("resource")
+    if not status.get("shards") or not resource:
+        return None
+    info = await client.scheduler.identity()
+    others = [
+        address
+        for address, worker in info.get("workers", {}).items()
+        if not (worker.get("resources") or {}).get(resource)
+    ]
+    return sorted(others) or None
 
 
 async def _known_run_shards(

@@ -137,16 +137,19 @@ class _Data:
         task.check_labels(low, high, "y")
         return np.asarray(counts)
 
-    async def shards(self, client: Client, sizes: tuple[int, ...]) -> _Shards:
+    async def shards(
+        self, client: Client, sizes: tuple[int, ...], workers: list[str] | None = None
+    ) -> _Shards:
         """Futures of each shard's X and y: local input is scattered (one piece
-        per shard, not embedded in a graph), Dask input computed in place."""
+        per shard, not embedded in a graph; to ``workers`` if given), Dask input
+        computed in place."""
         if self.local:
             bounds = np.cumsum((0, *sizes))
             parts = [(self.X[a:b], self.y[a:b]) for a, b in itertools.pairwise(bounds)]
             futures = await client.scatter(  # one round trip for all
-                [part for pair in parts for part in pair], hash=False
+                [part for pair in parts for part in pair], hash=False, workers=workers
             )
-            return _Shards(list(futures[0::2]), list(futures[1::2]), parts)
+            return _Shards(list(futures[0::2]), list(futures[1::2]), parts, workers)
         X = self.X.rechunk({0: sizes, 1: -1})
         y = self.y.rechunk({0: sizes})
         xs = client.compute(list(X.to_delayed().ravel()))
@@ -173,6 +176,7 @@ class _Shards:
     xs: list
     ys: list
     parts: list[tuple[Any, Any]] | None
+    workers: list[str] | None = None  # where to scatter (None: anywhere)
 
     def lost(self, s: int) -> bool:
         if self.parts is None:
@@ -182,7 +186,9 @@ class _Shards:
     async def scatter(self, client: Client, s: int) -> None:
         """Scatter shard ``s`` again (its futures were lost)."""
         X, y = self.parts[s]
-        x_future, y_future = await client.scatter([X, y], hash=False)
+        x_future, y_future = await client.scatter(
+            [X, y], hash=False, workers=self.workers
+        )
         self.xs[s].release()
         self.ys[s].release()
         self.xs[s], self.ys[s] = x_future, y_future

@@ -1,0 +1,379 @@
+"""The parameter server sharded over Dask workers: exact, exactly once, and
+served again when a shard server, a worker or the scheduler dies.
+
+The tests with real processes start a ``dask scheduler`` with the dask_ftps
+preload and ``dask worker`` processes with the ``ftps-server`` resource, and
+SIGKILL (or SIGSTOP) the very process that serves a shard.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+
+import dask
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+from distributed.utils import open_port
+from distributed.utils_test import popen
+
+import dask_ftps
+from dask_ftps import Adam, ParameterServer
+from dask_ftps._processes import environment, scheduler_args, worker_args
+from dask_ftps._shards import ModelShard, assemble, plan, shard_store
+from dask_ftps.models import MLP, SoftmaxRegression
+
+from .conftest import digits
+
+MODEL = MLP(n_features=64, hidden=(32,), n_classes=10, seed=0)
+EPOCHS, BATCH, DATA_SHARDS = 3, 32, 2
+#: No snapshot and no trim: the global dataset keeps every row to count.
+KEEP_ALL = {"DASK_FTPS__STORE__REPLAY_BUDGET": "None"}
+SERVER = {"ftps-server": 1}
+
+
+def expected_ids(run: int = 0) -> set[str]:
+    X_train = digits()[0]
+    sizes = [len(p) for p in np.array_split(np.arange(len(X_train)), DATA_SHARDS)]
+    return {
+        f"{run}:{e}:{s}:{t}"
+        for e in range(EPOCHS)
+        for s, n in enumerate(sizes)
+        for t in range(-(-n // BATCH))
+    }
+
+
+def train(client: Client, **kwargs):
+    X_train, _, y_train, _ = digits()
+    return dask_ftps.train(
+        client,
+        X_train,
+        y_train,
+        epochs=EPOCHS,
+        batch_size=BATCH,
+        n_shards=DATA_SHARDS,
+        progress=False,
+        seed=0,
+        **kwargs,
+    )
+
+
+def check_exactly_once(store: str, expected: set[str]) -> dict:
+    """Every shard's global dataset holds every update id of the run once."""
+    info = dask_ftps.inspect(store)
+    assert len(info["shards"]) >= 2
+    for shard in info["shards"]:
+        ids = [row["update_id"] for row in shard["global"]]
+        assert max(Counter(ids).values()) == 1, f"shard {shard['shard']}: twice"
+        assert set(ids) == expected, f"shard {shard['shard']}: {len(ids)} ids"
+        assert shard["updates"] == len(expected)
+    return info
+
+
+def same_as_offline(client: Client, store: str) -> dict[str, np.ndarray]:
+    """The live sharded model equals ``recover(store)``, bit for bit."""
+    version, params = dask_ftps.get_model(client)
+    offline_version, offline = dask_ftps.recover(store)
+    assert version == offline_version
+    assert set(offline) == set(MODEL.param_shapes())
+    for name, value in params.items():
+        np.testing.assert_array_equal(offline[name], value)
+    return params
+
+
+# -- the plan and the shard model ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "model",
+    [MODEL, SoftmaxRegression(1000, 100), MLP(4, (3,), 2), MLP(64, (128, 64), 10)],
+)
+@pytest.mark.parametrize("shards", [1, 2, 3, 4, 8])
+def test_the_plan_covers_every_parameter_once(model, shards):
+    layout = plan(model.param_shapes(), shards)
+    assert len(layout) == shards and all(layout)
+    parts = [ModelShard.of(model, shards, k) for k in range(shards)]
+    assert sum(p.n_params() for p in parts) == model.n_params()
+    whole = assemble([p.init_params() for p in parts], layout)
+    for name, value in model.init_params().items():
+        np.testing.assert_array_equal(whole[name], value)
+    sizes = [p.n_params() for p in parts]
+    if model.n_params() >= 1000 * shards:  # large arrays are cut by rows
+        assert max(sizes) <= 1.5 * model.n_params() / shards
+
+
+def test_too_many_shards_for_the_model_is_a_clear_error(tmp_path):
+    with pytest.raises(dask_ftps.ModelError, match="cannot fill"):
+        plan(MLP(2, (2,), 2).param_shapes(), 64)
+    with pytest.raises(ValueError, match="shards must be"):
+        ParameterServer(str(tmp_path / "x"), model=MODEL, shards=0)
+    with pytest.raises(TypeError, match="path or URL"):
+        ParameterServer(None, model=MODEL, shards=2)
+
+
+def test_shard_stores_live_in_the_runs_store():
+    assert shard_store("runs/a.zarr", 3) == "runs/a.zarr/shards/3"
+    assert shard_store("s3://b/a.zarr/", 0) == "s3://b/a.zarr/shards/0"
+
+
+# -- in one process: modes, exactness --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    with (
+        LocalCluster(
+            n_workers=3,
+            threads_per_worker=1,
+            processes=False,
+            resources=SERVER,
+            dashboard_address=":0",
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+def _run(client: Client, store: str, mode: str, shards: int) -> dict:
+    client.register_plugin(
+        ParameterServer(
+            store,
+            model=MODEL,
+            optimizer=Adam(lr=0.01),
+            mode=mode,
+            shards=shards,
+            snapshot_every=7,  # snapshots and trims on every shard
+        )
+    )
+    result = train(client)
+    assert result.version == len(expected_ids()) // (
+        DATA_SHARDS if mode == "sync" else 1
+    )
+    return same_as_offline(client, store)
+
+
+def test_sync_with_shards_equals_one_server_bit_for_bit(local_cluster, tmp_path):
+    one = _run(local_cluster, str(tmp_path / "one.zarr"), "sync", 1)
+    for shards in (2, 3):
+        params = _run(local_cluster, str(tmp_path / f"s{shards}.zarr"), "sync", shards)
+        for name in one:
+            np.testing.assert_array_equal(params[name], one[name])
+    status = dask_ftps.status(local_cluster)
+    assert len(status["shards"]) == 3
+    assert status["versions"] == [status["version"]] * 3
+
+
+@pytest.mark.parametrize("mode", ["async", "ssp"])
+def test_async_and_ssp_shards_apply_every_update_once(local_cluster, tmp_path, mode):
+    store = str(tmp_path / "run.zarr")
+    with dask.config.set({"ftps.store.replay-budget": None}):
+        local_cluster.register_plugin(
+            ParameterServer(
+                store, model=MODEL, mode=mode, shards=2, snapshot_every=10**6
+            )
+        )
+        result = train(local_cluster)
+    assert result.version == len(expected_ids())
+    same_as_offline(local_cluster, store)
+    info = check_exactly_once(store, expected_ids())
+    assert info["versions"] == [len(expected_ids())] * 2
+    # A second call with the same arguments returns the finished run.
+    again = train(local_cluster)
+    assert not again.trained and again.version == result.version
+
+
+def test_a_sharded_store_resumes_with_its_own_settings(local_cluster, tmp_path):
+    store = str(tmp_path / "run.zarr")
+    local_cluster.register_plugin(ParameterServer(store, model=MODEL, shards=2))
+    first = train(local_cluster, run_name="a")
+    # Registered again with no model and no shard count: the store's.
+    local_cluster.register_plugin(ParameterServer(store))
+    status = dask_ftps.status(local_cluster)
+    assert len(status["shards"]) == 2
+    assert status["version"] == first.version
+    # The same run: its shard servers go on serving it (nothing is rebuilt).
+    assert all(s["incarnation"] == 1 for s in status["shards"])
+    with pytest.raises(dask_ftps.SpecMismatch, match="2 shards"):
+        local_cluster.register_plugin(ParameterServer(store, shards=3))
+    with pytest.raises(dask_ftps.SpecMismatch):
+        local_cluster.register_plugin(ParameterServer(store, model=MLP(64, (8,), 10)))
+
+
+# -- real processes: a shard server, a worker, the scheduler killed ----------------------
+
+
+def scheduler(port: int, store: str | None = None, env: dict | None = None):
+    return popen(
+        scheduler_args(port, store),
+        capture_output=True,
+        env={**environment(), **KEEP_ALL, **(env or {})},
+    )
+
+
+def workers(address: str, n: int = 2, resources: dict | None = SERVER):
+    return popen(
+        worker_args(address, n, resources=resources),
+        capture_output=True,
+        env={**environment(), **KEEP_ALL},
+    )
+
+
+def shard_process(client: Client, k: int) -> tuple[str, int]:
+    """The address and pid of the worker process serving shard ``k``."""
+    address = dask_ftps.status(client)["shards"][k]["address"]
+    return address, client.run(os.getpid, workers=[address])[address]
+
+
+def when(client: Client, updates: int, action) -> threading.Thread:
+    """Call ``action()`` in a thread once every shard holds ``updates`` updates."""
+
+    def wait_then_act() -> None:
+        while dask_ftps.status(client)["updates"] < updates:
+            time.sleep(0.01)
+        action()
+
+    thread = threading.Thread(target=wait_then_act, daemon=True)
+    thread.start()
+    return thread
+
+
+def one_server_sync(tmp_path) -> dict[str, np.ndarray]:
+    """The same sync run on one server in the scheduler, with nothing killed, on
+    the same kind of worker processes (their BLAS computes the same bits)."""
+    port = open_port()
+    address = f"tcp://127.0.0.1:{port}"
+    with (
+        scheduler(port),
+        workers(address, 2, resources=None),
+        Client(address, timeout="60s") as client,
+    ):
+        client.wait_for_workers(2, timeout=60)
+        client.register_plugin(
+            ParameterServer(
+                str(tmp_path / "one.zarr"),
+                model=MODEL,
+                mode="sync",
+                snapshot_every=10**6,
+            )
+        )
+        train(client)
+        return dask_ftps.get_model(client)[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["async", "sync", "ssp"])
+def test_a_shard_server_killed_mid_run_is_served_again_exactly(tmp_path, mode):
+    """SIGKILL the worker process that serves shard 0 a third of the way in: its
+    nanny starts a new one, the shard is served again (there or on the other
+    tagged worker), rebuilt from its journal, and the run ends with every update
+    applied once on every shard; sync equals one server bit for bit."""
+    store = str(tmp_path / "run.zarr")
+    total = len(expected_ids())
+    port = open_port()
+    address = f"tcp://127.0.0.1:{port}"
+    with (
+        scheduler(port),
+        workers(address, 2),
+        Client(address, timeout="60s") as client,
+    ):
+        client.wait_for_workers(2, timeout=60)
+        client.register_plugin(
+            ParameterServer(
+                store, model=MODEL, mode=mode, shards=2, snapshot_every=10**6
+            )
+        )
+        _, pid = shard_process(client, 0)
+        steps = total // (DATA_SHARDS if mode == "sync" else 1)
+        when(client, steps // 3, lambda: os.kill(pid, signal.SIGKILL))
+        result = train(client)
+        assert result.version == steps
+        status = dask_ftps.status(client)
+        lost = [r for r in status["recoveries"] if r["shard"] == 0]
+        assert lost, status["recoveries"]
+        assert lost[0]["since_lost_s"] < 30
+        assert status["shards"][0]["incarnation"] == 2
+        assert status["shards"][1]["incarnation"] == 1  # the other never stopped
+        params = same_as_offline(client, store)
+        check_exactly_once(store, expected_ids())
+    if mode == "sync":
+        one = one_server_sync(tmp_path)
+        for name in one:
+            np.testing.assert_array_equal(params[name], one[name])
+
+
+@pytest.mark.slow
+def test_the_scheduler_killed_mid_run_resumes_every_shard(tmp_path):
+    """SIGKILL the scheduler a third of the way in; a new one with the preload
+    on the same port finds the sharded run, new workers serve every shard again,
+    and the same train() call resumes it: every update once on every shard."""
+    store = str(tmp_path / "run.zarr")
+    total = len(expected_ids())
+    port = open_port()
+    address = f"tcp://127.0.0.1:{port}"
+    with scheduler(port) as first, workers(address, 2):
+        with Client(address, timeout="60s") as client:
+            client.wait_for_workers(2, timeout=60)
+            client.register_plugin(
+                ParameterServer(store, model=MODEL, shards=2, snapshot_every=10**6)
+            )
+            when(client, total // 3, lambda: first.send_signal(signal.SIGKILL))
+            with pytest.raises(Exception):  # noqa: B017 - the scheduler is gone
+                train(client)
+        first.wait(30)
+    lost = dask_ftps.inspect(store)
+    assert 0 < lost["updates"] < total
+    with (
+        scheduler(port, store),
+        workers(address, 2),
+        Client(address, timeout="60s") as client,
+    ):
+        client.wait_for_workers(2, timeout=60)
+        status = dask_ftps.status(client)
+        assert status["version"] == lost["version"]  # nothing accepted is lost
+        assert [s["incarnation"] for s in status["shards"]] == [2, 2]
+        result = train(client)
+        assert result.version == total
+        same_as_offline(client, store)
+        check_exactly_once(store, expected_ids())
+
+
+@pytest.mark.slow
+def test_a_paused_shard_server_is_replaced_and_cannot_write_after(tmp_path):
+    """SIGSTOP the worker serving shard 1: calls to it go unanswered, the
+    scheduler finds it does not answer and serves the shard elsewhere; SIGCONT
+    it after the run: the store it no longer owns is unchanged by it (the
+    next record it would write is taken), and the run is exact."""
+    store = str(tmp_path / "run.zarr")
+    total = len(expected_ids())
+    port = open_port()
+    address = f"tcp://127.0.0.1:{port}"
+    with (
+        scheduler(port),
+        workers(address, 2),  # they serve the shards
+        workers(address, 2, resources=None),  # they train
+        Client(address, timeout="60s") as client,
+    ):
+        client.wait_for_workers(4, timeout=60)
+        client.register_plugin(
+            ParameterServer(store, model=MODEL, shards=2, snapshot_every=10**6)
+        )
+        _, pid = shard_process(client, 1)
+        when(client, total // 3, lambda: os.kill(pid, signal.SIGSTOP))
+        try:
+            result = train(client)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert result.version == total
+        status = dask_ftps.status(client)
+        assert [r["shard"] for r in status["recoveries"]] == [1]
+        assert status["shards"][1]["incarnation"] == 2
+        before = dask_ftps.inspect(store)
+        time.sleep(1.0)  # the old server runs again: it must write nothing
+        after = dask_ftps.inspect(store)
+        assert after["versions"] == before["versions"]
+        same_as_offline(client, store)
+        check_exactly_once(store, expected_ids())
