@@ -92,6 +92,11 @@ class Coordinator:
         self._tasks: set[asyncio.Task] = set()
         self._placer = asyncio.create_task(self._place_loop(), name="ftps-place")
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (it places and answers no more)."""
+        return self._closed
+
     # -- placement -------------------------------------------------------------
 
     def handlers(self) -> dict[str, Callable[..., Awaitable[dict]]]:

@@ -46,10 +46,38 @@ What the view says
 ``recovery``
     How the server rebuilt the run its store held (source, start version,
     updates replayed, seconds); None for a memory-only server or a new store.
+
+A sharded server
+----------------
+With ``ParameterServer(..., shards=S)`` the scheduler holds no server: a
+:class:`ShardsTracker` samples the coordinator's ``status()`` (a call to each
+shard server) every ``SAMPLE_INTERVAL`` seconds, and the view (``"sharded":
+true``) says, beside the run and the events:
+
+``version``, ``versions``, ``updates``, ``updates_per_second``
+    The lowest shard version, the version of each shard (the version vector),
+    and the accepted updates of the shard with the fewest, with their rate.
+``servers[]``
+    Each shard server, as of the last sample: ``address`` (the worker serving
+    it), ``version``, ``incarnation``, ``updates``, ``updates_per_second``,
+    ``snapshots`` (those its log lists), ``rebuild`` (how it opened its part of
+    the store, as its ``status()`` says: given for a new store too); and as of
+    now: ``served``, ``lost_s``
+    (seconds since its server was lost, while it is not served again) and
+    ``recovery_s``, the seconds from its last loss to its server being served
+    again (None: never lost). A shard server's journal size is not sampled.
+``missed``, ``sampled_s``
+    Why the last sample was missed (a shard not served, or a shard server not
+    answering within ``STATUS_TIMEOUT`` seconds; None: it was taken) and the
+    age of the last sample taken.
+
+The run's own (data) shards, their lag and staleness are not shown for a
+sharded server.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -57,7 +85,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import dask.config
@@ -69,6 +97,7 @@ from dask_ftps._exceptions import InvalidUpdate
 if TYPE_CHECKING:
     from distributed import Scheduler
 
+    from dask_ftps._coordinator import Coordinator
     from dask_ftps._server import Server
     from dask_ftps._store import Journal
 
@@ -87,6 +116,19 @@ INITIAL_ROWS = 4096
 #: Events of the ``ftps`` topic the view lists, newest first.
 EVENTS = 8
 
+#: Seconds a sharded server's status may take before its sample is missed.
+STATUS_TIMEOUT = 5.0
+#: What the view says of the newest run.
+RUN_FIELDS = (
+    "run",
+    "name",
+    "n_shards",
+    "finished",
+    "accepted",
+    "minibatches",
+    "base_version",
+)
+
 NO_SERVER = "no parameter server"
 
 
@@ -97,6 +139,23 @@ class Sample:
     time: float  # time.time()
     version: int
     updates: int
+
+
+def _rate(samples: Sequence[Sample]) -> float | None:
+    """Updates per second over the last ``RATE_WINDOW`` seconds of ``samples``
+    (oldest first); None until two samples half a ``SAMPLE_INTERVAL`` apart."""
+    if len(samples) < 2:
+        return None
+    newest = samples[-1]
+    oldest = newest
+    for sample in reversed(samples):
+        oldest = sample
+        if newest.time - sample.time >= RATE_WINDOW:
+            break
+    elapsed = newest.time - oldest.time
+    if elapsed < SAMPLE_INTERVAL / 2:
+        return None
+    return max(0.0, (newest.updates - oldest.updates) / elapsed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +223,11 @@ class Tracker:
         self._version = int(server.published.version)  # when the rows were read
         self._record_bytes: dict[int, int] = {}  # journal_size()'s cache
 
+    @property
+    def stopped(self) -> bool:
+        """Whether the server it follows stopped (no sample to take)."""
+        return self.server.stopped
+
     async def refresh(self) -> None:
         """Read the rows made durable since the last call and take a sample."""
         server = self.server
@@ -188,18 +252,7 @@ class Tracker:
 
     def rate(self) -> float | None:
         """Accepted updates per second over the last ``RATE_WINDOW`` seconds."""
-        if len(self.samples) < 2:
-            return None
-        newest = self.samples[-1]
-        oldest = newest
-        for sample in reversed(self.samples):
-            oldest = sample
-            if newest.time - sample.time >= RATE_WINDOW:
-                break
-        elapsed = newest.time - oldest.time
-        if elapsed < SAMPLE_INTERVAL / 2:
-            return None
-        return max(0.0, (newest.updates - oldest.updates) / elapsed)
+        return _rate(self.samples)
 
     def shards(self) -> list[dict]:
         """Each shard of the newest run: its clock, lag and staleness (as of
@@ -259,24 +312,170 @@ class Tracker:
             "model": type(server.state.model_spec).__name__,
             "n_params": status["n_params"],
             "workers": None if scheduler is None else len(scheduler.workers),
-            "run": None
-            if run is None
-            else {
-                k: run[k]
-                for k in (
-                    "run",
-                    "name",
-                    "n_shards",
-                    "finished",
-                    "accepted",
-                    "minibatches",
-                    "base_version",
-                )
-            },
+            "run": None if run is None else {k: run[k] for k in RUN_FIELDS},
             "shards": self.shards(),
             "journal": None if journal is None else dataclasses.asdict(journal),
             "snapshots": status["snapshots"],
             "recovery": status["recovery"] if server.recovered else None,
+            "history": [[round(s.time - t0, 3), s.version] for s in self.samples],
+            "events": [] if scheduler is None else _events(scheduler),
+        }
+
+
+class ShardsTracker:
+    """What the page and the metrics show of a sharded server.
+
+    The scheduler holds no server then: every ``SAMPLE_INTERVAL`` seconds
+    :meth:`refresh` asks the coordinator's ``status()`` (one call to each shard
+    server) and keeps each shard's version and accepted updates (for the rates
+    and the sparkline). Where a shard is not served, or a shard server does not
+    answer within ``STATUS_TIMEOUT`` seconds, the sample is missed (no error):
+    the view shows the last one, and which shards are lost now.
+
+    Parameters
+    ----------
+    coordinator
+        The plugin's coordinator.
+    """
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+        #: The lowest shard version and accepted updates (the sparkline, the rate).
+        self.samples: deque[Sample] = deque(maxlen=HISTORY)
+        #: Each shard's version and accepted updates.
+        self.shard_samples: dict[int, deque[Sample]] = {}
+        #: The coordinator's last ``status()`` reply (None before the first).
+        self.last: dict | None = None
+        #: Why the last sample was missed (None: it was taken).
+        self.missed: str | None = None
+        self._tried = -math.inf  # time.time() of the last call to status()
+        self._lock = asyncio.Lock()
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the coordinator it follows closed (no sample to take)."""
+        return bool(self.coordinator.closed)
+
+    async def refresh(self) -> None:
+        """Take a sample, unless one was tried less than half a
+        ``SAMPLE_INTERVAL`` ago (a page polled by many browsers asks no more)."""
+        async with self._lock:
+            now = time.time()
+            if now - self._tried < SAMPLE_INTERVAL / 2:
+                return
+            self._tried = now
+            coordinator = self.coordinator
+            missing = sorted(
+                set(range(coordinator.shards)) - set(coordinator.placement)
+            )
+            if missing:  # status() would wait until they are served
+                self._miss(f"shards {missing} are not served")
+                return
+            try:
+                reply = await asyncio.wait_for(coordinator.status(), STATUS_TIMEOUT)
+            except TimeoutError:
+                self._miss(f"no status within {STATUS_TIMEOUT:g}s")
+                return
+            except Exception as e:  # noqa: BLE001 - a missed sample is no failure
+                self._miss(str(e) or type(e).__name__, exc_info=True)
+                return
+            if not isinstance(reply, dict) or reply.get("status") != "OK":
+                # The handler's error reply, as made (never sent: not decoded).
+                why = reply.get("exception_text") if isinstance(reply, dict) else None
+                self._miss(str(why or f"status() answered {reply!r:.200}"))
+                return
+            self.missed = None
+            self.last = reply
+            now = time.time()
+            self.samples.append(
+                Sample(now, int(reply["version"]), int(reply["updates"]))
+            )
+            for shard in reply["shards"]:
+                samples = self.shard_samples.setdefault(
+                    int(shard["shard"]), deque(maxlen=HISTORY)
+                )
+                samples.append(
+                    Sample(now, int(shard["version"]), int(shard["updates"]))
+                )
+
+    def _miss(self, why: str, exc_info: bool = False) -> None:
+        self.missed = why
+        logger.debug(
+            "A sample of the sharded server was missed: %s", why, exc_info=exc_info
+        )
+
+    def rate(self) -> float | None:
+        """Accepted updates per second over the last ``RATE_WINDOW`` seconds (on
+        the shard with the fewest)."""
+        return _rate(self.samples)
+
+    def servers(self) -> list[dict]:
+        """Each shard server, as of the last sample (``served``, ``lost_s`` and
+        the recoveries as of now)."""
+        coordinator = self.coordinator
+        now = time.monotonic()
+        sampled = (
+            {} if self.last is None else {s["shard"]: s for s in self.last["shards"]}
+        )
+        recovered = {event["shard"]: event for event in coordinator.recoveries}
+        out = []
+        for k in range(min(coordinator.shards, MAX_SHARDS)):
+            shard = sampled.get(k, {})
+            lost = coordinator.lost_at.get(k)
+            recovery = recovered.get(k)
+            snapshots = shard.get("snapshots")
+            out.append(
+                {
+                    "shard": k,
+                    "address": shard.get("address"),
+                    "served": k in coordinator.placement,
+                    "lost_s": None if lost is None else round(now - lost, 3),
+                    "version": shard.get("version"),
+                    "incarnation": shard.get("incarnation"),
+                    "updates": shard.get("updates"),
+                    "updates_per_second": _rate(self.shard_samples.get(k, ())),
+                    "snapshots": None if snapshots is None else len(snapshots),
+                    "params": shard.get("params"),
+                    "store": shard.get("store"),
+                    "rebuild": shard.get("recovery"),
+                    "recovery_s": None
+                    if recovery is None
+                    else recovery.get("since_lost_s"),
+                }
+            )
+        return out
+
+    def view(self, scheduler: Scheduler | None = None) -> dict:
+        """The JSON view of a sharded server (see the module)."""
+        coordinator = self.coordinator
+        last = self.last or {}
+        run = last.get("run")
+        spec = coordinator.shard_spec
+        t0 = self.samples[-1].time if self.samples else time.time()
+        return {
+            "status": "OK",
+            "sharded": True,
+            "version": last.get("version"),
+            "versions": last.get("versions"),
+            "updates": last.get("updates"),
+            "updates_per_second": self.rate(),
+            "rate_window": RATE_WINDOW,
+            "mode": spec["mode"],
+            "staleness_bound": spec["staleness"],
+            "store": spec["store"],
+            "run_id": coordinator.server_id,
+            "failed": last.get("failed"),
+            "model": type(coordinator.model).__name__,
+            "n_params": coordinator.model.n_params(),
+            "workers": None if scheduler is None else len(scheduler.workers),
+            "resource": coordinator.resource,
+            "run": None if run is None else {k: run.get(k) for k in RUN_FIELDS},
+            "servers": self.servers(),
+            "recoveries": list(coordinator.recoveries[-EVENTS:]),
+            "sampled_s": None
+            if not self.samples
+            else round(time.time() - self.samples[-1].time, 3),
+            "missed": self.missed,
             "history": [[round(s.time - t0, 3), s.version] for s in self.samples],
             "events": [] if scheduler is None else _events(scheduler),
         }
@@ -287,11 +486,11 @@ def _events(scheduler: Scheduler) -> list[dict]:
     return [{"time": t, **msg} for t, msg in reversed(events) if isinstance(msg, dict)]
 
 
-def current_tracker(scheduler: Scheduler) -> Tracker | None:
+def current_tracker(scheduler: Scheduler) -> Tracker | ShardsTracker | None:
     """The tracker of the scheduler's running parameter server, if any."""
     plugin = getattr(scheduler, "plugins", {}).get("ftps")
     tracker = getattr(plugin, "_tracker", None)
-    if not isinstance(tracker, Tracker) or tracker.server.stopped:
+    if not isinstance(tracker, Tracker | ShardsTracker) or tracker.stopped:
         return None
     return tracker
 
@@ -419,7 +618,7 @@ PAGE = """<!DOCTYPE html>
   th, td { padding: .2em .8em .2em 0; text-align: left; vertical-align: top; }
   td { font-variant-numeric: tabular-nums; }
   td.n { text-align: right; }
-  #shards th, #shards td { border-bottom: 1px solid #ddd; }
+  #shards th, #shards td, #servers th, #servers td { border-bottom: 1px solid #ddd; }
   #state { color: #666; }
   #failed { color: #b00; font-weight: bold; }
   .note { color: #666; font-size: .9em; max-width: 52em; }
@@ -435,18 +634,28 @@ PAGE = """<!DOCTYPE html>
       <td><svg id="spark" width="240" height="32" role="img"
            aria-label="model version over the last minutes">
            <polyline points=""/></svg></td></tr>
+  <tr id="versions-row" hidden><th>Version vector</th>
+      <td colspan="2" id="versions">&ndash;</td></tr>
   <tr><th>Updates/s</th><td id="rate">&ndash;</td>
       <td id="rate-note"></td></tr>
   <tr><th>Updates accepted</th><td id="updates">&ndash;</td><td></td></tr>
   <tr><th>Model</th><td colspan="2" id="model">&ndash;</td></tr>
   <tr><th>Mode</th><td id="mode">&ndash;</td><td></td></tr>
-  <tr><th>Incarnation</th><td id="incarnation">&ndash;</td><td></td></tr>
+  <tr id="incarnation-row"><th>Incarnation</th><td id="incarnation">&ndash;</td>
+      <td></td></tr>
   <tr><th>Store</th><td colspan="2" id="store">&ndash;</td></tr>
   <tr><th>Run</th><td colspan="2" id="run">&ndash;</td></tr>
-  <tr><th>Journal</th><td colspan="2" id="journal">&ndash;</td></tr>
+  <tr id="journal-row"><th>Journal</th><td colspan="2" id="journal">&ndash;</td></tr>
   <tr><th>Last recovery</th><td colspan="2" id="recovery">&ndash;</td></tr>
 </table>
-<h2>Shards of the current run</h2>
+<h2 id="servers-title" hidden>Shard servers</h2>
+<table id="servers" hidden>
+  <thead><tr><th>Shard</th><th>Host</th><th>Version</th><th>Incarnation</th>
+    <th>Updates</th><th>Updates/s</th><th>Snapshots</th><th>Last recovery</th></tr>
+  </thead>
+  <tbody></tbody>
+</table>
+<h2 id="shards-title">Shards of the current run</h2>
 <table id="shards">
   <thead><tr><th>Shard</th><th>Epoch</th><th>Step</th><th>Lag</th>
     <th>Staleness</th></tr></thead>
@@ -461,6 +670,11 @@ since the shard last contributed (0: its latest update is in the model).
 the staleness bound limits it). <b>Updates/s</b>: accepted updates over the last seconds.
 <b>Journal</b>: log records the server holds and the bytes of those records,
 their commit payloads and the kept snapshots, counted without store I/O.</p>
+<p class="note" id="servers-note" hidden><b>Shard servers</b>: each serves a part
+of the parameters on a worker with the resource <span id="resource"></span>.
+<b>Model version</b>: the lowest shard version (the version vector lists each).
+<b>Last recovery</b>: seconds from the loss of the shard's server to its being
+served again. Sampled every second from the shard servers.</p>
 <script>
 "use strict";
 const $ = (id) => document.getElementById(id);
@@ -494,13 +708,77 @@ function spark(history) {
 }
 function clear() {
   for (const id of ["version", "rate", "updates", "mode", "incarnation", "store",
-                    "run", "journal", "recovery", "rate-note", "failed", "model"]) text(id, "");
+                    "run", "journal", "recovery", "rate-note", "failed", "model",
+                    "versions"]) text(id, "");
   $("shards").tBodies[0].replaceChildren();
+  $("servers").tBodies[0].replaceChildren();
   $("events").tBodies[0].replaceChildren();
   spark([]);
 }
+function layout(sharded) {
+  for (const id of ["shards-title", "shards", "incarnation-row", "journal-row"]) {
+    $(id).hidden = sharded;
+  }
+  for (const id of ["servers-title", "servers", "versions-row", "servers-note"]) {
+    $(id).hidden = !sharded;
+  }
+}
+const dash = (v) => (v === null || v === undefined ? "\\u2013" : v);
+const fixed = (v, digits, unit) => (v === null || v === undefined ? "\\u2013"
+                                    : v.toFixed(digits) + (unit || ""));
+function runText(r) {
+  return r === null ? "none" : "run " + r.run + (r.name ? " \\u201c" + r.name
+       + "\\u201d" : "") + ": " + r.accepted + " of " + r.minibatches
+       + " minibatches, " + r.n_shards + " shards" + (r.finished ? ", finished" : "");
+}
+function showEvents(list) {
+  const events = $("events").tBodies[0];
+  events.replaceChildren();
+  for (const e of list) {
+    const rest = Object.entries(e).filter(([k]) => k !== "time" && k !== "action")
+      .map(([k, v]) => k + "=" + (typeof v === "number" && !Number.isInteger(v)
+           ? v.toFixed(3) : JSON.stringify(v))).join(" ");
+    row(events, [[new Date(e.time * 1000).toLocaleTimeString(), false],
+                 [e.action, false], [rest, false]]);
+  }
+}
+function showSharded(s) {
+  layout(true);
+  text("state", "updated " + new Date().toLocaleTimeString() + (s.missed === null
+       ? "" : " (last sample missed: " + s.missed + ")"));
+  text("failed", s.failed ? "Failed: " + s.failed : "");
+  text("version", dash(s.version));
+  text("versions", s.versions === null ? "\\u2013" : "[" + s.versions.join(", ") + "]");
+  spark(s.history);
+  text("rate", fixed(s.updates_per_second, 1));
+  text("rate-note", "over the last " + s.rate_window + " s");
+  text("updates", dash(s.updates));
+  text("mode", s.mode + (s.mode === "ssp" ? " (bound " + s.staleness_bound + ")" : ""));
+  text("model", s.model + ", " + s.n_params + " parameters over "
+       + s.servers.length + " shard servers");
+  text("resource", s.resource);
+  text("store", s.store);
+  text("run", runText(s.run));
+  const last = s.recoveries.length ? s.recoveries[s.recoveries.length - 1] : null;
+  text("recovery", last === null ? "none" : "shard " + last.shard + " served at "
+       + last.address + " " + fixed(last.since_lost_s, 3, " s") + " after its loss"
+       + " (incarnation " + last.incarnation + ", version " + last.version + ")");
+  const servers = $("servers").tBodies[0];
+  servers.replaceChildren();
+  for (const sh of s.servers) {
+    const host = sh.lost_s === null ? dash(sh.address) : "lost " + sh.lost_s.toFixed(1)
+      + " s ago" + (sh.address ? " (was " + sh.address + ")" : "");
+    row(servers, [[sh.shard, true], [host, false], [dash(sh.version), true],
+                  [dash(sh.incarnation), true], [dash(sh.updates), true],
+                  [fixed(sh.updates_per_second, 1), true], [dash(sh.snapshots), true],
+                  [fixed(sh.recovery_s, 3, " s"), true]]);
+  }
+  showEvents(s.events);
+}
 function show(s) {
   if (s.status !== "OK") { clear(); text("state", s.status); return; }
+  if (s.sharded === true) { showSharded(s); return; }
+  layout(false);
   text("state", "updated " + new Date().toLocaleTimeString());
   text("failed", s.failed ? "Failed: " + s.failed : "");
   text("version", s.version);
@@ -513,10 +791,7 @@ function show(s) {
   text("model", s.model + ", " + s.n_params + " parameters");
   text("incarnation", s.incarnation);
   text("store", s.store === null ? "memory only" : s.store);
-  const r = s.run;
-  text("run", r === null ? "none" : "run " + r.run + (r.name ? " \\u201c" + r.name
-       + "\\u201d" : "") + ": " + r.accepted + " of " + r.minibatches
-       + " minibatches, " + r.n_shards + " shards" + (r.finished ? ", finished" : ""));
+  text("run", runText(s.run));
   const j = s.journal;
   text("journal", j === null ? "none (memory only)" : j.records + " log records ("
        + j.commits + " commits), " + j.snapshots + " snapshots, " + bytes(j.bytes));
@@ -531,15 +806,7 @@ function show(s) {
     row(shards, [[sh.shard, true], [sh.epoch, true], [sh.done ? "done" : sh.step, true],
                  [sh.lag, true], [sh.staleness === null ? "\\u2013" : sh.staleness, true]]);
   }
-  const events = $("events").tBodies[0];
-  events.replaceChildren();
-  for (const e of s.events) {
-    const rest = Object.entries(e).filter(([k]) => k !== "time" && k !== "action")
-      .map(([k, v]) => k + "=" + (typeof v === "number" && !Number.isInteger(v)
-           ? v.toFixed(3) : JSON.stringify(v))).join(" ");
-    row(events, [[new Date(e.time * 1000).toLocaleTimeString(), false],
-                 [e.action, false], [rest, false]]);
-  }
+  showEvents(s.events);
 }
 async function poll() {
   try {
@@ -556,3 +823,12 @@ poll();
 </body>
 </html>
 """
+
+
+def tracker_for(plugin: Any) -> Tracker | ShardsTracker:
+    """What the page and the metrics follow of a started plugin: its server, or
+    a sharded server's coordinator (the scheduler holds no server then)."""
+    coordinator = getattr(plugin, "coordinator", None)
+    if coordinator is not None:
+        return ShardsTracker(coordinator)
+    return Tracker(plugin.server)

@@ -24,6 +24,21 @@ attached last (a process normally runs one scheduler). The names are
 - ``shard_staleness{shard}`` (versions) and ``shard_lag{shard}`` (steps) for
   the current run's shards (see :mod:`dask_ftps._dashboard`);
 - ``info{mode, store, run_id}``.
+
+A sharded server (``ParameterServer(..., shards=S)``) reports, from the last
+sample of its shard servers (see :mod:`dask_ftps._dashboard`), ``version`` (the
+lowest shard version), ``updates_total`` (the fewest a shard accepted),
+``updates_per_second``, ``failed`` and ``info`` as above, and for each shard
+server, labelled ``shard`` (its part of the parameters, 0 to S-1):
+
+- ``shard_version{shard}``; ``shard_incarnation{shard}``;
+- ``shard_updates_total{shard}`` (a counter), ``shard_updates_per_second{shard}``;
+- ``shard_served{shard}`` (0 while its server is lost, until served again);
+- ``shard_recovery_seconds{shard}``: from its last loss to its server being
+  served again (none before a loss).
+
+It has no ``shard_staleness`` or ``shard_lag`` (the run's data shards) and no
+``journal_*`` or ``recovery_*`` of its own.
 """
 
 from __future__ import annotations
@@ -35,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import dask.config
 
-from dask_ftps._dashboard import Tracker, current_tracker
+from dask_ftps._dashboard import ShardsTracker, Tracker, current_tracker
 
 if TYPE_CHECKING:
     from dask_ftps._scheduler_plugin import ParameterServer
@@ -66,7 +81,7 @@ class FTPSMetricCollector:
         ]
         return bool(self._plugins)
 
-    def tracker(self) -> Tracker | None:
+    def tracker(self) -> Tracker | ShardsTracker | None:
         """The tracker of the newest attached plugin still serving."""
         for ref in reversed(self._plugins):
             plugin = ref()
@@ -78,11 +93,7 @@ class FTPSMetricCollector:
         return None
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import (
-            CounterMetricFamily,
-            GaugeMetricFamily,
-            InfoMetricFamily,
-        )
+        from prometheus_client.core import CounterMetricFamily, InfoMetricFamily
 
         tracker = self.tracker()
         if tracker is None:
@@ -91,70 +102,44 @@ class FTPSMetricCollector:
         namespace = dask.config.get("distributed.dashboard.prometheus.namespace")
         prefix = f"{namespace}_ftps_" if namespace else "ftps_"
 
-        def gauge(name: str, doc: str, value: float | None) -> Iterator[Any]:
-            if value is not None:
-                yield GaugeMetricFamily(prefix + name, doc, value=value)
-
-        yield from gauge("version", "Published model version", view["version"])
-        yield CounterMetricFamily(
-            prefix + "updates",
-            "Updates accepted (durable in the store)",
-            value=view["updates"],
-        )
-        yield from gauge(
+        if view.get("sharded"):
+            yield from _gauge(
+                prefix,
+                "version",
+                "Model version: the lowest shard version",
+                view["version"],
+            )
+            if view["updates"] is not None:
+                yield CounterMetricFamily(
+                    prefix + "updates",
+                    "Updates accepted (durable) by the shard with the fewest",
+                    value=view["updates"],
+                )
+        else:
+            yield from _gauge(
+                prefix, "version", "Published model version", view["version"]
+            )
+            yield CounterMetricFamily(
+                prefix + "updates",
+                "Updates accepted (durable in the store)",
+                value=view["updates"],
+            )
+        yield from _gauge(
+            prefix,
             "updates_per_second",
             f"Updates accepted per second over the last {view['rate_window']:g}s",
             view["updates_per_second"],
         )
-        yield from gauge(
-            "incarnation", "Server incarnation on its store", view["incarnation"]
-        )
-        yield from gauge(
+        if view.get("sharded"):
+            yield from _shard_servers(prefix, view["servers"])
+        else:
+            yield from _one_server(prefix, view)
+        yield from _gauge(
+            prefix,
             "failed",
             "1 if the server refuses every request (restart it)",
             int(view["failed"] is not None),
         )
-        journal = view["journal"]
-        if journal is not None:
-            yield from gauge(
-                "journal_records", "Log records the server holds", journal["records"]
-            )
-            yield from gauge(
-                "journal_snapshots", "Snapshots the log lists", journal["snapshots"]
-            )
-            yield from gauge(
-                "journal_bytes",
-                "Bytes of the log records, commit payloads and kept snapshots",
-                journal["bytes"],
-            )
-        recovery = view["recovery"]
-        if recovery is not None:
-            yield from gauge(
-                "recovery_seconds",
-                "Seconds the last rebuild from the store took",
-                recovery["seconds"],
-            )
-            yield from gauge(
-                "recovery_replayed_updates",
-                "Updates the last rebuild replayed",
-                recovery["replayed"],
-            )
-        staleness = GaugeMetricFamily(
-            prefix + "shard_staleness",
-            "Versions since the shard's last accepted update (current run)",
-            labels=["shard"],
-        )
-        lag = GaugeMetricFamily(
-            prefix + "shard_lag",
-            "Steps the shard is behind the run's fastest shard (current run)",
-            labels=["shard"],
-        )
-        for shard in view["shards"]:
-            if shard["staleness"] is not None:
-                staleness.add_metric([str(shard["shard"])], shard["staleness"])
-            lag.add_metric([str(shard["shard"])], shard["lag"])
-        yield staleness
-        yield lag
         info = InfoMetricFamily(prefix.removesuffix("_"), "The parameter server")
         info.add_metric(
             [],
@@ -165,6 +150,119 @@ class FTPSMetricCollector:
             },
         )
         yield info
+
+
+def _gauge(prefix: str, name: str, doc: str, value: float | None) -> Iterator[Any]:
+    """A gauge ``<prefix><name>`` of ``value``; none where it is None."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    if value is not None:
+        yield GaugeMetricFamily(prefix + name, doc, value=value)
+
+
+def _one_server(prefix: str, view: dict) -> Iterator[Any]:
+    """The metrics of one server's view (:meth:`Tracker.view`) but the common ones."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    yield from _gauge(
+        prefix, "incarnation", "Server incarnation on its store", view["incarnation"]
+    )
+    journal = view["journal"]
+    if journal is not None:
+        yield from _gauge(
+            prefix,
+            "journal_records",
+            "Log records the server holds",
+            journal["records"],
+        )
+        yield from _gauge(
+            prefix, "journal_snapshots", "Snapshots the log lists", journal["snapshots"]
+        )
+        yield from _gauge(
+            prefix,
+            "journal_bytes",
+            "Bytes of the log records, commit payloads and kept snapshots",
+            journal["bytes"],
+        )
+    recovery = view["recovery"]
+    if recovery is not None:
+        yield from _gauge(
+            prefix,
+            "recovery_seconds",
+            "Seconds the last rebuild from the store took",
+            recovery["seconds"],
+        )
+        yield from _gauge(
+            prefix,
+            "recovery_replayed_updates",
+            "Updates the last rebuild replayed",
+            recovery["replayed"],
+        )
+    staleness = GaugeMetricFamily(
+        prefix + "shard_staleness",
+        "Versions since the shard's last accepted update (current run)",
+        labels=["shard"],
+    )
+    lag = GaugeMetricFamily(
+        prefix + "shard_lag",
+        "Steps the shard is behind the run's fastest shard (current run)",
+        labels=["shard"],
+    )
+    for shard in view["shards"]:
+        if shard["staleness"] is not None:
+            staleness.add_metric([str(shard["shard"])], shard["staleness"])
+        lag.add_metric([str(shard["shard"])], shard["lag"])
+    yield staleness
+    yield lag
+
+
+def _shard_servers(prefix: str, servers: list[dict]) -> Iterator[Any]:
+    """The per-shard metrics of a sharded server's view (``servers``, see
+    :meth:`~dask_ftps._dashboard.ShardsTracker.servers`)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    version = GaugeMetricFamily(
+        prefix + "shard_version", "Version of the shard's server", labels=["shard"]
+    )
+    incarnation = GaugeMetricFamily(
+        prefix + "shard_incarnation",
+        "Incarnation of the shard's server on its part of the store",
+        labels=["shard"],
+    )
+    updates = CounterMetricFamily(
+        prefix + "shard_updates",
+        "Updates the shard's server accepted (durable in its part of the store)",
+        labels=["shard"],
+    )
+    rate = GaugeMetricFamily(
+        prefix + "shard_updates_per_second",
+        "Updates the shard's server accepted per second, lately",
+        labels=["shard"],
+    )
+    served = GaugeMetricFamily(
+        prefix + "shard_served",
+        "1 while the shard is served, 0 from the loss of its server until it is "
+        "served again",
+        labels=["shard"],
+    )
+    recovery = GaugeMetricFamily(
+        prefix + "shard_recovery_seconds",
+        "Seconds from the last loss of the shard's server to its being served again",
+        labels=["shard"],
+    )
+    for server in servers:
+        labels = [str(server["shard"])]
+        for family, key in (
+            (version, "version"),
+            (incarnation, "incarnation"),
+            (updates, "updates"),
+            (rate, "updates_per_second"),
+            (recovery, "recovery_s"),
+        ):
+            if server[key] is not None:
+                family.add_metric(labels, server[key])
+        served.add_metric(labels, int(server["served"]))
+    yield from (version, incarnation, updates, rate, served, recovery)
 
 
 _COLLECTOR: FTPSMetricCollector | None = None

@@ -29,7 +29,6 @@ from dask_ftps._core import (
     MODES,
     Mode,
     ModelVersion,
-    check_reply,
     download_entries,
     holder_client,
 )
@@ -51,7 +50,7 @@ from dask_ftps._worker_plugin import FTPSWorkerPlugin
 from dask_ftps.models import Model, check_model
 from dask_ftps.models._base import MODELS
 from dask_ftps.optim import OPTIMIZERS, SGD, Optimizer
-from dask_ftps.protocol import SHARDS_OP, Endpoint, replies_errors
+from dask_ftps.protocol import SHARDS_OP, Endpoint
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -327,7 +326,7 @@ class ParameterServer(SchedulerPlugin, Endpoint):
         sharded = None
         if isinstance(self.store, str):
             sharded = await read_meta(shard_store(self.store, 0), self.storage_options)
-        if sharded is not None or (self.shards or 1) > 1:
+        if sharded is not None or _on_workers(self.shards, self.store):
             await self._start_sharded(old, old_server, settings, sharded)
             logger.info(
                 "Sharded parameter server started in %.3fs: %s over %d shards, "
@@ -405,7 +404,7 @@ class ParameterServer(SchedulerPlugin, Endpoint):
                     f"the store {self.store} holds no run to resume: give a model"
                 )
             meta = self._meta()
-            shards = int(self.shards)
+            shards = int(self.shards or 1)
         else:
             shards = stored.model.shards
             if self.shards is not None and self.shards != shards:
@@ -439,6 +438,10 @@ class ParameterServer(SchedulerPlugin, Endpoint):
         del server_settings["address"]
         if math.isinf(server_settings["replay_budget"]):
             server_settings["replay_budget"] = math.inf
+        # Every worker can serve a shard once it has the worker plugin.
+        await scheduler.register_worker_plugin(
+            None, dumps(FTPSWorkerPlugin()), name="ftps", idempotent=True
+        )
         self._coordinator = Coordinator(
             scheduler,
             meta.model,
@@ -460,15 +463,13 @@ class ParameterServer(SchedulerPlugin, Endpoint):
             logger.info("Replacing the registered parameter server %r", self.name)
             del scheduler.plugins[self.name]
         scheduler.handlers.update(self._handlers)
-        await scheduler.register_worker_plugin(
-            None, dumps(FTPSWorkerPlugin()), name="ftps", idempotent=True
-        )
+        await self._start_dashboard(old if isinstance(old, ParameterServer) else None)
 
-    @replies_errors
     async def _sharded_status(self) -> dict:
         assert self._coordinator is not None
-        reply = check_reply(await self._coordinator.status(), "ftps_status")
-        reply["registration"] = self.registration
+        reply = await self._coordinator.status()
+        if reply.get("status") == "OK":
+            reply["registration"] = self.registration
         return reply
 
     async def close(self) -> None:
@@ -493,7 +494,7 @@ class ParameterServer(SchedulerPlugin, Endpoint):
             if previous is not None:
                 previous._stop_dashboard()
         try:
-            self._tracker = Tracker(self.server)
+            self._tracker = _dashboard.tracker_for(self)
             await self._tracker.refresh()  # a rebuilt run's shards at once
             _dashboard.install(self.scheduler)
             _metrics.attach(self)
@@ -520,7 +521,7 @@ class ParameterServer(SchedulerPlugin, Endpoint):
 
     async def _refresh_dashboard(self) -> None:
         tracker = self._tracker
-        if tracker is None or tracker.server.stopped:
+        if tracker is None or tracker.stopped:
             return
         try:
             await tracker.refresh()
@@ -662,6 +663,19 @@ class ParameterServer(SchedulerPlugin, Endpoint):
     def _log_event(self, event: dict) -> None:
         """An event on the scheduler's ``ftps`` topic (``client.get_events("ftps")``)."""
         self.scheduler.log_event("ftps", event)
+
+
+def _on_workers(shards: int | None, store: Any) -> bool:
+    """Whether a new server's model lives on shard servers: more than one shard,
+    or one with ``ftps.shards.on-workers`` (and a store path or URL)."""
+    if (shards or 1) > 1:
+        return True
+    on_workers = config.get("shards.on-workers")
+    if not isinstance(on_workers, bool):
+        raise FTPSError(
+            f"ftps.shards.on-workers must be true or false, got {on_workers!r}"
+        )
+    return shards == 1 and on_workers and isinstance(store, str)
 
 
 def _replay_budget(value: Any) -> float:

@@ -473,3 +473,333 @@ def test_page_in_a_headless_browser_follows_training(loop):
             if driver is not None:
                 driver.quit()
             trainer.join(timeout=180)
+
+
+# -- a sharded server ----------------------------------------------------------------
+
+#: A worker that may serve shards (``ftps.shards.resource``).
+SHARD_SERVER = {"resources": {"ftps-server": 1}}
+
+
+def by_shard(samples: list) -> dict[str, float]:
+    """``{shard label: value}`` of one metric's samples."""
+    return {labels["shard"]: value for labels, value in samples}
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1, SHARD_SERVER)] * 3, timeout=240)
+async def test_sharded_page_and_metrics_show_each_shard(c, s, a, b, w, tmp_path):
+    """A sharded server's JSON view lists each shard server (host, version,
+    incarnation, updates, updates/s, snapshots, last recovery) as
+    ``dask_ftps.status`` says, with the version vector; /metrics labels the same
+    values by shard; a shard whose worker left shows its recovery."""
+    from dask_ftps.models import MLP
+
+    port = s.http_server.port
+    X_train, _, y_train, _ = digits()
+    await c.register_plugin(
+        ParameterServer(
+            str(tmp_path / "run.zarr"),
+            model=MLP(64, (32,), 10, seed=0),
+            shards=2,
+            snapshot_every=10,
+        )
+    )
+    assert s.plugins["ftps"].coordinator is not None  # no server in the scheduler
+    assert page_routes(s) == 1
+    code, kind, body = await fetch(port, "/ftps")
+    assert code == 200 and kind.startswith("text/html")
+    assert '<table id="servers" hidden>' in body and "ftps/status.json" in body
+
+    async def sampled() -> bool:
+        v = await view(port)
+        assert v["status"] == "OK" and v["sharded"] is True
+        return v["versions"] == [0, 0]
+
+    await wait_until(sampled, timeout=60)  # a sample before the run: the rate's base
+    result = await dask_ftps.train(
+        c, X_train, y_train, epochs=1, batch_size=32, n_shards=2, progress=False
+    )
+    assert result.version > 0
+
+    async def agrees() -> tuple[dict, dict] | None:
+        """The view, when it shows what ``status()`` says now (a sample is at
+        most half a second old), with that status."""
+        v = await view(port)
+        st = await dask_ftps.status(c)
+        servers = v["servers"]
+        if [sh["version"] for sh in servers] != list(st["versions"]):
+            return None
+        for sh, expect in zip(servers, st["shards"], strict=True):
+            assert sh["shard"] == expect["shard"]
+            if (
+                sh["address"],
+                sh["incarnation"],
+                sh["updates"],
+                sh["snapshots"],
+            ) != (
+                expect["address"],
+                expect["incarnation"],
+                expect["updates"],
+                len(expect["snapshots"]),
+            ):
+                return None
+        return v, st
+
+    seen: list = []
+
+    async def check() -> bool:
+        seen[:] = [await agrees()]
+        return seen[0] is not None
+
+    await wait_until(check, timeout=30)
+    v, st = seen[0]
+    assert v["version"] == st["version"] == result.version
+    assert v["versions"] == list(st["versions"]) == [result.version] * 2
+    assert v["updates"] == st["updates"]
+    assert {sh["address"] for sh in v["servers"]} <= {a.address, b.address, w.address}
+    assert len({sh["address"] for sh in v["servers"]}) == 2  # spread
+    for sh in v["servers"]:
+        assert sh["served"] and sh["lost_s"] is None
+        assert sh["incarnation"] == 1 and sh["updates"] == result.version
+        assert sh["snapshots"] >= 1  # snapshot_every=10
+        assert sh["updates_per_second"] > 0  # the run is within the rate's window
+        assert sh["recovery_s"] is None  # never lost
+    assert v["updates_per_second"] > 0
+    assert v["recoveries"] == [] and v["missed"] is None
+    assert v["run"]["run"] == result.run and v["run"]["finished"]
+    assert v["mode"] == "async" and v["model"] == "MLP"
+    assert "shards" not in v and "journal" not in v  # the run's shards: not known
+    assert v["events"] and all("shard" in e for e in v["events"])  # the shards'
+
+    m = await metrics(port)
+    assert m["dask_ftps_version"] == [({}, result.version)]
+    assert m["dask_ftps_updates_total"] == [({}, st["updates"])]
+    assert by_shard(m["dask_ftps_shard_version"]) == {
+        str(k): version for k, version in enumerate(st["versions"])
+    }
+    assert by_shard(m["dask_ftps_shard_updates_total"]) == {
+        str(sh["shard"]): sh["updates"] for sh in st["shards"]
+    }
+    assert by_shard(m["dask_ftps_shard_incarnation"]) == {"0": 1, "1": 1}
+    assert by_shard(m["dask_ftps_shard_served"]) == {"0": 1, "1": 1}
+    assert set(by_shard(m["dask_ftps_shard_updates_per_second"])) == {"0", "1"}
+    assert "dask_ftps_shard_recovery_seconds" not in m  # no loss yet
+    assert "dask_ftps_shard_lag" not in m and "dask_ftps_journal_bytes" not in m
+    (info,) = m["dask_ftps_info"]
+    assert info[0]["mode"] == "async" and info[0]["store"].endswith("run.zarr")
+
+    # The worker serving shard 0 leaves: the shard is served again elsewhere.
+    lost = st["shards"][0]["address"]
+    await next(x for x in (a, b, w) if x.address == lost).close()
+
+    async def recovered() -> bool:
+        v = await view(port)
+        sh = v["servers"][0]
+        return sh["recovery_s"] is not None and sh["incarnation"] == 2
+
+    await wait_until(recovered, timeout=120)
+    await wait_until(check, timeout=30)
+    v, st = seen[0]
+    (event,) = st["recoveries"]  # the client's copy: tuples for lists
+    assert event["shard"] == 0 and event["address"] != lost
+    assert [sorted(e) for e in v["recoveries"]] == [sorted(event)]
+    assert v["recoveries"][0]["since_lost_s"] == event["since_lost_s"]
+    shard0, shard1 = v["servers"]
+    assert shard0["address"] == event["address"] == st["shards"][0]["address"]
+    assert shard0["recovery_s"] == event["since_lost_s"] > 0
+    assert shard0["served"] and shard0["lost_s"] is None
+    assert shard0["version"] == result.version  # rebuilt from its store
+    rebuild = st["shards"][0]["recovery"]
+    assert shard0["rebuild"]["replayed"] == rebuild["replayed"]
+    assert shard0["rebuild"]["start_version"] == rebuild["start_version"]
+    assert shard1["incarnation"] == 1 and shard1["recovery_s"] is None
+    actions = [e["action"] for e in v["events"]]  # newest first
+    assert actions.index("shard-served") < actions.index("shard-lost")
+    m = await metrics(port)
+    assert by_shard(m["dask_ftps_shard_recovery_seconds"]) == {
+        "0": event["since_lost_s"]
+    }
+    assert by_shard(m["dask_ftps_shard_incarnation"]) == {"0": 2, "1": 1}
+    assert by_shard(m["dask_ftps_shard_served"]) == {"0": 1, "1": 1}
+
+    await s.plugins["ftps"].close()
+    assert await view(port) == {"status": NO_SERVER}
+    assert await metrics(port) == {}
+
+
+class FakeCoordinator:
+    """What :class:`~dask_ftps._dashboard.ShardsTracker` reads of a coordinator,
+    with a ``status()`` that answers ``reply``: a dict, an exception to raise,
+    or None (it never answers)."""
+
+    def __init__(self) -> None:
+        from dask_ftps.models import MLP
+
+        self.shards = 2
+        self.placement = {0: "tcp://a:1", 1: "tcp://b:1"}
+        self.lost_at: dict[int, float] = {}
+        self.recoveries: list[dict] = []
+        self.model = MLP(64, (32,), 10)
+        self.resource = "ftps-server"
+        self.server_id = "f" * 32
+        self.shard_spec = {"mode": "async", "staleness": 0, "store": "memory://x"}
+        self.reply: object = None
+        self.calls = 0
+        self._closed = False
+
+    async def status(self) -> dict:
+        self.calls += 1
+        if self.reply is None:
+            await asyncio.sleep(3600)
+        if isinstance(self.reply, BaseException):
+            raise self.reply
+        return self.reply
+
+    def ok(self, versions: list[int]) -> dict:
+        return {
+            "status": "OK",
+            "version": min(versions),
+            "versions": versions,
+            "updates": min(versions),
+            "run": None,
+            "failed": None,
+            "shards": [
+                {
+                    "shard": k,
+                    "address": self.placement.get(k),
+                    "version": v,
+                    "incarnation": 1,
+                    "updates": v,
+                    "snapshots": [0],
+                    "store": f"memory://x/shards/{k}",
+                    "recovery": None,
+                    "params": 10,
+                }
+                for k, v in enumerate(versions)
+            ],
+        }
+
+
+def test_a_missed_sample_of_a_sharded_server_is_no_failure(monkeypatch):
+    """A shard not served, an error reply, an exception or no answer within
+    STATUS_TIMEOUT: the sample is missed and the view says why (and which shard
+    is lost), keeping the last sample; a shard's rate is its updates over time."""
+    from distributed.core import error_message
+
+    from dask_ftps import _dashboard
+    from dask_ftps._exceptions import ShardUnavailable
+
+    monkeypatch.setattr(_dashboard, "STATUS_TIMEOUT", 0.05)
+    monkeypatch.setattr(_dashboard, "SAMPLE_INTERVAL", 0.0)  # every refresh asks
+    coordinator = FakeCoordinator()
+    tracker = _dashboard.ShardsTracker(coordinator)
+
+    async def sample(reply: object) -> dict:
+        coordinator.reply = reply
+        await tracker.refresh()
+        return tracker.view()
+
+    async def go() -> None:
+        # Shard 1 is not served: status() would wait for it, so it is not asked.
+        del coordinator.placement[1]
+        coordinator.lost_at[1] = time.monotonic() - 2.0
+        v = await sample(coordinator.ok([1, 1]))
+        assert coordinator.calls == 0
+        assert v["missed"] == "shards [1] are not served"
+        assert v["version"] is None and v["history"] == []
+        assert [sh["served"] for sh in v["servers"]] == [True, False]
+        assert v["servers"][1]["lost_s"] >= 2.0
+        coordinator.placement[1] = "tcp://c:1"
+        del coordinator.lost_at[1]
+        v = await sample(coordinator.ok([3, 4]))
+        assert v["missed"] is None and v["versions"] == [3, 4]
+        assert [sh["address"] for sh in v["servers"]] == ["tcp://a:1", "tcp://c:1"]
+        assert [sh["snapshots"] for sh in v["servers"]] == [1, 1]
+        for reply, why in [
+            (
+                error_message(ShardUnavailable("shard 1: gone")),
+                "ShardUnavailable('shard 1: gone')",
+            ),
+            (OSError("connection refused"), "connection refused"),
+            (None, "no status within 0.05s"),
+        ]:
+            v = await sample(reply)
+            assert v["missed"] == why
+            assert v["versions"] == [3, 4]  # the last sample's
+            assert [sh["version"] for sh in v["servers"]] == [3, 4]
+        assert len(tracker.samples) == 1
+
+    asyncio.run(go())
+    tracker.shard_samples[0].clear()
+    tracker.shard_samples[0].extend([Sample(100.0, 3, 3), Sample(101.0, 6, 6)])
+    assert tracker.servers()[0]["updates_per_second"] == pytest.approx(3.0)
+    assert tracker.servers()[1]["updates_per_second"] is None  # one sample
+    assert not tracker.stopped
+    coordinator._closed = True
+    assert tracker.stopped
+
+
+@pytest.mark.slow
+def test_sharded_page_in_a_headless_browser(loop, tmp_path):
+    """Chromium shows /ftps of a sharded server: a row per shard server with
+    the values ``dask_ftps.status`` gives, the version vector, and no table of
+    the run's shards."""
+    start_browser = _chromium()
+    from distributed import Client, LocalCluster
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    from dask_ftps.models import MLP
+
+    X_train, _, y_train, _ = digits()
+    with (
+        LocalCluster(
+            n_workers=3,
+            threads_per_worker=1,
+            processes=False,
+            resources=SHARD_SERVER["resources"],
+            dashboard_address="127.0.0.1:0",
+            loop=loop,
+        ) as cluster,
+        Client(cluster, loop=loop) as client,
+    ):
+        client.register_plugin(
+            ParameterServer(
+                str(tmp_path / "run.zarr"), model=MLP(64, (32,), 10), shards=2
+            )
+        )
+        result = dask_ftps.train(
+            client, X_train, y_train, epochs=1, batch_size=32, n_shards=2,
+            progress=False,
+        )  # fmt: skip
+        st = dask_ftps.status(client)
+        url = f"http://127.0.0.1:{cluster.scheduler.http_server.port}/ftps"
+        driver = start_browser()
+        try:
+            driver.get(url)
+            wait = WebDriverWait(driver, 60, poll_frequency=0.25)
+
+            def cells() -> list[list[str]]:
+                return [
+                    [td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+                    for tr in driver.find_elements(By.CSS_SELECTOR, "#servers tbody tr")
+                ]
+
+            expected = [
+                [str(k), sh["address"], str(sh["version"]), "1", str(sh["updates"])]
+                for k, sh in enumerate(st["shards"])
+            ]
+            wait.until(lambda _: [row[:5] for row in cells()] == expected)
+            assert all(row[7] == "\u2013" for row in cells())  # never lost
+            assert [row[6] for row in cells()] == [
+                str(len(sh["snapshots"])) for sh in st["shards"]
+            ]
+            shown = driver.find_element(By.ID, "versions")
+            assert shown.text == f"[{result.version}, {result.version}]"
+            assert driver.find_element(By.ID, "version").text == str(result.version)
+            assert driver.find_element(By.ID, "servers").is_displayed()
+            assert not driver.find_element(By.ID, "shards").is_displayed()
+            assert not driver.find_element(By.ID, "journal").is_displayed()
+            assert "2 shard servers" in driver.find_element(By.ID, "model").text
+        finally:
+            driver.quit()

@@ -377,3 +377,179 @@ def test_a_paused_shard_server_is_replaced_and_cannot_write_after(tmp_path):
         assert after["versions"] == before["versions"]
         same_as_offline(client, store)
         check_exactly_once(store, expected_ids())
+
+
+# -- hostile messages to a shard server and to the coordinator ---------------------------
+
+
+class _Shard:
+    """A shard server seen as test_trust's ``snapshot`` sees a plugin."""
+
+    def __init__(self, host) -> None:
+        self.server = host.server
+        self.state = host.server.state
+        self.journal = host.server.journal
+
+
+@pytest.fixture(scope="module")
+def hostile_target(tmp_path_factory):
+    """An in-process sharded server with one run begun, and its shard 0."""
+    from distributed.utils import sync
+
+    from dask_ftps._core import check_reply
+
+    store = str(tmp_path_factory.mktemp("hostile") / "run.zarr")
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=False,
+            resources=SERVER,
+            dashboard_address=":0",
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        client.register_plugin(ParameterServer(store, model=MODEL, shards=2))
+        plugin = cluster.scheduler.plugins["ftps"]
+        coordinator = plugin.coordinator
+        spec = {"shard_sizes": [8, 8], "batch_size": 4, "epochs": 1, "seed": 0}
+        check_reply(
+            sync(cluster.loop, coordinator.begin_run, spec=spec, holder="Client-a/1"),
+            "begin_run",
+        )
+        address = coordinator.placement[0]
+        worker = next(w for w in cluster.workers.values() if w.address == address)
+        host = worker.plugins["ftps"].hosts.hosts[0]
+        yield cluster, worker, host, coordinator
+
+
+def _valid_shard_request(host, op: str) -> dict:
+    state = host.server.state
+    run = state.runs[-1]
+    epoch, step = run.next_step(0)
+    server_id = host.server.server_id
+    grads = {
+        k: np.full(v, 0.01, dtype=np.float32)
+        for k, v in state.model_spec.param_shapes().items()
+    }
+    common = {"server_id": server_id, "holder": "Client-a/1"}
+    return {
+        "begin_run": {"spec": dict(run.spec.to_dict()), "name": "", **common},
+        "find_run": {"name": "", "n_samples": 16, "batch_size": 4, "epochs": 1, "seed": 0},
+        "end_epoch": {"run": 0, "epoch": 0, "values": {"loss": 1.0}, "server_id": server_id},
+        "end_run": {"run": 0, **common},
+        "next_step": {"run": 0, "shard": 0, **common},
+        "pull": {
+            "worker": "tcp://w:1", "run": 0, "shard": 0, "epoch": epoch, "step": step,
+            **common,
+        },
+        "push": {
+            "worker": "tcp://w:1", "update_id": f"0:{epoch}:0:{step}", "grads": grads,
+            "incarnation": state.incarnation, "next_step": None, **common,
+        },
+        "status": {},
+        "get_model": {},
+        "model_spec": {},
+        "records": {},
+    }[op]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_hostile_fields_to_a_shard_server_are_refused_and_change_nothing(
+    hostile_target,
+):
+    """Every op of a shard server's endpoint with hostile fields (test_trust's
+    values): an error reply, never a crash, and nothing of the shard changed."""
+    from distributed.utils import sync
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from dask_ftps.protocol import SERVER_OPS
+
+    from .test_trust import HOSTILE, snapshot
+
+    cluster, worker, host, _ = hostile_target
+    shard = _Shard(host)
+
+    @settings(
+        max_examples=200,
+        deadline=None,
+        suppress_health_check=[
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.too_slow,
+        ],
+    )
+    @given(data=st.data())
+    def sweep(data):
+        op = data.draw(st.sampled_from(SERVER_OPS))
+        kwargs = _valid_shard_request(host, op)
+        fields = sorted(kwargs)
+        bad = (
+            data.draw(st.lists(st.sampled_from(fields), unique=True)) if fields else []
+        )
+        for field in bad:
+            kwargs[field] = data.draw(HOSTILE)
+        if not bad or data.draw(st.booleans()):
+            kwargs[data.draw(st.sampled_from(["extra", "x"]))] = data.draw(HOSTILE)
+        target = data.draw(st.one_of(st.just(0), HOSTILE))
+        before = snapshot(shard)
+        handler = worker.handlers[f"ftps_shard_{op}"]
+        reply = sync(cluster.loop, handler, ps_shard=target, **kwargs)
+        assert isinstance(reply, dict) and reply.get("status") in ("OK", "error"), reply
+        if reply["status"] != "OK":
+            assert snapshot(shard) == before, (op, kwargs)
+
+    sweep()
+
+
+@pytest.mark.slow
+def test_hostile_requests_to_the_coordinator_get_an_error_reply(hostile_target):
+    """The scheduler's ops of a sharded server, and a worker's shard start, with
+    hostile fields: an error (or OK) reply, never a crash; shards keep serving."""
+    from distributed.utils import sync
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from .test_trust import HOSTILE
+
+    cluster, worker, host, coordinator = hostile_target
+    ops = sorted(coordinator.handlers())
+    version = host.server.published.version
+
+    @settings(
+        max_examples=150,
+        deadline=None,
+        suppress_health_check=[
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.too_slow,
+        ],
+    )
+    @given(data=st.data())
+    def sweep(data):
+        op = data.draw(
+            st.sampled_from([*ops, "ftps_shard_start", "ftps_shard_clients"])
+        )
+        keys = data.draw(
+            st.lists(
+                st.sampled_from(
+                    ["spec", "server_id", "holder", "run", "shard", "suspect",
+                     "address", "clients", "worker", "grads", "name"]
+                ),
+                unique=True,
+                max_size=4,
+            )
+        )  # fmt: skip
+        kwargs = {k: data.draw(HOSTILE) for k in keys}
+        if op.startswith("ftps_shard_"):
+            handler = worker.handlers[op]
+            loop = cluster.loop
+        else:
+            handler = coordinator.handlers()[op]
+            loop = cluster.loop
+        reply = sync(loop, handler, **kwargs)
+        assert isinstance(reply, dict) and reply.get("status") in ("OK", "error"), reply
+
+    sweep()
+    assert host.server.published.version == version
+    assert not host.server.stopped
+    assert len(coordinator.placement) == 2
