@@ -79,6 +79,21 @@ class _Cluster:
         ]
         self.client = Client(self.address, timeout="60s")
         self.client.wait_for_workers(7, timeout=120)
+        self.idle_rate, self.idle_servers_rate = self.idle_cpu()
+
+    def idle_cpu(self, seconds: float = 5.0) -> tuple[float, float]:
+        """CPU seconds per second of the scheduler, and of the four tagged
+        workers together, with nothing to do."""
+        time.sleep(1.0)
+        servers = self.pids("ftps-server").values()
+        before = _cpu_seconds(self.scheduler.pid), sum(map(_cpu_seconds, servers))
+        t0 = time.perf_counter()
+        time.sleep(seconds)
+        wall = time.perf_counter() - t0
+        return (
+            (_cpu_seconds(self.scheduler.pid) - before[0]) / wall,
+            (sum(map(_cpu_seconds, servers)) - before[1]) / wall,
+        )
 
     def pids(self, resource: str) -> dict[str, int]:
         info = self.client.scheduler_info(n_workers=-1)["workers"]
@@ -139,16 +154,28 @@ def measure(
     servers = cluster.pids("ftps-server")
     sched = cluster.scheduler.pid
     before = _cpu_seconds(sched), {a: _cpu_seconds(p) for a, p in servers.items()}
+    t0 = time.perf_counter()
     result = _train(cluster.client, data, "measured")
+    wall = time.perf_counter() - t0
     after = _cpu_seconds(sched), {a: _cpu_seconds(p) for a, p in servers.items()}
     updates = result.minibatches
     server_cpu = sum(after[1][a] - before[1][a] for a in servers)
+    sched_cpu = after[0] - before[0]
     return {
         "variant": variant,
         "updates": updates,
         "updates_s": updates / result.seconds,
-        "sched_cpu_ms": 1e3 * (after[0] - before[0]) / updates,
+        "wall_s": wall,
+        "sched_cpu_ms": 1e3 * sched_cpu / updates,
+        # Less what the scheduler spends idle in the same time (its system
+        # monitor, the workers' heartbeats): what the training costs it.
+        "sched_cpu_ms_above_idle": 1e3
+        * max(0.0, sched_cpu - cluster.idle_rate * wall)
+        / updates,
         "servers_cpu_ms": 1e3 * server_cpu / updates,
+        "servers_cpu_ms_above_idle": 1e3
+        * max(0.0, server_cpu - cluster.idle_servers_rate * wall)
+        / updates,
         "accuracy": result.history[-1]["accuracy"],
     }
 
@@ -285,6 +312,7 @@ def run(quick: bool = False, out: str = "bench-results", store_dir=None) -> dict
     rows: list[dict] = []
     with scratch_dir(store_dir, "ftps-shards-") as folder:
         cluster = _Cluster(folder)
+        idle = cluster.idle_rate
         try:
             for size in sizes:
                 model = mlp_for(size)
@@ -314,8 +342,12 @@ def run(quick: bool = False, out: str = "bench-results", store_dir=None) -> dict
         finally:
             cluster.close()
     summary = _summary(rows)
+    fit = per_shard_cost(rows)
     doc = {
+        "per_shard_cost": fit,
+        "scaling_model": scaling_model(fit),
         "rounds": rounds,
+        "idle_sched_cpu_s_per_s": idle,
         "rows": rows,
         "summary": summary,
         "responsiveness": resp,
@@ -331,10 +363,12 @@ def _summary(rows: list[dict]) -> list[dict]:
     share of the in-scheduler server's at that size."""
     out = []
     for n in sorted({r["n_params"] for r in rows}):
+        here = [r for r in rows if r["n_params"] == n]
         base = statistics.median(
-            r["sched_cpu_ms"]
-            for r in rows
-            if r["n_params"] == n and r["variant"] == "in-scheduler"
+            r["sched_cpu_ms"] for r in here if r["variant"] == "in-scheduler"
+        )
+        base_above = statistics.median(
+            r["sched_cpu_ms_above_idle"] for r in here if r["variant"] == "in-scheduler"
         )
         for variant in VARIANTS:
             mine = [r for r in rows if r["n_params"] == n and r["variant"] == variant]
@@ -346,9 +380,71 @@ def _summary(rows: list[dict]) -> list[dict]:
                     "updates_s": statistics.median(r["updates_s"] for r in mine),
                     "sched_cpu_ms": cpu,
                     "sched_share": ratio(cpu, base),
+                    "sched_cpu_ms_above_idle": statistics.median(
+                        r["sched_cpu_ms_above_idle"] for r in mine
+                    ),
+                    "sched_share_above_idle": ratio(
+                        statistics.median(r["sched_cpu_ms_above_idle"] for r in mine),
+                        base_above,
+                    ),
                     "servers_cpu_ms": statistics.median(
                         r["servers_cpu_ms"] for r in mine
                     ),
+                }
+            )
+    return out
+
+
+def per_shard_cost(rows: list[dict]) -> dict:
+    """Fit one shard server's CPU per update, ``a + b * p`` (``p`` the shard's
+    parameters), to the measured shard-server rows (above idle)."""
+    points = [
+        (
+            r["n_params"] / int(r["variant"][2:]),
+            r["servers_cpu_ms_above_idle"] / int(r["variant"][2:]),
+        )
+        for r in rows
+        if r["variant"].startswith("S=")
+    ]
+    p = np.array([x for x, _ in points])
+    ms = np.array([y for _, y in points])
+    b, a = np.polyfit(p, ms, 1)
+    return {
+        "a_ms": float(a),
+        "b_ms_per_param": float(b),
+        "points": [{"shard_params": x, "ms_per_update": y} for x, y in points],
+    }
+
+
+#: The scaling model's network: 10 Gb/s per host, full duplex.
+NIC_BYTES_S = 10e9 / 8
+
+
+def scaling_model(fit: dict) -> list[dict]:
+    """Updates per second a sharded server can take, from the measured
+    per-shard cost, for S shard servers each on its own core and host:
+
+    - every update passes every shard: ``X <= 1 / (a + b * P / S)``;
+    - each shard's host receives a 4-byte slice of P/S parameters per update,
+      and sends as much back: ``X <= NIC / (4 * P / S)``;
+    - workers are assumed enough to push that many (their own cost is not
+      modelled), and the scheduler is not in the path (it coordinates).
+    """
+    a = max(fit["a_ms"], 1e-3) / 1e3
+    b = max(fit["b_ms_per_param"], 0.0) / 1e3
+    out = []
+    for n_params in (1_000_000, 10_000_000, 100_000_000):
+        for shards in (1, 2, 4, 8, 16, 32, 64):
+            cpu = 1.0 / (a + b * n_params / shards)
+            net = NIC_BYTES_S / (4.0 * n_params / shards)
+            out.append(
+                {
+                    "n_params": n_params,
+                    "shards": shards,
+                    "cpu_bound_s": cpu,
+                    "network_bound_s": net,
+                    "updates_s": min(cpu, net),
+                    "bound": "shard CPU" if cpu < net else "network",
                 }
             )
     return out
@@ -363,6 +459,8 @@ def table(summary: list[dict]) -> str:
             Column("updates_s", "updates/s", "{:.1f}"),
             Column("sched_cpu_ms", "sched ms/upd", "{:.3f}"),
             Column("sched_share", "share", "{:.3f}"),
+            Column("sched_cpu_ms_above_idle", "above idle", "{:.3f}"),
+            Column("sched_share_above_idle", "share", "{:.3f}"),
             Column("servers_cpu_ms", "servers ms/upd", "{:.3f}"),
         ],
         summary,

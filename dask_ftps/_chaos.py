@@ -13,6 +13,20 @@ applied twice, and ``recover(store)`` equal to the live model bit for bit.
 Then the workers start, and training goes on once the interrupted train() has
 ended. A client that gave up reconnecting is replaced by a new one. At the end,
 the model must have learned (test accuracy).
+
+With ``shards`` > 1 the parameter server is sharded: its shard servers run on a
+second group of worker processes, with the ``ftps-server`` resource (one per
+shard), and the killer also SIGKILLs the worker process that serves a random
+shard (its nanny starts a new one; the scheduler serves the shard again,
+rebuilt from its journal). Training goes on meanwhile; once the shard is served
+again the harness checks it: no committed update lost (the shard holds at least
+what it had reported accepted and what its journal held after the kill), and
+no update applied twice (each shard's retained global dataset, read from the
+store). recover(store) == live model is checked where training is quiet: after
+every scheduler loss and at the end. A scheduler loss restarts both worker
+groups: the shard servers' group joins before the checks (they serve the
+model), the training workers after them; every shard is checked as the one
+server is. Sharded schedulers are never armed: they write no log record.
 """
 
 from __future__ import annotations
@@ -68,6 +82,28 @@ class ChaosOptions:
     aimed_share: float = 0.4  # of the schedulers, the share started armed
     snapshot_every: int = 20
     kills: int | None = None  # stop killing after this many (None: until the time)
+    shards: int = 1  # > 1: a sharded server, its shard servers on tagged workers
+    shard_share: float = 0.3  # with shards, of the kills, the share of shard servers
+
+
+def _lost(acknowledged: int, stored: int, recovered: int) -> int:
+    """Committed updates a server lost: what its store held, or its predecessor
+    reported accepted, beyond what it holds."""
+    return max(0, stored - recovered) + max(0, acknowledged - recovered)
+
+
+@dataclass
+class ShardCount:
+    """One shard's counts at a scheduler loss (a sharded server)."""
+
+    shard: int
+    acknowledged: int  # updates the shard last reported accepted
+    stored: int  # updates its journal held after the kill
+    recovered: int  # updates its new server holds
+
+    @property
+    def lost(self) -> int:
+        return _lost(self.acknowledged, self.stored, self.recovered)
 
 
 @dataclass
@@ -81,12 +117,34 @@ class Recovery:
     served_seconds: float  # new scheduler process started -> status answered
     exact: bool  # recover(store) == live model, bit for bit
     duplicates: int
+    #: A sharded server's shards, each checked (the counts above: the lowest).
+    shards: list[ShardCount] = field(default_factory=list)
 
     @property
     def lost(self) -> int:
-        return max(0, self.stored - self.recovered) + max(
-            0, self.acknowledged - self.recovered
-        )
+        if self.shards:
+            return sum(s.lost for s in self.shards)
+        return _lost(self.acknowledged, self.stored, self.recovered)
+
+
+@dataclass
+class ShardRecovery:
+    """A shard whose server was SIGKILLed, served again while training went on."""
+
+    shard: int
+    killed: str  # the address of the worker that served it
+    address: str  # the worker that serves it again
+    incarnation: int  # its new server's
+    acknowledged: int  # updates it last reported accepted before the kill
+    stored: int  # updates its journal held after the kill
+    recovered: int  # updates its new server holds (asked after the store was read)
+    served_seconds: float  # SIGKILL -> the scheduler's status shows it served
+    since_lost_s: float | None  # the scheduler's: loss noticed -> served again
+    duplicates: int  # update ids its retained global dataset holds twice
+
+    @property
+    def lost(self) -> int:
+        return _lost(self.acknowledged, self.stored, self.recovered)
 
 
 @dataclass
@@ -102,14 +160,29 @@ class ChaosReport:
     wall: float = 0.0
     errors: list[str] = field(default_factory=list)
     new_clients: int = 0  # clients made after one closed
+    shard_recoveries: list[ShardRecovery] = field(default_factory=list)
 
     @property
     def lost(self) -> int:
-        return sum(r.lost for r in self.recoveries)
+        return sum(r.lost for r in self.recoveries) + sum(
+            r.lost for r in self.shard_recoveries
+        )
 
     @property
     def duplicates(self) -> int:
-        return sum(r.duplicates for r in self.recoveries) + self.final_duplicates
+        return (
+            sum(r.duplicates for r in self.recoveries)
+            + sum(r.duplicates for r in self.shard_recoveries)
+            + self.final_duplicates
+        )
+
+    def shard_served(self) -> tuple[float, float]:
+        """The median and the longest SIGKILL -> served again of the shard
+        recoveries (NaN: none)."""
+        served = sorted(r.served_seconds for r in self.shard_recoveries)
+        if not served:
+            return float("nan"), float("nan")
+        return served[len(served) // 2], served[-1]
 
     def failures(self) -> list[str]:
         failed = list(self.errors)
@@ -138,6 +211,7 @@ class ChaosReport:
             ("scheduler kills", f"{sum(by_kind.values())} ("
              + ", ".join(f"{k} {v}" for k, v in sorted(by_kind.items())) + ")"),
             ("worker kills", str(self.kills["worker"])),
+            *self._shard_rows(),
             ("recoveries checked", str(len(self.recoveries))),
             ("runs finished", str(self.runs_finished)),
             ("updates committed", str(self.updates)),
@@ -153,6 +227,21 @@ class ChaosReport:
         ]  # fmt: skip
         width = max(len(a) for a, _ in rows) + 2
         return [f"{a:<{width}}{b}" for a, b in rows]
+
+    def _shard_rows(self) -> list[tuple[str, str]]:
+        """The lines of a sharded run (none for one server)."""
+        if self.options.shards <= 1:
+            return []
+        median, longest = self.shard_served()
+        return [
+            ("shard-server kills", str(self.kills["shard-server"])),
+            ("kills by kind",
+             ", ".join(f"{k} {v}" for k, v in sorted(self.kills.items()))),
+            ("shards", str(self.options.shards)),
+            ("shard recoveries checked", str(len(self.shard_recoveries))),
+            ("kill -> shard served (median, max)",
+             f"{median:.2f} s, {longest:.2f} s"),
+        ]  # fmt: skip
 
 
 #: The harness's client: how long it tries to reconnect to a lost scheduler
@@ -198,20 +287,37 @@ class _Driver(threading.Thread):
 class _Cluster:
     """The scheduler process and the worker processes; restarted on the same port."""
 
-    def __init__(self, folder: Path, store: str, rng: np.random.Generator, say: Say):
+    def __init__(
+        self,
+        folder: Path,
+        store: str,
+        rng: np.random.Generator,
+        say: Say,
+        shards: int = 1,
+    ):
         self.folder, self.store, self.rng, self.say = folder, store, rng, say
+        self.shards = shards
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.scheduler: Process | None = None
         self.workers: Process | None = None
+        #: A sharded server's shard servers: workers with its resource.
+        self.servers: Process | None = None
         self.armed: str | None = None
         self.starts = 0
+
+    @property
+    def n_workers(self) -> int:
+        """The workers of the cluster: the training ones, and the shard servers'."""
+        return N_WORKERS + (self.shards if self.shards > 1 else 0)
 
     def start_scheduler(self, aimed_share: float) -> float:
         """Start a scheduler (armed with a share of ``aimed_share``, never the
         first); return when its process was started."""
         self.starts += 1
         env, preloads, self.armed = {}, (), None
+        if self.shards > 1:
+            aimed_share = 0.0  # a sharded scheduler writes no log record
         if self.starts > 1 and self.rng.random() < aimed_share:
             self.armed = str(self.rng.choice(sorted(AIMS)))
             pattern, (low, high) = AIMS[self.armed]
@@ -234,6 +340,23 @@ class _Cluster:
         if self.workers is not None:
             self.workers.stop(kill=True)
 
+    def start_servers(self) -> None:
+        """A sharded server's worker group with its resource, one worker per
+        shard (none for one server)."""
+        if self.shards <= 1:
+            return
+        from dask_ftps import config
+
+        self.stop_servers()
+        self.servers = start_workers(
+            self.address, self.shards, self.folder / f"servers-{self.starts}.log",
+            resources={str(config.get("shards.resource")): 1},
+        )  # fmt: skip
+
+    def stop_servers(self) -> None:
+        if self.servers is not None:
+            self.servers.stop(kill=True)
+
     def worker_pids(self) -> list[int]:
         """The worker processes (each nanny's child) of the worker group."""
         import psutil
@@ -253,7 +376,7 @@ class _Cluster:
         self.scheduler.wait(30)
 
     def stop(self) -> None:
-        for proc in (self.workers, self.scheduler):
+        for proc in (self.workers, self.servers, self.scheduler):
             if proc is not None:
                 proc.stop(kill=True)
 
@@ -282,6 +405,9 @@ class _Harness:
         self.report, self.rng, self.say = report, rng, say
         self.client: Client | None = None
         self.driver: _Driver | None = None
+        #: A sharded server's: the most updates each shard reported accepted
+        #: during the last watch.
+        self.shard_acks: list[int] = [0] * options.shards
 
     # -- the client ----------------------------------------------------------------
 
@@ -310,13 +436,15 @@ class _Harness:
         deadline = time.perf_counter() + options.seconds
         cluster.start_scheduler(0.0)
         cluster.start_workers()
+        cluster.start_servers()
         client = self.connect()
-        client.wait_for_workers(N_WORKERS, timeout=120)
+        client.wait_for_workers(cluster.n_workers, timeout=120)
+        sharded = {"shards": options.shards} if options.shards > 1 else {}
         client.register_plugin(
             dask_ftps.ParameterServer(
                 cluster.store, model=model, mode=options.mode,
                 optimizer=dask_ftps.SGD(lr=0.05, momentum=0.5),
-                snapshot_every=options.snapshot_every,
+                snapshot_every=options.snapshot_every, **sharded,
             )
         )  # fmt: skip
         self.driver = _Driver(client, self.data, 0)
@@ -355,13 +483,20 @@ class _Harness:
         """Watch the scheduler for ``seconds`` or until ``until()``: whether it died,
         and the most updates its server reported accepted meanwhile."""
         acknowledged, t_end = 0, time.perf_counter() + seconds
+        self.shard_acks = [0] * self.options.shards
         while time.perf_counter() < t_end:
             if not self.cluster.scheduler.alive:
                 return True, acknowledged
             if until is not None and until():
                 break
             try:
-                acknowledged = max(acknowledged, _status(self.client)["updates"])
+                status = _status(self.client)
+                acknowledged = max(acknowledged, status["updates"])
+                if self.options.shards > 1:
+                    self.shard_acks = [
+                        max(a, s["updates"])
+                        for a, s in zip(self.shard_acks, status["shards"], strict=True)
+                    ]
             except Exception:
                 logger.debug("status not answered", exc_info=True)
             time.sleep(0.05)
@@ -371,6 +506,9 @@ class _Harness:
         """Wait a random interval (watching the counts), then kill something."""
         options = self.options
         died, acknowledged = self.watch(float(self.rng.uniform(*options.interval)))
+        if options.shards > 1:
+            self.one_kill_sharded(died, acknowledged)
+            return
         pids = self.cluster.worker_pids()
         if not died and pids and self.rng.random() < options.worker_share:
             victim = int(self.rng.choice(pids))
@@ -379,6 +517,154 @@ class _Harness:
             self.say(f"SIGKILL worker process {victim} at {acknowledged} updates")
             return
         self.scheduler_lost(acknowledged, died)
+
+    # -- a sharded server: shard servers killed too ----------------------------------
+
+    def one_kill_sharded(self, died: bool, acknowledged: int) -> None:
+        """Kill a shard server (``shard_share``), a training worker
+        (``worker_share``) or the scheduler (the rest)."""
+        options = self.options
+        if not died:
+            self.check_driver()
+        draw = self.rng.random()
+        if not died and draw < options.shard_share:
+            if self.shard_lost():  # the scheduler died meanwhile
+                self.scheduler_lost(0, died=True)
+            return
+        pids = self.cluster.worker_pids()
+        if not died and pids and draw < options.shard_share + options.worker_share:
+            victim = int(self.rng.choice(pids))
+            os.kill(victim, signal.SIGKILL)
+            self.report.kills["worker"] += 1
+            self.say(f"SIGKILL worker process {victim} at {acknowledged} updates")
+            return
+        self.scheduler_lost(acknowledged, died)
+
+    def check_driver(self) -> None:
+        """A train() that failed while its scheduler lived (after a shard server
+        or a worker was killed): a fault the report names; training goes on
+        with a new driver, which resumes that run."""
+        driver = self.driver
+        if driver.is_alive() or not self.cluster.scheduler.alive:
+            return
+        if driver.error is not None:
+            self.report.errors.append(
+                f"run chaos-{driver.run_index} failed with its scheduler alive: "
+                f"{driver.error!r}"
+            )
+        self.report.runs_finished += driver.finished
+        self.driver = _Driver(self.client, self.data, driver.run_index)
+        self.driver.start()
+
+    def shard_lost(self) -> bool:
+        """SIGKILL the worker process serving a random shard, wait until the
+        scheduler serves every shard it served again, and check each; return
+        whether the scheduler died meanwhile (a shard that cannot be found now,
+        one being placed, is not killed)."""
+        cluster, report = self.cluster, self.report
+        k = int(self.rng.integers(self.options.shards))
+        try:
+            status = _status(self.client, timeout=5.0)
+            address = status["shards"][k]["address"]
+            pid = self.client.run(os.getpid, workers=[address])[address]
+        except Exception as e:  # noqa: BLE001 - not served now: no kill this time
+            logger.info("shard %d not found to kill: %r", k, e)
+            return not cluster.scheduler.alive
+        lost = {s["shard"]: s for s in status["shards"] if s["address"] == address}
+        served: dict[int, float] = {}  # shard -> SIGKILL to status showing it served
+        poller = threading.Thread(
+            target=self._poll_served, args=(lost, served), daemon=True
+        )
+        os.kill(pid, signal.SIGKILL)
+        poller.start()
+        report.kills["shard-server"] += 1
+        self.say(
+            f"SIGKILL shard server {pid} at {address} (shards {sorted(lost)}) at "
+            f"{[s['updates'] for s in status['shards']]} updates"
+        )
+        # What the killed server's journals hold (read while the shards are
+        # placed again: a new server's writes only add to it), then what their
+        # new servers hold, asked after that read.
+        stored = _inspect(cluster.store)
+        poller.join(SERVE_TIMEOUT + 10)
+        if not cluster.scheduler.alive:
+            return True
+        missing = sorted(set(lost) - set(served))
+        if missing:
+            report.errors.append(
+                f"shards {missing} not served again within {SERVE_TIMEOUT:.0f} s of "
+                f"their server's SIGKILL; see {cluster.folder}"
+            )
+            return False
+        now = self._status_when_served()
+        if now is None:
+            return not cluster.scheduler.alive
+        twice = _twice(_inspect(cluster.store))
+        for j, seconds in sorted(served.items()):
+            new = now["shards"][j]
+            since = next(
+                (e.get("since_lost_s") for e in reversed(now.get("recoveries") or [])
+                 if e.get("shard") == j and e.get("incarnation") == new["incarnation"]),
+                None,
+            )  # fmt: skip
+            recovery = ShardRecovery(
+                j, address, new["address"], new["incarnation"],
+                max(lost[j]["updates"], self.shard_acks[j]),
+                stored["shards"][j]["updates"], new["updates"], seconds, since,
+                twice[j],
+            )  # fmt: skip
+            report.shard_recoveries.append(recovery)
+            self.say(
+                f"shard {j} served again at {recovery.address} (incarnation "
+                f"{recovery.incarnation}) {seconds:.2f} s after the SIGKILL: held "
+                f"{recovery.stored} committed, {recovery.acknowledged} reported; "
+                f"holds {recovery.recovered}; lost {recovery.lost}, applied twice "
+                f"{recovery.duplicates}"
+            )
+        return False
+
+    def _poll_served(self, lost: dict[int, dict], served: dict[int, float]) -> None:
+        """Poll the status from a shard server's SIGKILL on (in a thread): when
+        each shard it served is served again (a new incarnation, or worker)."""
+        t_kill = time.perf_counter()
+        deadline = t_kill + SERVE_TIMEOUT
+        while (
+            len(served) < len(lost)
+            and time.perf_counter() < deadline
+            and self.cluster.scheduler.alive
+        ):
+            try:
+                now = _status(self.client)
+            except Exception:  # a shard not served yet
+                logger.debug("status not answered", exc_info=True)
+                time.sleep(0.02)
+                continue
+            seconds = time.perf_counter() - t_kill
+            for j, old in lost.items():
+                new = now["shards"][j]
+                if j not in served and (
+                    new["incarnation"] != old["incarnation"]
+                    or new["address"] != old["address"]
+                ):
+                    served[j] = seconds
+            time.sleep(0.02)
+
+    def _status_when_served(self) -> dict | None:
+        """The status, once answered (every shard served), or None, named an error,
+        when it is not answered within ``SERVE_TIMEOUT``."""
+        deadline = time.perf_counter() + SERVE_TIMEOUT
+        last: BaseException | None = None
+        while time.perf_counter() < deadline and self.cluster.scheduler.alive:
+            try:
+                return _status(self.client)
+            except Exception as e:  # noqa: BLE001 - again, until the deadline
+                last = e
+                time.sleep(0.05)
+        if self.cluster.scheduler.alive:
+            self.report.errors.append(
+                f"the status was not answered after a shard server's SIGKILL: {last!r}"
+            )
+        return None
 
     def scheduler_lost(
         self, acknowledged: int, died: bool, aimed_share: float | None = None
@@ -428,14 +714,19 @@ class _Harness:
         """Restart the scheduler, with no workers, and check what it serves; None if
         it died before the checks ended."""
         cluster = self.cluster
+        sharded = self.options.shards > 1
+        acks = list(self.shard_acks) if acknowledged else [0] * self.options.shards
         cluster.stop_workers()
+        cluster.stop_servers()
         before = dask_ftps.inspect(cluster.store)
         cluster.start_scheduler(aimed_share)
+        cluster.start_servers()  # they serve the shards: they join before the checks
         status = self.wait_served()
         served = time.perf_counter() - cluster.scheduler.started
+        check = _exact_sharded if sharded else _exact
         for attempt in range(3):
             try:
-                exact, duplicates = _exact(self.client, cluster.store)
+                exact, duplicates = check(self.client, cluster.store)
                 break
             except Exception as e:
                 if not cluster.scheduler.alive:
@@ -446,9 +737,13 @@ class _Harness:
                 # A pooled connection to the scheduler before the restart.
                 logger.info("checks met a closed connection (%r): again", e)
                 time.sleep(0.2)
+        shards = [
+            ShardCount(k, acks[k], before["shards"][k]["updates"], s["updates"])
+            for k, s in enumerate(status["shards"] if sharded else ())
+        ]
         return Recovery(
             kind, acknowledged, before["updates"], status["updates"],
-            before["version"], status["version"], served, exact, duplicates,
+            before["version"], status["version"], served, exact, duplicates, shards,
         )  # fmt: skip
 
     def wait_served(self) -> dict:
@@ -479,7 +774,7 @@ class _Harness:
         meanwhile, and the most updates it reported accepted."""
         self.cluster.start_workers()
         try:
-            self.connect().wait_for_workers(N_WORKERS, timeout=120)
+            self.connect().wait_for_workers(self.cluster.n_workers, timeout=120)
         except Exception:
             if self.cluster.scheduler.alive:
                 raise
@@ -514,14 +809,16 @@ def run_chaos(options: ChaosOptions, say: Say = print) -> ChaosReport:
     data = load(scale=False).split  # digits in [0, 1], unstandardised
     model = MLP(n_features=64, hidden=(32,), n_classes=10, seed=options.seed)
     report = ChaosReport(options)
-    say(f"chaos: {options.seconds:.0f} s, seed {options.seed}, mode {options.mode}; "
-        f"store {store}; logs {folder}")  # fmt: skip
-    cluster = _Cluster(folder, store, rng, say)
+    sharded = f", {options.shards} shards" if options.shards > 1 else ""
+    say(f"chaos: {options.seconds:.0f} s, seed {options.seed}, mode {options.mode}"
+        f"{sharded}; store {store}; logs {folder}")  # fmt: skip
+    cluster = _Cluster(folder, store, rng, say, options.shards)
     harness = _Harness(options, cluster, data, report, rng, say)
     try:
         harness.run(model)
         client = harness.connect()
-        report.final_exact, report.final_duplicates = _exact(client, store)
+        check = _exact_sharded if options.shards > 1 else _exact
+        report.final_exact, report.final_duplicates = check(client, store)
         report.updates = dask_ftps.status(client)["updates"]
         _, params = dask_ftps.get_model(client)
         report.accuracy = accuracy(model, params, data[1], data[3])
@@ -561,3 +858,72 @@ def _exact(client: Client, store: str) -> tuple[bool, int]:
     updates, accepted = client.run_on_scheduler(clocks)
     duplicates = sum(n - 1 for n in ids.values()) + abs(updates - accepted)
     return version == offline_version and same_params(live, offline), duplicates
+
+
+#: How long a check of a sharded server waits for the shards to be quiet: the
+#: same versions before and after it reads the live model and the store.
+QUIET_TIMEOUT = 30.0
+
+
+def _inspect(store: str, attempts: int = 5) -> dict:
+    """``inspect(store)`` of a store its servers may be writing (a trim may
+    delete a record as it is read): tried again on an error."""
+    for attempt in range(attempts):
+        try:
+            return dask_ftps.inspect(store)
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            logger.info("inspect failed: again", exc_info=True)
+            time.sleep(0.1)
+    raise AssertionError("unreachable")
+
+
+def _twice(info: dict) -> list[int]:
+    """Per shard of a sharded store's ``inspect``: the update ids its retained
+    global dataset holds twice."""
+    return [
+        sum(n - 1 for n in Counter(r["update_id"] for r in shard["global"]).values())
+        for shard in info["shards"]
+    ]
+
+
+def _exact_sharded(client: Client, store: str) -> tuple[bool, int]:
+    """:func:`_exact` for a sharded server: whether recover(store) is the live
+    model bit for bit, read while every shard's version stays the same (training
+    is stopped where this is called; an interrupted train() that resumed on
+    the tagged workers is waited out), and how many update ids each shard's
+    retained global dataset holds twice, or each shard counts beyond its runs'
+    clocks."""
+    from dask_ftps._demo import same_params
+
+    deadline = time.perf_counter() + QUIET_TIMEOUT
+    while True:
+        before = _status(client, timeout=10.0)
+        version, live = dask_ftps.get_model(client)
+        offline_version, offline = dask_ftps.recover(store)
+        info = _inspect(store)
+        after = _status(client, timeout=10.0)
+        versions = [list(v) for v in (before["versions"], after["versions"])]
+        quiet = versions[0] == versions[1] == list(info["versions"])
+        if quiet or time.perf_counter() > deadline:
+            break
+        time.sleep(0.2)
+    if not quiet:
+        logger.warning(
+            "the shards were not quiet for %.0f s: versions %s, then %s; stored %s",
+            QUIET_TIMEOUT, before["versions"], after["versions"], info["versions"],
+        )  # fmt: skip
+
+    def clocks(dask_worker: Any, shard: int) -> tuple[int, int]:
+        state = dask_worker.plugins["ftps"].hosts.hosts[shard].server.state
+        return state.updates, sum(r.accepted for r in state.runs)
+
+    duplicates = sum(_twice(info))
+    for entry in after["shards"]:
+        address = entry["address"]
+        reply = client.run(clocks, shard=entry["shard"], workers=[address])
+        updates, accepted = reply[address]
+        duplicates += abs(updates - accepted)
+    exact = quiet and version == offline_version and same_params(live, offline)
+    return exact, duplicates

@@ -50,6 +50,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: How long the first placement waits for more tagged workers to join, so that
+#: the shards spread over them instead of all going to the first one.
+FIRST_PLACEMENT_GRACE = 2.0
+
 
 class Coordinator:
     """Places the shards of one sharded run and answers the scheduler's ops.
@@ -89,6 +93,7 @@ class Coordinator:
         self._wake = asyncio.Event()
         self._runs = asyncio.Lock()
         self._closed = False
+        self._started = time.monotonic()
         self._tasks: set[asyncio.Task] = set()
         self._placer = asyncio.create_task(self._place_loop(), name="ftps-place")
 
@@ -181,6 +186,19 @@ class Coordinator:
                     taken = list(chosen.values())
                     candidates.sort(key=lambda a: taken.count(a))
                     chosen[k] = candidates[0]
+            spread = len(set(chosen.values()))
+            if (
+                chosen
+                and not self.placement
+                and spread < len(missing)
+                and time.monotonic() < self._started + FIRST_PLACEMENT_GRACE
+            ):
+                # The first placement (a new or restarted scheduler): workers
+                # join one by one; wait a moment for more, to spread the shards.
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 0.25)
+                continue
             if not chosen:
                 if not warned:
                     logger.warning(

@@ -123,6 +123,16 @@ class ParameterServer(SchedulerPlugin, Endpoint):
         Also fsync each write of a local store; default ``ftps.store.durable``.
     storage_options
         fsspec options for a URL store (endpoint, credentials, ...).
+    shards
+        Split the parameters into this many key ranges (whole arrays, the
+        large ones by rows), each served by a shard server on a Dask worker
+        started with the resource ``ftps-server`` (``dask worker --resources
+        ftps-server=1``, or ``LocalCluster(resources={"ftps-server": 1})``);
+        workers push and pull their slices straight to them, and each shard
+        keeps its own journal in the store's folder ``shards/<k>``. A lost
+        shard server is replaced and its shard rebuilt exactly while the
+        others go on. Default 1, or the store's: the server in the scheduler.
+        Needs a store path or URL. See "Shards" in the docs.
 
     Raises
     ------
@@ -136,8 +146,8 @@ class ParameterServer(SchedulerPlugin, Endpoint):
         At registration, if the store's model is in a module that
         ``ftps.models.allowed`` does not list.
     SpecMismatch
-        At registration, if the store holds a run with another model, optimizer
-        or mode.
+        At registration, if the store holds a run with another model, optimizer,
+        mode or number of shards.
     StoreLocked
         At registration, if another live server writes the store.
     StoreCorrupted

@@ -152,6 +152,9 @@ class Server:
         #: id (a fresh memory-only server shares no run with another).
         self.server_id = ServerId(self.run_id or self.identity)
         self.published: ModelVersion = _read_only(state.model)
+        #: The model published before it (a sync round's, for a shard that is
+        #: one round ahead of another).
+        self._previous: ModelVersion | None = None
         #: Set (with no await before its retirement) once a newly registered
         #: server is to replace this one: no run begins here any more.
         self.retiring = False
@@ -344,9 +347,9 @@ class Server:
         self.check_healthy()
         self.state.next_step(run, shard)  # validates run and shard
         self.state.check_holder(run, holder, self.connected)
-        await self._wait_ready(run, shard, epoch, step)
+        want = await self._wait_ready(run, shard, epoch, step)
         self.state.check_holder(run, holder)  # another call took it meanwhile?
-        return self._model_reply(worker, have_version, have_server)
+        return self._model_reply(worker, have_version, have_server, want)
 
     async def push(
         self,
@@ -393,8 +396,8 @@ class Server:
         if next_step is None:
             return {"status": "OK", "version": int(version)}
         key = update.key
-        await self._wait_ready(key.run, key.shard, *next_step)
-        return self._model_reply(update.worker, have_version, have_server)
+        want = await self._wait_ready(key.run, key.shard, *next_step)
+        return self._model_reply(update.worker, have_version, have_server, want)
 
     def status(self) -> dict:
         rebuilt = self.rebuilt
@@ -708,6 +711,8 @@ class Server:
                 self._refuse([f for _, _, f in item.accepted], self._refusal(e))
                 await self._wake()
                 return
+        if self.state.mode == "sync" and item.model.version != self.published.version:
+            self._previous = self.published
         self.published = _read_only(item.model)
         self._durable = item.view
         for _, version, future in item.accepted:
@@ -951,9 +956,12 @@ class Server:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _wait_ready(self, run: int, shard: int, epoch: int, step: int) -> None:
+    async def _wait_ready(
+        self, run: int, shard: int, epoch: int, step: int
+    ) -> int | None:
         """Wait until the shard may compute ``(epoch, step)`` and what it needs is
-        durable."""
+        durable; return the version a sync round computes from (None: the
+        newest)."""
 
         def ready() -> bool:
             self.check_healthy()
@@ -981,6 +989,7 @@ class Server:
                     ),
                     timeout,
                 )
+                return target if mode == "sync" else None
         except TimeoutError:
             raise WaitTimeout(
                 f"shard {shard} of run {run} waited {timeout}s for (epoch {epoch}, "
@@ -988,9 +997,25 @@ class Server:
             ) from None
 
     def _model_reply(
-        self, worker: WorkerId, have_version: int, have_server: str | None
+        self,
+        worker: WorkerId,
+        have_version: int,
+        have_server: str | None,
+        want: int | None = None,
     ) -> ModelMessage:
         model = self.published
+        if (
+            want is not None
+            and model.version != want
+            and self._previous is not None
+            and self._previous.version == want
+        ):
+            # A sync round's model when this server merged the next round
+            # already: a shard server of a sharded run that got every push of
+            # that round, while another shard (rebuilt) waits for one again.
+            # The task that pushes it again computes from the round's model on
+            # every shard, so each shard merges what one server would.
+            model = self._previous
         fresh = have_version != model.version or have_server != self.identity
         if fresh:
             self.state.record_download(worker, Version(model.version))

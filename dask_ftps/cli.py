@@ -666,6 +666,22 @@ def train(
     default=None,
     help="Also write the counts and every recovery to this JSON file.",
 )
+@click.option(
+    "--shards",
+    type=click.IntRange(min=1, max=16),
+    default=1,
+    show_default=True,
+    help="Shard the parameter server: its shard servers run on as many worker "
+    "processes with the ftps-server resource, and they are killed too.",
+)
+@click.option(
+    "--shard-share",
+    type=click.FloatRange(min=0, max=0.7),
+    default=0.3,
+    show_default=True,
+    help="With --shards: the share of the kills that SIGKILL a shard server "
+    "(0.3 of them hit a training worker, the rest the scheduler).",
+)
 @_verbose_option
 def chaos(
     seconds: float,
@@ -673,6 +689,8 @@ def chaos(
     mode: str,
     store: str | None,
     json_path: str | None,
+    shards: int,
+    shard_share: float,
     verbose: bool,
 ) -> None:
     """Train on digits while real processes are SIGKILLed at seeded random moments.
@@ -684,6 +702,11 @@ def chaos(
     run with training stopped: committed updates lost 0, applied twice 0,
     recover(store) == live model bit for bit; at the end the model must have
     learned. Exits 1 if any check failed.
+
+    With --shards N the worker process serving a random shard is SIGKILLed too;
+    once the scheduler serves that shard again (its kill -> served time is
+    reported), the shard is checked while training goes on: committed updates
+    lost 0, applied twice 0.
     """
     from dataclasses import asdict
 
@@ -691,8 +714,12 @@ def chaos(
 
     _setup_logging(verbose)
     report = run_chaos(
-        ChaosOptions(seconds=seconds, seed=seed, mode=mode, store=store), say=click.echo
-    )
+        ChaosOptions(
+            seconds=seconds, seed=seed, mode=mode, store=store, shards=shards,
+            shard_share=shard_share,
+        ),
+        say=click.echo,
+    )  # fmt: skip
     click.echo("\n".join(report.lines()))
     if json_path is not None:
         payload = {
@@ -709,6 +736,15 @@ def chaos(
             "wall": report.wall,
             "failures": report.failures(),
         }
+        if shards > 1:
+            median, longest = report.shard_served()
+            payload["shard_recoveries"] = [
+                {**asdict(r), "lost": r.lost} for r in report.shard_recoveries
+            ]
+            payload["shard_served"] = {"median": median, "max": longest}
+        else:  # one server: as before
+            for recovery in payload["recoveries"]:
+                del recovery["shards"]
         Path(json_path).write_text(json.dumps(payload, indent=2, default=_json_default))
     if not report.ok:
         raise click.ClickException("; ".join(report.failures()))

@@ -85,3 +85,38 @@ def test_a_slow_train_and_a_closed_client_do_not_stop_the_harness(
     assert report.errors == []
     assert report.lost == report.duplicates == 0
     assert all(r.exact for r in report.recoveries) and report.final_exact
+
+
+def test_a_sharded_report_counts_shard_recoveries_and_one_server_lines_stay() -> None:
+    """The report's accounting, without processes: a shard served again with
+    fewer updates than it held is a loss, ids held twice are duplicates, and
+    the sharded lines appear only with shards."""
+    sharded = _chaos.ChaosOptions(shards=2)
+
+    def shard(shard: int, **counts: int) -> _chaos.ShardRecovery:
+        fields = {"acknowledged": 10, "stored": 11, "recovered": 11, "duplicates": 0}
+        fields.update(counts)
+        return _chaos.ShardRecovery(
+            shard, "tcp://a", "tcp://b", 2, served_seconds=0.5 + shard,
+            since_lost_s=0.1, **fields,
+        )  # fmt: skip
+
+    report = _chaos.ChaosReport(sharded, accuracy=0.95, final_exact=True)
+    report.kills.update({"shard-server": 2, "worker": 1})
+    report.shard_recoveries = [shard(0), shard(1)]
+    assert report.ok, report.failures()
+    assert report.shard_served() == (1.5, 1.5)
+    lines = "\n".join(report.lines())
+    assert "shard-server kills                  2" in lines
+    assert "kills by kind                       shard-server 2, worker 1" in lines
+    assert "kill -> shard served (median, max)  1.50 s, 1.50 s" in lines
+    report.shard_recoveries.append(shard(1, acknowledged=12, recovered=9, duplicates=1))
+    assert report.lost == 2 + 3 and report.duplicates == 1
+    assert len(report.failures()) == 2
+    # A scheduler loss of a sharded server: each shard counted.
+    counts = [_chaos.ShardCount(0, 5, 6, 6), _chaos.ShardCount(1, 7, 7, 6)]
+    recovery = _chaos.Recovery("scheduler", 5, 6, 6, 6, 6, 1.0, True, 0, counts)
+    assert recovery.lost == 2
+    one = _chaos.ChaosReport(_chaos.ChaosOptions(), accuracy=0.95, final_exact=True)
+    assert not any("shard" in line for line in one.lines())
+    assert _chaos.Recovery("scheduler", 5, 6, 4, 6, 4, 1.0, True, 0).lost == 3

@@ -355,6 +355,44 @@ def test_chaos_kills_real_processes_and_every_check_holds(tmp_path) -> None:
     assert _line(r"^committed updates lost\s+0$", proc.stdout), proc.stdout
 
 
+@pytest.mark.slow
+def test_chaos_with_shards_kills_shard_servers_and_every_check_holds(tmp_path) -> None:
+    """``dask-ftps chaos --shards 2``: the worker process that serves a shard is
+    SIGKILLed too (seed 10: a shard server, a training worker, then the
+    scheduler); each shard is served again and checked while training goes on,
+    every shard at each scheduler loss, recover == live where training is
+    quiet."""
+    report = tmp_path / "chaos.json"
+    proc = subprocess.run(
+        [*_command(), "chaos", "--shards", "2", "--seconds", "15", "--seed", "10",
+         "--json", str(report), "--store", str(tmp_path / "run.zarr")],
+        capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    doc = json.loads(report.read_text())
+    assert doc["failures"] == []
+    kills = doc["kills"]
+    assert min(kills.get(k, 0) for k in ("shard-server", "worker", "scheduler")) >= 1
+    assert doc["lost"] == doc["duplicates"] == 0
+    shard_recoveries = doc["shard_recoveries"]
+    assert len(shard_recoveries) >= kills["shard-server"]
+    for recovery in shard_recoveries:
+        assert recovery["lost"] == recovery["duplicates"] == 0, recovery
+        assert recovery["recovered"] >= max(
+            recovery["stored"], recovery["acknowledged"]
+        )
+        assert recovery["incarnation"] >= 2, recovery
+    assert 0 < doc["shard_served"]["median"] <= doc["shard_served"]["max"] < 60
+    for recovery in doc["recoveries"]:  # every shard checked at a scheduler loss
+        assert [s["shard"] for s in recovery["shards"]] == [0, 1], recovery
+        assert recovery["exact"] and recovery["lost"] == 0, recovery
+    assert doc["final_exact"] and doc["accuracy"] >= 0.9
+    assert _line(r"^shard-server kills\s+[1-9]", proc.stdout), proc.stdout
+    assert _line(r"^committed updates lost\s+0$", proc.stdout), proc.stdout
+    assert _line(r"^kill -> shard served \(median, max\)\s+\d", proc.stdout)
+
+
 # -- dask-ftps train: data files -----------------------------------------------------
 
 

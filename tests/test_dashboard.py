@@ -645,7 +645,7 @@ class FakeCoordinator:
         self.shard_spec = {"mode": "async", "staleness": 0, "store": "memory://x"}
         self.reply: object = None
         self.calls = 0
-        self._closed = False
+        self.closed = False
 
     async def status(self) -> dict:
         self.calls += 1
@@ -735,7 +735,7 @@ def test_a_missed_sample_of_a_sharded_server_is_no_failure(monkeypatch):
     assert tracker.servers()[0]["updates_per_second"] == pytest.approx(3.0)
     assert tracker.servers()[1]["updates_per_second"] is None  # one sample
     assert not tracker.stopped
-    coordinator._closed = True
+    coordinator.closed = True
     assert tracker.stopped
 
 

@@ -563,10 +563,12 @@ async def _run(
     try:
         for epoch in range(first_epoch, epochs):
             t0 = time.perf_counter()
+            if compute is not None:  # workers that joined since (a restarted one)
+                compute = await _compute_workers(client, status)
             if bar is not None:
                 bar.set_description(f"ftps run {run} epoch {epoch + 1}/{epochs}")
 
-            def submit(s: int, attempt: int, epoch: int = epoch):
+            def submit(s: int, attempt: int, epoch: int = epoch, where=compute):
                 return client.submit(
                     _train_shard,
                     shards.xs[s],
@@ -587,8 +589,8 @@ async def _run(
                     class_weight=weights,
                     scale_stale=scale_stale,
                     key=f"ftps-train-{run}-{epoch}-{s}-{token}-{attempt}",
-                    workers=compute,
-                    allow_other_workers=compute is not None,
+                    workers=where,
+                    allow_other_workers=where is not None,
                 )
 
             stats = await _run_epoch(client, submit, shards, n_shards, bar)

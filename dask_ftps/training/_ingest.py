@@ -186,6 +186,13 @@ class _Shards:
     async def scatter(self, client: Client, s: int) -> None:
         """Scatter shard ``s`` again (its futures were lost)."""
         X, y = self.parts[s]
+        if self.workers is not None:
+            # Where the workers named at the start still live (a restarted
+            # worker has a new address): the others, else anywhere.
+            info = await client.scheduler.identity()
+            self.workers = [
+                w for w in self.workers if w in info.get("workers", {})
+            ] or None
         x_future, y_future = await client.scatter(
             [X, y], hash=False, workers=self.workers
         )
