@@ -199,7 +199,7 @@ def responsiveness(cluster: _Cluster, training: threading.Thread | None) -> dict
         t0 = time.perf_counter()
         client.sync(client.scheduler.ncores)
         rtts.append(1e3 * (time.perf_counter() - t0))
-        if len(rtts) % 50 == 10:
+        if len(rtts) % 25 == 5:
             t0 = time.perf_counter()
             futures = client.map(_tiny, range(1000), resources={"tiny": 1}, pure=False)
             client.gather(futures)

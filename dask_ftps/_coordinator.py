@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -76,6 +77,12 @@ class Coordinator:
             model.param_shapes(), self.shards
         )
         self.shard_spec = shard_spec
+        shapes = model.param_shapes()
+        #: Parameters each shard holds.
+        self.shard_params = [
+            sum((p.stop - p.start) * math.prod(shapes[p.name][1:]) for p in pieces)
+            for pieces in self.layout
+        ]
         self.resource = str(config.get("shards.resource"))
         self.place_timeout = parse_timedelta(config.get("shards.place-timeout"))
         self.probe_timeout = parse_timedelta(config.get("store.owner-timeout"))
@@ -525,7 +532,7 @@ class Coordinator:
                     "snapshots": r.get("snapshots"),
                     "store": r.get("store"),
                     "recovery": r.get("recovery"),
-                    "params": sum((p.stop - p.start) for p in self.layout[k]),
+                    "params": self.shard_params[k],
                 }
                 for k, r in enumerate(replies)
             ],

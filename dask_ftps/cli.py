@@ -774,7 +774,31 @@ def _json_default(value: Any) -> Any:
 
 
 def _inspect_lines(store: str, info: dict[str, Any], n_rows: int) -> list[str]:
-    """What :func:`dask_ftps.inspect` returned, as a readable table."""
+    """What :func:`dask_ftps.inspect` returned, as a readable table (a sharded
+    store's: the whole run, then each shard's)."""
+    if "shards" in info:
+        lines = [
+            f"store          {store} ({len(info['shards'])} shards)",
+            f"run id         {info['run_id']}",
+            (
+                f"version        {info['version']} (the lowest shard's; shards: "
+                f"{', '.join(map(str, info['versions']))})"
+            ),
+            f"updates        {info['updates']} committed on every shard",
+            f"model          {_spec(info['model'])}",
+            f"optimizer      {_spec(info['optimizer'])}",
+            f"mode           {info['mode']} (staleness {info['staleness']})",
+        ]
+        for shard in info["shards"]:
+            lines.append("")
+            lines.append(f"shard {shard['shard']}:")
+            lines.extend(
+                "  " + line
+                for line in _inspect_lines(
+                    f"{store}/shards/{shard['shard']}", shard, n_rows
+                )
+            )
+        return lines
     rows = info["global"]
     lines = [
         f"store          {store}",

@@ -164,7 +164,8 @@ def test_sync_with_shards_equals_one_server_bit_for_bit(local_cluster, tmp_path)
             np.testing.assert_array_equal(params[name], one[name])
     status = dask_ftps.status(local_cluster)
     assert len(status["shards"]) == 3
-    assert status["versions"] == [status["version"]] * 3
+    assert list(status["versions"]) == [status["version"]] * 3
+    assert sum(s["params"] for s in status["shards"]) == MODEL.n_params()
 
 
 @pytest.mark.parametrize("mode", ["async", "ssp"])
@@ -553,3 +554,26 @@ def test_hostile_requests_to_the_coordinator_get_an_error_reply(hostile_target):
     assert host.server.published.version == version
     assert not host.server.stopped
     assert len(coordinator.placement) == 2
+
+
+def test_the_command_line_reads_a_sharded_store(local_cluster, tmp_path):
+    """``dask-ftps inspect`` and ``recover`` on a sharded store: every shard,
+    and the model put together."""
+    from click.testing import CliRunner
+
+    from dask_ftps.cli import main
+
+    store = str(tmp_path / "run.zarr")
+    local_cluster.register_plugin(ParameterServer(store, model=MODEL, shards=2))
+    result = train(local_cluster)
+    runner = CliRunner()
+    shown = runner.invoke(main, ["inspect", store, "--rows", "1"])
+    assert shown.exit_code == 0, shown.output
+    assert f"({2} shards)" in shown.output
+    assert f"version        {result.version} (the lowest shard's" in shown.output
+    assert "shard 0:" in shown.output and "shard 1:" in shown.output
+    rebuilt = runner.invoke(main, ["recover", store])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert f"model version {result.version}" in rebuilt.output
+    for name, shape in MODEL.param_shapes().items():
+        assert f"{name}" in rebuilt.output and str(shape) in rebuilt.output
