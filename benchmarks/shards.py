@@ -228,13 +228,21 @@ def responsive(
     for variant in ("in-scheduler", "S=2"):
         _register(cluster, folder / f"resp-{variant}.zarr", model, variant)
         _train(cluster.client, (data[0][: 16 * BATCH], data[1][: 16 * BATCH]), "w")
-        thread = threading.Thread(
-            target=_train, args=(cluster.client, data, "r", epochs), daemon=True
-        )
+        failed: list[BaseException] = []
+
+        def train_in_thread() -> None:
+            try:
+                _train(cluster.client, data, "r", epochs)
+            except BaseException as e:  # reported below
+                failed.append(e)
+
+        thread = threading.Thread(target=train_in_thread, daemon=True)
         thread.start()
         time.sleep(1.0)  # into the run
         rows.append({"variant": variant, **responsiveness(cluster, thread)})
         thread.join()
+        if failed:
+            raise RuntimeError(f"train() under the probes failed: {failed[0]!r}")
     return rows
 
 

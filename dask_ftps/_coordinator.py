@@ -54,6 +54,9 @@ logger = logging.getLogger(__name__)
 #: How long the first placement waits for more tagged workers to join, so that
 #: the shards spread over them instead of all going to the first one.
 FIRST_PLACEMENT_GRACE = 2.0
+#: How long a worker where a shard's start failed, or whose server of it did
+#: not answer, is passed over for that shard.
+EXCLUDED_FOR = 10.0
 
 
 class Coordinator:
@@ -95,7 +98,9 @@ class Coordinator:
         self.recoveries: list[dict] = []
         #: The run's identity: shard 0's run id (the same through recoveries).
         self.server_id: str | None = None
-        self._excluded: dict[int, set[str]] = {}
+        #: Shard -> workers not to place it on, until when (a start failed
+        #: there, or its server there did not answer).
+        self._excluded: dict[int, dict[str, float]] = {}
         self._changed = asyncio.Condition()
         self._wake = asyncio.Event()
         self._runs = asyncio.Lock()
@@ -130,28 +135,54 @@ class Coordinator:
             if where == address:
                 self._lose(k, f"its worker {address} left")
         for excluded in self._excluded.values():
-            excluded.discard(address)
+            excluded.pop(address, None)
         self._wake.set()
 
     def clients_changed(self) -> None:
         """Tell the shard servers which clients are connected (a run whose
         client left is free)."""
         if self.placement:
-            task = asyncio.ensure_future(self._send_clients())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._background(self._send_clients())
 
-    async def _send_clients(self) -> None:
+    async def _send_clients(self, addresses: Any = None) -> None:
+        """Tell the shard servers which clients are connected; a server that
+        does not answer within ``ftps.store.owner-timeout`` is skipped."""
         clients = sorted(self.scheduler.clients)
-        for address in set(self.placement.values()):
+
+        async def send(address: str) -> None:
             with contextlib.suppress(Exception):
-                await self.scheduler.rpc(address).ftps_shard_clients(clients=clients)
+                await asyncio.wait_for(
+                    self.scheduler.rpc(address).ftps_shard_clients(clients=clients),
+                    self.probe_timeout,
+                )
+
+        where = set(self.placement.values()) if addresses is None else set(addresses)
+        await asyncio.gather(*(send(a) for a in where))
+
+    async def _stop_server(self, k: int, address: str) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                self.scheduler.rpc(address).ftps_shard_stop(ps_shard=k),
+                self.probe_timeout,
+            )
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _exclude(self, k: int, address: str) -> None:
+        """Place shard ``k`` elsewhere than ``address`` for a while."""
+        self._excluded.setdefault(k, {})[address] = time.monotonic() + EXCLUDED_FOR
 
     def _lose(self, k: int, why: str) -> None:
         address = self.placement.pop(k, None)
         if address is None:
             return
         self.info.pop(k, None)
+        # A server judged lost that still runs (slow, paused) must not keep its
+        # claim: asked to stop, at best effort (a dead one answers nothing).
+        self._background(self._stop_server(k, address))
         self.lost_at[k] = time.monotonic()
         logger.warning("Shard %d lost at %s: %s; placing it again", k, address, why)
         self.scheduler.log_event(
@@ -163,11 +194,12 @@ class Coordinator:
         load = {a: 0 for a in self.placement.values()}
         for a in self.placement.values():
             load[a] += 1
+        now = time.monotonic()
+        excluded = {a for a, t in self._excluded.get(k, {}).items() if t > now}
         tagged = [
             a
             for a, ws in self.scheduler.workers.items()
-            if ws.resources.get(self.resource, 0) > 0
-            and a not in self._excluded.get(k, ())
+            if ws.resources.get(self.resource, 0) > 0 and a not in excluded
         ]
         return sorted(tagged, key=lambda a: (load.get(a, 0), a))
 
@@ -221,7 +253,11 @@ class Coordinator:
                     await asyncio.wait_for(self._wake.wait(), 1.0)
                 continue
             warned = False
-            await asyncio.gather(*(self._start(k, a) for k, a in chosen.items()))
+            try:
+                await asyncio.gather(*(self._start(k, a) for k, a in chosen.items()))
+            except Exception:  # the placer goes on whatever one start did
+                logger.exception("Placing shards %s failed; trying again", chosen)
+                await asyncio.sleep(0.5)
             if any(k not in self.placement for k in chosen):
                 await asyncio.sleep(0.05)
 
@@ -238,7 +274,19 @@ class Coordinator:
             if address not in self.scheduler.workers or isinstance(e, FTPSError):
                 logger.info("Shard %d not served at %s: %r", k, address, e)
             if isinstance(e, FTPSError) and not isinstance(e, NotRegistered):
-                self._excluded.setdefault(k, set()).add(address)
+                self._exclude(k, address)
+            if isinstance(e, TimeoutError):
+                logger.warning(
+                    "Shard %d: its start at %s took longer than %gs; placing it "
+                    "elsewhere",
+                    k,
+                    address,
+                    self.place_timeout,
+                )
+                self._exclude(k, address)
+                self._background(self._stop_server(k, address))
+            return
+        if address not in self.scheduler.workers:  # it left meanwhile
             return
         if self._closed:
             return
@@ -268,15 +316,13 @@ class Coordinator:
             "" if lost is None else f", {event['since_lost_s']:.3f}s after its loss",
         )
         self.scheduler.log_event("ftps", event)
-        with contextlib.suppress(Exception):
-            await self.scheduler.rpc(address).ftps_shard_clients(
-                clients=sorted(self.scheduler.clients)
-            )
+        self._background(self._send_clients([address]))
         async with self._changed:
             self._changed.notify_all()
 
     async def served(self) -> None:
         """Wait until every shard is served (``ftps.shards.place-timeout``)."""
+        self._check_open()
         if len(self.placement) == self.shards:
             return
 
@@ -298,6 +344,10 @@ class Coordinator:
         if self._closed:
             raise NotRegistered("the sharded parameter server closed")
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise NotRegistered("the sharded parameter server closed")
+
     async def _suspect(self, k: int, address: str) -> None:
         """A worker could not reach shard ``k`` at ``address``: if it does not
         answer there now, place the shard elsewhere."""
@@ -310,15 +360,27 @@ class Coordinator:
                     self.scheduler.rpc(address).ftps_shard_status(ps_shard=k),
                     self.probe_timeout,
                 )
-                alive = isinstance(reply, dict) and reply.get("status") == "OK"
+                alive = (
+                    isinstance(reply, dict)
+                    and reply.get("status") == "OK"
+                    and not reply.get("failed")  # it refuses everything
+                )
             except Exception:  # noqa: BLE001 - no answer: not alive
                 alive = False
         if not alive and self.placement.get(k) == address:
-            self._excluded.setdefault(k, set()).add(address)
-            self._lose(k, "it does not answer")
+            self._exclude(k, address)
+            self._lose(k, "it does not answer, or it failed")
 
-    async def close(self) -> None:
+    async def close(self, stop_servers: bool = False) -> None:
+        """Stop placing; with ``stop_servers``, also stop the shard servers
+        (a server of another store replaces this one)."""
         self._closed = True
+        if stop_servers:
+            await asyncio.gather(
+                *(self._stop_server(k, a) for k, a in self.placement.items())
+            )
+        for task in list(self._tasks):
+            task.cancel()
         self._placer.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._placer
@@ -327,7 +389,9 @@ class Coordinator:
 
     # -- calls to the shards -----------------------------------------------------
 
-    async def _call(self, k: int, op: str, **kwargs: Any) -> dict:
+    async def _call(
+        self, k: int, op: str, *, named: bool = False, **kwargs: Any
+    ) -> dict:
         """``op`` at shard ``k``'s server; sent again where its server was
         replaced meanwhile (every server op is safe to repeat). A call
         unanswered for ``ftps.shards.probe-after`` asks whether that server
@@ -337,6 +401,8 @@ class Coordinator:
         while True:
             await self.served()
             address = self.placement[k]
+            if named:  # the run's server id at this shard (its run id)
+                kwargs["server_id"] = self.info[k]["server_id"]
             call = asyncio.ensure_future(
                 getattr(self.scheduler.rpc(address), f"ftps_shard_{op}")(
                     ps_shard=k, **kwargs
@@ -374,12 +440,6 @@ class Coordinator:
                 f"sharded parameter server is {str(self.server_id)[:12]!r}"
             )
 
-    def _per_shard(self, kwargs: dict) -> list[dict]:
-        return [
-            {**kwargs, "server_id": self.info[k]["server_id"]}
-            for k in range(self.shards)
-        ]
-
     # -- the scheduler's ops --------------------------------------------------------
 
     @replies_errors
@@ -416,11 +476,7 @@ class Coordinator:
         async with self._runs:  # the same run number on every shard
             replies = []
             for k in range(self.shards):  # in order: one run list on all shards
-                replies.append(
-                    await self._call(
-                        k, "begin_run", server_id=self.info[k]["server_id"], **kwargs
-                    )
-                )
+                replies.append(await self._call(k, "begin_run", named=True, **kwargs))
         runs = {r["run"] for r in replies}
         if len(runs) != 1:
             raise FTPSError(f"the shards began different runs {sorted(runs)}")
@@ -450,8 +506,8 @@ class Coordinator:
         self._check_server(server_id, "end_epoch")
         await asyncio.gather(
             *(
-                self._call(k, "end_epoch", **kw)
-                for k, kw in enumerate(self._per_shard(kwargs))
+                self._call(k, "end_epoch", named=True, **kwargs)
+                for k in range(self.shards)
             )
         )
         return {"status": "OK"}
@@ -462,8 +518,8 @@ class Coordinator:
         self._check_server(server_id, "end_run")
         await asyncio.gather(
             *(
-                self._call(k, "end_run", **kw)
-                for k, kw in enumerate(self._per_shard(kwargs))
+                self._call(k, "end_run", named=True, **kwargs)
+                for k in range(self.shards)
             )
         )
         return {"status": "OK"}
@@ -474,8 +530,8 @@ class Coordinator:
         self._check_server(server_id, "next_step")
         replies = await asyncio.gather(
             *(
-                self._call(k, "next_step", **kw)
-                for k, kw in enumerate(self._per_shard(kwargs))
+                self._call(k, "next_step", named=True, **kwargs)
+                for k in range(self.shards)
             )
         )
         epoch, step = min((r["epoch"], r["step"]) for r in replies)

@@ -333,6 +333,14 @@ class ParameterServer(SchedulerPlugin, Endpoint):
             replay_budget=_replay_budget(config.get("store.replay-budget")),
         )
         worker_copies()  # checked before the old server is retired
+        if (
+            isinstance(old, ParameterServer)
+            and old is not self
+            and old._coordinator is not None
+            and not _same_store(old, self)
+        ):
+            # Another store's sharded server: its shard servers stop.
+            await old._coordinator.close(stop_servers=True)
         sharded = None
         if isinstance(self.store, str):
             sharded = await read_meta(shard_store(self.store, 0), self.storage_options)
@@ -673,6 +681,15 @@ class ParameterServer(SchedulerPlugin, Endpoint):
     def _log_event(self, event: dict) -> None:
         """An event on the scheduler's ``ftps`` topic (``client.get_events("ftps")``)."""
         self.scheduler.log_event("ftps", event)
+
+
+def _same_store(a: ParameterServer, b: ParameterServer) -> bool:
+    """Whether two plugins name the same store (by path or URL)."""
+    return (
+        isinstance(a.store, str)
+        and a.store == b.store
+        and a.storage_options == b.storage_options
+    )
 
 
 def _on_workers(shards: int | None, store: Any) -> bool:

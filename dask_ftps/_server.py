@@ -432,6 +432,12 @@ class Server:
         """Whether :meth:`retire` or :meth:`close` stopped this server."""
         return self._merger.done()
 
+    @property
+    def failed(self) -> bool:
+        """Whether this server refuses everything (its journal failed, or a
+        newer server fenced it off): a restart rebuilds it from the store."""
+        return self._failed is not None
+
     async def durable_rows(
         self, start: int
     ) -> tuple[int, list[tuple[UpdateId, WorkerId, Version]]]:
@@ -1005,6 +1011,21 @@ class Server:
     ) -> ModelMessage:
         model = self.published
         if (
+            want is not None
+            and model.version != want
+            and (self._previous is None or self._previous.version != want)
+        ):
+            # Not kept (this server was rebuilt since): the pusher computes
+            # from a newer model here than one server would have given it.
+            logger.warning(
+                "Sync round model %d asked, %d served (this server is a round "
+                "ahead and was rebuilt since): the result may differ in its last "
+                "bits from one server's",
+                want,
+                model.version,
+            )
+            self._event(action="round-model-gone", want=want, served=int(model.version))
+        elif (
             want is not None
             and model.version != want
             and self._previous is not None

@@ -176,8 +176,24 @@ class ShardHosts:
         field_str("store", shard_spec.store)
         k = field_int("shard", shard_spec.shard, maximum=MAX_SHARDS)
         host = self.hosts.get(k)
-        if host is not None and not host.server.stopped and host.spec == shard_spec:
+        if (
+            host is not None
+            and host.spec == shard_spec
+            and not host.server.stopped
+            and not host.server.failed
+        ):
             return self._started(host, 0.0)
+        # Every field is checked before the server of another spec stops.
+        try:
+            shard_spec.meta()
+            ServerConfig(**shard_spec.settings, address=self.worker.address)
+            shard_store(shard_spec.store, k)
+            if not isinstance(shard_spec.limits, dict) or not isinstance(
+                shard_spec.durable, bool
+            ):
+                raise TypeError("limits must be a dict and durable a bool")
+        except (TypeError, ValueError, KeyError) as e:
+            raise InvalidRequest(f"not a shard spec: {e}") from e
         task = self._starting.get(k)
         if task is None:
             t0 = time.perf_counter()

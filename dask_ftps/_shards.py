@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from dask_ftps._exceptions import FTPSError, ModelError
-from dask_ftps._factored import Factored, densify
+from dask_ftps._factored import Factored
 from dask_ftps.models._base import MODELS, Model, _freeze_int, model_from_dict
 
 #: Most shards a run may have.
@@ -188,7 +188,7 @@ def take(
     for p in pieces:
         value = params[p.name]
         if isinstance(value, Factored):
-            value = densify(value)
+            value = value.dense()
         part = value if p.whole else value[p.start : p.stop]
         out[p.key] = np.array(part) if copy else part
     return out

@@ -19,7 +19,12 @@ from distributed.utils import sync
 
 from dask_ftps import config
 from dask_ftps._core import Holder, ServerId, UpdateKey, check_reply
-from dask_ftps._exceptions import DuplicateUpdate, NotRegistered, ShardUnavailable
+from dask_ftps._exceptions import (
+    DuplicateUpdate,
+    NotRegistered,
+    ShardUnavailable,
+    StaleIncarnation,
+)
 from dask_ftps._shards import Piece
 from dask_ftps.protocol import MODEL_COPY_OP, SHARDS_OP, op_name
 
@@ -47,6 +52,9 @@ class ModelCopy:
     incarnation: int
     version: int
     params: dict[str, np.ndarray]
+    #: A sharded run's copy: which assembly of its shards' pieces it is (two
+    #: copies of one lowest version may hold other pieces).
+    generation: int = 0
 
 
 class FTPSWorkerPlugin(WorkerPlugin):
@@ -74,6 +82,7 @@ class FTPSWorkerPlugin(WorkerPlugin):
         self._layouts: dict[str, _Layout | None] = {}
         #: The newest copy of each shard of a sharded run received here.
         self._pieces: dict[tuple[str, int], ModelCopy] = {}
+        self._assembled = 0
         self._handlers = {MODEL_COPY_OP: self.model_copy, **self.hosts.handlers()}
         worker.handlers.update(self._handlers)
 
@@ -234,9 +243,10 @@ class FTPSWorkerPlugin(WorkerPlugin):
         carries its id). A call unanswered for ``ftps.shards.probe-after`` makes
         the scheduler ask whether that server still serves."""
         probe = parse_timedelta(config.get("shards.probe-after"))
-        deadline = time.monotonic() + parse_timedelta(
-            config.get("shards.place-timeout")
-        )
+        place = parse_timedelta(config.get("shards.place-timeout"))
+        deadline = time.monotonic() + place
+        # A pull may wait for its round as long as a server lets it.
+        longest = time.monotonic() + place + parse_timedelta(config.get("wait-timeout"))
         layout = self._layouts[server]
         while True:
             assert layout is not None
@@ -250,7 +260,20 @@ class FTPSWorkerPlugin(WorkerPlugin):
                 while True:
                     done, _ = await asyncio.wait({call}, timeout=probe)
                     if done:
-                        return check_reply(call.result(), op_name(op, shard=True))
+                        try:
+                            return check_reply(call.result(), op_name(op, shard=True))
+                        except StaleIncarnation:
+                            # A server replaced since (the task goes on from the
+                            # new one), or a fenced one where the layout is old.
+                            layout = await self._fetch_layout(server, k, address)
+                            if layout is None or layout.shards[k][0] == address:
+                                raise
+                            break  # served elsewhere now: send it there
+                    if time.monotonic() > longest:
+                        raise ShardUnavailable(
+                            f"shard {k} at {address} did not answer {op} in "
+                            f"{longest - deadline + place:g}s"
+                        )
                     # Unanswered: still served there? (a paused process is not)
                     layout = await self._fetch_layout(server, k, address)
                     if layout is None:
@@ -297,6 +320,7 @@ class FTPSWorkerPlugin(WorkerPlugin):
     async def _sharded_pull(
         self, layout: _Layout, holder: Holder, where: dict
     ) -> ModelCopy:
+        sent = self._held(layout)
         replies = await asyncio.gather(
             *(
                 self._shard_call(
@@ -306,12 +330,12 @@ class FTPSWorkerPlugin(WorkerPlugin):
                     holder=holder,
                     worker=self.worker.address,
                     **where,
-                    **self._have(self._pieces.get((layout.server_id, k))),
+                    **self._have(sent[k]),
                 )
                 for k in range(layout.n)
             )
         )
-        return self._assemble(layout, replies)
+        return self._assemble(layout, replies, sent)
 
     async def _sharded_push(
         self,
@@ -329,6 +353,7 @@ class FTPSWorkerPlugin(WorkerPlugin):
         incarnations = (
             incarnation if isinstance(incarnation, tuple) else (incarnation,) * layout.n
         )
+        sent = self._held(layout)
 
         async def one(k: int) -> dict | Exception:
             try:
@@ -342,7 +367,7 @@ class FTPSWorkerPlugin(WorkerPlugin):
                     grads=ToPickle(take(grads, layout.pieces[k])),
                     incarnation=incarnations[k],
                     next_step=next_step,
-                    **self._have(self._pieces.get((layout.server_id, k))),
+                    **self._have(sent[k]),
                 )
             except DuplicateUpdate as e:
                 return e
@@ -367,52 +392,66 @@ class FTPSWorkerPlugin(WorkerPlugin):
                         shard=key.shard,
                         epoch=epoch,
                         step=step,
-                        **self._have(self._pieces.get((layout.server_id, k))),
+                        **self._have(sent[k]),
                     )
                     for k in duplicates
                 )
             )
             for k, reply in zip(duplicates, pulled, strict=True):
                 replies[k] = reply
-        return self._assemble(layout, replies)
+        return self._assemble(layout, replies, sent)
 
-    def _assemble(self, layout: _Layout, replies: list) -> ModelCopy:
+    def _held(self, layout: _Layout) -> list[ModelCopy | None]:
+        """The shards' pieces this worker holds now (what a request says it has)."""
+        with self._lock:
+            return [self._pieces.get((layout.server_id, k)) for k in range(layout.n)]
+
+    def _assemble(
+        self, layout: _Layout, replies: list, sent: list[ModelCopy | None]
+    ) -> ModelCopy:
+        """The whole model from the shards' replies; a shard that sent nothing
+        new meant the piece the request said this worker holds (``sent``)."""
         from dask_ftps._shards import assemble
 
         parts = []
         for k, reply in enumerate(replies):
-            cache = (layout.server_id, k)
-            with self._lock:
-                held = self._pieces.get(cache)
-                if reply["params"] is not None:
-                    piece = ModelCopy(
-                        reply["server"],
-                        reply["run_id"],
-                        reply["incarnation"],
-                        reply["version"],
-                        reply["params"],
-                    )
+            held = sent[k]
+            if reply["params"] is not None:
+                piece = ModelCopy(
+                    reply["server"],
+                    reply["run_id"],
+                    reply["incarnation"],
+                    reply["version"],
+                    reply["params"],
+                )
+                cache = (layout.server_id, k)
+                with self._lock:
+                    newest = self._pieces.get(cache)
                     if (
-                        held is None
-                        or held.server != piece.server
-                        or held.version <= piece.version
+                        newest is None
+                        or newest.server != piece.server
+                        or newest.version <= piece.version
                     ):
                         self._pieces[cache] = piece
-                elif (
-                    held is None
-                    or held.server != reply["server"]
-                    or held.version < reply["version"]
-                ):
-                    raise NotRegistered(f"shard {k} sent no model and none is cached")
-                else:
-                    piece = held
+            elif (
+                held is None
+                or held.server != reply["server"]
+                or held.version != reply["version"]
+            ):
+                raise NotRegistered(f"shard {k} sent no model and none is cached")
+            else:
+                piece = held
             parts.append(piece)
+        with self._lock:
+            self._assembled += 1
+            generation = self._assembled
         return ModelCopy(
             layout.server_id,
             layout.server_id,
             tuple(p.incarnation for p in parts),
             min(p.version for p in parts),
             assemble([p.params for p in parts], layout.pieces),
+            generation,
         )
 
     # -- internals ------------------------------------------------------------

@@ -362,7 +362,7 @@ def test_a_paused_shard_server_is_replaced_and_cannot_write_after(tmp_path):
         client.register_plugin(
             ParameterServer(store, model=MODEL, shards=2, snapshot_every=10**6)
         )
-        _, pid = shard_process(client, 1)
+        old_address, pid = shard_process(client, 1)
         when(client, total // 3, lambda: os.kill(pid, signal.SIGSTOP))
         try:
             result = train(client)
@@ -372,12 +372,36 @@ def test_a_paused_shard_server_is_replaced_and_cannot_write_after(tmp_path):
         status = dask_ftps.status(client)
         assert [r["shard"] for r in status["recoveries"]] == [1]
         assert status["shards"][1]["incarnation"] == 2
+        assert status["shards"][1]["address"] != old_address
         before = dask_ftps.inspect(store)
-        time.sleep(1.0)  # the old server runs again: it must write nothing
+        # The old server runs again. Asked to write (a new run), it cannot:
+        # the record it would write is the new owner's.
+        reply = client.sync(
+            _ask,
+            old_address,
+            "ftps_shard_begin_run",
+            ps_shard=1,
+            spec={"shard_sizes": [8], "batch_size": 4, "epochs": 1, "seed": 0},
+            name="zombie",
+            holder="Client-z/1",
+            server_id=before["shards"][1]["run_id"],
+        )
+        assert reply["status"] == "error", reply
         after = dask_ftps.inspect(store)
         assert after["versions"] == before["versions"]
+        assert [r["name"] for r in after["shards"][1]["runs"]] == [
+            r["name"] for r in before["shards"][1]["runs"]
+        ]
         same_as_offline(client, store)
         check_exactly_once(store, expected_ids())
+
+
+async def _ask(address: str, op: str, **kwargs):
+    """``op`` at a worker, on a connection of its own."""
+    from distributed.core import rpc
+
+    async with rpc(address) as remote:
+        return await getattr(remote, op)(**kwargs)
 
 
 # -- hostile messages to a shard server and to the coordinator ---------------------------

@@ -438,9 +438,9 @@ def _train_shard(
             raise refusal
         if step == n_steps:
             continue
-        if device_version != (copy.server, copy.version):
+        if device_version != (copy.server, copy.version, copy.generation):
             params = to_namespace(copy.params, xp)
-            device_version = (copy.server, copy.version)
+            device_version = (copy.server, copy.version, copy.generation)
         batch = batches[step]
         xb = X[batch]
         if sparse:
