@@ -42,7 +42,18 @@ from dask_ftps._exceptions import (
 )
 from dask_ftps._recovery import listening
 from dask_ftps._shards import MAX_SHARDS, Piece, assemble, plan
-from dask_ftps.protocol import SERVER_OPS, SHARDS_OP, op_name, replies_errors
+from dask_ftps.protocol import (
+    SERVER_OPS,
+    SHARDS_OP,
+    BeginRunMessage,
+    FindRunMessage,
+    OKMessage,
+    ParamsMessage,
+    ShardsMessage,
+    StepMessage,
+    op_name,
+    replies_errors,
+)
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -443,7 +454,9 @@ class Coordinator:
     # -- the scheduler's ops --------------------------------------------------------
 
     @replies_errors
-    async def shards_op(self, suspect: object = None, address: object = None) -> dict:
+    async def shards_op(
+        self, suspect: object = None, address: object = None
+    ) -> ShardsMessage:
         """Where every shard is served (workers push and pull there). With
         ``suspect`` (a shard) and ``address``: that shard did not answer there."""
         if suspect is not None:
@@ -468,7 +481,9 @@ class Coordinator:
         }
 
     @replies_errors
-    async def begin_run(self, server_id: object = None, **kwargs: Any) -> dict:
+    async def begin_run(
+        self, server_id: object = None, **kwargs: Any
+    ) -> BeginRunMessage:
         await self.served()
         if server_id is not None:
             self._check_server(server_id, "begin_run")
@@ -497,11 +512,11 @@ class Coordinator:
         }
 
     @replies_errors
-    async def find_run(self, **kwargs: Any) -> dict:
+    async def find_run(self, **kwargs: Any) -> FindRunMessage:
         return await self._call(0, "find_run", **kwargs)
 
     @replies_errors
-    async def end_epoch(self, server_id: object = None, **kwargs: Any) -> dict:
+    async def end_epoch(self, server_id: object = None, **kwargs: Any) -> OKMessage:
         await self.served()
         self._check_server(server_id, "end_epoch")
         await asyncio.gather(
@@ -513,7 +528,7 @@ class Coordinator:
         return {"status": "OK"}
 
     @replies_errors
-    async def end_run(self, server_id: object = None, **kwargs: Any) -> dict:
+    async def end_run(self, server_id: object = None, **kwargs: Any) -> OKMessage:
         await self.served()
         self._check_server(server_id, "end_run")
         await asyncio.gather(
@@ -525,7 +540,7 @@ class Coordinator:
         return {"status": "OK"}
 
     @replies_errors
-    async def next_step(self, server_id: object = None, **kwargs: Any) -> dict:
+    async def next_step(self, server_id: object = None, **kwargs: Any) -> StepMessage:
         await self.served()
         self._check_server(server_id, "next_step")
         replies = await asyncio.gather(
@@ -599,7 +614,7 @@ class Coordinator:
         }
 
     @replies_errors
-    async def get_model(self) -> dict:
+    async def get_model(self) -> ParamsMessage:
         await self.served()
         replies = await self._each("get_model")
         params = assemble([r["params"] for r in replies], self.layout)

@@ -49,6 +49,12 @@ from dask_ftps._factored import replay_cost
 from dask_ftps._recovery import Rebuilt
 from dask_ftps._state import Mark, ParameterServerState
 from dask_ftps._store import Journal, RunEntry
+from dask_ftps.protocol import (
+    BeginRunMessage,
+    FindRunMessage,
+    OKMessage,
+    StepMessage,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +223,7 @@ class Server:
         holder: Holder | None = None,
         alive: Callable[[Holder], bool] = lambda holder: False,
         expect: ServerId | None = None,
-    ) -> dict:
+    ) -> BeginRunMessage:
         """Begin (or find) the run ``name`` with ``spec`` for ``holder``; with
         ``expect``, only if this server is still the one the caller asked."""
         self.check_server(expect, "the run to begin")
@@ -281,14 +287,14 @@ class Server:
                 "on the new server"
             )
 
-    def release(self, run: int, holder: Holder) -> dict:
+    def release(self, run: int, holder: Holder) -> OKMessage:
         """``holder`` ended: it no longer trains ``run``."""
         self.state.release(run, holder)
         return {"status": "OK"}
 
     def find_run(
         self, name: str, n_samples: int, batch_size: int, epochs: int, seed: int
-    ) -> dict:
+    ) -> FindRunMessage:
         self.check_healthy()
         run = self.state.find_run(name, n_samples, batch_size, epochs, seed)
         return {
@@ -300,7 +306,7 @@ class Server:
 
     async def end_epoch(
         self, run: int, epoch: int, values: dict[str, float | None]
-    ) -> dict:
+    ) -> OKMessage:
         async with self._quiet():
             self.check_healthy()
             state = self.state.get_run(run)
@@ -321,7 +327,7 @@ class Server:
         run: int,
         shard: int,
         holder: Holder,
-    ) -> dict:
+    ) -> StepMessage:
         """Where a shard goes on: answered between batches, so that a batch being
         written (which may yet be refused) is never counted as done. ``holder``
         names the train() call asking: it must hold the run (or take it again

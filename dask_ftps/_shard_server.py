@@ -29,7 +29,13 @@ from dask_ftps._state import ParameterServerState
 from dask_ftps._store import RunMeta
 from dask_ftps.models._base import model_from_dict
 from dask_ftps.optim import optimizer_from_dict
-from dask_ftps.protocol import SERVER_OPS, Endpoint, op_name, replies_errors
+from dask_ftps.protocol import (
+    SERVER_OPS,
+    Endpoint,
+    ShardStartedMessage,
+    op_name,
+    replies_errors,
+)
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -165,7 +171,7 @@ class ShardHosts:
         return handler
 
     @replies_errors
-    async def start(self, spec: object = None) -> dict:
+    async def start(self, spec: object = None) -> ShardStartedMessage:
         """Serve a shard (rebuilt from its store); a no-op if it is served here."""
         if not isinstance(spec, dict):
             raise InvalidRequest("ftps_shard_start needs a shard spec")
@@ -225,7 +231,7 @@ class ShardHosts:
         return self._started(host, 0.0)
 
     @staticmethod
-    def _started(host: ShardHost, seconds: float) -> dict:
+    def _started(host: ShardHost, seconds: float) -> ShardStartedMessage:
         server = host.server
         return {
             "status": "OK",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Collection
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 from distributed.core import error_message
@@ -23,6 +23,7 @@ from dask_ftps._core import (
     MAX_EPOCHS,
     Holder,
     ModelMessage,
+    OKMessage,
     RunSpec,
     Update,
     UpdateKey,
@@ -70,6 +71,69 @@ SHARDS_OP = "ftps_shards"
 MODEL_COPY_OP = "ftps_model_copy"
 SHARD_START_OP = "ftps_shard_start"
 SHARD_STOP_OP = "ftps_shard_stop"
+
+
+# -- the replies, typed (every one a dict on the wire: ``{"status": "OK", ...}``) --
+
+
+class BeginRunMessage(OKMessage):
+    """``begin_run``: the run, where each data shard goes on, its history."""
+
+    run: int
+    server_id: str
+    base_version: int
+    incarnation: int
+    finished: bool
+    next: list[list[int]]  # (epoch, step) by data shard
+    history: list[dict]
+    version: int
+
+
+class FindRunMessage(OKMessage):
+    run: int | None
+    spec: dict | None
+    finished: bool | None
+
+
+class StepMessage(OKMessage):
+    """``next_step``: where a data shard goes on."""
+
+    epoch: int
+    step: int
+
+
+class ParamsMessage(OKMessage, total=False):
+    """``get_model``: the model (a sharded server's: its shards' put together,
+    ``version`` the lowest, ``versions`` each)."""
+
+    version: int
+    versions: list[int]
+    params: object  # ToPickle[dict[str, np.ndarray]]
+
+
+class ShardEntry(TypedDict):
+    address: str  # the worker serving it
+    server_id: str  # its run's id
+    incarnation: int
+
+
+class ShardsMessage(OKMessage, total=False):
+    """``ftps_shards``: where each shard is served and which keys it holds
+    (``shards`` None: the server is not sharded)."""
+
+    server_id: str | None
+    shards: list[ShardEntry] | None
+    layout: list[list[list]]  # by shard: [name, first row, end row, whole]
+
+
+class ShardStartedMessage(OKMessage):
+    """``ftps_shard_start``: the shard served, and how it was rebuilt."""
+
+    server_id: str
+    incarnation: int
+    version: int
+    seconds: float
+    recovery: dict | None
 
 
 def op_name(op: str, shard: bool = False) -> str:
@@ -127,7 +191,7 @@ class Endpoint:
         holder: object = None,
         live: object = (),
         server_id: object = None,
-    ) -> dict:
+    ) -> BeginRunMessage:
         """Begin or find a run. ``holder`` (``"<client id>/<token>"``) names the
         ``train()`` call, ``live`` the calls of the same client still running,
         ``server_id`` the server the caller expects (from ``ftps_status``)."""
@@ -148,7 +212,9 @@ class Endpoint:
         return await self.server.begin_run(run_spec, run_name, caller, alive, expect)
 
     @replies_errors
-    async def end_run(self, server_id: object, run: object, holder: object) -> dict:
+    async def end_run(
+        self, server_id: object, run: object, holder: object
+    ) -> OKMessage:
         """The ``train()`` call ``holder`` ended: it holds ``run`` no more."""
         server = self.server
         expect = field_server(server_id, "end_run")
@@ -165,7 +231,7 @@ class Endpoint:
         batch_size: object,
         epochs: object,
         seed: object,
-    ) -> dict:
+    ) -> FindRunMessage:
         return self.server.find_run(
             field_str("name", name),
             field_int("n_samples", n_samples, maximum=MAX_COUNT),
@@ -177,7 +243,7 @@ class Endpoint:
     @replies_errors
     async def end_epoch(
         self, run: object, epoch: object, values: object, server_id: object = None
-    ) -> dict:
+    ) -> OKMessage:
         self.server.check_server(field_server(server_id, "end_epoch"), f"run {run}")
         return await self.server.end_epoch(
             field_int("run", run, maximum=MAX_COUNT),
@@ -192,7 +258,7 @@ class Endpoint:
         shard: object,
         server_id: object = None,
         holder: object = None,
-    ) -> dict:
+    ) -> StepMessage:
         expect = field_server(server_id, "next_step")
         caller = field_holder(holder)  # malformed: InvalidRequest, whatever server
         self.server.check_server(expect, f"run {run}")
@@ -295,7 +361,7 @@ class Endpoint:
         }
 
     @replies_errors
-    async def get_model(self) -> dict:
+    async def get_model(self) -> ParamsMessage:
         model = self.server.published
         return {
             "status": "OK",
