@@ -230,10 +230,10 @@ def responsive(
         _train(cluster.client, (data[0][: 16 * BATCH], data[1][: 16 * BATCH]), "w")
         failed: list[BaseException] = []
 
-        def train_in_thread() -> None:
+        def train_in_thread(failed: list = failed) -> None:
             try:
                 _train(cluster.client, data, "r", epochs)
-            except BaseException as e:  # reported below
+            except BaseException as e:  # noqa: BLE001 - raised below
                 failed.append(e)
 
         thread = threading.Thread(target=train_in_thread, daemon=True)
