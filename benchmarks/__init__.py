@@ -21,6 +21,7 @@ BENCHMARKS = (
     "factored",
     "gpu",
     "models",
+    "shards",
 )
 
 #: Kernel timings in one process (seconds, no cluster, no ``--quick`` size):

@@ -235,12 +235,64 @@ def plot_factored(doc: dict, img: Path) -> Path:
     return _save(fig, img, "factored.png")
 
 
+def plot_shards(doc: dict, img: Path) -> Path:
+    """The scheduler's CPU per update (above idle) and updates/s by model size,
+    the server in the scheduler against 1, 2 and 4 shard servers; and the
+    scaling model's updates/s against the number of shards."""
+    plt = _pyplot()
+    rows = doc["summary"]
+    sizes = sorted({r["n_params"] for r in rows})
+    variants = ["in-scheduler", "S=1", "S=2", "S=4"]
+    colors = ["#c44e52", "#4c72b0", "#55a868", "#8172b2"]
+    fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.8))
+    width = 0.2
+    for i, (variant, color) in enumerate(zip(variants, colors, strict=True)):
+        mine = {r["n_params"]: r for r in rows if r["variant"] == variant}
+        xs = [j + (i - 1.5) * width for j in range(len(sizes))]
+        label = "in the scheduler" if variant == "in-scheduler" else variant
+        axes[0].bar(
+            xs,
+            [mine[n]["sched_cpu_ms_above_idle"] for n in sizes],
+            width,
+            color=color,
+            label=label,
+        )
+        axes[1].bar(
+            xs, [mine[n]["updates_s"] for n in sizes], width, color=color, label=label
+        )
+    for ax, title in (
+        (axes[0], "scheduler CPU per update, ms (above idle)"),
+        (axes[1], "updates/s, 2-core VM"),
+    ):
+        ax.set_xticks(range(len(sizes)), [f"{n:.0e}" for n in sizes])
+        ax.set_xlabel("parameters")
+        ax.set_title(title, fontsize=10)
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    for n_params in sorted({r["n_params"] for r in doc["scaling_model"]}):
+        mine = [r for r in doc["scaling_model"] if r["n_params"] == n_params]
+        axes[2].plot(
+            [r["shards"] for r in mine],
+            [r["updates_s"] for r in mine],
+            marker="o",
+            label=f"{n_params:.0e} parameters",
+        )
+    axes[2].set_xscale("log", base=2)
+    axes[2].set_yscale("log")
+    axes[2].set_xlabel("shard servers (one core and host each)")
+    axes[2].set_title("model: updates/s from the per-shard cost", fontsize=10)
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, img, "shards.png")
+
+
 PLOTS = {
     "throughput": plot_throughput,
     "recovery": plot_recovery,
     "failures": plot_failures,
     "storage": plot_storage,
     "factored": plot_factored,
+    "shards": plot_shards,
 }
 
 

@@ -314,6 +314,7 @@ def kill_shard_server(cluster: _Cluster, folder: Path, kills: int, data: tuple) 
 
 
 def run(quick: bool = False, out: str = "bench-results", store_dir=None) -> dict:
+    t0 = time.perf_counter()
     sizes = (100_000,) if quick else (100_000, 1_000_000, 10_000_000)
     rounds = 1 if quick else 2
     X, y = digits_data()
@@ -353,6 +354,8 @@ def run(quick: bool = False, out: str = "bench-results", store_dir=None) -> dict
     summary = _summary(rows)
     fit = per_shard_cost(rows)
     doc = {
+        "quick": quick,
+        "seconds": time.perf_counter() - t0,
         "per_shard_cost": fit,
         "scaling_model": scaling_model(fit),
         "rounds": rounds,

@@ -287,6 +287,27 @@ def test_storage_quick(out, stores):
     assert len(on["samples"]) > 2
 
 
+def test_shards_quick(out, stores):
+    """The scheduler's CPU with the model on shard servers, Dask's responsiveness,
+    and a shard server killed: every shard holds every update once, exact."""
+    from benchmarks import shards
+
+    shards.run(quick=True, out=str(out), store_dir=stores)
+    doc = load(out, "shards")
+    variants = {r["variant"] for r in doc["summary"]}
+    assert variants == {"in-scheduler", "S=1", "S=2", "S=4"}
+    assert all(positive(r["updates_s"]) for r in doc["summary"])
+    kill = doc["kill"]
+    assert kill["lost"] == 0 and kill["twice"] == 0 and kill["exact"] is True
+    assert kill["shard_updates"] == [kill["updates"]] * 2
+    assert all(positive(k["kill_to_served_s"]) for k in kill["kills"])
+    assert {r["variant"] for r in doc["responsiveness"]} == {
+        "idle",
+        "in-scheduler",
+        "S=2",
+    }
+
+
 def test_damage_quick(out, stores):
     """A store made under real kills, every object damaged three ways: the sweep
     runs, covers every kind and finds nothing silent."""
