@@ -515,40 +515,32 @@ class Coordinator:
     async def find_run(self, **kwargs: Any) -> FindRunMessage:
         return await self._call(0, "find_run", **kwargs)
 
-    @replies_errors
-    async def end_epoch(self, server_id: object = None, **kwargs: Any) -> OKMessage:
+    async def _every_shard(
+        self, op: str, server_id: object, kwargs: dict[str, Any]
+    ) -> list[dict]:
+        """``op`` of the run ``server_id`` names, at every shard (each its own
+        server id)."""
         await self.served()
-        self._check_server(server_id, "end_epoch")
-        await asyncio.gather(
-            *(
-                self._call(k, "end_epoch", named=True, **kwargs)
-                for k in range(self.shards)
+        self._check_server(server_id, op)
+        return list(
+            await asyncio.gather(
+                *(self._call(k, op, named=True, **kwargs) for k in range(self.shards))
             )
         )
+
+    @replies_errors
+    async def end_epoch(self, server_id: object = None, **kwargs: Any) -> OKMessage:
+        await self._every_shard("end_epoch", server_id, kwargs)
         return {"status": "OK"}
 
     @replies_errors
     async def end_run(self, server_id: object = None, **kwargs: Any) -> OKMessage:
-        await self.served()
-        self._check_server(server_id, "end_run")
-        await asyncio.gather(
-            *(
-                self._call(k, "end_run", named=True, **kwargs)
-                for k in range(self.shards)
-            )
-        )
+        await self._every_shard("end_run", server_id, kwargs)
         return {"status": "OK"}
 
     @replies_errors
     async def next_step(self, server_id: object = None, **kwargs: Any) -> StepMessage:
-        await self.served()
-        self._check_server(server_id, "next_step")
-        replies = await asyncio.gather(
-            *(
-                self._call(k, "next_step", named=True, **kwargs)
-                for k in range(self.shards)
-            )
-        )
+        replies = await self._every_shard("next_step", server_id, kwargs)
         epoch, step = min((r["epoch"], r["step"]) for r in replies)
         return {"status": "OK", "epoch": epoch, "step": step}
 

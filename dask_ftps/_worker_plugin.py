@@ -321,21 +321,34 @@ class FTPSWorkerPlugin(WorkerPlugin):
         self, layout: _Layout, holder: Holder, where: dict
     ) -> ModelCopy:
         sent = self._held(layout)
-        replies = await asyncio.gather(
-            *(
-                self._shard_call(
-                    layout.server_id,
-                    k,
-                    "pull",
-                    holder=holder,
-                    worker=self.worker.address,
-                    **where,
-                    **self._have(sent[k]),
+        replies = await self._pull_shards(layout, range(layout.n), holder, where, sent)
+        return self._assemble(layout, replies, sent)
+
+    async def _pull_shards(
+        self,
+        layout: _Layout,
+        shards: Any,
+        holder: Holder,
+        where: dict,
+        sent: list[ModelCopy | None],
+    ) -> list[dict]:
+        """Each of ``shards``' model for ``where`` (run, data shard, epoch, step)."""
+        return list(
+            await asyncio.gather(
+                *(
+                    self._shard_call(
+                        layout.server_id,
+                        k,
+                        "pull",
+                        holder=holder,
+                        worker=self.worker.address,
+                        **where,
+                        **self._have(sent[k]),
+                    )
+                    for k in shards
                 )
-                for k in range(layout.n)
             )
         )
-        return self._assemble(layout, replies, sent)
 
     async def _sharded_push(
         self,
@@ -380,23 +393,8 @@ class FTPSWorkerPlugin(WorkerPlugin):
             return None
         if duplicates:  # the model for the next step from those shards too
             epoch, step = next_step
-            pulled = await asyncio.gather(
-                *(
-                    self._shard_call(
-                        layout.server_id,
-                        k,
-                        "pull",
-                        holder=holder,
-                        worker=self.worker.address,
-                        run=key.run,
-                        shard=key.shard,
-                        epoch=epoch,
-                        step=step,
-                        **self._have(sent[k]),
-                    )
-                    for k in duplicates
-                )
-            )
+            where = {"run": key.run, "shard": key.shard, "epoch": epoch, "step": step}
+            pulled = await self._pull_shards(layout, duplicates, holder, where, sent)
             for k, reply in zip(duplicates, pulled, strict=True):
                 replies[k] = reply
         return self._assemble(layout, replies, sent)
