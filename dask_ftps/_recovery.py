@@ -70,6 +70,10 @@ class Rebuilt:
     seconds: float
     skipped: tuple[str, ...] = ()
     cost: float = 0.0
+    #: Sync mode: the model before the last round, if the replay merged it (a
+    #: shard server one round ahead of another answers a pull of that round
+    #: with it).
+    previous: ModelVersion | None = None
 
 
 async def rebuild(
@@ -127,7 +131,7 @@ async def rebuild(
             )
             continue
         state = _start_state(journal, record, start, limits)
-        replayed, cost = await _replay(journal, record, state, copy, offload)
+        replayed, cost, previous = await _replay(journal, record, state, copy, offload)
         state.downloads = [(WorkerId(w), Version(v)) for w, v in journal.downloads]
         state.settle()
         return Rebuilt(
@@ -138,6 +142,7 @@ async def rebuild(
             time.perf_counter() - t0,
             tuple(skipped),
             cost,
+            previous,
         )
     raise StoreCorrupted(
         f"{journal}: no snapshot can be read whole ({'; '.join(map(str, errors))}): "
@@ -184,9 +189,11 @@ async def _replay(
     state: ParameterServerState,
     copy: ModelVersion | None,
     offload: Offload | None,
-) -> tuple[int, float]:
-    """Apply the events after snapshot ``start``; return the updates merged and
-    what merging them cost (:func:`~dask_ftps._factored.replay_cost`).
+) -> tuple[int, float, ModelVersion | None]:
+    """Apply the events after snapshot ``start``; return the updates merged,
+    what merging them cost (:func:`~dask_ftps._factored.replay_cost`) and, in
+    sync mode, the model before the last round (None if the replay did not
+    merge that round).
 
     The log is read ahead of the merges (up to :data:`_LOOKAHEAD` events) and
     the products of factored updates, which do not depend on the model, are
@@ -196,6 +203,7 @@ async def _replay(
     updates before it merged (as a replay one event at a time would).
     """
     payloads_after = -1 if copy is None else int(copy.version)
+    keep = _Keep(journal.version) if state.mode == "sync" else None
     replayed = 0
     cost = 0.0
     last: Record | None = None
@@ -236,9 +244,9 @@ async def _replay(
                 continue
             merged = sum(1 for u in event.updates if u.grads)
             if offload is None or not merged:
-                _apply(state, event, copy)
+                _apply(state, event, copy, keep)
             else:
-                await offload(_apply, state, event, copy)
+                await offload(_apply, state, event, copy, keep)
             replayed += merged
             cost += sum(replay_cost(u.grads) for u in event.updates if u.grads)
             last = event.record
@@ -261,7 +269,7 @@ async def _replay(
                 f"{crc:08x}, the server served {last.body.model_crc:08x}: the store "
                 "does not replay to what was served",
             )
-    return replayed, cost
+    return replayed, cost, None if keep is None else keep.model
 
 
 #: Threads that multiply out factored updates during a replay.
@@ -321,8 +329,27 @@ def _begin_run(state: ParameterServerState, event: RunBegun) -> None:
         )
 
 
+@dataclass
+class _Keep:
+    """The model before the merge that makes version ``final`` (sync mode)."""
+
+    final: int
+    model: ModelVersion | None = None
+
+
+def _copied(model: ModelVersion) -> ModelVersion:
+    return ModelVersion(
+        model.version,
+        {k: v.copy() for k, v in model.params.items()},
+        {k: v.copy() for k, v in model.opt_state.items()},
+    )
+
+
 def _apply(
-    state: ParameterServerState, event: CommittedUpdates, copy: ModelVersion | None
+    state: ParameterServerState,
+    event: CommittedUpdates,
+    copy: ModelVersion | None,
+    keep: _Keep | None = None,
 ) -> None:
     for update, version in zip(event.updates, event.versions, strict=True):
         # Checked when it was accepted; nobody holds the models in between.
@@ -343,6 +370,10 @@ def _apply(
                 )
             state.commit(admission, model)
         else:
+            if keep is not None and admission.merge and admission.version == keep.final:
+                # The sync round before the last: a shard server one round ahead
+                # of another answers a pull of that round with it.
+                keep.model = _copied(state.model)
             state.commit(admission, state.merge(admission, inplace=True))
     if state.version != event.commit.version:
         raise StoreCorrupted(

@@ -160,7 +160,11 @@ class Server:
         self.published: ModelVersion = _read_only(state.model)
         #: The model published before it (a sync round's, for a shard that is
         #: one round ahead of another).
-        self._previous: ModelVersion | None = None
+        self._previous: ModelVersion | None = (
+            None
+            if rebuilt is None or rebuilt.previous is None
+            else _read_only(rebuilt.previous)
+        )
         #: Set (with no await before its retirement) once a newly registered
         #: server is to replace this one: no run begins here any more.
         self.retiring = False
