@@ -511,12 +511,16 @@ class _Harness:
             return
         pids = self.cluster.worker_pids()
         if not died and pids and self.rng.random() < options.worker_share:
-            victim = int(self.rng.choice(pids))
-            os.kill(victim, signal.SIGKILL)
-            self.report.kills["worker"] += 1
-            self.say(f"SIGKILL worker process {victim} at {acknowledged} updates")
+            self.kill_worker(pids, acknowledged)
             return
         self.scheduler_lost(acknowledged, died)
+
+    def kill_worker(self, pids: list[int], acknowledged: int) -> None:
+        """SIGKILL a random training worker process of ``pids``."""
+        victim = int(self.rng.choice(pids))
+        os.kill(victim, signal.SIGKILL)
+        self.report.kills["worker"] += 1
+        self.say(f"SIGKILL worker process {victim} at {acknowledged} updates")
 
     # -- a sharded server: shard servers killed too ----------------------------------
 
@@ -533,10 +537,7 @@ class _Harness:
             return
         pids = self.cluster.worker_pids()
         if not died and pids and draw < options.shard_share + options.worker_share:
-            victim = int(self.rng.choice(pids))
-            os.kill(victim, signal.SIGKILL)
-            self.report.kills["worker"] += 1
-            self.say(f"SIGKILL worker process {victim} at {acknowledged} updates")
+            self.kill_worker(pids, acknowledged)
             return
         self.scheduler_lost(acknowledged, died)
 

@@ -415,7 +415,7 @@ class Coordinator:
             if named:  # the run's server id at this shard (its run id)
                 kwargs["server_id"] = self.info[k]["server_id"]
             call = asyncio.ensure_future(
-                getattr(self.scheduler.rpc(address), f"ftps_shard_{op}")(
+                getattr(self.scheduler.rpc(address), op_name(op, shard=True))(
                     ps_shard=k, **kwargs
                 )
             )
@@ -423,7 +423,7 @@ class Coordinator:
                 while True:
                     done, _ = await asyncio.wait({call}, timeout=probe)
                     if done:
-                        return check_reply(call.result(), f"ftps_shard_{op}")
+                        return check_reply(call.result(), op_name(op, shard=True))
                     await self._suspect(k, address)
                     if self.placement.get(k) != address:
                         break  # replaced: send it to the new server

@@ -56,6 +56,17 @@ class ModelCopy:
     #: copies of one lowest version may hold other pieces).
     generation: int = 0
 
+    @classmethod
+    def of(cls, reply: dict) -> ModelCopy:
+        """The copy a server's model reply (with ``params``) carries."""
+        return cls(
+            reply["server"],
+            reply["run_id"],
+            reply["incarnation"],
+            reply["version"],
+            reply["params"],
+        )
+
 
 class FTPSWorkerPlugin(WorkerPlugin):
     """Keeps the newest model this worker downloaded, and talks to the server.
@@ -83,6 +94,12 @@ class FTPSWorkerPlugin(WorkerPlugin):
         #: The newest copy of each shard of a sharded run received here.
         self._pieces: dict[tuple[str, int], ModelCopy] = {}
         self._assembled = 0
+        #: ftps.shards.probe-after, ftps.shards.place-timeout, ftps.wait-timeout
+        #: (read once here, not on every call to a shard).
+        self._shard_timeouts = tuple(
+            parse_timedelta(config.get(key))
+            for key in ("shards.probe-after", "shards.place-timeout", "wait-timeout")
+        )
         self._handlers = {MODEL_COPY_OP: self.model_copy, **self.hosts.handlers()}
         worker.handlers.update(self._handlers)
 
@@ -242,11 +259,10 @@ class FTPSWorkerPlugin(WorkerPlugin):
         now; sent again where it moved (every op is safe to send again: a push
         carries its id). A call unanswered for ``ftps.shards.probe-after`` makes
         the scheduler ask whether that server still serves."""
-        probe = parse_timedelta(config.get("shards.probe-after"))
-        place = parse_timedelta(config.get("shards.place-timeout"))
+        probe, place, wait = self._shard_timeouts
         deadline = time.monotonic() + place
         # A pull may wait for its round as long as a server lets it.
-        longest = time.monotonic() + place + parse_timedelta(config.get("wait-timeout"))
+        longest = deadline + wait
         layout = self._layouts[server]
         while True:
             assert layout is not None
@@ -415,13 +431,7 @@ class FTPSWorkerPlugin(WorkerPlugin):
         for k, reply in enumerate(replies):
             held = sent[k]
             if reply["params"] is not None:
-                piece = ModelCopy(
-                    reply["server"],
-                    reply["run_id"],
-                    reply["incarnation"],
-                    reply["version"],
-                    reply["params"],
-                )
+                piece = ModelCopy.of(reply)
                 cache = (layout.server_id, k)
                 with self._lock:
                     newest = self._pieces.get(cache)
@@ -483,13 +493,7 @@ class FTPSWorkerPlugin(WorkerPlugin):
         with self._lock:
             latest = self.latest
             if reply["params"] is not None:
-                copy = ModelCopy(
-                    reply["server"],
-                    reply["run_id"],
-                    reply["incarnation"],
-                    reply["version"],
-                    reply["params"],
-                )
+                copy = ModelCopy.of(reply)
                 if (
                     latest is None
                     or latest.server != copy.server

@@ -66,11 +66,9 @@ SERVER_OPS = (
 #: The scheduler's operations of a sharded run beside those: the placement of
 #: every shard (``ftps_shards``).
 SHARDS_OP = "ftps_shards"
-#: A worker's operations: its model copy; start, stop and status of a shard
-#: server it hosts.
+#: A worker's operation beside its shard servers' (``op_name(op, shard=True)``,
+#: with ``start``, ``stop`` and ``clients``): its model copy.
 MODEL_COPY_OP = "ftps_model_copy"
-SHARD_START_OP = "ftps_shard_start"
-SHARD_STOP_OP = "ftps_shard_stop"
 
 
 # -- the replies, typed (every one a dict on the wire: ``{"status": "OK", ...}``) --
