@@ -529,3 +529,68 @@ def _plain(value: Any) -> Any:
 def _names(items: list[str], most: int = 8) -> str:
     shown = ", ".join(items[:most])
     return shown if len(items) <= most else f"{shown}, ... ({len(items)} in all)"
+
+
+# -- a wide sparse data set --------------------------------------------------------
+
+
+def sparse_text(
+    n_samples: int = 20_000,
+    n_features: int = 1 << 20,
+    n_classes: int = 10,
+    nnz: int = 100,
+    *,
+    zipf: float = 1.1,
+    noise: float = 0.1,
+    seed: int = 0,
+) -> tuple[Any, np.ndarray]:
+    """A wide sparse classification set shaped like hashed text or click logs.
+
+    Each sample holds about ``nnz`` distinct features, drawn with power-law
+    frequencies (feature of rank ``r`` with probability proportional to
+    ``(r + 1) ** -zipf``; the ranks are shuffled over the feature ids, as a
+    hash spreads them), each of value 1, rows scaled to unit length. The label
+    is the planted rule ``argmax(X @ W + noise * e)`` for a fixed random
+    ``W`` of shape ``(n_features, n_classes)``, standard normal on the
+    features of ranks 16 to 4,095 and zero elsewhere, and standard normal
+    ``e``: a linear model can learn it, up to the noise.
+
+    Returns
+    -------
+    X : scipy.sparse.csr_matrix of float32, shape (n_samples, n_features)
+    y : ndarray of int64, shape (n_samples,)
+
+    Examples
+    --------
+    >>> X, y = sparse_text(100, 1 << 12, 3, 20)
+    >>> X.shape, X.dtype, sorted(set(y.tolist())) == [0, 1, 2]
+    ((100, 4096), dtype('float32'), True)
+    """
+    import scipy.sparse as sp
+
+    if not (n_samples >= 1 and n_features >= 2 and n_classes >= 2 and nnz >= 1):
+        raise ValueError("sparse_text needs n_samples, nnz >= 1 and 2+ features, classes")
+    rng = np.random.default_rng(seed)
+    cdf = np.cumsum(np.arange(1, n_features + 1, dtype=np.float64) ** -zipf)
+    cdf /= cdf[-1]
+    ids = rng.permutation(n_features).astype(np.int32)  # rank -> feature id
+    draws = np.searchsorted(cdf, rng.random(n_samples * nnz), side="right")
+    cols = ids[np.minimum(draws, n_features - 1)].reshape(n_samples, nnz)
+    rows = np.repeat(np.arange(n_samples), nnz)
+    X = sp.csr_matrix(
+        (np.ones(n_samples * nnz, np.float32), (rows, cols.ravel())),
+        shape=(n_samples, n_features),
+    )
+    X.sum_duplicates()
+    X.data[:] = 1.0  # a feature present once or more: 1
+    X = sp.csr_matrix(sp.diags(1.0 / np.sqrt(np.diff(X.indptr))) @ X, dtype=np.float32)
+    # The rule reads the features of ranks [16, 4096): not the few that
+    # almost every sample holds (they would pick one class for most), not the
+    # long tail (seen too seldom to learn).
+    informative = min(n_features, 1 << 12)
+    W = np.zeros((n_features, n_classes))
+    W[ids[16:informative]] = np.random.default_rng([seed, 1]).standard_normal(
+        (informative - min(16, informative), n_classes)
+    )
+    scores = np.asarray(X @ W) + noise * rng.standard_normal((n_samples, n_classes))
+    return X, scores.argmax(axis=1).astype(np.int64)

@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from dask_ftps._sparse import RowSparse
 from dask_ftps._xp import array_namespace, to_numpy
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "Factored",
     "densify",
     "factor_pays",
+    "merge_form",
     "prepare",
     "product",
     "replay_cost",
@@ -146,7 +148,8 @@ _PRODUCT_SAMPLES_PER_MERGE = 24
 def replay_cost(grads: dict[str, Any]) -> float:
     """What merging ``grads`` again costs a replay, in parameters merged: a dense
     array counts its size; a factored one its matrix's size times ``1 + B / 24``
-    (the fixed-bits product of ``B`` samples, then the merge). A server that
+    (the fixed-bits product of ``B`` samples, then the merge); a row-sparse one
+    the values of its rows. A server that
     snapshots when the cost accumulated since its last snapshot passes a budget
     bounds the time a restart spends replaying, whatever the update kinds.
 
@@ -161,6 +164,8 @@ def replay_cost(grads: dict[str, Any]) -> float:
         if isinstance(g, Factored):
             m, n = g.shape
             cost += m * n * (1.0 + g.batch / _PRODUCT_SAMPLES_PER_MERGE)
+        elif isinstance(g, RowSparse):  # its rows, merged in place
+            cost += float(g.rows.size)
         else:
             cost += float(np.size(g))
     return cost
@@ -305,22 +310,33 @@ def product(u: Any, v: Any) -> np.ndarray:
 
 
 def densify(grads: dict[str, Any]) -> dict[str, np.ndarray]:
-    """``grads`` with every :class:`Factored` entry multiplied out."""
+    """``grads`` with every :class:`Factored` entry multiplied out and every
+    :class:`~dask_ftps.RowSparse` one made whole."""
+    return {
+        name: g.dense() if isinstance(g, Factored | RowSparse) else g
+        for name, g in grads.items()
+    }
+
+
+def merge_form(grads: dict[str, Any]) -> dict[str, Any]:
+    """``grads`` as an optimizer merges them: factors multiplied out, rows kept."""
     return {
         name: g.dense() if isinstance(g, Factored) else g for name, g in grads.items()
     }
 
 
 def to_host(grads: dict[str, Any]) -> dict[str, Any]:
-    """``grads`` in host memory (NumPy), factors kept factored."""
+    """``grads`` in host memory (NumPy), factors kept factored and rows as rows."""
     return {
         name: Factored(to_numpy(g.u), to_numpy(g.v))
         if isinstance(g, Factored)
+        else g.to_host()
+        if isinstance(g, RowSparse)
         else to_numpy(g)
         for name, g in grads.items()
     }
 
 
 def update_nbytes(grads: dict[str, Any]) -> int:
-    """The bytes an update's payload takes (factors counted as sent)."""
+    """The bytes an update's payload takes (factors and rows counted as sent)."""
     return sum(int(g.nbytes) for g in grads.values())

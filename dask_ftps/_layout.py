@@ -1,9 +1,12 @@
 """Flat float32 vectors for parameter dicts: one Zarr chunk per update or snapshot.
 
 An update's row is its arrays in the layout's order; a weight sent factored
-(:class:`~dask_ftps.Factored`) takes its two factors' place, ``u`` then ``v``.
-A row's :data:`RowFormat` says which entries are factored and with how many
-samples, which is all a reader needs to cut the row again.
+(:class:`~dask_ftps.Factored`) takes its two factors' place, ``u`` then ``v``;
+one sent as rows (:class:`~dask_ftps.RowSparse`) its ``k`` row indices (int32,
+their bits stored as they are in float32 slots) then its ``k`` rows. A row's
+:data:`RowFormat` says which entries are factored and with how many samples,
+and which are rows and how many, which is all a reader needs to cut the row
+again.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from dask_ftps._factored import Factored
+from dask_ftps._sparse import RowSparse
 
-#: ``(batch, indices)``: the entries at ``indices`` (of the layout's names) are
-#: factored, each with ``batch`` samples; ``(0, ())`` is a dense row.
-RowFormat = tuple[int, tuple[int, ...]]
-DENSE: RowFormat = (0, ())
+#: ``(batch, factored, sparse)``: the entries at ``factored`` (of the layout's
+#: names) are factored, each with ``batch`` samples; each ``(i, k)`` of
+#: ``sparse`` says entry ``i`` is ``k`` rows; ``(0, (), ())`` is a dense row.
+RowFormat = tuple[int, tuple[int, ...], tuple[tuple[int, int], ...]]
+DENSE: RowFormat = (0, (), ())
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,13 @@ class Layout:
         factored = tuple(
             i for i, name in enumerate(self.names) if isinstance(arrays[name], Factored)
         )
-        return (arrays[self.names[factored[0]]].batch, factored) if factored else DENSE
+        sparse = tuple(
+            (i, arrays[name].k)
+            for i, name in enumerate(self.names)
+            if isinstance(arrays[name], RowSparse)
+        )
+        batch = arrays[self.names[factored[0]]].batch if factored else 0
+        return (batch, factored, sparse)
 
     def row_size(self, fmt: RowFormat = DENSE) -> int:
         """Values in a row of format ``fmt``.
@@ -51,16 +62,34 @@ class Layout:
         ValueError
             If ``fmt`` names entries that are not matrices, or is malformed.
         """
-        batch, factored = fmt
-        if factored and (
-            batch < 1
-            or list(factored) != sorted(set(factored))
-            or not all(0 <= i < len(self.shapes) for i in factored)
-            or any(len(self.shapes[i]) != 2 for i in factored)
+        batch, factored, sparse = fmt
+        rows = dict(sparse)
+        if (
+            factored
+            and (
+                batch < 1
+                or list(factored) != sorted(set(factored))
+                or not all(0 <= i < len(self.shapes) for i in factored)
+                or any(len(self.shapes[i]) != 2 for i in factored)
+            )
+        ) or (
+            sparse
+            and (
+                [i for i, _ in sparse] != sorted(rows)
+                or len(rows) != len(sparse)
+                or not all(0 <= i < len(self.shapes) for i in rows)
+                or any(len(self.shapes[i]) != 2 for i in rows)
+                or any(not 0 <= k <= self.shapes[i][0] for i, k in sparse)
+                or set(rows) & set(factored)
+            )
         ):
             raise ValueError(f"row format {fmt!r} does not fit the layout")
         return sum(
-            batch * sum(shape) if i in factored else math.prod(shape)
+            batch * sum(shape)
+            if i in factored
+            else rows[i] * (1 + shape[1])
+            if i in rows
+            else math.prod(shape)
             for i, shape in enumerate(self.shapes)
         )
 
@@ -72,7 +101,15 @@ class Layout:
         offset = 0
         for name in self.names:
             a = arrays[name]
-            for part in (a.u, a.v) if isinstance(a, Factored) else (a,):
+            if isinstance(a, RowSparse):
+                k = a.k
+                indices = np.asarray(a.indices).astype(np.int32, copy=False)
+                flat[offset : offset + k] = indices.view(np.float32)  # the bits
+                offset += k
+                parts: tuple = (a.rows,)
+            else:
+                parts = (a.u, a.v) if isinstance(a, Factored) else (a,)
+            for part in parts:
                 part = np.asarray(part)
                 flat[offset : offset + part.size] = part.reshape(-1)
                 offset += part.size
@@ -80,12 +117,21 @@ class Layout:
 
     def unflatten(self, flat: np.ndarray, fmt: RowFormat = DENSE) -> dict:
         """Views of ``flat`` with the layout's names and shapes (factored entries
-        of ``fmt`` as :class:`~dask_ftps.Factored` views)."""
-        batch, factored = fmt
+        of ``fmt`` as :class:`~dask_ftps.Factored` views, row entries as
+        :class:`~dask_ftps.RowSparse` ones)."""
+        batch, factored, sparse = fmt
+        rows = dict(sparse)
         out: dict = {}
         offset = 0
         for i, (name, shape) in enumerate(zip(self.names, self.shapes, strict=True)):
-            if i in factored:
+            if i in rows:
+                k, n = rows[i], shape[1]
+                indices = flat[offset : offset + k].view(np.int32)
+                offset += k
+                values = flat[offset : offset + k * n].reshape(k, n)
+                offset += k * n
+                out[name] = RowSparse(indices, values, shape[0])
+            elif i in factored:
                 m, n = shape
                 u = flat[offset : offset + batch * m].reshape(batch, m)
                 offset += batch * m

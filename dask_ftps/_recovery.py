@@ -815,6 +815,7 @@ def _describe(journal: Journal) -> dict[str, Any]:
         "factored_updates": sum(
             bool(f[1]) for r in commits for f in r.body.data.formats
         ),
+        "sparse_updates": sum(bool(f[2]) for r in commits for f in r.body.data.formats),
         "records": len(journal.records),
         "damaged": [str(journal.damaged[s]) for s in sorted(journal.damaged)],
         "read_from_copies": sorted(s for s in journal.damaged if s in journal.records),

@@ -47,6 +47,7 @@ from dask_ftps._exceptions import (
 )
 from dask_ftps._factored import replay_cost
 from dask_ftps._recovery import Rebuilt
+from dask_ftps._sparse import RowSparse
 from dask_ftps._state import Mark, ParameterServerState
 from dask_ftps._store import Journal, RunEntry
 from dask_ftps.protocol import (
@@ -353,13 +354,14 @@ class Server:
         have_version: int,
         have_server: str | None,
         holder: Holder,
+        rows: dict[str, np.ndarray] | None = None,
     ) -> ModelMessage:
         self.check_healthy()
         self.state.next_step(run, shard)  # validates run and shard
         self.state.check_holder(run, holder, self.connected)
         want = await self._wait_ready(run, shard, epoch, step)
         self.state.check_holder(run, holder)  # another call took it meanwhile?
-        return self._model_reply(worker, have_version, have_server, want)
+        return self._model_reply(worker, have_version, have_server, want, rows)
 
     async def push(
         self,
@@ -368,9 +370,10 @@ class Server:
         next_step: tuple[int, int] | None,
         have_version: int,
         have_server: str | None,
+        rows: dict[str, np.ndarray] | None = None,
     ) -> ModelMessage:
         """Accept one update once it is durable; with ``next_step``, answer with
-        the model for that step. ``update.holder`` names the train() call it
+        the model for that step (only ``rows`` of its matrices, if given). ``update.holder`` names the train() call it
         belongs to: an update of a run another call holds is refused with
         RunInUse before it changes anything (also at its admission: a call may
         take the run while it is queued); its acceptance takes a run no call
@@ -407,7 +410,7 @@ class Server:
             return {"status": "OK", "version": int(version)}
         key = update.key
         want = await self._wait_ready(key.run, key.shard, *next_step)
-        return self._model_reply(update.worker, have_version, have_server, want)
+        return self._model_reply(update.worker, have_version, have_server, want, rows)
 
     def status(self) -> dict:
         rebuilt = self.rebuilt
@@ -1018,7 +1021,12 @@ class Server:
         have_version: int,
         have_server: str | None,
         want: int | None = None,
+        rows: dict[str, np.ndarray] | None = None,
     ) -> ModelMessage:
+        """The model reply: the whole model (or nothing, where the worker holds
+        it already), or with ``rows`` only those rows of those matrices (as
+        :class:`~dask_ftps.RowSparse`) and the rest whole: a partial copy,
+        always sent, recorded in the download dataset as the version held."""
         model = self.published
         if (
             want is not None
@@ -1047,16 +1055,28 @@ class Server:
             # The task that pushes it again computes from the round's model on
             # every shard, so each shard merges what one server would.
             model = self._previous
-        fresh = have_version != model.version or have_server != self.identity
+        fresh = (
+            rows is not None
+            or have_version != model.version
+            or have_server != self.identity
+        )
         if fresh:
             self.state.record_download(worker, Version(model.version))
+        params = model.params
+        if rows is not None:
+            params = {
+                name: RowSparse(rows[name], p[rows[name]], p.shape[0])
+                if name in rows
+                else p
+                for name, p in params.items()
+            }
         return {
             "status": "OK",
             "server": self.identity,
             "run_id": self.run_id,
             "incarnation": self.state.incarnation,
             "version": int(model.version),
-            "params": ToPickle(model.params) if fresh else None,
+            "params": ToPickle(params) if fresh else None,
         }
 
 

@@ -44,7 +44,8 @@ from dask_ftps._exceptions import (
     SpecMismatch,
     StaleIncarnation,
 )
-from dask_ftps._factored import Factored, densify, may_overflow, update_nbytes
+from dask_ftps._factored import Factored, may_overflow, merge_form, update_nbytes
+from dask_ftps._sparse import RowSparse, mean_rows, sparse_problem
 from dask_ftps.models import Model
 from dask_ftps.optim import Optimizer
 
@@ -397,6 +398,11 @@ class ParameterServerState:
     def version(self) -> Version:
         return self.model.version
 
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The model's parameter shapes by name."""
+        return self._shapes
+
     def check_incarnation(self, incarnation: object) -> None:
         if incarnation != self.incarnation:
             raise StaleIncarnation(
@@ -497,7 +503,7 @@ class ParameterServerState:
             return None
         model = self.model
         with np.errstate(over="ignore", invalid="ignore"):  # checked below
-            grads = _mean([densify(u.grads) for u in admission.merge])
+            grads = _mean([merge_form(u.grads) for u in admission.merge])
             params, opt_state = self.optimizer.apply(
                 model.params,
                 model.opt_state,
@@ -509,7 +515,10 @@ class ParameterServerState:
         # Finite updates can still overflow float32 together (a sync round's
         # sum, momentum, a large rate): refused before anyone sees the model. A
         # replay (inplace) merges what was accepted, which passed this check.
-        if not inplace and not all(np.isfinite(p).all() for p in params.values()):
+        if not inplace and not all(
+            np.isfinite(p[g.indices] if isinstance(g, RowSparse) else p).all()
+            for p, g in zip(params.values(), (grads[n] for n in params), strict=True)
+        ):
             raise InvalidUpdate(
                 f"update {admission.update.key.id}: the merged model would hold Inf "
                 "or NaN (the update overflows float32 in the optimizer)"
@@ -659,6 +668,13 @@ class ParameterServerState:
             if isinstance(g, Factored):
                 batches.add(self._check_factors(update_id, name, g, max_batch))
                 continue
+            if isinstance(g, RowSparse):
+                problem = sparse_problem(
+                    g, shape, self._dtypes[name], f"update {update_id}: {name}"
+                )
+                if problem:
+                    raise InvalidUpdate(problem)
+                continue
             if type(g) is not np.ndarray:  # a subclass (masked...) hides values
                 raise InvalidUpdate(
                     f"update {update_id}: {name} is a {type(g).__name__}, "
@@ -735,12 +751,23 @@ def check_worker(worker: object, error: type[Exception] = InvalidUpdate) -> str:
     return worker
 
 
-def _mean(grads: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Element-wise mean, summed in the given order (deterministic bits)."""
+def _mean(grads: list[dict[str, Any]]) -> dict[str, Any]:
+    """Element-wise mean, summed in the given order (deterministic bits); the
+    mean of row-sparse updates of one matrix is row-sparse (a matrix some send
+    dense and some as rows is made whole)."""
     if len(grads) == 1:
         return grads[0]
     out = {}
     for name in grads[0]:
+        parts = [g[name] for g in grads]
+        if all(isinstance(p, RowSparse) for p in parts):
+            out[name] = mean_rows(parts)
+            continue
+        if any(isinstance(p, RowSparse) for p in parts):
+            grads = [
+                {**g, name: g[name].dense()} if isinstance(g[name], RowSparse) else g
+                for g in grads
+            ]
         acc = grads[0][name].copy()
         for g in grads[1:]:
             acc += g[name]

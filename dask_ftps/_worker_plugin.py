@@ -25,7 +25,9 @@ from dask_ftps._exceptions import (
     ShardUnavailable,
     StaleIncarnation,
 )
+from dask_ftps._factored import densify
 from dask_ftps._shards import Piece
+from dask_ftps._sparse import RowSparse
 from dask_ftps.protocol import MODEL_COPY_OP, SHARDS_OP, op_name
 
 if TYPE_CHECKING:
@@ -55,6 +57,12 @@ class ModelCopy:
     #: A sharded run's copy: which assembly of its shards' pieces it is (two
     #: copies of one lowest version may hold other pieces).
     generation: int = 0
+
+    @property
+    def partial(self) -> bool:
+        """Whether it holds only some rows of some matrices (a sparse pull's
+        :class:`~dask_ftps.RowSparse` entries)."""
+        return any(isinstance(p, RowSparse) for p in self.params.values())
 
     @classmethod
     def of(cls, reply: dict) -> ModelCopy:
@@ -155,8 +163,11 @@ class FTPSWorkerPlugin(WorkerPlugin):
         *,
         server: ServerId,
         holder: Holder,
+        rows: dict[str, np.ndarray] | None = None,
     ) -> ModelCopy:
-        """The model to compute ``(epoch, step)`` of a shard from (may wait)."""
+        """The model to compute ``(epoch, step)`` of a shard from (may wait);
+        with ``rows``, only those rows of those matrices (a partial copy) and
+        the rest whole. A sharded server sends whole pieces."""
         layout = self._layout(server)
         if layout is not None:
             return sync(
@@ -177,6 +188,7 @@ class FTPSWorkerPlugin(WorkerPlugin):
             epoch=epoch,
             step=step,
             **self._have(have),
+            **({} if rows is None else {"rows": rows}),
         )
         return self._keep(reply)
 
@@ -204,11 +216,14 @@ class FTPSWorkerPlugin(WorkerPlugin):
         *,
         server: ServerId,
         holder: Holder,
+        rows: dict[str, np.ndarray] | None = None,
     ) -> concurrent.futures.Future[ModelCopy | None]:
         """Send a push and return at once: the future is done once the server
-        accepted it (it is durable then), with the model for ``next_step``."""
+        accepted it (it is durable then), with the model for ``next_step``
+        (only ``rows`` of its matrices, if given: see :meth:`pull`)."""
         layout = self._layout(server)
         if layout is not None:
+            grads = densify(grads) if _has_rows(grads) else grads
             return asyncio.run_coroutine_threadsafe(
                 self._sharded_push(layout, key, grads, incarnation, next_step, holder),
                 self.worker.loop.asyncio_loop,
@@ -222,6 +237,7 @@ class FTPSWorkerPlugin(WorkerPlugin):
             "incarnation": incarnation,
             "next_step": next_step,
             **self._have(self.latest),
+            **({} if rows is None or next_step is None else {"rows": rows}),
         }
 
         async def push() -> ModelCopy | None:
@@ -494,6 +510,12 @@ class FTPSWorkerPlugin(WorkerPlugin):
             latest = self.latest
             if reply["params"] is not None:
                 copy = ModelCopy.of(reply)
+                if copy.partial:
+                    # Some rows only: not a copy to rebuild a server from, nor
+                    # one a later pull may say it holds. ``latest`` stays the
+                    # newest whole copy (older than the download row then: a
+                    # recovery does not start from it).
+                    return copy
                 if (
                     latest is None
                     or latest.server != copy.server
@@ -532,6 +554,10 @@ class _Layout:
                 for part in reply["layout"]
             ),
         )
+
+
+def _has_rows(grads: dict[str, Any]) -> bool:
+    return any(isinstance(g, RowSparse) for g in grads.values())
 
 
 def get_worker_plugin() -> FTPSWorkerPlugin:

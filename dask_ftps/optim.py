@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ._registry import Registry
+from ._sparse import RowSparse, apply_rows
 from ._xp import to_numpy
 
 __all__ = ["SGD", "Adam", "Optimizer", "optimizer_from_dict"]
@@ -149,8 +150,11 @@ class Optimizer(ABC):
             Current parameters (not modified).
         state : dict of str to ndarray
             Current optimizer state from :meth:`init_state` (not modified).
-        grads : dict of str to array
-            Gradients, same keys and shapes as ``params``.
+        grads : dict of str to array or RowSparse
+            Gradients, same keys and shapes as ``params``; a
+            :class:`~dask_ftps.RowSparse` one changes only its rows (and their
+            state: the lazy form of momentum and Adam, see
+            :mod:`dask_ftps._sparse`).
         step : int
             1-based index of this update.
         epoch : int, default 0
@@ -186,15 +190,22 @@ class Optimizer(ABC):
         new_state: Arrays = {}
         for name, p in params.items():
             p = np.asarray(p)
-            g = to_numpy(grads[name])
+            g = grads[name]
+            if not isinstance(g, RowSparse):
+                g = to_numpy(g)
             if g.shape != p.shape:
                 raise ValueError(
                     f"grad {name!r} has shape {g.shape}, expected {p.shape}"
                 )
-            g = g.astype(p.dtype, copy=False)
             slots = [np.asarray(state[f"{x}/{name}"]) for x in self._state_prefixes()]
             reuse = inplace and all(a.flags.writeable for a in (p, *slots))
-            new_p, new_slots = self._update(p, g, slots, int(step), lr, reuse)
+            if isinstance(g, RowSparse):
+                new_p, new_slots = apply_rows(
+                    self._update, p, g, slots, int(step), lr, reuse
+                )
+            else:
+                g = g.astype(p.dtype, copy=False)
+                new_p, new_slots = self._update(p, g, slots, int(step), lr, reuse)
             new_params[name] = new_p
             for prefix, s in zip(self._state_prefixes(), new_slots, strict=True):
                 new_state[f"{prefix}/{name}"] = s

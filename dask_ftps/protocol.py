@@ -43,6 +43,7 @@ from dask_ftps._exceptions import (
     NotRegistered,
     StaleIncarnation,
 )
+from dask_ftps._sparse import check_wanted
 from dask_ftps._state import check_worker
 
 logger = logging.getLogger(__name__)
@@ -282,13 +283,17 @@ class Endpoint:
         have_server: object = None,
         server_id: object = None,
         holder: object = None,
+        rows: object = None,
     ) -> ModelMessage:
         """The model to compute ``(epoch, step)`` of a shard from. ``holder``
         names the train() call the asking task belongs to (every pull, push
-        and next_step does): it must hold the run."""
+        and next_step does): it must hold the run. ``rows`` (a dict of matrix
+        name to strictly increasing row indices) asks for only those rows of
+        those matrices, and the rest of the model whole."""
         expect = field_server(server_id, "pull")
         caller = field_holder(holder)
         self.server.check_server(expect, f"run {run}")
+        wanted = self._wanted(rows, InvalidRequest)
         return await self.server.pull(
             WorkerId(check_worker(worker, InvalidRequest)),
             field_int("run", run, maximum=MAX_COUNT),
@@ -298,7 +303,19 @@ class Endpoint:
             field_int("have_version", have_version, minimum=-1),
             field_str("have_server", have_server, optional=True),
             caller,
+            wanted,
         )
+
+    def _wanted(
+        self, rows: object, error: type[Exception]
+    ) -> dict[str, np.ndarray] | None:
+        """A pull's ``rows``, checked against the served model's matrices."""
+        if rows is None:
+            return None
+        try:
+            return check_wanted(rows, self.server.state.shapes)
+        except ValueError as e:
+            raise error(str(e)) from None
 
     @replies_errors
     async def push(
@@ -312,9 +329,10 @@ class Endpoint:
         have_server: object = None,
         server_id: object = None,
         holder: object = None,
+        rows: object = None,
     ) -> ModelMessage:
         """Accept one update once it is durable; with ``next_step``, answer with
-        the model for that step. ``server_id`` names the server the update's run
+        the model for that step (only ``rows`` of its matrices, as a pull). ``server_id`` names the server the update's run
         began on: an update of another server's run is refused first; ``holder``
         the train() call it belongs to: an update of a run another call holds
         is refused before it changes anything."""
@@ -322,6 +340,7 @@ class Endpoint:
         expect = field_server(server_id, "push")
         caller = field_holder(holder)
         server.check_server(expect, f"update {str(update_id)[:40]!r}")
+        wanted = self._wanted(rows, InvalidUpdate)
         if not isinstance(incarnation, int) or isinstance(incarnation, bool):
             raise StaleIncarnation(f"message from incarnation {incarnation!r:.40}")
         update = Update(
@@ -336,6 +355,7 @@ class Endpoint:
             field_step(next_step),
             field_int("have_version", have_version, InvalidUpdate, minimum=-1),
             field_str("have_server", have_server, InvalidUpdate, optional=True),
+            wanted,
         )
 
     @replies_errors

@@ -241,7 +241,7 @@ def test_layout_rows_keep_factored_entries():
     _, grads, _ = WIDE.loss_and_grad(params, X[:9], y[:9], update_format="factored")
     layout = Layout.of(params)
     fmt = layout.row_format(grads)
-    assert fmt == (9, (0, 2))  # W0 and W1
+    assert fmt == (9, (0, 2), ())  # W0 and W1
     flat = layout.flatten(grads)
     assert flat.size == layout.row_size(fmt) < layout.size
     back = layout.unflatten(flat, fmt)
@@ -252,7 +252,7 @@ def test_layout_rows_keep_factored_entries():
         else:
             np.testing.assert_array_equal(back[name], g)
     assert layout.row_format(densify(grads)) == DENSE
-    for bad in [(0, (0,)), (9, (1,)), (9, (2, 0)), (9, (0, 0)), (9, (7,))]:
+    for bad in [(0, (0,), ()), (9, (1,), ()), (9, (2, 0), ()), (9, (0, 0), ()), (9, (7,), ())]:
         with pytest.raises(ValueError, match="row format"):
             layout.row_size(bad)
 

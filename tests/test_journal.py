@@ -574,7 +574,7 @@ def test_bad_stores_give_clear_errors(tmp_path):
         dask_ftps.recover(str(empty), storage_options={"anon": True})
 
 
-@pytest.mark.parametrize("version", [1, 5])
+@pytest.mark.parametrize("version", [1, 6])
 def test_a_store_of_another_format_version_is_refused(tmp_path, version):
     """A store written by an earlier dask_ftps (format 1: a commit document, no
     log) or a later one is named as such, not taken for an empty or damaged
@@ -594,11 +594,12 @@ def test_a_store_of_another_format_version_is_refused(tmp_path, version):
             tool(str(path))
 
 
-@pytest.mark.parametrize("old", [2, 3])
-def test_an_older_store_is_read_and_taken_over_as_version_4(tmp_path, monkeypatch, old):
+@pytest.mark.parametrize("old", [2, 3, 4])
+def test_an_older_store_is_read_and_taken_over_as_version_5(tmp_path, monkeypatch, old):
     """Format 2 is format 3 without factored rows, format 3 format 4 without rows
-    arrays (every commit an array of its own): this code reads them, and a start
-    that takes one over writes version 4 (root and records, shards of its rows
+    arrays (every commit an array of its own), format 4 format 5 without
+    row-sparse entries: this code reads them, and a start that takes one over
+    writes version 5 (root and records, shards of its rows
     array) from then on, factored commits included."""
     from dask_ftps._store import _format, _journal
 
@@ -623,7 +624,7 @@ def test_an_older_store_is_read_and_taken_over_as_version_4(tmp_path, monkeypatc
     assert dask_ftps.inspect(str(path))["factored_updates"] == 0
 
     state = asyncio.run(extend(str(path)))  # a new owner, factored rows too
-    assert root_version() == 4
+    assert root_version() == 5
     assert any(shard for _, shard in payload_serials(path))  # its dense commits
     assert dask_ftps.inspect(str(path))["factored_updates"] > 0
     version, params = dask_ftps.recover(str(path))

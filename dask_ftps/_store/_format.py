@@ -39,11 +39,12 @@ from dask_ftps.models import Model, model_from_dict
 from dask_ftps.optim import Optimizer, optimizer_from_dict
 
 FORMAT = "dask-ftps"
-FORMAT_VERSION = 4  # 4: dense commits in their writer's rows array (shards)
+FORMAT_VERSION = 5  # 5: row-sparse entries in payload rows
 #: Versions this code reads: a version-2 store is a version-3 store without
-#: factored rows, a version-3 one a version-4 one without rows arrays. A start
-#: that takes one over writes version 4 from then on.
-READABLE_VERSIONS = (2, 3, 4)
+#: factored rows, a version-3 one a version-4 one without rows arrays, a
+#: version-4 one a version-5 one without row-sparse entries. A start that takes
+#: one over writes version 5 from then on.
+READABLE_VERSIONS = (2, 3, 4, 5)
 
 ROOT_KEY = "zarr.json"
 LOG_PREFIX = "ftps/log/"
@@ -557,6 +558,15 @@ class EpochEnded:
         return cls(_int(d["run"]), _int(d["epoch"]), _values(d["values"]))
 
 
+def _row_format(f: Any) -> RowFormat:
+    """A payload row's format: ``[batch, factored]``, or with row-sparse entries
+    ``[batch, factored, [[i, k], ...]]`` (format 5)."""
+    if not isinstance(f, list) or len(f) not in (2, 3):
+        raise ValueError(f"bad row format {f!r}")
+    rows = tuple((_int(i), _int(k)) for i, k in f[2]) if len(f) == 3 else ()
+    return (_int(f[0]), tuple(_int(i) for i in f[1]), rows)
+
+
 @dataclass(frozen=True)
 class DataRef:
     """A commit's payload array, float32 in one chunk.
@@ -564,7 +574,8 @@ class DataRef:
     Dense rows only (``formats`` empty): ``(len(rows), n_params)``, row *i* the
     *i*-th update. Otherwise ``(1, total)``: the rows one after the other, row
     *i* of format ``formats[i]`` (see :mod:`dask_ftps._layout`), so that a
-    factored update takes the room of its factors only.
+    factored update takes the room of its factors only, and a row-sparse one
+    the room of its row indices and rows.
     """
 
     key: str  # the array's folder; a shard's key (``shard``)
@@ -580,7 +591,10 @@ class DataRef:
     def to_json(self) -> dict:
         d = {"key": self.key, "shape": list(self.shape), "crc": self.crc}
         if self.formats:
-            d["formats"] = [[b, list(f)] for b, f in self.formats]
+            d["formats"] = [
+                [b, list(f), [list(r) for r in rows]] if rows else [b, list(f)]
+                for b, f, rows in self.formats
+            ]
         if self.shard:
             d["shard"] = True
         return d
@@ -590,9 +604,7 @@ class DataRef:
         shape = tuple(_int(s) for s in d["shape"])
         if len(shape) != 2:
             raise ValueError(f"bad payload shape {shape}")
-        formats = tuple(
-            (_int(b), tuple(_int(i) for i in f)) for b, f in d.get("formats", ())
-        )
+        formats = tuple(_row_format(f) for f in d.get("formats", ()))
         if formats and shape[0] != 1:
             raise ValueError(f"bad payload shape {shape} for rows of several formats")
         shard = _bool(d.get("shard", False))

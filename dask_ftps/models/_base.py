@@ -54,6 +54,9 @@ class Model(ABC):
       has, which ``train()`` then checks the data against;
     - :meth:`factorable`: weights whose gradient :meth:`loss_and_grad` can send
       as two factors (a dense layer's input and output error: patent claim 11);
+    - :meth:`sparse_rows`: weights a sparse minibatch reads only some rows of
+      (a first layer over sparse features, an embedding table): their gradient
+      is sent as :class:`~dask_ftps.RowSparse` and only those rows are pulled;
     - :meth:`predict`: a faster prediction than the argmax of the probabilities.
 
     The store records a model as its class's import path and its fields (see
@@ -131,6 +134,24 @@ class Model(ABC):
         ``ftps.update-format`` says the factors are worth sending.
         """
         return ()
+
+    def sparse_rows(self, X: Any) -> dict[str, Any]:
+        """The rows of each weight that the minibatch ``X`` reads (default: none).
+
+        A model that names a weight ``W`` here for ``X`` promises that
+        :meth:`loss_and_grad` on ``X`` reads no other row of ``W`` (its other
+        rows may be stale in the worker's copy: the worker pulls only these),
+        and may return ``W``'s gradient as :class:`~dask_ftps.RowSparse`, with
+        indices among these. That is the case of a layer whose input is sparse:
+        the rows are the features that hold a nonzero in ``X``
+        (:func:`~dask_ftps.rows_of`).
+
+        Returns
+        -------
+        dict of str to array of int
+            Strictly increasing row indices (NumPy) by weight name.
+        """
+        return {}
 
     def summary(self) -> str:
         """One line naming the model for people (logs, the CLI, the dashboard)."""

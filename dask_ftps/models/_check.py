@@ -18,7 +18,8 @@ import numpy as np
 from dask_ftps._core import field_int
 from dask_ftps._exceptions import ModelError
 from dask_ftps._factored import Factored, may_overflow
-from dask_ftps._xp import array_namespace
+from dask_ftps._sparse import RowSparse, sparse_problem
+from dask_ftps._xp import array_namespace, to_numpy
 
 from ._base import Model, model_from_dict
 
@@ -175,9 +176,14 @@ def check_arrays(
     factors: Iterable[str] = (),
     host: bool = False,
     batch: int | None = None,
+    sparse: dict[str, Any] | None = None,
 ) -> None:
     """Check arrays a model made: the names of :meth:`Model.param_shapes`, each
     an array of its shape and dtype with finite values.
+
+    A weight sent as rows (:class:`~dask_ftps.RowSparse`) is one that ``sparse``
+    (:meth:`Model.sparse_rows` of the minibatch) names, with indices among
+    those, and passes the server's checks.
 
     A weight sent as factors ``(B, m)`` and ``(B, n)`` has ``1 <= B <= batch``
     (one row per sample of the minibatch, or fewer), the same ``B`` as any other
@@ -233,6 +239,9 @@ def check_arrays(
     for param, shape in shapes.items():
         value = arrays[param]
         parts = [value]
+        if isinstance(value, RowSparse):
+            _check_rows(name, source, param, value, shape, dtypes[param], sparse or {})
+            continue
         if isinstance(value, Factored):
             if param not in factored:
                 raise ModelError(
@@ -296,6 +305,45 @@ def check_arrays(
         )
 
 
+def _check_rows(
+    name: str,
+    source: str,
+    param: str,
+    value: RowSparse,
+    shape: tuple[int, ...],
+    dtype: Any,
+    rows: dict[str, Any],
+) -> None:
+    """A weight's gradient sent as rows: named by the minibatch's
+    :meth:`Model.sparse_rows`, among its rows, and what the server accepts."""
+    if param not in rows:
+        raise ModelError(
+            f"model {name}: {source} returned {param!r} as rows, which only a "
+            "weight named by sparse_rows() of the minibatch may be"
+        )
+    try:
+        host = RowSparse(
+            np.asarray(to_numpy(value.indices)),
+            np.asarray(to_numpy(value.rows)),
+            value.n_rows,
+        )
+    except (AttributeError, TypeError, ValueError) as e:
+        raise ModelError(f"model {name}: {source} returned {param!r}: {e}") from None
+    problem = sparse_problem(
+        host,
+        tuple(shape),
+        np.dtype(dtype),
+        f"model {name}: {source} returned {param!r}",
+    )
+    if problem:
+        raise ModelError(problem)
+    if not np.isin(host.indices, np.asarray(rows[param])).all():
+        raise ModelError(
+            f"model {name}: {source} returned rows of {param!r} that sparse_rows() "
+            "did not name (the worker pulled only those)"
+        )
+
+
 def _check_factor_rows(
     name: str, source: str, param: str, value: Factored, batch: int | None
 ) -> int:
@@ -316,6 +364,11 @@ def _check_factor_rows(
     return rows
 
 
+def has_sparse_rows(model: Model) -> bool:
+    """Whether ``model`` overrides :meth:`Model.sparse_rows`."""
+    return type(model).sparse_rows is not Model.sparse_rows
+
+
 def _read_only(params: dict[str, Any]) -> dict[str, Any]:
     """``params`` with each NumPy array a view that cannot be written through."""
     views = {}
@@ -334,9 +387,13 @@ def checked_loss_and_grad(
     y: Any,
     sample_weight: Any = None,
     factors: frozenset[str] = frozenset(),
+    rows: dict[str, Any] | None = None,
 ) -> tuple[float, dict[str, Any], int]:
     """:meth:`Model.loss_and_grad`, what it returns checked: the worker's way
     to call a model (nothing it makes is pushed unless it passes).
+
+    ``rows`` is the minibatch's :meth:`Model.sparse_rows` (asked here if not
+    given): the weights that may come back as rows, and which rows.
 
     The model is given read-only views of NumPy parameters: they are the
     worker's model copy, and in an in-process cluster may be the server's own
@@ -353,6 +410,8 @@ def checked_loss_and_grad(
     out = _call(
         model, "loss_and_grad", _read_only(params), X, y, sample_weight, **kwargs
     )
+    if rows is None:
+        rows = _call(model, "sparse_rows", X) if has_sparse_rows(model) else {}
     name = model_name(model)
     if not isinstance(out, tuple) or len(out) != 3:
         raise ModelError(
@@ -378,6 +437,7 @@ def checked_loss_and_grad(
         expected={k: v.dtype for k, v in params.items()},
         factors=factors,
         batch=int(y.shape[0]),
+        sparse=rows,
     )
     n = int(y.shape[0])
     try:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from dask_ftps._factored import Factored, use_factors
+from dask_ftps._sparse import RowSparse, is_sparse, rows_of
 from dask_ftps._xp import array_namespace
 
 from ._base import Model
@@ -85,11 +86,24 @@ def _dense_backward(
     dbs: list[Any] = [None] * len(ws)
     g = dlogits
     for i in range(len(ws) - 1, -1, -1):
-        dws[i] = Factored(acts[i], g) if i in factored else acts[i].T @ g
+        if i == 0 and is_sparse(acts[0]):
+            dws[0] = _rows_gradient(acts[0], g, ws[0].shape[0])
+        else:
+            dws[i] = Factored(acts[i], g) if i in factored else acts[i].T @ g
         dbs[i] = g.sum(axis=0)
         if i > 0:
             g = (g @ ws[i].T) * (acts[i] > 0)
     return dws, dbs
+
+
+def _rows_gradient(X: Any, g: Any, n_rows: int) -> Any:
+    """``X.T @ g`` for sparse ``X``: the rows of its nonzero columns only, as
+    :class:`~dask_ftps.RowSparse` (dense where those rows are most of them)."""
+    idx = rows_of(X)
+    if 2 * idx.size > n_rows:
+        return np.asarray(X.T @ g)
+    rows = np.asarray(X.tocsc()[:, idx].T @ g)
+    return RowSparse(idx, rows, n_rows)
 
 
 @dataclass(frozen=True)
@@ -131,12 +145,31 @@ class DenseStack(Model):
         layers = self._layers()
         return [params[w] for w, _ in layers], [params[b] for _, b in layers]
 
+    def sparse_rows(self, X: Any) -> dict[str, Any]:
+        """For sparse ``X``: the first layer's rows of its nonzero features
+        (where they are at most half the rows: more are pulled whole)."""
+        if not is_sparse(X):
+            return {}
+        name = self._layers()[0][0]
+        idx = rows_of(X)
+        return {name: idx} if 2 * idx.size <= self.param_shapes()[name][0] else {}
+
     def _prepare_x(self, X: Any, ws: list[Any], xp: Any) -> Any:
         dtype = ws[0].dtype
         if not np.issubdtype(dtype, np.floating):
             dtype = np.dtype(np.float32)
-        X = xp.asarray(X, dtype=dtype)
         n_features = self.param_shapes()[self._layers()[0][0]][0]
+        if is_sparse(X):
+            if xp is not np:  # a device: the dense minibatch
+                X = X.toarray()
+            else:
+                X = X.tocsr().astype(dtype, copy=False)
+                if X.ndim != 2 or X.shape[1] != n_features:
+                    raise ValueError(
+                        f"X must have shape (n, {n_features}), got {tuple(X.shape)}"
+                    )
+                return X
+        X = xp.asarray(X, dtype=dtype)
         if X.ndim != 2 or X.shape[1] != n_features:
             raise ValueError(
                 f"X must have shape (n, {n_features}), got {tuple(X.shape)}"
@@ -239,7 +272,9 @@ class DenseStack(Model):
 
         for (wn, bn), dw, db in zip(self._layers(), dws, dbs, strict=True):
             w = params[wn]
-            if isinstance(dw, Factored):
+            if isinstance(dw, RowSparse):
+                grads[wn] = RowSparse(dw.indices, cast(dw.rows, w), dw.n_rows)
+            elif isinstance(dw, Factored):
                 grads[wn] = Factored(cast(dw.u, w), cast(dw.v, w))
             else:
                 grads[wn] = cast(dw, w)

@@ -14,6 +14,7 @@ import numpy as np
 from dask_ftps._exceptions import (
     InvalidRequest,
 )
+from dask_ftps._sparse import is_sparse as _is_sparse
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -24,11 +25,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _is_sparse(a: Any) -> bool:
-    """A SciPy sparse matrix or array (without importing SciPy)."""
-    return hasattr(a, "tocsr") and hasattr(a, "nnz")
-
-
 def is_dask_collection(a: Any) -> bool:
     """Whether ``a`` is a Dask collection (array, DataFrame, ...)."""
     return hasattr(a, "__dask_graph__")
@@ -36,7 +32,7 @@ def is_dask_collection(a: Any) -> bool:
 
 def _local(a: Any, name: str, dtype: Any = None) -> Any:
     """NumPy (or SciPy sparse, for X) from array-likes such as pandas objects."""
-    if _is_sparse(a) and name == "X":
+    if _is_sparse(a) and name.startswith("X"):
         return a.tocsr()
     if _is_sparse(a):
         raise InvalidRequest("y must be dense: a 1-D array of labels")
@@ -235,10 +231,9 @@ async def _validation(
     for a, name in zip(validation, ("X_val", "y_val"), strict=True):
         if is_dask_collection(a):
             a = await client.compute(dask_array(a, name))
-        a = _local(a, name)
-        arrays.append(a.toarray() if _is_sparse(a) else a)
+        arrays.append(_local(a, name))  # sparse X stays sparse
     Xv, yv = arrays
-    if Xv.ndim != 2 or yv.ndim != 1 or len(Xv) != len(yv) or len(yv) == 0:
+    if Xv.ndim != 2 or yv.ndim != 1 or Xv.shape[0] != len(yv) or len(yv) == 0:
         raise InvalidRequest(
             "validation must be (X, y) with one label per row, got shapes "
             f"{Xv.shape} and {yv.shape}"
@@ -247,6 +242,6 @@ async def _validation(
     if yv.dtype.kind not in "iu":
         raise InvalidRequest(f"validation labels must be integers, not {yv.dtype}")
     task.check_labels(int(yv.min()), int(yv.max()), "validation y")
-    if not np.isfinite(Xv).all():
+    if not np.isfinite(Xv.data if _is_sparse(Xv) else Xv).all():
         raise InvalidRequest("validation X holds NaN or infinite values")
     return Xv.astype(np.float32), yv.astype(np.int64)

@@ -29,15 +29,17 @@ from dask_ftps._exceptions import (
 )
 from dask_ftps._factored import (
     Factored,
+    densify,
     factor_pays,
     product,
     to_host,
     use_factors,
 )
+from dask_ftps._sparse import RowSparse
 from dask_ftps._worker_plugin import get_worker_plugin
 from dask_ftps._xp import gpu_available, to_namespace
 from dask_ftps.models import Model
-from dask_ftps.models._check import checked_loss_and_grad
+from dask_ftps.models._check import checked_loss_and_grad, has_sparse_rows
 
 from ._ingest import _is_sparse
 
@@ -372,7 +374,10 @@ def _train_shard(
     plugin = get_worker_plugin()
     run, epoch, shard = first.run, first.epoch, first.shard
     xp = _namespace(device)
-    sparse = _is_sparse(X)  # kept sparse; each minibatch is made dense
+    # Sparse data stays sparse; on a GPU each minibatch is made dense, on the
+    # host a model that says which rows a minibatch reads (sparse_rows) is sent
+    # only those rows and sends only theirs back.
+    sparse = _is_sparse(X)
     if sparse:
         X = X.tocsr().astype(np.float32)
     else:
@@ -393,6 +398,8 @@ def _train_shard(
         _costs(model, update_format, batch_size, replays),
     )
     stats = {"loss_sum": 0.0, "correct": 0, "n": 0, "computed": 0, "skipped": 0}
+    by_rows = sparse and xp is np and has_sparse_rows(model)
+    rows = _Rows(model, X, batches, inflight) if by_rows else None
 
     def resume() -> tuple[int, Any]:
         next_epoch, step = plugin.next_step(run, shard, server=server, holder=holder)
@@ -402,7 +409,15 @@ def _train_shard(
             )
         if next_epoch > epoch:
             return n_steps, None
-        return step, plugin.pull(run, shard, epoch, step, server=server, holder=holder)
+        return step, plugin.pull(
+            run,
+            shard,
+            epoch,
+            step,
+            server=server,
+            holder=holder,
+            rows=rows.wanted(step) if rows else None,
+        )
 
     window = PushWindow()
 
@@ -422,7 +437,7 @@ def _train_shard(
 
     step, copy = resume()
     stats["skipped"] = step
-    device_version, params = None, None
+    computed_from, params = None, None
     while step < n_steps or window:
         refusal = settle(inflight - 1 if step < n_steps else 0)
         if isinstance(refusal, (DuplicateUpdate, OutOfOrder, Voided)):
@@ -438,17 +453,29 @@ def _train_shard(
             raise refusal
         if step == n_steps:
             continue
-        if device_version != (copy.server, copy.version, copy.generation):
-            params = to_namespace(copy.params, xp)
-            device_version = (copy.server, copy.version, copy.generation)
+        if copy is not computed_from:
+            params = rows.patch(copy) if rows else to_namespace(copy.params, xp)
+            computed_from = copy
         batch = batches[step]
         xb = X[batch]
-        if sparse:
+        if sparse and not by_rows:
             xb = to_namespace({"X": xb.toarray()}, xp)["X"]
         yb = y[batch]
         loss, grads, correct = checked_loss_and_grad(
-            model, params, xb, yb, None if weight is None else weight[yb], factors
+            model,
+            params,
+            xb,
+            yb,
+            None if weight is None else weight[yb],
+            factors,
+            rows.of(step) if rows else None,
         )
+        if update_format == "dense":
+            grads = (
+                densify(grads)
+                if any(isinstance(g, RowSparse) for g in grads.values())
+                else grads
+            )
         if scale_stale and window:
             # Computed from a model that lacks this shard's pushes still in
             # flight: a step that much smaller. The scaled update is what the
@@ -462,6 +489,7 @@ def _train_shard(
             nxt,
             server=server,
             holder=holder,
+            rows=rows.wanted(step + 1) if rows and nxt else None,
         )
         window.add(future, (loss, correct, len(batch)))
         step += 1
@@ -509,9 +537,70 @@ def scaled(grads: dict[str, Any], factor: float) -> dict[str, Any]:
     for name, g in grads.items():
         if isinstance(g, Factored):
             out[name] = Factored(g.u, g.v * f)
+        elif isinstance(g, RowSparse):
+            out[name] = RowSparse(g.indices, g.rows * f.astype(g.rows.dtype), g.n_rows)
         else:
             out[name] = g * f.astype(g.dtype)
     return out
+
+
+class _Rows:
+    """A shard's sparse minibatches and the rows of the model each reads.
+
+    A pull (or a push's reply) for step ``s`` asks for the rows that steps
+    ``s .. s + inflight - 1`` read: the copy a step computes from comes from the
+    reply to the push ``inflight`` steps before it. The rows received are
+    written into this task's own arrays of the whole matrices (zeros where
+    nothing was received yet), which the model reads: every row a minibatch
+    reads is then the row of the version it was received at, and the others
+    are not read.
+    """
+
+    def __init__(self, model: Model, X: Any, batches: list, inflight: int) -> None:
+        self.model, self.X, self.batches = model, X, batches
+        self.inflight = max(1, int(inflight))
+        self._of: dict[int, dict[str, np.ndarray]] = {}
+        self._whole: dict[str, np.ndarray] = {}
+
+    def of(self, step: int) -> dict[str, np.ndarray]:
+        """What ``model.sparse_rows`` says minibatch ``step`` reads (cached)."""
+        rows = self._of.get(step)
+        if rows is None:
+            rows = self._of[step] = self.model.sparse_rows(self.X[self.batches[step]])
+            for old in [s for s in self._of if s < step - self.inflight]:
+                del self._of[old]
+        return rows
+
+    def wanted(self, step: int) -> dict[str, np.ndarray] | None:
+        """The rows to ask for to compute ``step`` and the steps up to the
+        window after it (None: the whole model)."""
+        steps = range(step, min(step + self.inflight, len(self.batches)))
+        parts = [self.of(s) for s in steps]
+        names = set().union(*parts) if parts else set()
+        if not names:
+            return None
+        return {
+            name: np.unique(
+                np.concatenate([p[name] for p in parts if name in p])
+            ).astype(np.int32, copy=False)
+            for name in sorted(names)
+        }
+
+    def patch(self, copy: Any) -> dict[str, Any]:
+        """The parameters to compute from: ``copy``'s whole arrays, and for its
+        :class:`~dask_ftps.RowSparse` entries this task's arrays with the rows
+        written in."""
+        params = {}
+        for name, value in copy.params.items():
+            if isinstance(value, RowSparse):
+                whole = self._whole.get(name)
+                if whole is None or whole.shape != value.shape:
+                    whole = self._whole[name] = np.zeros(value.shape, value.dtype)
+                whole[value.indices] = value.rows
+                params[name] = whole
+            else:
+                params[name] = value
+        return params
 
 
 def _resume_after_rebuild(resume, incarnation: int):
