@@ -569,7 +569,9 @@ def sparse_text(
     import scipy.sparse as sp
 
     if not (n_samples >= 1 and n_features >= 2 and n_classes >= 2 and nnz >= 1):
-        raise ValueError("sparse_text needs n_samples, nnz >= 1 and 2+ features, classes")
+        raise ValueError(
+            "sparse_text needs n_samples, nnz >= 1 and 2+ features, classes"
+        )
     rng = np.random.default_rng(seed)
     cdf = np.cumsum(np.arange(1, n_features + 1, dtype=np.float64) ** -zipf)
     cdf /= cdf[-1]

@@ -252,7 +252,13 @@ def test_layout_rows_keep_factored_entries():
         else:
             np.testing.assert_array_equal(back[name], g)
     assert layout.row_format(densify(grads)) == DENSE
-    for bad in [(0, (0,), ()), (9, (1,), ()), (9, (2, 0), ()), (9, (0, 0), ()), (9, (7,), ())]:
+    for bad in [
+        (0, (0,), ()),
+        (9, (1,), ()),
+        (9, (2, 0), ()),
+        (9, (0, 0), ()),
+        (9, (7,), ()),
+    ]:
         with pytest.raises(ValueError, match="row format"):
             layout.row_size(bad)
 
