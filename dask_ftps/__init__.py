@@ -15,6 +15,7 @@ from dask_ftps import config  # noqa: F401  (loads the ftps.* defaults)
 if TYPE_CHECKING:
     from dask_ftps._client import get_model, records, status
     from dask_ftps._core import UpdateKey
+    from dask_ftps._data import sparse_text
     from dask_ftps._estimator import FTPSClassifier
     from dask_ftps._exceptions import (
         DuplicateUpdate,
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from dask_ftps._factored import Factored
     from dask_ftps._recovery import inspect, recover
     from dask_ftps._scheduler_plugin import ParameterServer
+    from dask_ftps._sparse import RowSparse, rows_of
     from dask_ftps.optim import SGD, Adam
     from dask_ftps.training import TrainResult, train
 
@@ -85,6 +87,9 @@ _LAZY = {
         "dask_ftps._exceptions",
     ),
     "Factored": "dask_ftps._factored",
+    "RowSparse": "dask_ftps._sparse",
+    "rows_of": "dask_ftps._sparse",
+    "sparse_text": "dask_ftps._data",
     "inspect": "dask_ftps._recovery",
     "recover": "dask_ftps._recovery",
     "ParameterServer": "dask_ftps._scheduler_plugin",
@@ -110,6 +115,7 @@ __all__ = [
     "NotRegistered",
     "OutOfOrder",
     "ParameterServer",
+    "RowSparse",
     "RunInUse",
     "SchedulerLost",
     "ServerReplaced",
@@ -128,6 +134,8 @@ __all__ = [
     "inspect",
     "records",
     "recover",
+    "rows_of",
+    "sparse_text",
     "status",
     "train",
 ]

@@ -8,6 +8,7 @@ in the docs).
 from __future__ import annotations
 
 from dask_ftps._factored import Factored
+from dask_ftps._sparse import RowSparse, rows_of
 from dask_ftps._xp import array_namespace
 
 from ._base import Model, model_from_dict
@@ -21,9 +22,11 @@ __all__ = [
     "DenseStack",
     "Factored",
     "Model",
+    "RowSparse",
     "SoftmaxRegression",
     "array_namespace",
     "check_model",
     "dense_model",
     "model_from_dict",
+    "rows_of",
 ]
