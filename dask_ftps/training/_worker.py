@@ -29,7 +29,6 @@ from dask_ftps._exceptions import (
 )
 from dask_ftps._factored import (
     Factored,
-    densify,
     factor_pays,
     product,
     to_host,
@@ -374,9 +373,10 @@ def _train_shard(
     plugin = get_worker_plugin()
     run, epoch, shard = first.run, first.epoch, first.shard
     xp = _namespace(device)
-    # Sparse data stays sparse; on a GPU each minibatch is made dense, on the
-    # host a model that says which rows a minibatch reads (sparse_rows) is sent
-    # only those rows and sends only theirs back.
+    # Sparse data stays sparse. On the host, a model that says which rows a
+    # minibatch reads (sparse_rows) is sent only those rows and sends only
+    # theirs back; on a GPU or with ftps.update-format "dense" each minibatch
+    # is made dense (and so is everything sent).
     sparse = _is_sparse(X)
     if sparse:
         X = X.tocsr().astype(np.float32)
@@ -398,7 +398,9 @@ def _train_shard(
         _costs(model, update_format, batch_size, replays),
     )
     stats = {"loss_sum": 0.0, "correct": 0, "n": 0, "computed": 0, "skipped": 0}
-    by_rows = sparse and xp is np and has_sparse_rows(model)
+    by_rows = (
+        sparse and xp is np and update_format != "dense" and has_sparse_rows(model)
+    )
     rows = _Rows(model, X, batches, inflight) if by_rows else None
 
     def resume() -> tuple[int, Any]:
@@ -470,12 +472,6 @@ def _train_shard(
             factors,
             rows.of(step) if rows else None,
         )
-        if update_format == "dense":
-            grads = (
-                densify(grads)
-                if any(isinstance(g, RowSparse) for g in grads.values())
-                else grads
-            )
         if scale_stale and window:
             # Computed from a model that lacks this shard's pushes still in
             # flight: a step that much smaller. The scaled update is what the
