@@ -726,8 +726,10 @@ def inspect(store: Any, storage_options: dict | None = None) -> dict[str, Any]:
         ``download`` (rows ``worker``, ``version``), ``first_row`` (the oldest
         retained row), the run's ``model``, ``optimizer``, ``mode``,
         ``staleness``, ``run_id`` and ``runs``, ``payload_bytes`` (of the
-        retained updates' payloads) and ``factored_updates`` (how many of them
-        hold factored layers), ``records`` (log records kept),
+        retained updates' payloads), ``retained_updates`` (how many updates
+        those are), ``factored_updates`` and ``sparse_updates`` (how many of
+        them hold factored layers, and row-sparse ones), ``records`` (log
+        records kept),
         ``damaged`` (log records that fail their checks) and
         ``read_from_copies`` (the serials of those read instead from the copy
         their payload array keeps).
@@ -816,6 +818,7 @@ def _describe(journal: Journal) -> dict[str, Any]:
             bool(f[1]) for r in commits for f in r.body.data.formats
         ),
         "sparse_updates": sum(bool(f[2]) for r in commits for f in r.body.data.formats),
+        "retained_updates": sum(r.body.data.rows for r in commits),
         "records": len(journal.records),
         "damaged": [str(journal.damaged[s]) for s in sorted(journal.damaged)],
         "read_from_copies": sorted(s for s in journal.damaged if s in journal.records),

@@ -200,6 +200,9 @@ class Server:
         # What merging the updates since the last snapshot again costs a
         # replay (parameters merged), and the most it may cost.
         self._replay_cost = rebuilt.cost if rebuilt is not None else 0.0
+        #: Model replies sent: whole models, rows only (a sparse pull), none
+        #: (the worker held that version); the bytes of their arrays.
+        self.pulls = {"whole": 0, "rows": 0, "none": 0, "bytes": 0}
         self._replay_limit = config.replay_budget * sum(
             int(np.size(p)) for p in state.model.params.values()
         )
@@ -425,6 +428,7 @@ class Server:
             if self.journal is None
             else sorted(r.body.version for r in self.journal.snapshots()),
             "recovery": None if rebuilt is None else rebuilt_summary(rebuilt),
+            "pulls": dict(self.pulls),
         }
 
     async def records(self) -> dict:
@@ -1070,6 +1074,10 @@ class Server:
                 else p
                 for name, p in params.items()
             }
+        pulls = self.pulls
+        pulls["none" if not fresh else "whole" if rows is None else "rows"] += 1
+        if fresh:
+            pulls["bytes"] += sum(int(p.nbytes) for p in params.values())
         return {
             "status": "OK",
             "server": self.identity,

@@ -114,18 +114,21 @@ class _Data:
                 _local_checks, self.X, self.y, n_classes
             )
         else:
+            import dask
             import dask.array as da
 
             y = self.y
             checks = [
-                da.isfinite(self.X).all(),
+                # per block: a block may be a SciPy sparse matrix
+                [dask.delayed(_finite)(b) for b in self.X.to_delayed().ravel()],
                 y.min(),
                 y.max(),
                 da.bincount(da.clip(y, 0, n_classes - 1), minlength=n_classes),
             ]
-            finite, low, high, counts = await client.gather(
+            blocks, low, high, counts = await client.gather(
                 client.compute(checks), asynchronous=True
             )
+            finite = all(blocks)
         if not finite:
             raise InvalidRequest(
                 "X holds NaN or infinite values: impute or drop them first"
@@ -153,9 +156,14 @@ class _Data:
         return _Shards(xs, ys, None)
 
 
+def _finite(X: Any) -> bool:
+    """Whether every value of ``X`` (NumPy or SciPy sparse) is finite."""
+    return bool(np.isfinite(X.data if _is_sparse(X) else X).all())
+
+
 def _local_checks(X: Any, y: np.ndarray, n_classes: int) -> tuple:
     """``(finite, lowest label, highest label, class counts)`` of local input."""
-    finite = bool(np.isfinite(X.data if _is_sparse(X) else X).all())
+    finite = _finite(X)
     low, high = int(y.min()), int(y.max())
     counts = None
     if low >= 0 and high < n_classes:
