@@ -188,7 +188,7 @@ class FTPSWorkerPlugin(WorkerPlugin):
             epoch=epoch,
             step=step,
             **self._have(have),
-            **({} if rows is None else {"rows": rows}),
+            **({} if rows is None else {"rows": ToPickle(rows)}),
         )
         return self._keep(reply)
 
@@ -237,7 +237,7 @@ class FTPSWorkerPlugin(WorkerPlugin):
             "incarnation": incarnation,
             "next_step": next_step,
             **self._have(self.latest),
-            **({} if rows is None or next_step is None else {"rows": rows}),
+            **({} if rows is None or next_step is None else {"rows": ToPickle(rows)}),
         }
 
         async def push() -> ModelCopy | None:
