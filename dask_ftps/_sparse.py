@@ -160,6 +160,8 @@ def sparse_problem(
     (:class:`~dask_ftps.ModelError`)."""
     if type(g) is not RowSparse:
         return f"{what}: a {type(g).__name__}, not a RowSparse"
+    if not all(hasattr(g, a) for a in ("indices", "rows", "n_rows")):
+        return f"{what}: a RowSparse without its indices, rows or n_rows"
     if len(shape) != 2 or np.dtype(dtype) != np.float32:
         return f"{what}: only a float32 matrix can be sent as rows"
     if shape[0] > MAX_ROW_INDEX + 1:
@@ -217,10 +219,13 @@ def check_wanted(
         raise ValueError("rows must be a non-empty dict of matrix name to indices")
     out = {}
     for name, indices in wanted.items():
-        shape = shapes.get(name) if isinstance(name, str) else None
+        shape = shapes.get(name) if type(name) is str else None
         if shape is None or len(shape) != 2:
+            # str.__getitem__: a plain str, whatever a subclass's __str__ does
+            shown = str.__getitem__(name, slice(80)) if isinstance(name, str) else ""
             raise ValueError(
-                f"rows names {str(name)[:80]!r}, not a matrix of the model"
+                f"rows names {shown!r} (a {type(name).__name__}), not a matrix of "
+                "the model"
             )
         problem = _index_problem(indices, shape[0], f"rows of {name}")
         if problem:
