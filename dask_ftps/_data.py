@@ -173,8 +173,9 @@ def load(
         A ``.npz`` file with arrays ``X`` (n, n_features) and ``y`` (n,), a
         ``.csv`` / ``.parquet`` table, or an svmlight/libsvm file (``.svm``,
         ``.svmlight``, ``.libsvm``, each also ``.gz``, ``.bz2`` or ``.xz``
-        compressed; read by :func:`read_svmlight`, sparse); default:
-        scikit-learn's bundled digits (8x8 images, pixels scaled to [0, 1]).
+        compressed; read into memory once by :func:`read_svmlight`, and kept
+        sparse); default: scikit-learn's bundled digits (8x8 images, pixels
+        scaled to [0, 1]).
     target
         The label column of a table; default: its last column. The other
         columns are the features, and must be numeric.
@@ -213,7 +214,9 @@ def load(
         If the file is missing, unreadable or malformed, the target is not a
         column, a feature is not numeric or holds NaN/infinite values, a label
         cannot be held exactly (distinct labels are never merged), or there are
-        too few samples or classes.
+        too few samples or classes; or if an svmlight file holds a line that is
+        not ``label index:value ...`` (the message names it), a multi-label
+        line, or more features than ``n_features``.
     """
     if not 0 <= test_size < 1:
         raise DataError(f"the test size must be in [0, 1), got {test_size}")
@@ -511,7 +514,8 @@ def _load_svmlight(
     source = str(path)
     if np.isfinite(y).all() and len(y) and np.abs(y).max() >= 2**53:
         raise DataError(
-            f"{path}: labels of 2**53 or more, such as {np.abs(y).max():.17g}, "
+            f"{path}: labels of magnitude 2**53 or more, such as "
+            f"{y[np.argmax(np.abs(y))]:.17g}, "
             "cannot be told apart in an svmlight file (its labels are read as "
             "float64): number the classes 0, 1, ..."
         )

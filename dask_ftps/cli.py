@@ -24,7 +24,6 @@ from dask_ftps._demo import EPOCHS as DEMO_EPOCHS
 from dask_ftps._demo import (
     DemoError,
     DemoOptions,
-    accuracy,
     format_history,
     report_lines,
     run_demo,
@@ -373,6 +372,33 @@ def _label_lines(data: Dataset, most: int = 10) -> list[str]:
     return [f"labels of {data.target!r} (code=label): {', '.join(pairs)}{more}"]
 
 
+#: Rows predicted at once when the command scores the model.
+_SCORE_ROWS = 1 << 16
+
+
+def _accuracy(model: Model, params: dict[str, np.ndarray], X: Any, y: Any) -> float:
+    """Share of ``X``'s rows whose predicted class is ``y``, predicted a slice of
+    rows at a time (``X`` may be a large SciPy sparse matrix)."""
+    n = X.shape[0]
+    hits = 0
+    for start in range(0, n, _SCORE_ROWS):
+        rows = slice(start, start + _SCORE_ROWS)
+        hits += int(
+            np.count_nonzero(np.asarray(model.predict(params, X[rows])) == y[rows])
+        )
+    return hits / n
+
+
+def _scaler(data: Dataset) -> dict[str, list[float]] | None:
+    """``model.json``'s ``scaler``: the standardisation, or an svmlight file's
+    max-abs scaling (divide each column by ``max_abs``), or None."""
+    if data.mean is not None:
+        return {"mean": data.mean.tolist(), "scale": data.scale.tolist()}
+    if data.scale is not None:
+        return {"max_abs": data.scale.tolist()}
+    return None
+
+
 def _save_output(
     folder: Path,
     data: Dataset,
@@ -383,17 +409,16 @@ def _save_output(
     scores: dict[str, float],
     store: str | None,
 ) -> list[Path]:
-    """``params.npz`` (numpy.savez) and ``model.json`` (model, labels, scaling)."""
+    """``params.npz`` (numpy.savez) and ``model.json`` (model, labels, scaling;
+    for an svmlight file, how to read more such files)."""
     params_path, meta_path = folder / "params.npz", folder / "model.json"
     meta = {
         "model": model.to_dict(),
         "version": version,
         "classes": data.labels(),
         "target": data.target,
-        "features": list(data.features),
-        "scaler": None
-        if data.mean is None
-        else {"mean": data.mean.tolist(), "scale": data.scale.tolist()},
+        "features": None if data.sparse else list(data.features),
+        "scaler": _scaler(data),
         "data": data.source,
         "store": store,
         "run": result.run,
@@ -401,6 +426,11 @@ def _save_output(
         **scores,
         "history": result.history,
     }
+    if data.zero_based is not None:  # an svmlight file: its features are indices
+        meta["svmlight"] = {
+            "n_features": data.n_features,
+            "zero_based": data.zero_based,
+        }
     try:
         np.savez(params_path, **params)
         meta_path.write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
@@ -415,7 +445,7 @@ def _train_or_fail(client: Client, data: Dataset, **kwargs: Any):
     """:func:`dask_ftps.train`, its user-caused errors as one line."""
     import concurrent.futures
 
-    validation = (data.X_test, data.y_test) if len(data.X_test) else None
+    validation = (data.X_test, data.y_test) if data.n_test else None
     try:
         return dask_ftps.train(
             client, data.X_train, data.y_train, validation=validation, **kwargs
@@ -438,6 +468,14 @@ def _train_or_fail(client: Client, data: Dataset, **kwargs: Any):
     help="Label column of a .csv/.parquet DATA; default: the last column.",
 )
 @click.option(
+    "--n-features",
+    metavar="N",
+    type=click.IntRange(min=1),
+    default=None,
+    help="svmlight DATA: its number of features, at least its highest index "
+    "(+1 if zero-based); default: as many as that index needs.",
+)
+@click.option(
     "--test-size",
     type=click.FloatRange(0, 1, max_open=True),
     default=0.25,
@@ -449,7 +487,8 @@ def _train_or_fail(client: Client, data: Dataset, **kwargs: Any):
     default=True,
     show_default=True,
     help="Standardise the features (scikit-learn's StandardScaler, fit on the "
-    "training rows).",
+    "training rows); svmlight DATA, sparse: divide each by its largest absolute "
+    "value.",
 )
 @click.option(
     "--scheduler",
@@ -541,6 +580,7 @@ def train(
     ctx: click.Context,
     data_file: str | None,
     target: str | None,
+    n_features: int | None,
     test_size: float,
     scale: bool,
     scheduler: str | None,
@@ -562,12 +602,14 @@ def train(
 ) -> None:
     """Train an MLP (or softmax regression) on DATA, by default on digits.
 
-    DATA is a .npz file with arrays X (samples x features) and y (labels), or a
+    DATA is a .npz file with arrays X (samples x features) and y (labels), a
     .csv or .parquet table whose --target column holds the labels (default: the
-    last column) and whose other columns, all numeric, are the features. Labels
-    of any type are encoded as 0, 1, ... (scikit-learn's LabelEncoder); the
-    mapping is printed and saved with --output. Without DATA: scikit-learn's
-    digits.
+    last column) and whose other columns, all numeric, are the features, or an
+    svmlight/libsvm file (.svm, .svmlight, .libsvm, also .gz, .bz2 or .xz
+    compressed) of lines 'label index:value ...', read into memory and kept
+    sparse. Labels of any type are encoded as 0, 1, ... (scikit-learn's
+    LabelEncoder); the mapping is printed and saved with --output. Without
+    DATA: scikit-learn's digits.
 
     Registers a parameter server on the scheduler (with --store, journalled to
     a Zarr store), trains, and prints the per-epoch history and the test
@@ -577,7 +619,13 @@ def train(
     """
     _setup_logging(verbose)
     try:
-        data = load_data(data_file, target=target, test_size=test_size, scale=scale)
+        data = load_data(
+            data_file,
+            target=target,
+            test_size=test_size,
+            scale=scale,
+            n_features=n_features,
+        )
     except DataError as e:
         raise click.ClickException(str(e)) from None
     folder = _output_folder(output)
@@ -624,10 +672,10 @@ def train(
             f"Run {result.run} ({run_name!r}) was already finished on this server: "
             "nothing trained (--run-name NAME trains more on top of it)"
         )
-    scores = {"train_accuracy": accuracy(model, params, data.X_train, data.y_train)}
-    if len(data.X_test):
-        scores["test_accuracy"] = accuracy(model, params, data.X_test, data.y_test)
-    which = "test" if len(data.X_test) else "training"
+    scores = {"train_accuracy": _accuracy(model, params, data.X_train, data.y_train)}
+    if data.n_test:
+        scores["test_accuracy"] = _accuracy(model, params, data.X_test, data.y_test)
+    which = "test" if data.n_test else "training"
     speed = (
         f"; {result.minibatches} minibatches in {result.seconds:.1f} s "
         f"({result.minibatches / result.seconds:.1f} updates/s)"
