@@ -660,7 +660,7 @@ def _open_svmlight(path: Path):
 def _svmlight_error(path: Path, e: Exception) -> DataError:
     """What scikit-learn's reader refused, as one line that names the line of
     ``path`` at fault where it can be found (scikit-learn does not say)."""
-    if isinstance(e, ValueError):
+    if isinstance(e, ValueError | OverflowError):
         try:
             where = _bad_line(path)
         except Exception:  # the error says enough

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dask_ftps._factored import Factored
-from dask_ftps._sparse import RowSparse
+from dask_ftps._sparse import RowSparse, index_problem
 
 #: ``(batch, factored, sparse)``: the entries at ``factored`` (of the layout's
 #: names) are factored, each with ``batch`` samples; each ``(i, k)`` of
@@ -103,8 +103,8 @@ class Layout:
             a = arrays[name]
             if isinstance(a, RowSparse):
                 k = a.k
-                indices = np.asarray(a.indices).astype(np.int32, copy=False)
-                flat[offset : offset + k] = indices.view(np.float32)  # the bits
+                indices = np.asarray(a.indices).astype("<i4", copy=False)
+                flat[offset : offset + k] = indices.view("<f4")  # the bits
                 offset += k
                 parts: tuple = (a.rows,)
             else:
@@ -118,7 +118,13 @@ class Layout:
     def unflatten(self, flat: np.ndarray, fmt: RowFormat = DENSE) -> dict:
         """Views of ``flat`` with the layout's names and shapes (factored entries
         of ``fmt`` as :class:`~dask_ftps.Factored` views, row entries as
-        :class:`~dask_ftps.RowSparse` ones)."""
+        :class:`~dask_ftps.RowSparse` ones).
+
+        Raises
+        ------
+        ValueError
+            If a row entry's indices are not strictly increasing row numbers.
+        """
         batch, factored, sparse = fmt
         rows = dict(sparse)
         out: dict = {}
@@ -126,7 +132,10 @@ class Layout:
         for i, (name, shape) in enumerate(zip(self.names, self.shapes, strict=True)):
             if i in rows:
                 k, n = rows[i], shape[1]
-                indices = flat[offset : offset + k].view(np.int32)
+                indices = flat[offset : offset + k].view("<i4")
+                problem = index_problem(indices, shape[0], f"the rows of {name}")
+                if problem:  # a row a checksum vouches for, but not this code's
+                    raise ValueError(problem)
                 offset += k
                 values = flat[offset : offset + k * n].reshape(k, n)
                 offset += k * n

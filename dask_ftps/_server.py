@@ -1064,8 +1064,6 @@ class Server:
             or have_version != model.version
             or have_server != self.identity
         )
-        if fresh:
-            self.state.record_download(worker, Version(model.version))
         params = model.params
         if rows is not None:
             params = {
@@ -1074,6 +1072,8 @@ class Server:
                 else p
                 for name, p in params.items()
             }
+        if fresh:  # once the reply is built: nothing before can fail
+            self.state.record_download(worker, Version(model.version))
         pulls = self.pulls
         pulls["none" if not fresh else "whole" if rows is None else "rows"] += 1
         if fresh:

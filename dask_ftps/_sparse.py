@@ -38,6 +38,7 @@ __all__ = [
     "apply_rows",
     "check_rows",
     "check_wanted",
+    "index_problem",
     "is_sparse",
     "mean_rows",
     "rows_of",
@@ -129,24 +130,24 @@ def rows_of(X: Any) -> np.ndarray:
     array([1, 3], dtype=int32)
     """
     if is_sparse(X):
-        X = X.tocsr()
-        X.eliminate_zeros()
-        return np.unique(X.indices).astype(np.int32, copy=False)
+        X = X.tocsr()  # may be X itself: not changed here
+        return np.unique(X.indices[X.data != 0]).astype(np.int32, copy=False)
     X = np.asarray(to_numpy(X))
     return np.flatnonzero((X != 0).any(axis=0)).astype(np.int32)
 
 
-def _index_problem(indices: Any, n_rows: int, what: str) -> str | None:
-    """What is wrong with ``indices`` as the rows of a matrix of ``n_rows`` rows."""
+def index_problem(indices: Any, n_rows: int, what: str) -> str | None:
+    """What is wrong with ``indices`` as the rows of a matrix of ``n_rows`` rows
+    (None: nothing). Compared, never subtracted: no arithmetic can wrap."""
     if type(indices) is not np.ndarray or indices.ndim != 1:
         return f"{what}: the row indices must be a 1-d NumPy array"
     if indices.dtype not in (np.dtype(np.int32), np.dtype(np.int64)):
         return f"{what}: the row indices must be int32 or int64, not {indices.dtype}"
     if indices.size > n_rows:
         return f"{what}: {indices.size} row indices for a matrix of {n_rows} rows"
-    if indices.size and (int(indices[0]) < 0 or int(indices[-1]) >= n_rows):
+    if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= n_rows):
         return f"{what}: a row index lies outside [0, {n_rows})"
-    if indices.size > 1 and not bool((np.diff(indices) > 0).all()):
+    if indices.size > 1 and not bool((indices[1:] > indices[:-1]).all()):
         return f"{what}: the row indices must be strictly increasing (no repeats)"
     return None
 
@@ -173,7 +174,7 @@ def sparse_problem(
         return (
             f"{what}: rows of a matrix of {n_rows} rows, the parameter has {shape[0]}"
         )
-    problem = _index_problem(g.indices, shape[0], what)
+    problem = index_problem(g.indices, shape[0], what)
     if problem:
         return problem
     rows = g.rows
@@ -227,7 +228,7 @@ def check_wanted(
                 f"rows names {shown!r} (a {type(name).__name__}), not a matrix of "
                 "the model"
             )
-        problem = _index_problem(indices, shape[0], f"rows of {name}")
+        problem = index_problem(indices, shape[0], f"rows of {name}")
         if problem:
             raise ValueError(problem)
         out[name] = indices
@@ -245,8 +246,13 @@ def mean_rows(updates: list[RowSparse]) -> RowSparse:
     acc = np.zeros((union.size, updates[0].shape[1]), updates[0].rows.dtype)
     first = updates[0]
     acc[np.searchsorted(union, first.indices)] = first.rows
+    covered = np.zeros(union.size, np.int64)  # by the updates after the first
     for u in updates[1:]:
-        acc[np.searchsorted(union, u.indices)] += u.rows
+        at = np.searchsorted(union, u.indices)
+        acc[at] += u.rows
+        covered[at] += 1
+    # The dense sum adds a zero where an update lacks a row: -0.0 becomes +0.0.
+    acc[covered < len(updates) - 1] += 0.0
     acc /= len(updates)
     return RowSparse(union.astype(np.int32), acc, first.n_rows)
 

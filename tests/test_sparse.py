@@ -22,7 +22,13 @@ import dask_ftps
 from dask_ftps import SGD, Adam, ParameterServer, RowSparse
 from dask_ftps._layout import DENSE, Layout
 from dask_ftps._processes import environment, scheduler_args, worker_args
-from dask_ftps._sparse import apply_rows, check_wanted, mean_rows, rows_of
+from dask_ftps._sparse import (
+    apply_rows,
+    check_wanted,
+    mean_rows,
+    rows_of,
+    sparse_problem,
+)
 from dask_ftps._state import _mean
 from dask_ftps._store._format import DataRef
 from dask_ftps.models import MLP, SoftmaxRegression
@@ -419,3 +425,72 @@ def test_a_wide_sparse_run_survives_worker_and_scheduler_sigkills(tmp_path, mode
         assert version == offline_version == rounds
         for name in live:
             assert live[name].tobytes() == offline[name].tobytes(), name
+
+
+# -- edges a review found ------------------------------------------------------------
+
+
+def test_indices_that_wrap_in_arithmetic_are_refused():
+    """Not increasing, yet every difference is positive in int64 (int32)."""
+    for dtype, top in ((np.int64, 2**63), (np.int32, 2**31)):
+        idx = np.array([0, top - 1, -top, -1, 3], dtype)
+        with pytest.raises(ValueError, match="outside"):
+            check_wanted({"W": idx}, {"W": (8, 3)})
+        g = RowSparse(idx, np.ones((5, 3), np.float32), 8)
+        assert "outside" in sparse_problem(g, (8, 3), np.float32, "W")
+
+
+def test_a_stored_row_entry_with_bad_indices_is_corrupt_not_merged():
+    """A row entry whose checksum holds but whose indices are not row numbers
+    (written by other code) is refused when read, not written elsewhere."""
+    layout = Layout.of({"W": np.zeros((8, 2), np.float32)})
+    g = RowSparse(np.array([1, 5]), np.ones((2, 2), np.float32), 8)
+    fmt = layout.row_format({"W": g})
+    for bad in ([5, 1], [-1, 2], [3, 8], [4, 4]):
+        flat = layout.flatten({"W": g})
+        flat[:2] = np.array(bad, "<i4").view("<f4")
+        with pytest.raises(ValueError, match="the rows of W"):
+            layout.unflatten(flat, fmt)
+
+
+def test_the_mean_of_rows_keeps_the_dense_means_signed_zeros():
+    a = RowSparse(np.array([0, 2]), np.array([[-0.0], [1.0]], np.float32), 4)
+    b = RowSparse(np.array([2, 3]), np.array([[1.0], [-0.0]], np.float32), 4)
+    mean = mean_rows([a, b])
+    dense = _mean([{"W": a.dense()}, {"W": b.dense()}])["W"]
+    assert mean.dense().tobytes() == dense.tobytes()
+    assert np.signbit(dense[0, 0]) == np.signbit(mean.dense()[0, 0]) == False
+
+
+def test_rows_of_leaves_its_argument_alone():
+    X = sp.csr_matrix(np.array([[0.0, 1.0, 2.0], [3.0, 0.0, 0.0]], np.float32))
+    X.data[1] = 0.0  # an explicit zero: not a row read
+    nnz = X.nnz
+    assert rows_of(X).tolist() == [0, 1]
+    assert X.nnz == nnz
+
+
+def test_a_window_pulls_whole_what_one_of_its_steps_reads_whole():
+    """With two pushes in flight a pull serves two steps: a matrix one of them
+    reads more than half of is pulled whole, not as the other step's rows."""
+    from dask_ftps.training._worker import _Rows
+
+    model = SoftmaxRegression(n_features=8, n_classes=2)
+    X = sp.csr_matrix(np.array([[1] * 8, [0] * 6 + [1, 1]], np.float32))
+    rows = _Rows(model, X, [np.array([0]), np.array([1])], inflight=2)
+    assert rows.of(0) == {}  # step 0 reads all 8 rows: whole
+    assert rows.of(1)["W"].tolist() == [6, 7]
+    assert rows.wanted(0) is None  # so the window's pull is whole
+    assert rows.wanted(1)["W"].tolist() == [6, 7]
+
+
+def test_a_model_whose_sparse_rows_are_wrong_is_a_model_error():
+    from dask_ftps import ModelError
+    from dask_ftps.models._check import checked_sparse_rows
+
+    class Bad(SoftmaxRegression):
+        def sparse_rows(self, X):
+            return {"b": np.array([0])}  # a bias is not a matrix
+
+    with pytest.raises(ModelError, match="sparse_rows"):
+        checked_sparse_rows(Bad(n_features=8, n_classes=2), sp.csr_matrix((1, 8)))

@@ -505,14 +505,16 @@ class Journal:
         for i, (run, epoch, shard, step, worker, version) in enumerate(commit.rows):
             if commit.seq + i < replay_from:
                 continue
-            grads = (
-                self.params_layout.unflatten(
-                    payloads[i],
-                    commit.data.formats[i] if commit.data.formats else DENSE,
-                )
-                if payloads is not None and version > payloads_after
-                else {}
-            )
+            grads: dict = {}
+            if payloads is not None and version > payloads_after:
+                try:
+                    grads = self.params_layout.unflatten(
+                        payloads[i],
+                        commit.data.formats[i] if commit.data.formats else DENSE,
+                    )
+                except ValueError as e:
+                    key = _chunk_key(commit.data)
+                    raise StoreCorrupted(f"{key}: row {i}: {e}", key) from e
             updates.append(
                 Update(UpdateKey(run, epoch, shard, step), WorkerId(worker), grads)
             )

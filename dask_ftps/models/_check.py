@@ -18,7 +18,7 @@ import numpy as np
 from dask_ftps._core import field_int
 from dask_ftps._exceptions import ModelError
 from dask_ftps._factored import Factored, may_overflow
-from dask_ftps._sparse import RowSparse, sparse_problem
+from dask_ftps._sparse import RowSparse, check_wanted, sparse_problem
 from dask_ftps._xp import array_namespace, to_numpy
 
 from ._base import Model, model_from_dict
@@ -364,6 +364,27 @@ def _check_factor_rows(
     return rows
 
 
+def checked_sparse_rows(model: Model, X: Any) -> dict[str, np.ndarray]:
+    """:meth:`Model.sparse_rows` of the minibatch ``X``, checked: a dict of
+    matrix name to strictly increasing int32 or int64 NumPy row indices
+    (empty for a model that does not declare it).
+
+    Raises
+    ------
+    ModelError
+        Naming the model and what is wrong.
+    """
+    if not has_sparse_rows(model):
+        return {}
+    rows = _call(model, "sparse_rows", X)
+    if isinstance(rows, dict) and not rows:
+        return rows
+    try:
+        return check_wanted(rows, model.param_shapes())
+    except ValueError as e:
+        raise ModelError(f"model {model_name(model)}: sparse_rows(): {e}") from None
+
+
 def has_sparse_rows(model: Model) -> bool:
     """Whether ``model`` overrides :meth:`Model.sparse_rows`."""
     return type(model).sparse_rows is not Model.sparse_rows
@@ -411,7 +432,7 @@ def checked_loss_and_grad(
         model, "loss_and_grad", _read_only(params), X, y, sample_weight, **kwargs
     )
     if rows is None:
-        rows = _call(model, "sparse_rows", X) if has_sparse_rows(model) else {}
+        rows = checked_sparse_rows(model, X)
     name = model_name(model)
     if not isinstance(out, tuple) or len(out) != 3:
         raise ModelError(

@@ -86,8 +86,10 @@ def _dense_backward(
     dbs: list[Any] = [None] * len(ws)
     g = dlogits
     for i in range(len(ws) - 1, -1, -1):
-        if i == 0 and is_sparse(acts[0]):
+        if i == 0 and is_sparse(acts[0]) and ws[0].dtype == np.float32:
             dws[0] = _rows_gradient(acts[0], g, ws[0].shape[0])
+        elif i == 0 and is_sparse(acts[0]):
+            dws[0] = np.asarray(acts[0].T @ g)
         else:
             dws[i] = Factored(acts[i], g) if i in factored else acts[i].T @ g
         dbs[i] = g.sum(axis=0)
@@ -148,9 +150,9 @@ class DenseStack(Model):
     def sparse_rows(self, X: Any) -> dict[str, Any]:
         """For sparse ``X``: the first layer's rows of its nonzero features
         (where they are at most half the rows: more are pulled whole)."""
-        if not is_sparse(X):
-            return {}
         name = self._layers()[0][0]
+        if not is_sparse(X) or self.param_dtypes()[name] != np.float32:
+            return {}
         idx = rows_of(X)
         return {name: idx} if 2 * idx.size <= self.param_shapes()[name][0] else {}
 

@@ -38,7 +38,11 @@ from dask_ftps._sparse import RowSparse
 from dask_ftps._worker_plugin import get_worker_plugin
 from dask_ftps._xp import gpu_available, to_namespace
 from dask_ftps.models import Model
-from dask_ftps.models._check import checked_loss_and_grad, has_sparse_rows
+from dask_ftps.models._check import (
+    checked_loss_and_grad,
+    checked_sparse_rows,
+    has_sparse_rows,
+)
 
 from ._ingest import _is_sparse
 
@@ -559,10 +563,13 @@ class _Rows:
         self._whole: dict[str, np.ndarray] = {}
 
     def of(self, step: int) -> dict[str, np.ndarray]:
-        """What ``model.sparse_rows`` says minibatch ``step`` reads (cached)."""
+        """What ``model.sparse_rows`` says minibatch ``step`` reads (cached,
+        checked: :class:`~dask_ftps.ModelError` names the model)."""
         rows = self._of.get(step)
         if rows is None:
-            rows = self._of[step] = self.model.sparse_rows(self.X[self.batches[step]])
+            rows = self._of[step] = checked_sparse_rows(
+                self.model, self.X[self.batches[step]]
+            )
             for old in [s for s in self._of if s < step - self.inflight]:
                 del self._of[old]
         return rows
@@ -572,7 +579,8 @@ class _Rows:
         window after it (None: the whole model)."""
         steps = range(step, min(step + self.inflight, len(self.batches)))
         parts = [self.of(s) for s in steps]
-        names = set().union(*parts) if parts else set()
+        # A matrix some step of the window reads whole is pulled whole.
+        names = set.intersection(*(set(p) for p in parts)) if parts else set()
         if not names:
             return None
         return {
