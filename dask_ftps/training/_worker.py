@@ -182,18 +182,23 @@ def factor_wins(
 
 
 def factor_names(
-    model: Model, update_format: str, batch_size: int, costs: Costs | None = None
+    model: Model,
+    update_format: str,
+    batch_size: int,
+    costs: Costs | None = None,
+    exclude: frozenset[str] = frozenset(),
 ) -> frozenset[str]:
     """The weights whose updates a worker sends as factors.
 
-    Those the model can factor (:meth:`~dask_ftps.models.Model.factorable`):
+    Those the model can factor (:meth:`~dask_ftps.models.Model.factorable`),
+    less ``exclude`` (weights sent as rows):
     every float32 matrix for ``"factored"``, none for ``"dense"``, and for
     ``"auto"`` those whose factors are smaller for minibatches of
     ``batch_size`` *and* faster to send on this cluster
     (:func:`factor_wins` with ``costs``; measured by :func:`measure_costs`
     when not given, which needs a worker's connection to the scheduler).
     """
-    names = model.factorable()
+    names = tuple(n for n in model.factorable() if n not in exclude)
     if not names:
         return frozenset()
     shapes, dtypes = model.param_shapes(), model.param_dtypes()
@@ -395,17 +400,20 @@ def _train_shard(
     order = np.random.default_rng([seed, epoch, shard]).permutation(X.shape[0])
     batches = np.array_split(order, n_steps)  # near-equal: no tiny last minibatch
     batch_size = batch_size or max(len(b) for b in batches)
-    factors = factor_names(
-        model,
-        update_format,
-        batch_size,
-        _costs(model, update_format, batch_size, replays),
-    )
-    stats = {"loss_sum": 0.0, "correct": 0, "n": 0, "computed": 0, "skipped": 0}
     by_rows = (
         sparse and xp is np and update_format != "dense" and has_sparse_rows(model)
     )
     rows = _Rows(model, X, batches, inflight) if by_rows else None
+    # A weight sent as rows is not weighed for factors (nor its product timed).
+    as_rows = frozenset(rows.of(0)) if rows and n_steps else frozenset()
+    factors = factor_names(
+        model,
+        update_format,
+        batch_size,
+        _costs(model, update_format, batch_size, replays, as_rows),
+        exclude=as_rows,
+    )
+    stats = {"loss_sum": 0.0, "correct": 0, "n": 0, "computed": 0, "skipped": 0}
 
     def resume() -> tuple[int, Any]:
         next_epoch, step = plugin.next_step(run, shard, server=server, holder=holder)
@@ -497,16 +505,20 @@ def _train_shard(
 
 
 def _costs(
-    model: Model, update_format: str, batch_size: int, replays: int
+    model: Model,
+    update_format: str,
+    batch_size: int,
+    replays: int,
+    exclude: frozenset[str] = frozenset(),
 ) -> Costs | None:
     """What :func:`factor_names` weighs for ``"auto"`` (None: nothing to
-    weigh), with the server's ``replays``."""
+    weigh), with the server's ``replays``; not the weights in ``exclude``."""
     if update_format != "auto":
         return None
     shapes, dtypes = model.param_shapes(), model.param_dtypes()
     smaller = [
         tuple(shapes[name])
-        for name in sorted(model.factorable())
+        for name in sorted(set(model.factorable()) - exclude)
         if use_factors("auto", batch_size, shapes[name], dtypes[name])
     ]
     return measure_costs(smaller, batch_size, replays) if smaller else None
