@@ -22,6 +22,7 @@ BENCHMARKS = (
     "gpu",
     "models",
     "shards",
+    "sparse",
 )
 
 #: Kernel timings in one process (seconds, no cluster, no ``--quick`` size):

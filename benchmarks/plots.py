@@ -14,6 +14,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmarks._common import DEFAULT_OUT, setup_logging
 
 logger = logging.getLogger("benchmarks.plots")
@@ -286,6 +288,73 @@ def plot_shards(doc: dict, img: Path) -> Path:
     return _save(fig, img, "shards.png")
 
 
+def plot_sparse(doc: dict, img: Path) -> Path:
+    """Row-sparse against dense updates: bytes per push and per pull and
+    updates/s against ``n_features``, one colour per ``n_classes`` (dense
+    dashed, where it ran); and the test accuracy against time of dask_ftps,
+    scikit-learn and dask-ml (the first repeat of each), the target dotted."""
+    plt = _pyplot()
+    cells = doc["cells"]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.9))
+    for i, n_classes in enumerate(sorted({c["n_classes"] for c in cells})):
+        mine = sorted(
+            (c for c in cells if c["n_classes"] == n_classes),
+            key=lambda c: c["n_features"],
+        )
+        xs = [c["n_features"] for c in mine]
+        for variant, style in (("sparse", "o-"), ("dense", "s--")):
+            label = f"{n_classes} classes, {variant}"
+            for ax, key in ((axes[0], "push_bytes"), (axes[1], "pull_bytes")):
+                ax.plot(
+                    xs, [c[variant][key] for c in mine], style, color=f"C{i}",
+                    mfc="none" if variant == "dense" else None, label=label,
+                )  # fmt: skip
+            ran = [c for c in mine if c[variant]["run"]]
+            axes[2].plot(
+                [c["n_features"] for c in ran],
+                [c[variant]["updates_per_s"] for c in ran],
+                style, color=f"C{i}", mfc="none" if variant == "dense" else None,
+                label=label,
+            )  # fmt: skip
+    for ax, title in (
+        (axes[0], "bytes per push"),
+        (axes[1], "bytes per pull"),
+        (axes[2], "train() updates/s (2 workers, store)"),
+    ):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("n_features")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    race = doc["accuracy"]
+    colors = {"dask_ftps": "#c44e52", "sklearn": "#4c72b0", "dask-ml": "#55a868"}
+    ax = axes[3]
+    for system, runs in race["runs"].items():
+        ran = [r for r in runs if r.get("ran")]
+        if not ran:
+            continue
+        curve = ran[0]["curve"]
+        ax.plot(
+            [p["t"] for p in curve], [p["accuracy"] for p in curve], "o-",
+            color=colors.get(system), ms=3, label=system,
+        )  # fmt: skip
+    ax.axhline(race["target"], color="grey", lw=0.8, ls=":", label="target")
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds (scoring excluded)")
+    ax.set_ylabel("test accuracy")
+    config = race["config"]
+    ax.set_title(
+        f"2^{int(np.log2(config['n_features']))} features, "
+        f"{config['n_classes']} classes: accuracy vs time",
+        fontsize=10,
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return _save(fig, img, "sparse.png")
+
+
 PLOTS = {
     "throughput": plot_throughput,
     "recovery": plot_recovery,
@@ -293,6 +362,7 @@ PLOTS = {
     "storage": plot_storage,
     "factored": plot_factored,
     "shards": plot_shards,
+    "sparse": plot_sparse,
 }
 
 

@@ -308,6 +308,62 @@ def test_shards_quick(out, stores):
     }
 
 
+def test_sparse_quick(out, stores):
+    """Row-sparse against dense updates on sparse data: fewer bytes each way,
+    measured on the wire as the model's gradients say, the store in rows; the
+    race against scikit-learn (and dask-ml where installed); and a scheduler
+    SIGKILL with a sparse store: served at the committed version, every update
+    once, ``recover()`` equal to the live model."""
+    from benchmarks import sparse
+
+    sparse.run(quick=True, out=str(out), store_dir=stores)
+    doc = load(out, "sparse")
+    (cell,) = doc["cells"]
+    assert cell["skipped"] == {}
+    s, d = cell["sparse"], cell["dense"]
+    whole = 4 * cell["n_params"]
+    assert d["push_bytes"] == d["pull_bytes"] == whole
+    assert d["wire_push_bytes"] == d["wire_pull_bytes"] == whole
+    assert 0 < s["push_bytes"] < whole / 4 and 0 < s["pull_bytes"] < whole / 4
+    # The bytes on the wire are those of real minibatches of the same data.
+    for key in ("push_bytes", "pull_bytes"):
+        assert 0.5 * s[key] < s[f"wire_{key}"] < 2 * s[key]
+    # The journal keeps an update as it was pushed: rows, or the whole model.
+    assert s["store_bytes_per_update"] == pytest.approx(s["wire_push_bytes"], rel=0.05)
+    assert d["store_bytes_per_update"] == whole
+    for variant in ("sparse", "dense"):
+        assert positive(cell[variant]["updates_per_s"])
+        for m in cell["runs"][variant]:
+            assert 0 < m["updates"] < m["call_updates"] == m["store_updates"]
+            assert 0 < m["retained_updates"] <= m["store_updates"]
+            sparse_updates = m["retained_updates"] if variant == "sparse" else 0
+            assert m["sparse_updates"] == sparse_updates
+            assert m["pulls"]["rows" if variant == "sparse" else "whole"] > 0
+    race = doc["accuracy"]
+    assert race["target"] == pytest.approx(0.9 * race["sklearn_best"])
+    rows = {r["system"]: r for r in race["results"]}
+    assert set(rows) == {"dask_ftps", "sklearn", "dask-ml"}
+    assert positive(rows["sklearn"]["time_to_target_s"])
+    assert positive(rows["dask_ftps"]["time_to_target_s"])
+    assert rows["dask-ml"]["ran"] or rows["dask-ml"]["reason"]
+    for system, runs in race["runs"].items():
+        for run in runs:
+            if run["ran"]:
+                assert len(run["curve"]) == race["config"]["epochs"][system]
+                times = [p["t"] for p in run["curve"]]
+                assert times == sorted(times) and times[0] > 0
+    kill = doc["recovery"]
+    assert kill["lost"] == 0 and kill["twice"] == 0 and kill["foreign"] == 0
+    assert kill["exact"] is True
+    assert kill["served_committed"] is True
+    assert 0 < kill["seen_before_kill"] <= kill["version_served"] < kill["updates"]
+    assert kill["final_version"] == kill["updates"] == kill["expected"]
+    assert kill["stored_rows"] == kill["updates"]
+    assert kill["sparse_updates"] == kill["store_updates"] == kill["updates"]
+    assert kill["live_twice"] == 0 and kill["live_rows_are_the_stores_last"]
+    assert positive(kill["kill_to_served_s"])
+
+
 def test_damage_quick(out, stores):
     """A store made under real kills, every object damaged three ways: the sweep
     runs, covers every kind and finds nothing silent."""
@@ -398,6 +454,7 @@ def test_plots(out, tmp_path):
         "failures": "accuracy_vs_time.png",
         "storage": "storage_size.png",
         "factored": "factored.png",
+        "sparse": "sparse.png",
     }
     for name, png in expected.items():
         if (out / f"{name}.json").exists():
