@@ -58,6 +58,7 @@ join and the same ``train()`` call resumes the run; at the end
 update id of the run must be in the global dataset exactly once.
 
     python -m benchmarks.sparse [--quick] [--out bench-results] [--store-dir DIR]
+    python -m benchmarks.sparse --svmlight data.svm [--quick]   # the race on your file
 """
 
 from __future__ import annotations
@@ -86,11 +87,13 @@ from benchmarks._common import (
     cpu_usage,
     format_table,
     local_cluster,
+    make_parser,
+    print_header,
     ratio,
     register_fresh,
     remove_plugin,
     scratch_dir,
-    script_main,
+    setup_logging,
     write_json,
 )
 
@@ -631,11 +634,15 @@ def run_dask_ml(client: Any, race: Race, data: tuple) -> dict[str, Any]:
     return {"system": "dask-ml", "ran": True, "curve": curve, "chunk": race.chunk}
 
 
-def race(client: Any, race: Race, stores: Path) -> dict[str, Any]:
+def race(
+    client: Any, race: Race, stores: Path, data: tuple | None = None
+) -> dict[str, Any]:
     """Every system on the same split, interleaved; the target from
-    scikit-learn's best; each one's time to it."""
+    scikit-learn's best; each one's time to it. ``data`` (``X_train, X_test,
+    y_train, y_test``): a user's data instead of :func:`sparse_text`'s."""
     t0 = time.perf_counter()
-    data = _race_data(race)
+    if data is None:
+        data = _race_data(race)
     generate_s = time.perf_counter() - t0
     systems = {
         "dask_ftps": lambda: run_ftps(client, race, data, stores / "race"),
@@ -997,8 +1004,58 @@ def recovery_line(kill: dict) -> str:
     )
 
 
+def race_file(
+    path: str, quick: bool = False, out: str = "bench-results", store_dir=None
+) -> dict:
+    """The time-to-accuracy race on a user's svmlight/libsvm file, read and
+    split as ``dask-ftps train`` reads it (max-abs scaled, the same split):
+    JSON ``sparse_file``."""
+    from dataclasses import replace
+
+    from dask_ftps._data import load
+
+    dataset = load(path)
+    race_config = replace(
+        Config.make(quick).race,
+        n_features=dataset.n_features,
+        n_classes=dataset.n_classes,
+        n_train=dataset.n_train,
+        n_test=dataset.n_test,
+        noise=float("nan"),
+    )
+    started = time.perf_counter()
+    with (
+        scratch_dir(store_dir, "ftps-sparse-file-") as folder,
+        local_cluster(N_WORKERS) as client,
+    ):
+        accuracy = race(client, race_config, folder, dataset.split)
+    doc = {
+        "quick": quick,
+        "file": str(path),
+        "description": dataset.describe(),
+        "accuracy": accuracy,
+        "seconds": time.perf_counter() - started,
+    }
+    print(race_table(accuracy))
+    write_json(out, f"{NAME}_file", doc)
+    return doc
+
+
 def main(argv: list[str] | None = None) -> None:
-    script_main(NAME, __doc__, run, argv)
+    parser = make_parser(NAME, __doc__.splitlines()[0])
+    parser.add_argument(
+        "--svmlight",
+        metavar="FILE",
+        help="run only the time-to-accuracy race, on this svmlight/libsvm file "
+        "(read and split as `dask-ftps train FILE` does)",
+    )
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    print_header(NAME, args.quick)
+    if args.svmlight:
+        race_file(args.svmlight, args.quick, args.out, args.store_dir)
+    else:
+        run(args.quick, args.out, args.store_dir)
 
 
 if __name__ == "__main__":
