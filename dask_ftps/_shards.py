@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 
 from dask_ftps._exceptions import FTPSError, ModelError
-from dask_ftps._factored import Factored
 from dask_ftps.models._base import MODELS, Model, _freeze_int, model_from_dict
 
 #: Most shards a run may have.
@@ -183,12 +182,10 @@ def take(
     params: dict[str, Any], pieces: tuple[Piece, ...], *, copy: bool = False
 ) -> dict[str, Any]:
     """The arrays of ``pieces`` cut from whole ``params`` (views unless ``copy``;
-    a factored update is made dense first)."""
+    dense arrays: :func:`~dask_ftps._factored.densify` an update first)."""
     out = {}
     for p in pieces:
         value = params[p.name]
-        if isinstance(value, Factored):
-            value = value.dense()
         part = value if p.whole else value[p.start : p.stop]
         out[p.key] = np.array(part) if copy else part
     return out

@@ -223,7 +223,10 @@ class FTPSWorkerPlugin(WorkerPlugin):
         (only ``rows`` of its matrices, if given: see :meth:`pull`)."""
         layout = self._layout(server)
         if layout is not None:
-            grads = densify(grads) if _has_rows(grads) else grads
+            # Whole arrays to cut into slices: factors multiplied out and rows
+            # written into zeros once, here in the task's thread (not per
+            # shard, not on the event loop).
+            grads = densify(grads)
             return asyncio.run_coroutine_threadsafe(
                 self._sharded_push(layout, key, grads, incarnation, next_step, holder),
                 self.worker.loop.asyncio_loop,
@@ -554,10 +557,6 @@ class _Layout:
                 for part in reply["layout"]
             ),
         )
-
-
-def _has_rows(grads: dict[str, Any]) -> bool:
-    return any(isinstance(g, RowSparse) for g in grads.values())
 
 
 def get_worker_plugin() -> FTPSWorkerPlugin:
